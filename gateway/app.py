@@ -1,0 +1,375 @@
+"""The Falcon app: routes, the request flow and error rendering.
+
+Flow of a POST route: read the body (bounded) -> resolve the model -> ``request``
+hooks (may answer at once) -> ``route`` hooks pick a replica -> ``upstream_request``
+hooks edit the payload -> the backend, streamed -> ``response`` or
+``response_event`` hooks -> the client. ``complete`` runs once from the body
+iterable's ``close()``, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from typing import Any, Callable, Iterable
+
+import falcon
+import requests
+
+from .compat import normalize_answer
+from .config import Config, load_config
+from .context import RequestContext, Response
+from .errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UpstreamError,
+    from_upstream,
+)
+from .pipeline import Pipeline, build_pipelines
+from .streaming import Relay, ResponseBody, read_error, replay
+from .upstream import Replica, Upstreams
+
+log = logging.getLogger("llamagate")
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+PROXY_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_JSON = "application/json"
+
+
+class Gateway:
+    """The configuration in force: its pipelines and backends.
+
+    Args:
+        config: A checked config.
+        pipelines: Built pipelines by name; built from ``config`` when None.
+    """
+
+    def __init__(self, config: Config, pipelines: dict[str, Pipeline] | None = None) -> None:
+        self.config = config
+        self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
+        self.upstreams = Upstreams(config.backends, config.health_interval)
+
+    def begin(self, req: falcon.Request, route: str) -> tuple[RequestContext, Pipeline]:
+        """Make the request's context and find its pipeline."""
+        pipeline = self.pipelines[self.config.routes[route]]
+        ctx = RequestContext(
+            request_id=req.context.request_id,
+            method=req.method,
+            route=route,
+            pipeline=pipeline.name,
+            headers=req.headers,
+            remote_addr=req.remote_addr or "",
+        )
+        req.context.ctx = ctx
+        req.context.pipeline = pipeline
+        return ctx, pipeline
+
+    def respond(self, ctx: RequestContext, pipeline: Pipeline, resp: falcon.Response,
+                chunks: Iterable[bytes], cleanup: Callable[[], None] | None = None) -> None:
+        """Send ``chunks`` as the body; when it closes, clean up and run ``complete``."""
+
+        def on_close(sent_all: bool) -> None:
+            if cleanup is not None:
+                cleanup()
+            if ctx.error is not None:
+                outcome = "error"
+            elif not sent_all:
+                outcome = "client_gone"
+            else:
+                outcome = "ok"
+            pipeline.complete(ctx, outcome)
+
+        resp.stream = ResponseBody(ctx, chunks, on_close)
+
+    def answer(self, ctx: RequestContext, pipeline: Pipeline, resp: falcon.Response, answer: Response) -> None:
+        """Send a response a ``request`` hook made."""
+        resp.status = answer.status
+        for name, value in answer.headers.items():
+            resp.set_header(name, value)
+        if ctx.stream and answer.events is not None:
+            data = replay(answer.events)
+            resp.content_type = "text/event-stream"
+            resp.set_headers(STREAM_HEADERS)
+        else:
+            data = json.dumps(answer.body).encode()
+            resp.content_type = _JSON
+        resp.content_length = len(data)
+        self.respond(ctx, pipeline, resp, [data])
+
+
+def read_json_body(req: falcon.Request, ctx: RequestContext, max_bytes: int) -> dict[str, Any]:
+    """The request's JSON object, read without taking more than ``max_bytes``."""
+    length = req.content_length
+    if length is not None and length > max_bytes:
+        raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {max_bytes} bytes.")
+    # Without Content-Length (chunked upload) read one byte past the limit to see it.
+    data = req.bounded_stream.read() if length is not None else req.stream.read(max_bytes + 1)
+    ctx.bytes_in = len(data)
+    if len(data) > max_bytes:
+        raise PayloadTooLargeError(f"The request body is larger than the limit of {max_bytes} bytes.")
+    if not data:
+        raise InvalidRequestError("The request has no body; send a JSON object.")
+    try:
+        body = json.loads(data)
+    except UnicodeDecodeError:
+        raise InvalidRequestError("The request body is not valid UTF-8.") from None
+    except ValueError as exc:
+        raise InvalidRequestError(f"We could not parse the JSON body of your request: {exc}.") from None
+    except RecursionError:
+        raise InvalidRequestError("The JSON body of your request is nested too deeply.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"The request body must be a JSON object, not {type(body).__name__}.")
+    return body
+
+
+class ProxyResource:
+    """An OpenAI POST route served by a backend."""
+
+    def __init__(self, gateway: Gateway, route: str) -> None:
+        self.gateway = gateway
+        self.route = route
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        gateway = self.gateway
+        config = gateway.config
+        ctx, pipeline = gateway.begin(req, self.route)
+        body = read_json_body(req, ctx, config.max_body_bytes)
+        ctx.body = body
+        requested = body.get("model")
+        if not isinstance(requested, str) or not requested:
+            raise InvalidRequestError("You must provide a model parameter.", param="model")
+        ctx.requested_model = requested
+        ctx.model = config.resolve_model(requested)
+        ctx.stream = body.get("stream") is True
+
+        answer = pipeline.request(ctx)
+        if answer is not None:
+            gateway.answer(ctx, pipeline, resp, answer)
+            return
+        if ctx.model is None:
+            raise NotFoundError(f"The model `{requested}` does not exist or you do not have access to it.",
+                                code="model_not_found", param="model")
+        model = config.models[ctx.model]
+        ctx.backend = model.backend
+        chosen = pipeline.route(ctx, gateway.upstreams.backends)
+        if chosen is not None:
+            candidates = gateway.upstreams.backends[chosen.backend].candidates(first=chosen)
+            ctx.backend = chosen.backend
+        else:
+            candidates = gateway.upstreams.backends[model.backend].candidates()
+
+        payload = dict(body)
+        payload["model"] = model.upstream_model or ctx.model
+        pipeline.upstream_request(ctx, payload)
+        headers = {"Content-Type": _JSON, "X-Request-Id": ctx.request_id}
+        replica, upstream = gateway.upstreams.send(ctx, candidates, self.route, json.dumps(payload).encode(), headers)
+
+        def cleanup() -> None:
+            upstream.close()
+            replica.in_flight -= 1
+
+        try:
+            if upstream.status_code >= 400:
+                raise _upstream_error(upstream, gateway.upstreams.retry_after())
+            if ctx.stream:
+                on_event = (lambda event: pipeline.response_event(ctx, event)) if pipeline.wants_events else None
+                relay = Relay(ctx, upstream, ctx.model, on_event, replica.timeout[1])
+                resp.content_type = "text/event-stream"
+                resp.set_headers(STREAM_HEADERS)
+                gateway.respond(ctx, pipeline, resp, relay, cleanup)
+                return
+            data = self._whole_answer(ctx, pipeline, upstream, replica)
+        except BaseException:
+            cleanup()
+            raise
+        cleanup()
+        resp.content_type = _JSON
+        resp.content_length = len(data)
+        gateway.respond(ctx, pipeline, resp, [data])
+
+    @staticmethod
+    def _whole_answer(ctx: RequestContext, pipeline: Pipeline, upstream: requests.Response, replica: Replica) -> bytes:
+        try:
+            content = upstream.content
+        except requests.RequestException as exc:
+            raise read_error(exc, replica.timeout[1]) from exc
+        try:
+            answer = json.loads(content)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise UpstreamError("The backend's answer was not a JSON object.")
+        assert ctx.model is not None
+        normalize_answer(answer, ctx.model)
+        if isinstance(answer.get("usage"), dict):
+            ctx.usage = answer["usage"]
+        pipeline.response(ctx, answer)
+        return json.dumps(answer).encode()
+
+
+def _upstream_error(upstream: requests.Response, retry_after: str) -> GatewayError:
+    try:
+        payload = upstream.json()
+    except (ValueError, requests.RequestException):
+        payload = None
+    error = from_upstream(upstream.status_code, payload)
+    if error.status == 503:
+        error.headers["Retry-After"] = retry_after
+    return error
+
+
+class ModelsResource:
+    """``GET /v1/models`` and ``GET /v1/models/{model}``, answered from the config."""
+
+    route = "/v1/models"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.created = int(os.path.getmtime(gateway.config.file)) if os.path.exists(gateway.config.file) else 0
+
+    def _model(self, model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": self.created,
+                "owned_by": self.gateway.config.models[model_id].owned_by}
+
+    def _send(self, req: falcon.Request, resp: falcon.Response, body: Callable[[], dict[str, Any]]) -> None:
+        ctx, pipeline = self.gateway.begin(req, self.route)
+        answer = pipeline.request(ctx)
+        self.gateway.answer(ctx, pipeline, resp, answer if answer is not None else Response(body=body()))
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._send(req, resp, lambda: {"object": "list", "data": [self._model(m) for m in self.gateway.config.models]})
+
+    def on_get_model(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
+        def body() -> dict[str, Any]:
+            public = self.gateway.config.resolve_model(model_id)
+            if public is None:
+                raise NotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.",
+                                    code="model_not_found", param="model")
+            return self._model(public)
+
+        self._send(req, resp, body)
+
+
+class HealthResource:
+    """``GET /health``: 200 when every model has a ready replica, else 503."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        upstreams = self.gateway.upstreams
+        backends = {
+            name: {
+                "ready": backend.ready,
+                "replicas": [{"url": r.url, "ready": bool(r.ready), "in_flight": r.in_flight, "detail": r.detail}
+                             for r in backend.replicas],
+            }
+            for name, backend in upstreams.backends.items()
+        }
+        models = {m.id: backends[m.backend]["ready"] for m in self.gateway.config.models.values()}
+        healthy = all(models.values())
+        resp.status = 200 if healthy else 503
+        if not healthy:
+            resp.set_header("Retry-After", upstreams.retry_after())
+        resp.media = {"status": "ok" if healthy else "unavailable", "models": models, "backends": backends}
+
+
+class RequestIdMiddleware:
+    """Keeps a valid incoming ``x-request-id`` or makes one; echoes it on every response."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        incoming = req.get_header("X-Request-Id")
+        req.context.request_id = uuid.uuid4().hex
+        if incoming is not None:
+            if not REQUEST_ID.fullmatch(incoming):
+                raise InvalidRequestError("x-request-id must be 1 to 128 of A-Z a-z 0-9 . _ -",
+                                          param="x-request-id")
+            req.context.request_id = incoming
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool) -> None:
+        resp.set_header("X-Request-Id", req.context.request_id)
+        ctx: RequestContext | None = req.context.get("ctx")
+        if ctx is not None:
+            ctx.status = resp.status_code
+            for name, value in ctx.response_headers.items():
+                resp.set_header(name, value)
+
+
+def _render_error(req: falcon.Request, resp: falcon.Response, error: GatewayError, gateway: Gateway) -> None:
+    resp.status = error.status
+    for name, value in error.headers.items():
+        resp.set_header(name, value)
+    resp.content_type = _JSON
+    data = error.to_json()
+    ctx: RequestContext | None = req.context.get("ctx")
+    if ctx is None:
+        resp.data = data
+        return
+    ctx.error = error
+    resp.content_length = len(data)
+    gateway.respond(ctx, req.context.pipeline, resp, [data])
+
+
+def create_app(config: Config, *, pipelines: dict[str, Pipeline] | None = None,
+               health_checks: bool = True) -> falcon.App:
+    """Build the WSGI app for ``config``.
+
+    Args:
+        config: A checked config (:func:`gateway.config.load_config`).
+        pipelines: Pipelines to use instead of building them from ``config``.
+        health_checks: Start the background health checks of the backends.
+    """
+    gateway = Gateway(config, pipelines)
+    app = falcon.App(middleware=[RequestIdMiddleware()], media_type=_JSON)
+    app.req_options.strip_url_path_trailing_slash = True
+    app.add_route("/health", HealthResource(gateway))
+    for route in config.routes:
+        if route in PROXY_ROUTES:
+            app.add_route(route, ProxyResource(gateway, route))
+    if "/v1/models" in config.routes:
+        models = ModelsResource(gateway)
+        app.add_route("/v1/models", models)
+        app.add_route("/v1/models/{model_id:path}", models, suffix="model")
+
+    def on_gateway_error(req: falcon.Request, resp: falcon.Response, ex: GatewayError, params: Any) -> None:
+        if ex.status >= 500:
+            log.warning("[%s] %s %s -> %d %s", req.context.get("request_id"), req.method, req.path, ex.status, ex.message)
+        _render_error(req, resp, ex, gateway)
+
+    def on_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any) -> None:
+        if ex.status_code == 404:
+            error: GatewayError = NotFoundError(f"Invalid URL ({req.method} {req.path})", code="unknown_url")
+        elif ex.status_code == 405:
+            error = MethodNotAllowedError(f"Method {req.method} is not allowed on {req.path}.",
+                                          headers={k: v for k, v in (ex.headers or {}).items()})
+        else:
+            error = GatewayError(ex.description or ex.title, type="invalid_request_error", status=ex.status_code)
+        _render_error(req, resp, error, gateway)
+
+    def on_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params: Any) -> None:
+        request_id = req.context.get("request_id", "-")
+        log.error("[%s] unexpected error on %s %s", request_id, req.method, req.path, exc_info=ex)
+        error = InternalError(f"The gateway failed while handling this request (request id {request_id}).")
+        _render_error(req, resp, error, gateway)
+
+    app.add_error_handler(Exception, on_unexpected)
+    app.add_error_handler(falcon.HTTPError, on_http_error)
+    app.add_error_handler(GatewayError, on_gateway_error)
+    if health_checks:
+        gateway.upstreams.start_health_checks()
+    return app
+
+
+def get_app() -> falcon.App:
+    """The app gunicorn runs: config from ``GATEWAY_CONFIG`` (default ``pipelines.yaml``)."""
+    logging.basicConfig(level=os.environ.get("LLAMAGATE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(load_config(os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")))

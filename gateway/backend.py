@@ -1,0 +1,80 @@
+"""Run a llama-server: a ``llama-server`` binary when one is named or on PATH,
+else llama.cpp's server in-process through the ``xllamacpp`` package."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What to serve and how.
+
+    Attributes:
+        model: Path to a GGUF file.
+        host: Address to listen on.
+        port: Port to listen on.
+        embeddings: Serve ``/v1/embeddings`` (mean pooling) instead of generation.
+        parallel: Slots: requests decoded at the same time.
+        ctx: Total context size in tokens, shared by the slots.
+        binary: A llama-server executable; None to look on PATH, then use xllamacpp.
+    """
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8081
+    embeddings: bool = False
+    parallel: int = 2
+    ctx: int = 4096
+    binary: str | None = None
+
+
+def binary_args(opts: BackendOptions, binary: str) -> list[str]:
+    """The llama-server command line with the same meaning as the xllamacpp params."""
+    args = [binary, "-m", opts.model, "--host", opts.host, "--port", str(opts.port),
+            "-np", str(opts.parallel), "-c", str(opts.ctx), "--slots", "--metrics"]
+    if opts.embeddings:
+        args += ["--embeddings", "--pooling", "mean"]
+    return args
+
+
+def find_binary(opts: BackendOptions) -> str | None:
+    return opts.binary or os.environ.get("LLAMA_SERVER_BIN") or shutil.which("llama-server")
+
+
+def run(opts: BackendOptions) -> None:
+    """Serve until SIGINT or SIGTERM. Never returns normally."""
+    if not os.path.isfile(opts.model):
+        raise SystemExit(f"llamagate backend: no model file at {opts.model} (run `make model`)")
+    binary = find_binary(opts)
+    if binary:
+        os.execv(binary, binary_args(opts, binary))
+    try:
+        import xllamacpp
+    except ImportError:
+        raise SystemExit("llamagate backend: no llama-server binary found and xllamacpp is not installed "
+                         "(pip install 'llamagate[embedded]')") from None
+    params = xllamacpp.CommonParams()
+    params.model.path = opts.model
+    params.hostnames = [opts.host]
+    params.port = opts.port
+    params.n_parallel = opts.parallel
+    params.n_ctx = opts.ctx
+    params.endpoint_slots = True
+    params.endpoint_metrics = True
+    if opts.embeddings:
+        params.embedding = True
+        params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
+    server = xllamacpp.Server(params)
+    # Installed after the server starts, because llama.cpp installs its own.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"llama-server (xllamacpp) listening on {server.listening_address}", flush=True)
+    stop.wait()
+    # The server's threads live in C++; leaving at once is the clean way out.
+    os._exit(0)

@@ -1,0 +1,183 @@
+"""``llamagate``: the operator's command line.
+
+    llamagate check [FILE]            check a pipelines file, print the chains
+    llamagate serve [--config FILE] [--bind HOST:PORT]
+                                      run the gateway under gunicorn (gevent)
+    llamagate backend --model PATH [--port N] [--embeddings] [--parallel N] [--ctx N]
+                                      run one llama-server
+    llamagate up --model PATH         a chat backend, an embeddings backend and the
+                                      gateway, until Ctrl-C
+    llamagate plugins                 list the plugins that can be used
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from . import backend
+from .config import ConfigError, load_config
+from .pipeline import build_pipelines, discover
+from .upstream import wait_until_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = ROOT / "gunicorn.conf.py"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+        build_pipelines(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK")
+    for route, name in config.routes.items():
+        chain = " -> ".join(entry.name for entry in config.pipelines[name]) or "(no plugins)"
+        print(f"  {route}  [{name}]  {chain}")
+    for model in config.models.values():
+        aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
+        urls = ", ".join(config.backends[model.backend].urls)
+        print(f"  model {model.id}{aliases} -> {model.backend}: {urls}")
+    return 0
+
+
+def gunicorn_command(config: str, bind: str | None) -> tuple[list[str], dict[str, str]]:
+    env = dict(os.environ, GATEWAY_CONFIG=str(Path(config).resolve()))
+    if bind:
+        env["GATEWAY_BIND"] = bind
+    return [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)], env
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        build_pipelines(load_config(args.config))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    command, env = gunicorn_command(args.config, args.bind)
+    os.execve(command[0], command, env)
+    return 0  # not reached
+
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    backend.run(backend.BackendOptions(model=args.model, host=args.host, port=args.port,
+                                       embeddings=args.embeddings, parallel=args.parallel,
+                                       ctx=args.ctx, binary=args.binary))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start two backends and the gateway; stop them all on Ctrl-C or when one dies."""
+    chat_url = f"http://127.0.0.1:{args.chat_port}"
+    embeddings_url = f"http://127.0.0.1:{args.embeddings_port}"
+    env = dict(os.environ, CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url)
+    me = [sys.executable, "-m", "gateway.cli", "backend", "--model", args.model]
+    children = [
+        subprocess.Popen(me + ["--port", str(args.chat_port), "--parallel", str(args.parallel)], env=env),
+        subprocess.Popen(me + ["--port", str(args.embeddings_port), "--embeddings"], env=env),
+    ]
+
+    def stop(*_: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if not wait_until_ready([chat_url, embeddings_url], timeout=120):
+            print("llamagate up: the backends did not become ready", file=sys.stderr)
+            stop()
+        os.environ.update(CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url)
+        try:
+            build_pipelines(load_config(args.config))
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            stop()
+        command, genv = gunicorn_command(args.config, args.bind)
+        children.append(subprocess.Popen(command, env=genv))
+        bind = genv.get("GATEWAY_BIND", "127.0.0.1:8000")
+        if not wait_until_ready([f"http://{bind}"], timeout=60):
+            print("llamagate up: the gateway did not become ready", file=sys.stderr)
+            stop()
+        body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Say hello"}]})
+        print("\nLlamagate is up. Try:\n", flush=True)
+        print(f"  curl -s http://{bind}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n",
+              flush=True)
+        print("Ctrl-C stops the gateway and both backends.", flush=True)
+        while all(child.poll() is None for child in children):
+            signal.sigtimedwait([signal.SIGCHLD], 1.0)
+        print("llamagate up: a process exited; stopping the rest", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    stop()
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    try:
+        available = discover()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for spec in available.values():
+        print(f"{spec.name}  ({spec.source})  hooks: {', '.join(spec.hooks)}")
+        for field, prop in spec.schema.get("properties", {}).items():
+            default = f" [default {json.dumps(prop['default'])}]" if "default" in prop else ""
+            print(f"    {field}: {prop.get('description', '')}{default}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llamagate", description="An OpenAI-compatible gateway for llama-server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    default_config = os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")
+
+    p = sub.add_parser("check", help="check a pipelines file and print the resolved chains")
+    p.add_argument("file", nargs="?", default=default_config)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("serve", help="run the gateway under gunicorn with gevent workers")
+    p.add_argument("--config", default=default_config)
+    p.add_argument("--bind", default=None, help="HOST:PORT (default GATEWAY_BIND or 127.0.0.1:8000)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("backend", help="run one llama-server (binary or xllamacpp)")
+    p.add_argument("--model", required=True, help="path to a GGUF file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--embeddings", action="store_true", help="serve embeddings (mean pooling)")
+    p.add_argument("--parallel", type=int, default=2, help="slots (default 2)")
+    p.add_argument("--ctx", type=int, default=4096, help="context size shared by the slots")
+    p.add_argument("--binary", default=None, help="llama-server executable (default: LLAMA_SERVER_BIN, PATH)")
+    p.set_defaults(func=cmd_backend)
+
+    p = sub.add_parser("up", help="a chat backend, an embeddings backend and the gateway, until Ctrl-C")
+    p.add_argument("--model", required=True)
+    p.add_argument("--config", default=default_config)
+    p.add_argument("--bind", default=None)
+    p.add_argument("--chat-port", type=int, default=int(os.environ.get("LLAMAGATE_CHAT_PORT", "8081")))
+    p.add_argument("--embeddings-port", type=int, default=int(os.environ.get("LLAMAGATE_EMBEDDINGS_PORT", "8082")))
+    p.add_argument("--parallel", type=int, default=4)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("plugins", help="list the plugins that can be used")
+    p.set_defaults(func=cmd_plugins)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

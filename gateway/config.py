@@ -1,0 +1,244 @@
+"""Load and check ``pipelines.yaml``.
+
+The file is read, ``${VAR}`` / ``${VAR:-default}`` are expanded from the
+environment, and the result is checked against ``schemas/pipelines.schema.json``
+and for references that don't resolve. Every problem is reported at once, each
+naming the file, the path inside it and the reason. Plugin configs are checked
+when the pipelines are built (:func:`gateway.pipeline.build_pipelines`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jsonschema
+import yaml
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used.
+
+    Args:
+        file: The config file's path.
+        problems: ``(path inside the file, reason)`` pairs.
+    """
+
+    def __init__(self, file: str, problems: Iterable[tuple[str, str]]) -> None:
+        self.file = file
+        self.problems = list(problems)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"{self.file}: {path}: {reason}" if path else f"{self.file}: {reason}"
+            for path, reason in self.problems
+        )
+
+
+def format_path(parts: Iterable[Any]) -> str:
+    """``["pipelines", "default", 2, "x"]`` -> ``pipelines.default[2].x``."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def schema_errors(validator: jsonschema.protocols.Validator, instance: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Every schema violation as ``(path, reason)``, the path under ``prefix``."""
+    problems = []
+    for error in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):
+        path = format_path(error.absolute_path)
+        if prefix:
+            path = f"{prefix}.{path}" if path and not path.startswith("[") else prefix + path
+        problems.append((path, error.message))
+    return problems
+
+
+def compile_schema(schema: Mapping[str, Any]) -> jsonschema.protocols.Validator:
+    """A validator for ``schema`` (its ``$schema`` dialect, else 2020-12), checked first."""
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def apply_defaults(schema: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with each missing top-level property set to its schema default."""
+    filled = dict(config)
+    for name, prop in schema.get("properties", {}).items():
+        if name not in filled and "default" in prop:
+            filled[name] = json.loads(json.dumps(prop["default"]))
+    return filled
+
+
+def _expand(value: Any, path: list[Any], environ: Mapping[str, str], problems: list[tuple[str, str]]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, path + [k], environ, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, path + [i], environ, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        problems.append((format_path(path), f"environment variable {name} is not set and has no default"))
+        return ""
+
+    expanded = _ENV_REF.sub(substitute, value)
+    if _ENV_REF.fullmatch(value):
+        # A value that is only a reference takes the type its text has in YAML,
+        # so `port: ${STATSD_PORT:-8125}` stays an integer.
+        try:
+            typed = yaml.safe_load(expanded)
+        except yaml.YAMLError:
+            return expanded
+        if isinstance(typed, (int, float, bool)) or typed is None:
+            return typed
+    return expanded
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    urls: tuple[str, ...]
+    connect_timeout: float
+    read_timeout: float
+    max_connections: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    backend: str
+    aliases: tuple[str, ...]
+    upstream_model: str | None
+    owned_by: str
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    """One plugin in a pipeline, with where it stands in the file."""
+
+    name: str
+    config: dict[str, Any]
+    path: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """A checked ``pipelines.yaml``."""
+
+    file: str
+    max_body_bytes: int
+    plugin_dirs: tuple[str, ...]
+    health_interval: float
+    backends: dict[str, BackendConfig]
+    models: dict[str, ModelConfig]
+    pipelines: dict[str, list[PluginEntry]]
+    routes: dict[str, str]
+    model_ids: dict[str, str] = field(default_factory=dict)
+
+    def resolve_model(self, name: str) -> str | None:
+        """The public id for a model id or alias, or None."""
+        return self.model_ids.get(name)
+
+
+_SCHEMA_VALIDATOR: jsonschema.protocols.Validator | None = None
+
+
+def _validator() -> jsonschema.protocols.Validator:
+    global _SCHEMA_VALIDATOR
+    if _SCHEMA_VALIDATOR is None:
+        schema = json.loads((SCHEMA_DIR / "pipelines.schema.json").read_text())
+        _SCHEMA_VALIDATOR = compile_schema(schema)
+    return _SCHEMA_VALIDATOR
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and check a config file.
+
+    Args:
+        path: The YAML file.
+        environ: Variables for ``${VAR}``; default ``os.environ``.
+
+    Raises:
+        ConfigError: naming every problem found.
+    """
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(file, [("", f"cannot read the file: {exc.strerror}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, [("", f"not valid YAML: {exc}")]) from None
+    return parse_config(raw, file=file, environ=environ)
+
+
+def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
+    """Check an already-parsed config document; see :func:`load_config`."""
+    problems: list[tuple[str, str]] = []
+    data = _expand(raw, [], os.environ if environ is None else environ, problems)
+    problems += schema_errors(_validator(), data)
+    if problems:
+        raise ConfigError(file, problems)
+
+    schema = _validator().schema
+    data = apply_defaults(schema, data)
+    backends = {
+        name: BackendConfig(name=name, **{**apply_defaults(schema["$defs"]["backend"], spec), "urls": tuple(u.rstrip("/") for u in spec["urls"])})
+        for name, spec in data["backends"].items()
+    }
+    models: dict[str, ModelConfig] = {}
+    model_ids: dict[str, str] = {}
+    for model_id, spec in data["models"].items():
+        spec = apply_defaults(schema["$defs"]["model"], spec)
+        if spec["backend"] not in backends:
+            problems.append((f"models.{model_id}.backend", f"no backend named {spec['backend']!r} (known: {', '.join(backends)})"))
+        models[model_id] = ModelConfig(id=model_id, backend=spec["backend"], aliases=tuple(spec["aliases"]),
+                                       upstream_model=spec["upstream_model"], owned_by=spec["owned_by"])
+        for i, name in enumerate([model_id, *spec["aliases"]]):
+            if name in model_ids and model_ids[name] != model_id:
+                problems.append((f"models.{model_id}.aliases[{i - 1}]", f"{name!r} already names model {model_ids[name]!r}"))
+            model_ids.setdefault(name, model_id)
+
+    pipelines: dict[str, list[PluginEntry]] = {}
+    for pipeline_name, entries in data["pipelines"].items():
+        pipelines[pipeline_name] = []
+        for i, entry in enumerate(entries):
+            name, config = (entry, None) if isinstance(entry, str) else next(iter(entry.items()))
+            pipelines[pipeline_name].append(PluginEntry(name=name, config=config or {}, path=f"pipelines.{pipeline_name}[{i}].{name}"))
+
+    for route, pipeline_name in data["routes"].items():
+        if pipeline_name not in pipelines:
+            problems.append((f"routes.{route}", f"no pipeline named {pipeline_name!r} (known: {', '.join(pipelines)})"))
+    if problems:
+        raise ConfigError(file, problems)
+
+    base = Path(file).resolve().parent
+    return Config(
+        file=file,
+        max_body_bytes=data["max_body_bytes"],
+        plugin_dirs=tuple(str((base / d).resolve()) for d in data["plugin_dirs"]),
+        health_interval=data["health_interval"],
+        backends=backends,
+        models=models,
+        pipelines=pipelines,
+        routes=dict(data["routes"]),
+        model_ids=model_ids,
+    )

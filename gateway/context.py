@@ -1,0 +1,106 @@
+"""The per-request state that plugins read and write."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import GatewayError
+
+log = logging.getLogger("llamagate")
+
+
+@dataclass(eq=False)
+class Response:
+    """A response a ``request`` hook answers with instead of calling a backend.
+
+    Args:
+        body: The JSON body for a non-streamed answer.
+        events: For a request with ``"stream": true``: the SSE events (dicts) to send,
+            followed by ``data: [DONE]``. When None, ``body`` is sent as plain JSON.
+        status: HTTP status.
+        headers: Extra response headers.
+    """
+
+    body: dict[str, Any] | None = None
+    events: list[dict[str, Any]] | None = None
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """Everything the gateway knows about one request, shared by its plugins.
+
+    Plugins may read every field. They may set ``principal``, ``model`` (before
+    routing), ``cache``, add to ``response_headers``, and keep their own state under
+    ``state[<plugin name>]``; the core fills in the rest.
+
+    Attributes:
+        request_id: The client's valid ``x-request-id``, or one made for it.
+        method: HTTP method.
+        route: The route template, e.g. ``/v1/chat/completions``.
+        pipeline: Name of the pipeline that serves the route.
+        headers: Request headers, names upper-cased as Falcon gives them.
+        remote_addr: The client's address.
+        body: The decoded JSON body (POST routes), else None.
+        model: Public model id, after alias resolution; None when the body names
+            no model or one the gateway doesn't serve.
+        requested_model: The model string exactly as the client sent it.
+        stream: True when the client asked for a streamed answer.
+        principal: Who is calling; set by an auth plugin, None until then.
+        backend: Name of the backend serving the request, once routed.
+        replica: Base URL of the backend replica, once routed.
+        status: HTTP status sent to the client, once known.
+        error: The error that ended the request, if one did.
+        usage: The ``usage`` object of the answer, when the backend sent one.
+        cache: Cache outcome for logs and headers (``HIT``/``MISS``), set by a plugin.
+        response_headers: Headers to add to the client's response.
+        started: ``time.monotonic()`` when the request arrived.
+        first_byte_at: ``time.monotonic()`` when the first body byte went out.
+        bytes_in: Request body size.
+        bytes_out: Response body bytes sent so far.
+        state: Scratch space, one key per plugin.
+    """
+
+    request_id: str
+    method: str
+    route: str
+    pipeline: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    remote_addr: str = ""
+    body: dict[str, Any] | None = None
+    model: str | None = None
+    requested_model: str | None = None
+    stream: bool = False
+    principal: Any = None
+    backend: str | None = None
+    replica: str | None = None
+    status: int | None = None
+    error: GatewayError | None = None
+    usage: dict[str, Any] | None = None
+    cache: str | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    first_byte_at: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latency_ms(self) -> float:
+        """Milliseconds since the request arrived."""
+        return (time.monotonic() - self.started) * 1000.0
+
+    @property
+    def ttfb_ms(self) -> float | None:
+        """Milliseconds from arrival to the first body byte, once sent."""
+        if self.first_byte_at is None:
+            return None
+        return (self.first_byte_at - self.started) * 1000.0
+
+    def log(self, level: int, message: str, *args: Any, **kwargs: Any) -> None:
+        """Log a line that carries this request's id."""
+        log.log(level, "[%s] " + message, self.request_id, *args, **kwargs)

@@ -1,0 +1,174 @@
+"""Errors that reach clients, in OpenAI's shape.
+
+Every error a client sees is a :class:`GatewayError`, rendered as::
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+
+Plugins reject a request by raising one of these; anything else a plugin raises
+becomes an :class:`InternalError` that carries the request id.
+
+The tree (HTTP status in brackets)::
+
+    GatewayError
+    ├── InvalidRequestError [400]      invalid_request_error
+    │   └── PayloadTooLargeError [413]
+    ├── AuthenticationError [401]      invalid_api_key
+    ├── PermissionDeniedError [403]
+    ├── NotFoundError [404]            model_not_found, unknown_url
+    ├── MethodNotAllowedError [405]
+    ├── RateLimitError [429]           rate_limit_exceeded
+    ├── InternalError [500]
+    ├── UpstreamError [502]            a backend answered with nonsense
+    ├── ServiceUnavailableError [503]  no backend reachable (Retry-After)
+    └── GatewayTimeoutError [504]
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class GatewayError(Exception):
+    """Base of every error a client sees.
+
+    Args:
+        message: Human-readable explanation, safe to show a client.
+        type: OpenAI error type, e.g. ``invalid_request_error``.
+        code: Machine-readable code, e.g. ``model_not_found``, or None.
+        param: The request field at fault (``messages[0].role``), or None.
+        status: HTTP status.
+        headers: Extra response headers, e.g. ``{"Retry-After": "1"}``.
+    """
+
+    status = 500
+    type = "api_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if type is not None:
+            self.type = type
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI error object: ``{"error": {...}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
+
+
+class InvalidRequestError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFoundError(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowedError(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RateLimitError(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "server_error"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "server_error"
+    code = "bad_gateway"
+
+
+class ServiceUnavailableError(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class GatewayTimeoutError(GatewayError):
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
+def from_upstream(status: int, payload: Any) -> GatewayError:
+    """Turn a llama-server error answer into OpenAI's shape.
+
+    llama-server sends ``{"error": {"code": 400, "message": ..., "type": ...}}``:
+    ``code`` is the HTTP status as an int and ``param`` is missing. OpenAI clients
+    expect ``code`` to be a string or null, so an int code is dropped.
+
+    Args:
+        status: The backend's HTTP status.
+        payload: The backend's decoded JSON body, or anything else it sent.
+    """
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        error = {}
+    message = error.get("message")
+    if not isinstance(message, str) or not message:
+        message = f"The backend answered with HTTP {status}."
+    code = error.get("code")
+    param = error.get("param")
+    kind = error.get("type")
+    if not isinstance(kind, str):
+        kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return GatewayError(
+        message,
+        type=kind,
+        code=code if isinstance(code, str) else None,
+        param=param if isinstance(param, str) else None,
+        status=status if 400 <= status < 600 else 502,
+    )

@@ -1,0 +1,224 @@
+"""Plugins found, configured and chained: one pluggy PluginManager per pipeline.
+
+A plugin is a class. It is built with its checked config, ``cls(config)``, once per
+pipeline it appears in. Its config schema is the class attribute ``config_schema``
+or else the ``schema.json`` beside the module that defines it; with neither, the
+plugin takes no config. Plugins are found three ways, later ones shadowing
+earlier ones of the same name:
+
+1. the built-ins: each package under ``plugins/`` that defines ``Plugin``;
+2. the entry point group ``llamagate.plugins`` (name -> class);
+3. each ``.py`` file in the folders under ``plugin_dirs:`` that defines ``Plugin``
+   (the plugin is named after the file).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import pluggy
+
+from . import hookspecs
+from .config import Config, ConfigError, PluginEntry, apply_defaults, compile_schema, schema_errors
+from .context import RequestContext, Response
+from .errors import GatewayError, InternalError
+
+log = logging.getLogger("llamagate")
+
+ENTRY_POINT_GROUP = "llamagate.plugins"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
+HOOK_NAMES = tuple(name for name in vars(hookspecs.GatewaySpec) if not name.startswith("_"))
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A plugin that can be put in a pipeline.
+
+    Attributes:
+        name: The name used in ``pipelines.yaml``.
+        factory: The class; ``factory(config)`` builds an instance.
+        schema: Its config's JSON Schema.
+        source: Where it came from: ``builtin``, ``entry point <dist>`` or a file path.
+    """
+
+    name: str
+    factory: Callable[[dict[str, Any]], Any]
+    schema: dict[str, Any]
+    source: str
+
+    @property
+    def hooks(self) -> list[str]:
+        return [name for name in HOOK_NAMES if hasattr(self.factory, name)]
+
+
+def _schema_for(cls: Any) -> dict[str, Any]:
+    schema = getattr(cls, "config_schema", None)
+    if schema is not None:
+        return schema
+    module = sys.modules.get(cls.__module__)
+    module_file = getattr(module, "__file__", None)
+    if module_file:
+        path = Path(module_file).parent / "schema.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    return {"type": "object", "additionalProperties": False}
+
+
+def _load_file(path: Path) -> Any:
+    module_name = f"llamagate_dropin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def discover(plugin_dirs: Iterable[str] = ()) -> dict[str, PluginSpec]:
+    """Every plugin available, by name.
+
+    Raises:
+        ConfigError: when a plugin cannot be imported.
+    """
+    found: dict[str, PluginSpec] = {}
+
+    def add(name: str, cls: Any, source: str) -> None:
+        found[name] = PluginSpec(name=name, factory=cls, schema=_schema_for(cls), source=source)
+
+    problems = []
+    for folder in sorted(BUILTIN_DIR.iterdir()) if BUILTIN_DIR.is_dir() else []:
+        if (folder / "__init__.py").exists():
+            module = importlib.import_module(f"plugins.{folder.name}")
+            if hasattr(module, "Plugin"):
+                add(folder.name, module.Plugin, "builtin")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            add(ep.name, ep.load(), f"entry point {ep.dist.name if ep.dist else ep.value}")
+        except Exception as exc:  # a broken third-party plugin must not hide the others
+            problems.append(("", f"plugin {ep.name!r} (entry point {ep.value}) failed to load: {exc!r}"))
+    for folder in plugin_dirs:
+        for path in sorted(Path(folder).glob("*.py")):
+            try:
+                module = _load_file(path)
+            except Exception as exc:
+                problems.append(("plugin_dirs", f"{path} failed to load: {exc!r}"))
+                continue
+            if hasattr(module, "Plugin"):
+                add(path.stem, module.Plugin, str(path))
+    if problems:
+        raise ConfigError("plugins", problems)
+    return found
+
+
+class Pipeline:
+    """One pipeline's plugins, called in YAML order.
+
+    Args:
+        name: The pipeline's name.
+        plugins: ``(label, instance)`` pairs in call order.
+    """
+
+    def __init__(self, name: str, plugins: list[tuple[str, Any]]) -> None:
+        self.name = name
+        self.plugins = plugins
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs.GatewaySpec)
+        # pluggy calls the last registered plugin first: register in reverse.
+        for label, plugin in reversed(plugins):
+            self.pm.register(plugin, name=label)
+        self.pm.check_pending()
+        self.wants_events = bool(self.pm.hook.response_event.get_hookimpls())
+        self._complete_impls = self.pm.hook.complete.get_hookimpls()[::-1]
+
+    def _call(self, hook: Any, ctx: RequestContext, **kwargs: Any) -> Any:
+        try:
+            return hook(ctx=ctx, **kwargs)
+        except GatewayError:
+            raise
+        except Exception as exc:
+            ctx.log(logging.ERROR, "plugin failed in %s hook of pipeline %s", hook.name, self.name, exc_info=True)
+            raise InternalError(
+                f"The gateway failed while handling this request (request id {ctx.request_id}).",
+                code="plugin_error",
+            ) from exc
+
+    def request(self, ctx: RequestContext) -> Response | None:
+        return self._call(self.pm.hook.request, ctx)
+
+    def route(self, ctx: RequestContext, backends: Mapping[str, Any]) -> Any:
+        return self._call(self.pm.hook.route, ctx, backends=backends)
+
+    def upstream_request(self, ctx: RequestContext, payload: dict[str, Any]) -> None:
+        self._call(self.pm.hook.upstream_request, ctx, payload=payload)
+
+    def response(self, ctx: RequestContext, body: dict[str, Any]) -> None:
+        self._call(self.pm.hook.response, ctx, body=body)
+
+    def response_event(self, ctx: RequestContext, event: dict[str, Any]) -> bool:
+        """True when the event is kept."""
+        return self._call(self.pm.hook.response_event, ctx, event=event) is not False
+
+    def complete(self, ctx: RequestContext, outcome: str) -> None:
+        """Call every plugin's ``complete``; one that raises is logged and skipped."""
+        kwargs = {"ctx": ctx, "outcome": outcome}
+        for impl in self._complete_impls:
+            try:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception:
+                ctx.log(logging.ERROR, "plugin %s failed in complete hook", impl.plugin_name, exc_info=True)
+
+    def describe(self) -> list[str]:
+        return [label for label, _ in self.plugins]
+
+
+def build_pipelines(config: Config, available: Mapping[str, PluginSpec] | None = None) -> dict[str, Pipeline]:
+    """Build every pipeline of ``config``: each plugin's config checked, then the plugin made.
+
+    Raises:
+        ConfigError: naming every plugin that is unknown or misconfigured.
+    """
+    if available is None:
+        available = discover(config.plugin_dirs)
+    problems: list[tuple[str, str]] = []
+    pipelines = {}
+    for pipeline_name, entries in config.pipelines.items():
+        plugins = []
+        for entry in entries:
+            instance = _make_plugin(entry, available, problems)
+            if instance is not None:
+                plugins.append((entry.path, instance))
+        pipelines[pipeline_name] = plugins
+    if problems:
+        raise ConfigError(config.file, problems)
+    return {name: Pipeline(name, plugins) for name, plugins in pipelines.items()}
+
+
+def _make_plugin(entry: PluginEntry, available: Mapping[str, PluginSpec], problems: list[tuple[str, str]]) -> Any:
+    spec = available.get(entry.name)
+    if spec is None:
+        problems.append((entry.path, f"unknown plugin {entry.name!r} (available: {', '.join(sorted(available)) or 'none'})"))
+        return None
+    try:
+        validator = compile_schema(spec.schema)
+    except Exception as exc:
+        problems.append((entry.path, f"plugin {entry.name!r} has an invalid config schema: {exc}"))
+        return None
+    errors = schema_errors(validator, entry.config, prefix=entry.path)
+    if errors:
+        problems.extend(errors)
+        return None
+    try:
+        return spec.factory(apply_defaults(spec.schema, entry.config))
+    except (ValueError, TypeError, KeyError) as exc:
+        problems.append((entry.path, str(exc)))
+    except Exception as exc:
+        problems.append((entry.path, f"plugin {entry.name!r} failed to start: {exc!r}"))
+    return None

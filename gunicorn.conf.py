@@ -1,0 +1,30 @@
+"""gunicorn settings for Llamagate, each read from the environment.
+
+GATEWAY_BIND                 address to listen on            (127.0.0.1:8000)
+GATEWAY_WORKERS              worker processes                (1)
+GATEWAY_WORKER_CONNECTIONS   concurrent connections a worker (1000)
+GATEWAY_TIMEOUT              worker heartbeat timeout, s     (30)
+GATEWAY_GRACEFUL_TIMEOUT     how long streams survive a stop or reload, s (30)
+GATEWAY_KEEPALIVE            idle keep-alive, s              (5)
+GATEWAY_CONFIG               pipelines file the workers load (pipelines.yaml)
+"""
+
+import os
+
+wsgi_app = "gateway.app:get_app()"
+bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("GATEWAY_WORKERS", "1"))
+worker_class = "gevent"
+worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "1000"))
+# With gevent workers the timeout is only a heartbeat: a long stream does not trip it.
+timeout = int(os.environ.get("GATEWAY_TIMEOUT", "30"))
+graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "30"))
+keepalive = int(os.environ.get("GATEWAY_KEEPALIVE", "5"))
+# Each worker builds its own app: backends' connection pools and health checks must
+# not be shared across a fork.
+preload_app = False
+# gunicorn 25+ opens a control socket under ~/.gunicorn by default; we don't use it.
+control_socket_disable = True
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("LLAMAGATE_LOG_LEVEL", "info").lower()
