@@ -318,16 +318,21 @@ def _render_error(req: falcon.Request, resp: falcon.Response, error: GatewayErro
     gateway.respond(ctx, req.context.pipeline, resp, [data])
 
 
-def create_app(config: Config, *, pipelines: dict[str, Pipeline] | None = None,
-               health_checks: bool = True) -> falcon.App:
-    """Build the WSGI app for ``config``.
+def create_app(config: Config, *, pipelines: dict[str, Pipeline] | None = None) -> falcon.App:
+    """Build the WSGI app for ``config`` and start its backends' health checks.
 
     Args:
         config: A checked config (:func:`gateway.config.load_config`).
         pipelines: Pipelines to use instead of building them from ``config``.
-        health_checks: Start the background health checks of the backends.
     """
     gateway = Gateway(config, pipelines)
+    gateway.upstreams.start_health_checks()
+    return build_app(gateway)
+
+
+def build_app(gateway: Gateway) -> falcon.App:
+    """The Falcon app serving ``gateway``'s routes; starts nothing."""
+    config = gateway.config
     app = falcon.App(middleware=[RequestIdMiddleware()], media_type=_JSON)
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/health", HealthResource(gateway))
@@ -363,8 +368,6 @@ def create_app(config: Config, *, pipelines: dict[str, Pipeline] | None = None,
     app.add_error_handler(Exception, on_unexpected)
     app.add_error_handler(falcon.HTTPError, on_http_error)
     app.add_error_handler(GatewayError, on_gateway_error)
-    if health_checks:
-        gateway.upstreams.start_health_checks()
     return app
 
 

@@ -98,8 +98,9 @@ def _expand(value: Any, path: list[Any], environ: Mapping[str, str], problems: l
         problems.append((format_path(path), f"environment variable {name} is not set and has no default"))
         return ""
 
+    unresolved = len(problems)
     expanded = _ENV_REF.sub(substitute, value)
-    if _ENV_REF.fullmatch(value):
+    if _ENV_REF.fullmatch(value) and len(problems) == unresolved:
         # A value that is only a reference takes the type its text has in YAML,
         # so `port: ${STATSD_PORT:-8125}` stays an integer.
         try:
@@ -194,6 +195,8 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
     """Check an already-parsed config document; see :func:`load_config`."""
     problems: list[tuple[str, str]] = []
     data = _expand(raw, [], os.environ if environ is None else environ, problems)
+    if problems:  # schema errors caused by a missing variable would only add noise
+        raise ConfigError(file, problems)
     problems += schema_errors(_validator(), data)
     if problems:
         raise ConfigError(file, problems)

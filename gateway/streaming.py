@@ -21,7 +21,7 @@ from .context import RequestContext
 from .errors import GatewayError, GatewayTimeoutError, UpstreamError, from_upstream
 
 DONE = b"data: [DONE]\n\n"
-_MODEL_FIELD = re.compile(rb'"model":"(?:[^"\\]|\\.)*"')
+_MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
 _COMPACT = (",", ":")
 
 
@@ -147,10 +147,10 @@ class Relay:
             error = from_upstream(502, payload)
             return _stream_error(self.ctx, error)
         if self.on_event is None:
-            if b'"usage":{' in raw:
+            if b'"usage"' in raw:
                 event = _decode(raw[5:])
-                if isinstance(event, dict):
-                    self.ctx.usage = event.get("usage")
+                if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+                    self.ctx.usage = event["usage"]
             return _MODEL_FIELD.sub(self.model_field, raw, count=1) + b"\n\n"
         event = _decode(raw[5:]) if raw.startswith(b"data:") else None
         if not isinstance(event, dict):

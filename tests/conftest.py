@@ -1,0 +1,59 @@
+"""Fixtures shared by the unit tests: a canned llama-server and a gateway on it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import falcon.testing
+import pytest
+
+from gateway.app import Gateway, build_app
+from gateway.config import Config, parse_config
+from gateway.pipeline import Pipeline
+from gateway.testing import canned_llama_app, free_port, serve_in_thread
+
+
+@pytest.fixture(scope="session")
+def canned_url() -> str:
+    server, url = serve_in_thread(canned_llama_app)
+    yield url
+    server.shutdown()
+
+
+def config_doc(backend_url: str, **overrides: Any) -> dict[str, Any]:
+    """A pipelines.yaml document with one model on ``backend_url``."""
+    doc: dict[str, Any] = {
+        "backends": {"chat": {"urls": [backend_url], "connect_timeout": 2, "read_timeout": 5}},
+        "models": {"smollm2": {"backend": "chat", "aliases": ["gpt-4o-mini"]}},
+        "pipelines": {"default": []},
+        "routes": {r: "default" for r in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")},
+    }
+    doc.update(overrides)
+    return doc
+
+
+@pytest.fixture
+def make_client(canned_url: str) -> Callable[..., falcon.testing.TestClient]:
+    """Build a TestClient for a gateway whose default pipeline holds ``plugins``
+    (``(label, instance)`` pairs); config keys may be overridden."""
+
+    def make(plugins: list[tuple[str, Any]] | None = None, backend_url: str | None = None,
+             **overrides: Any) -> falcon.testing.TestClient:
+        config: Config = parse_config(config_doc(backend_url or canned_url, **overrides))
+        gateway = Gateway(config, {"default": Pipeline("default", plugins or [])})
+        client = falcon.testing.TestClient(build_app(gateway))
+        client.gateway = gateway
+        return client
+
+    return make
+
+
+@pytest.fixture
+def client(make_client: Callable[..., falcon.testing.TestClient]) -> falcon.testing.TestClient:
+    return make_client()
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback URL where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
