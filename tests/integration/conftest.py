@@ -1,0 +1,155 @@
+"""Real parts: llama-server backends (xllamacpp + SmolLM2) and gunicorn gevent workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import openai
+import pytest
+import requests
+import yaml
+
+from gateway.testing import free_port
+from gateway.upstream import wait_until_ready
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = Path(os.environ.get("LLAMAGATE_TEST_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+
+
+class Proc:
+    """A child process with its output in a file, stopped at teardown."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self.handle = open(log, "wb")
+        self.popen = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                      start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self.handle.close()
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    if not MODEL.is_file():
+        pytest.fail(f"no model at {MODEL}: run `make test` (it fetches the model) or `make model`")
+    return MODEL
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def start_backend(model_path: Path, logs: Path) -> Iterator[Callable[..., str]]:
+    """Start a real llama-server on a free port; returns its base URL."""
+    procs: list[Proc] = []
+
+    def start(*extra: str) -> str:
+        port = free_port()
+        proc = Proc([sys.executable, "-m", "gateway.cli", "backend", "--model", str(model_path),
+                     "--port", str(port), *extra], logs / f"backend-{port}.log")
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        if not wait_until_ready([url], timeout=60):
+            pytest.fail(f"llama-server on {url} did not start:\n{proc.output()}")
+        return url
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def chat_backend(start_backend: Callable[..., str]) -> str:
+    return start_backend("--parallel", "2", "--ctx", "2048")
+
+
+@pytest.fixture(scope="session")
+def embeddings_backend(start_backend: Callable[..., str]) -> str:
+    return start_backend("--embeddings", "--parallel", "1", "--ctx", "1024")
+
+
+class Gateway:
+    def __init__(self, url: str, proc: Proc) -> None:
+        self.url = url
+        self.proc = proc
+
+    def client(self, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"),
+                             max_retries=0, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def start_gateway(logs: Path) -> Iterator[Callable[..., Gateway]]:
+    """Run the gateway under real gunicorn gevent workers with a given config document."""
+    procs: list[Proc] = []
+
+    def start(doc: dict[str, Any], workers: int = 1, wait_healthy: bool = True) -> Gateway:
+        port = free_port()
+        config = logs / f"pipelines-{port}.yaml"
+        config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        env = dict(os.environ, GATEWAY_BIND=f"127.0.0.1:{port}", GATEWAY_CONFIG=str(config),
+                   GATEWAY_WORKERS=str(workers), GATEWAY_GRACEFUL_TIMEOUT="5")
+        proc = Proc([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
+                    logs / f"gateway-{port}.log", env=env)
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                status = requests.get(url + "/health", timeout=2).status_code
+                if status == 200 or not wait_healthy:
+                    return Gateway(url, proc)
+            except requests.ConnectionError:
+                pass
+            if proc.popen.poll() is not None:
+                break
+            time.sleep(0.1)
+        pytest.fail(f"the gateway on {url} did not become ready:\n{proc.output()}")
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def gateway_doc(chat_url: str, embeddings_url: str, **overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "health_interval": 1,
+        "plugin_dirs": [str(Path(__file__).parent / "dropin")],
+        "backends": {
+            "chat": {"urls": [chat_url], "connect_timeout": 2, "read_timeout": 60},
+            "embeddings": {"urls": [embeddings_url]},
+        },
+        "models": {
+            "smollm2": {"backend": "chat", "aliases": ["gpt-4o-mini"]},
+            "smollm2-embeddings": {"backend": "embeddings"},
+        },
+        "pipelines": {"default": ["boom"]},
+        "routes": {route: "default" for route in ROUTES},
+    }
+    doc.update(overrides)
+    return doc
+
+
+@pytest.fixture(scope="session")
+def gateway(start_gateway: Callable[..., Gateway], chat_backend: str, embeddings_backend: str) -> Gateway:
+    return start_gateway(gateway_doc(chat_backend, embeddings_backend))

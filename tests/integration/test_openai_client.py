@@ -1,0 +1,208 @@
+"""The official openai client, through real gunicorn gevent workers, to real llama-server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import jsonschema
+import openai
+import pytest
+import requests
+import yaml
+
+from gateway.testing import free_port
+
+from .conftest import gateway_doc
+
+CHAT = [{"role": "user", "content": "Say hello in one short sentence."}]
+OPENAPI = Path(__file__).resolve().parents[3] / "shared" / "openai-openapi" / "openapi.yaml"
+
+
+@pytest.fixture(scope="session")
+def openai_schema():
+    """Validators for OpenAI's own response schemas (from the official OpenAPI spec)."""
+    if not OPENAPI.is_file():
+        pytest.fail(f"OpenAI's OpenAPI spec is missing at {OPENAPI} (../shared must sit beside the repo)")
+    components = yaml.load(OPENAPI.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["components"]
+    allow_nullable(components)
+
+    def validator(name: str) -> jsonschema.Draft202012Validator:
+        return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": components})
+
+    return validator
+
+
+def allow_nullable(node):
+    """The spec still marks some fields with OpenAPI 3.0's ``nullable: true``; JSON Schema
+    needs ``null`` in the type (and the enum) instead."""
+    if isinstance(node, dict):
+        if node.get("nullable") is True:
+            if isinstance(node.get("type"), str):
+                node["type"] = [node["type"], "null"]
+            if isinstance(node.get("enum"), list) and None not in node["enum"]:
+                node["enum"].append(None)
+        for value in node.values():
+            allow_nullable(value)
+    elif isinstance(node, list):
+        for value in node:
+            allow_nullable(value)
+
+
+def test_models_list(gateway, openai_schema):
+    models = gateway.client().models.list()
+    assert [m.id for m in models.data] == ["smollm2", "smollm2-embeddings"]
+    openai_schema("ListModelsResponse").validate(requests.get(gateway.url + "/v1/models").json())
+    assert gateway.client().models.retrieve("gpt-4o-mini").id == "smollm2"
+
+
+def test_chat_completion(gateway, openai_schema):
+    answer = gateway.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24)
+    assert answer.model == "smollm2"
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content.strip()
+    assert answer.usage.completion_tokens > 0
+    raw = requests.post(gateway.url + "/v1/chat/completions",
+                        json={"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 8}).json()
+    openai_schema("CreateChatCompletionResponse").validate(raw)
+
+
+def test_chat_stream_assembles_and_ends_with_done(gateway, openai_schema):
+    stream = gateway.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text.strip()
+
+    with requests.post(gateway.url + "/v1/chat/completions", stream=True,
+                       json={"model": "smollm2", "messages": CHAT, "max_tokens": 8, "stream": True}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["cache-control"] == "no-cache"
+        assert resp.headers["x-accel-buffering"] == "no"
+        events = [line[len("data: "):] for line in resp.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    validator = openai_schema("CreateChatCompletionStreamResponse")
+    for event in events[:-1]:
+        chunk = json.loads(event)
+        validator.validate(chunk)
+        assert chunk["model"] == "smollm2"
+
+
+def test_stream_include_usage(gateway):
+    chunks = list(gateway.client().chat.completions.create(
+        model="smollm2", messages=CHAT, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage.completion_tokens > 0 and last.usage.prompt_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_legacy_completions(gateway, openai_schema):
+    client = gateway.client()
+    answer = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8)
+    assert answer.choices[0].text
+    assert answer.model == "smollm2"
+    raw = requests.post(gateway.url + "/v1/completions",
+                        json={"model": "smollm2", "prompt": "Once upon", "max_tokens": 4}).json()
+    openai_schema("CreateCompletionResponse").validate(raw)
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2", prompt="Once upon a time", max_tokens=8, stream=True) if c.choices)
+    assert text
+
+
+def test_embeddings_for_a_list_of_inputs(gateway, openai_schema):
+    result = gateway.client().embeddings.create(model="smollm2-embeddings", input=["hello", "world", "llamas"])
+    assert [d.index for d in result.data] == [0, 1, 2]
+    assert len({len(d.embedding) for d in result.data}) == 1 and len(result.data[0].embedding) > 100
+    assert result.data[0].embedding != result.data[2].embedding
+    raw = requests.post(gateway.url + "/v1/embeddings", json={"model": "smollm2-embeddings", "input": "hi"}).json()
+    openai_schema("CreateEmbeddingResponse").validate(raw)
+
+
+def slots_busy(backend: str) -> int:
+    return sum(1 for slot in requests.get(backend + "/slots", timeout=2).json() if slot["is_processing"])
+
+
+def test_client_disconnect_mid_stream_frees_the_backend_slot(gateway, chat_backend):
+    host, port = gateway.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "smollm2", "stream": True, "max_tokens": 900,
+                       "messages": [{"role": "user", "content": "Write a very long story about a llama."}]})
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    received = b""
+    while received.count(b"data: ") < 5:
+        received += sock.recv(65536)
+    assert slots_busy(chat_backend) == 1  # it is generating for us
+    sock.close()
+    closed_at = time.monotonic()
+    while slots_busy(chat_backend) and time.monotonic() - closed_at < 5:
+        time.sleep(0.02)
+    freed_after = time.monotonic() - closed_at
+    assert slots_busy(chat_backend) == 0
+    assert freed_after < 1.0, f"slot still busy {freed_after:.2f}s after the client left"
+
+
+def post_raw(url: str, body: bytes) -> requests.Response:
+    return requests.post(url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+
+
+def assert_error(resp: requests.Response, status: int, code=None) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert resp.headers["x-request-id"]
+    return error
+
+
+def test_bad_input_gets_openai_errors_and_the_gateway_keeps_serving(gateway, openai_schema):
+    error_schema = openai_schema("ErrorResponse")
+    for body in (b"{oops", b"[]", b"42", b"\xff\xfe"):
+        resp = post_raw(gateway.url, body)
+        assert_error(resp, 400)
+        error_schema.validate(resp.json())
+    with pytest.raises(openai.NotFoundError) as err:
+        gateway.client().chat.completions.create(model="gpt-9", messages=CHAT)
+    assert err.value.status_code == 404 and err.value.code == "model_not_found"
+    resp = requests.get(gateway.url + "/v1/unknown")
+    assert_error(resp, 404, "unknown_url")
+    resp = requests.delete(gateway.url + "/v1/models")
+    assert_error(resp, 405, "method_not_allowed")
+    assert gateway.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4).choices
+
+
+def test_oversized_body_gets_413_without_being_read(gateway):
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        # Claim 100 MB and send none of it: the answer must come without waiting for the body.
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000000\r\n\r\n")
+        answer = b""
+        while b"request_too_large" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {answer!r}"
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413")
+
+
+def test_plugin_crash_gets_500_with_request_id_and_worker_lives(gateway):
+    resp = requests.post(gateway.url + "/v1/chat/completions", headers={"X-Request-Id": "crash-1"},
+                         json={"model": "smollm2", "messages": CHAT, "boom": True})
+    error = assert_error(resp, 500, "plugin_error")
+    assert "crash-1" in error["message"] and "plugin bug" not in resp.text
+    assert resp.headers["x-request-id"] == "crash-1"
+    assert "crash-1" in gateway.proc.output()  # the log line carries the request id
+    assert gateway.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4).choices
+
+
+def test_no_backend_reachable_gets_503_with_retry_after(start_gateway):
+    dead = f"http://127.0.0.1:{free_port()}"
+    down = start_gateway(gateway_doc(dead, dead), wait_healthy=False)
+    health = requests.get(down.url + "/health")
+    assert health.status_code == 503
+    with pytest.raises(openai.InternalServerError) as err:
+        down.client().chat.completions.create(model="smollm2", messages=CHAT)
+    assert err.value.status_code == 503
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    assert err.value.code == "service_unavailable"
