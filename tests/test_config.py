@@ -144,3 +144,26 @@ def test_check_cli_reports_yaml_syntax_and_missing_file(tmp_path):
     assert result.returncode == 1 and "not valid YAML" in result.stderr
     result = run_cli("check", str(tmp_path / "missing.yaml"))
     assert result.returncode == 1 and "cannot read the file" in result.stderr
+
+
+class EntryPointPlugin:
+    config_schema = {"type": "object", "properties": {"level": {"type": "integer", "default": 3}}}
+
+    def __init__(self, config):
+        self.config = config
+
+
+def test_entry_point_plugins_are_found_and_configured(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import gateway.pipeline as pipeline_module
+
+    ep = EntryPoint(name="thirdparty", value=f"{__name__}:EntryPointPlugin", group="llamagate.plugins")
+    monkeypatch.setattr(pipeline_module, "entry_points",
+                        lambda group: [ep] if group == "llamagate.plugins" else [])
+    found = discover()
+    assert found["thirdparty"].factory is EntryPointPlugin
+    assert found["thirdparty"].source.startswith("entry point")
+    doc = config_doc("http://127.0.0.1:1", pipelines={"default": [{"thirdparty": {"level": 5}}]})
+    plugin = build_pipelines(parse_config(doc))["default"].plugins[0][1]
+    assert plugin.config == {"level": 5}
