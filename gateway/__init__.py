@@ -3,7 +3,7 @@
 The public plugin API is what ``__all__`` lists; everything else may change.
 """
 
-from .context import RequestContext, Response
+from .context import Principal, RequestContext, Response
 from .errors import (
     AuthenticationError,
     GatewayError,
@@ -30,6 +30,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "Principal",
     "RateLimitError",
     "RequestContext",
     "Response",

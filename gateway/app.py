@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from typing import Any, Callable, Iterable
 
@@ -149,6 +150,8 @@ class ProxyResource:
         ctx.requested_model = requested
         ctx.model = config.resolve_model(requested)
         ctx.stream = body.get("stream") is True
+        options = body.get("stream_options")
+        ctx.client_wants_usage = ctx.stream and isinstance(options, dict) and options.get("include_usage") is True
 
         answer = pipeline.request(ctx)
         if answer is not None:
@@ -166,11 +169,18 @@ class ProxyResource:
         else:
             candidates = gateway.upstreams.backends[model.backend].candidates()
 
+        ctx.replica = candidates[0].url
         payload = dict(body)
         payload["model"] = model.upstream_model or ctx.model
+        if ctx.stream and self.route != "/v1/embeddings":
+            # Always ask for usage, so accounting works on streams; the relay drops
+            # the usage chunk again when the client did not ask for it.
+            payload["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
         pipeline.upstream_request(ctx, payload)
         headers = {"Content-Type": _JSON, "X-Request-Id": ctx.request_id}
+        sent_at = time.monotonic()
         replica, upstream = gateway.upstreams.send(ctx, candidates, self.route, json.dumps(payload).encode(), headers)
+        ctx.upstream_ms = (time.monotonic() - sent_at) * 1000.0
 
         def cleanup() -> None:
             upstream.close()

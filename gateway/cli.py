@@ -20,13 +20,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import backend
+from . import backend, keys
 from .config import ConfigError, load_config
 from .pipeline import build_pipelines, discover
 from .upstream import wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
+# make serve's operator key when LLAMAGATE_API_KEY is not set (git-ignored, mode 0600).
+OPERATOR_KEY_FILE = Path(".llamagate-api-key")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -72,11 +74,26 @@ def cmd_backend(args: argparse.Namespace) -> int:
     return 0
 
 
+def operator_key() -> str:
+    """LLAMAGATE_API_KEY, or the key kept in OPERATOR_KEY_FILE, made on first use."""
+    if os.environ.get("LLAMAGATE_API_KEY"):
+        return os.environ["LLAMAGATE_API_KEY"]
+    if OPERATOR_KEY_FILE.exists():
+        return OPERATOR_KEY_FILE.read_text().strip()
+    key = keys.new_key()
+    fd = os.open(OPERATOR_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    print(f"Made an operator API key, kept in {OPERATOR_KEY_FILE} (readable only by you).")
+    return key
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Start two backends and the gateway; stop them all on Ctrl-C or when one dies."""
+    api_key = operator_key()
     chat_url = f"http://127.0.0.1:{args.chat_port}"
     embeddings_url = f"http://127.0.0.1:{args.embeddings_port}"
-    env = dict(os.environ, CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url)
+    env = dict(os.environ, CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url, LLAMAGATE_API_KEY=api_key)
     me = [sys.executable, "-m", "gateway.cli", "backend", "--model", args.model]
     children = [
         subprocess.Popen(me + ["--port", str(args.chat_port), "--parallel", str(args.parallel)], env=env),
@@ -99,7 +116,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not wait_until_ready([chat_url, embeddings_url], timeout=120):
             print("llamagate up: the backends did not become ready", file=sys.stderr)
             stop()
-        os.environ.update(CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url)
+        os.environ.update(CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url, LLAMAGATE_API_KEY=api_key)
         try:
             build_pipelines(load_config(args.config))
         except ConfigError as exc:
@@ -113,8 +130,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             stop()
         body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Say hello"}]})
         print("\nLlamagate is up. Try:\n", flush=True)
-        print(f"  curl -s http://{bind}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n",
-              flush=True)
+        print(f"  curl -s http://{bind}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"    -H 'Authorization: Bearer {api_key}' -d '{body}'\n", flush=True)
         print("Ctrl-C stops the gateway and both backends.", flush=True)
         while all(child.poll() is None for child in children):
             signal.sigtimedwait([signal.SIGCHLD], 1.0)
@@ -136,6 +153,29 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for field, prop in spec.schema.get("properties", {}).items():
             default = f" [default {json.dumps(prop['default'])}]" if "default" in prop else ""
             print(f"    {field}: {prop.get('description', '')}{default}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "add":
+            models = [m for m in (args.models or "").split(",") if m]
+            limits = {name: value for name, value in (("requests_per_minute", args.rpm),
+                                                      ("tokens_per_minute", args.tpm)) if value}
+            key = keys.add_key(args.file, args.client, args.role, models, limits)
+            print(f"New key for {args.client} ({args.role}); it is shown only this once:\n{key}")
+        elif args.action == "list":
+            for entry in keys.read_entries(args.file):
+                models = ",".join(entry.get("models") or []) or "*"
+                print(f"{entry['client']:<20} {entry.get('role', 'user'):<6} models={models:<20} "
+                      f"limits={json.dumps(entry.get('limits') or {})} sha256={entry['sha256'][:12]}")
+        else:
+            removed = keys.revoke(args.file, args.who)
+            print(f"revoked {removed} key(s)")
+            return 0 if removed else 1
+    except (OSError, ValueError) as exc:
+        print(f"llamagate keys: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -171,6 +211,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embeddings-port", type=int, default=int(os.environ.get("LLAMAGATE_EMBEDDINGS_PORT", "8082")))
     p.add_argument("--parallel", type=int, default=4)
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("keys", help="manage the API keys file (hashes only)")
+    keys_sub = p.add_subparsers(dest="action", required=True)
+    default_keys = os.environ.get("LLAMAGATE_KEYS_FILE", "keys.yaml")
+    k = keys_sub.add_parser("add", help="make a key, print it once, store its hash")
+    k.add_argument("--client", required=True)
+    k.add_argument("--role", choices=["user", "admin"], default="user")
+    k.add_argument("--models", help="comma-separated model ids the key may use (default: all)")
+    k.add_argument("--rpm", type=int, help="requests per minute for this key")
+    k.add_argument("--tpm", type=int, help="tokens per minute for this key")
+    k = keys_sub.add_parser("list", help="list clients, roles and hash prefixes")
+    k = keys_sub.add_parser("revoke", help="remove the keys of a client or a hash prefix")
+    k.add_argument("who", help="client name or sha256 prefix")
+    for k in keys_sub.choices.values():
+        k.add_argument("--file", default=default_keys, help="keys file (default LLAMAGATE_KEYS_FILE or keys.yaml)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("plugins", help="list the plugins that can be used")
     p.set_defaults(func=cmd_plugins)

@@ -30,6 +30,23 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, as an auth plugin established it.
+
+    Attributes:
+        client_id: Stable id of the client (never the key itself).
+        role: ``user`` or ``admin``.
+        models: Public model ids the client may use; empty means every model.
+        limits: Per-client limit overrides, e.g. ``{"requests_per_minute": 10}``.
+    """
+
+    client_id: str
+    role: str = "user"
+    models: frozenset[str] = frozenset()
+    limits: Mapping[str, Any] = field(default_factory=dict)
+
+
 @dataclass(eq=False)
 class RequestContext:
     """Everything the gateway knows about one request, shared by its plugins.
@@ -50,7 +67,11 @@ class RequestContext:
             no model or one the gateway doesn't serve.
         requested_model: The model string exactly as the client sent it.
         stream: True when the client asked for a streamed answer.
-        principal: Who is calling; set by an auth plugin, None until then.
+        client_wants_usage: True when a streaming client asked for the final usage
+            chunk (``stream_options.include_usage``). The gateway always asks the
+            backend for it, records it in ``usage``, and drops it otherwise.
+        principal: Who is calling (a :class:`Principal`); set by an auth plugin,
+            None until then.
         backend: Name of the backend serving the request, once routed.
         replica: Base URL of the backend replica, once routed.
         status: HTTP status sent to the client, once known.
@@ -60,9 +81,12 @@ class RequestContext:
         response_headers: Headers to add to the client's response.
         started: ``time.monotonic()`` when the request arrived.
         first_byte_at: ``time.monotonic()`` when the first body byte went out.
+        upstream_ms: Milliseconds the backend took to start answering (headers).
         bytes_in: Request body size.
         bytes_out: Response body bytes sent so far.
         state: Scratch space, one key per plugin.
+        counters: Named events to count (``ctx.incr("ratelimit.store_down")``);
+            a metrics plugin sends them when the request completes.
     """
 
     request_id: str
@@ -75,7 +99,8 @@ class RequestContext:
     model: str | None = None
     requested_model: str | None = None
     stream: bool = False
-    principal: Any = None
+    client_wants_usage: bool = False
+    principal: Principal | None = None
     backend: str | None = None
     replica: str | None = None
     status: int | None = None
@@ -85,9 +110,15 @@ class RequestContext:
     response_headers: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
+    upstream_ms: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def incr(self, name: str, count: int = 1) -> None:
+        """Count an event for the metrics plugin (Graphite-safe name, dots as separators)."""
+        self.counters[name] = self.counters.get(name, 0) + count
 
     @property
     def latency_ms(self) -> float:

@@ -146,11 +146,7 @@ class Relay:
             payload = _decode(raw.split(b":", 1)[1])
             error = from_upstream(502, payload)
             return _stream_error(self.ctx, error)
-        if self.on_event is None:
-            if b'"usage"' in raw:
-                event = _decode(raw[5:])
-                if isinstance(event, dict) and isinstance(event.get("usage"), dict):
-                    self.ctx.usage = event["usage"]
+        if self.on_event is None and b'"usage"' not in raw:
             return _MODEL_FIELD.sub(self.model_field, raw, count=1) + b"\n\n"
         event = _decode(raw[5:]) if raw.startswith(b"data:") else None
         if not isinstance(event, dict):
@@ -159,7 +155,9 @@ class Relay:
             event["model"] = self.public_model
         if isinstance(event.get("usage"), dict):
             self.ctx.usage = event["usage"]
-        if not self.on_event(event):
+            if event.get("choices") == [] and not self.ctx.client_wants_usage:
+                return b""  # the usage-only chunk the gateway asked for on its own behalf
+        if self.on_event is not None and not self.on_event(event):
             return b""
         return sse(event)
 

@@ -1,0 +1,79 @@
+"""accesslog: one JSON line per request when it completes.
+
+Fields: time, request_id, client, pipeline, route, model, backend, status,
+latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cache, bytes_in, bytes_out,
+outcome, error_type. With ``log_bodies: true`` also ``request`` (the body) and
+``completion`` (the answer's text). API keys are never written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+from gateway import hookimpl
+
+
+def answer_text(ctx) -> str | None:
+    """The text of a non-streamed answer, or the text a stream assembled, if any."""
+    return ctx.state.get("accesslog.text")
+
+
+class Plugin:
+    def __init__(self, config: dict[str, Any]) -> None:
+        path = config["path"]
+        self.stream: TextIO = sys.stdout if path in (None, "-") else open(path, "a", buffering=1)
+        self.log_bodies = config["log_bodies"]
+        self.lock = threading.Lock()
+        if not self.log_bodies:
+            # Shadow the body hooks so pluggy does not register them: a pipeline
+            # without event hooks relays streams without decoding them.
+            self.response = self.response_event = None
+
+    @hookimpl
+    def response(self, ctx, body):
+        if self.log_bodies:
+            ctx.state["accesslog.text"] = "".join(
+                (c.get("message") or {}).get("content") or c.get("text") or ""
+                for c in body.get("choices") or [] if isinstance(c, dict))
+
+    @hookimpl
+    def response_event(self, ctx, event):
+        if self.log_bodies:
+            for choice in event.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                ctx.state["accesslog.text"] = ctx.state.get("accesslog.text", "") + piece
+
+    @hookimpl
+    def complete(self, ctx, outcome):
+        usage = ctx.usage or {}
+        error = ctx.error
+        record = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "request_id": ctx.request_id,
+            "client": ctx.principal.client_id if ctx.principal else None,
+            "pipeline": ctx.pipeline,
+            "route": ctx.route,
+            "model": ctx.model or ctx.requested_model,
+            "backend": ctx.backend,
+            "status": ctx.status,
+            "latency_ms": round(ctx.latency_ms, 2),
+            "ttfb_ms": round(ctx.ttfb_ms, 2) if ctx.ttfb_ms is not None else None,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "cache": ctx.cache,
+            "bytes_in": ctx.bytes_in,
+            "bytes_out": ctx.bytes_out,
+            "outcome": outcome,
+            "error_type": error.code or error.type if error else None,
+        }
+        if self.log_bodies:
+            record["request"] = ctx.body
+            record["completion"] = answer_text(ctx)
+        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        with self.lock:
+            self.stream.write(line)
+            self.stream.flush()
