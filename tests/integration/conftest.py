@@ -58,34 +58,45 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
-@pytest.fixture(scope="session")
-def start_backend(model_path: Path, logs: Path) -> Iterator[Callable[..., str]]:
-    """Start a real llama-server on a free port; returns its base URL."""
-    procs: list[Proc] = []
+class Backends:
+    """Real llama-servers on free ports, stopped at the end of the session."""
 
-    def start(*extra: str) -> str:
+    def __init__(self, model: Path, logs: Path) -> None:
+        self.model = model
+        self.logs = logs
+        self.procs: dict[str, Proc] = {}
+
+    def start(self, *extra: str) -> str:
+        """Start one with the extra ``llamagate backend`` arguments; returns its base URL."""
         port = free_port()
-        proc = Proc([sys.executable, "-m", "gateway.cli", "backend", "--model", str(model_path),
-                     "--port", str(port), *extra], logs / f"backend-{port}.log")
-        procs.append(proc)
+        proc = Proc([sys.executable, "-m", "gateway.cli", "backend", "--model", str(self.model),
+                     "--port", str(port), *extra], self.logs / f"backend-{port}.log")
         url = f"http://127.0.0.1:{port}"
+        self.procs[url] = proc
         if not wait_until_ready([url], timeout=60):
             pytest.fail(f"llama-server on {url} did not start:\n{proc.output()}")
         return url
 
-    yield start
-    for proc in procs:
+    def stop(self, url: str) -> None:
+        self.procs[url].stop()
+
+
+@pytest.fixture(scope="session")
+def backends(model_path: Path, logs: Path) -> Iterator[Backends]:
+    started = Backends(model_path, logs)
+    yield started
+    for proc in started.procs.values():
         proc.stop()
 
 
 @pytest.fixture(scope="session")
-def chat_backend(start_backend: Callable[..., str]) -> str:
-    return start_backend("--parallel", "2", "--ctx", "2048")
+def chat_backend(backends: Backends) -> str:
+    return backends.start("--parallel", "2", "--ctx", "2048")
 
 
 @pytest.fixture(scope="session")
-def embeddings_backend(start_backend: Callable[..., str]) -> str:
-    return start_backend("--embeddings", "--parallel", "1", "--ctx", "1024")
+def embeddings_backend(backends: Backends) -> str:
+    return backends.start("--embeddings", "--parallel", "1", "--ctx", "1024")
 
 
 class Gateway:
@@ -153,3 +164,25 @@ def gateway_doc(chat_url: str, embeddings_url: str, **overrides: Any) -> dict[st
 @pytest.fixture(scope="session")
 def gateway(start_gateway: Callable[..., Gateway], chat_backend: str, embeddings_backend: str) -> Gateway:
     return start_gateway(gateway_doc(chat_backend, embeddings_backend))
+
+
+@pytest.fixture(scope="session")
+def redis_url(logs: Path) -> Iterator[str]:
+    """A redis-server of our own on a free port, sharing nothing."""
+    port = free_port()
+    proc = Proc(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                logs / f"redis-{port}.log")
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.popen.poll() is not None:
+                pytest.fail(f"redis-server did not start:\n{proc.output()}")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.stop()
