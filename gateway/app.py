@@ -21,7 +21,7 @@ import falcon
 import requests
 
 from .compat import normalize_answer
-from .config import Config, load_config
+from .config import Config, PrefixRoute, load_config
 from .context import RequestContext, Response
 from .errors import (
     GatewayError,
@@ -58,9 +58,9 @@ class Gateway:
         self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
         self.upstreams = Upstreams(config.backends, config.health_interval)
 
-    def begin(self, req: falcon.Request, route: str) -> tuple[RequestContext, Pipeline]:
+    def begin(self, req: falcon.Request, route: str, pipeline_name: str) -> tuple[RequestContext, Pipeline]:
         """Make the request's context and find its pipeline."""
-        pipeline = self.pipelines[self.config.routes[route]]
+        pipeline = self.pipelines[pipeline_name]
         ctx = RequestContext(
             request_id=req.context.request_id,
             method=req.method,
@@ -72,6 +72,16 @@ class Gateway:
         req.context.ctx = ctx
         req.context.pipeline = pipeline
         return ctx, pipeline
+
+    def candidates(self, ctx: RequestContext, pipeline: Pipeline) -> list[Replica]:
+        """The replicas to try, in order: the ``route`` hooks' choice first, else the
+        gateway's own order for ``ctx.backend``. Sets ``ctx.backend`` and ``ctx.replica``."""
+        chosen = pipeline.route(ctx, self.upstreams.backends)
+        if chosen is not None:
+            ctx.backend = chosen.backend
+        candidates = self.upstreams.backends[ctx.backend].candidates(first=chosen)
+        ctx.replica = candidates[0].url
+        return candidates
 
     def respond(self, ctx: RequestContext, pipeline: Pipeline, resp: falcon.Response,
                 chunks: Iterable[bytes], cleanup: Callable[[], None] | None = None) -> None:
@@ -106,8 +116,8 @@ class Gateway:
         self.respond(ctx, pipeline, resp, [data])
 
 
-def read_json_body(req: falcon.Request, ctx: RequestContext, max_bytes: int) -> dict[str, Any]:
-    """The request's JSON object, read without taking more than ``max_bytes``."""
+def read_body(req: falcon.Request, ctx: RequestContext, max_bytes: int) -> bytes:
+    """The request body, read without taking more than ``max_bytes``."""
     length = req.content_length
     if length is not None and length > max_bytes:
         raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {max_bytes} bytes.")
@@ -116,6 +126,12 @@ def read_json_body(req: falcon.Request, ctx: RequestContext, max_bytes: int) -> 
     ctx.bytes_in = len(data)
     if len(data) > max_bytes:
         raise PayloadTooLargeError(f"The request body is larger than the limit of {max_bytes} bytes.")
+    return data
+
+
+def read_json_body(req: falcon.Request, ctx: RequestContext, max_bytes: int) -> dict[str, Any]:
+    """The request's JSON object, read without taking more than ``max_bytes``."""
+    data = read_body(req, ctx, max_bytes)
     if not data:
         raise InvalidRequestError("The request has no body; send a JSON object.")
     try:
@@ -141,7 +157,7 @@ class ProxyResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         gateway = self.gateway
         config = gateway.config
-        ctx, pipeline = gateway.begin(req, self.route)
+        ctx, pipeline = gateway.begin(req, self.route, config.routes[self.route])
         body = read_json_body(req, ctx, config.max_body_bytes)
         ctx.body = body
         requested = body.get("model")
@@ -162,14 +178,7 @@ class ProxyResource:
                                 code="model_not_found", param="model")
         model = config.models[ctx.model]
         ctx.backend = model.backend
-        chosen = pipeline.route(ctx, gateway.upstreams.backends)
-        if chosen is not None:
-            candidates = gateway.upstreams.backends[chosen.backend].candidates(first=chosen)
-            ctx.backend = chosen.backend
-        else:
-            candidates = gateway.upstreams.backends[model.backend].candidates()
-
-        ctx.replica = candidates[0].url
+        candidates = gateway.candidates(ctx, pipeline)
         payload = dict(body)
         payload["model"] = model.upstream_model or ctx.model
         if ctx.stream and self.route != "/v1/embeddings":
@@ -250,7 +259,7 @@ class ModelsResource:
                 "owned_by": self.gateway.config.models[model_id].owned_by}
 
     def _send(self, req: falcon.Request, resp: falcon.Response, body: Callable[[], dict[str, Any]]) -> None:
-        ctx, pipeline = self.gateway.begin(req, self.route)
+        ctx, pipeline = self.gateway.begin(req, self.route, self.gateway.config.routes[self.route])
         answer = pipeline.request(ctx)
         self.gateway.answer(ctx, pipeline, resp, answer if answer is not None else Response(body=body()))
 
@@ -266,6 +275,50 @@ class ModelsResource:
             return self._model(public)
 
         self._send(req, resp, body)
+
+
+class PrefixResource:
+    """Relays every method and sub-path under a prefix to another HTTP backend (an
+    image server, say), with a pipeline in front. Bodies pass through untouched."""
+
+    FORWARDED = ("Content-Type", "Accept")
+
+    def __init__(self, gateway: Gateway, prefix: str, target: PrefixRoute) -> None:
+        self.gateway = gateway
+        self.route = prefix + "/*"
+        self.target = target
+
+    def on_request(self, req: falcon.Request, resp: falcon.Response, rest: str) -> None:
+        gateway = self.gateway
+        ctx, pipeline = gateway.begin(req, self.route, self.target.pipeline)
+        body = read_body(req, ctx, gateway.config.max_body_bytes)
+        answer = pipeline.request(ctx)
+        if answer is not None:
+            gateway.answer(ctx, pipeline, resp, answer)
+            return
+        ctx.backend = self.target.backend
+        candidates = gateway.candidates(ctx, pipeline)
+        headers = {name: req.get_header(name) for name in self.FORWARDED if req.get_header(name)}
+        headers["X-Request-Id"] = ctx.request_id
+        path = req.path + (f"?{req.query_string}" if req.query_string else "")
+        replica, upstream = gateway.upstreams.send(ctx, candidates, path, body, headers, method=req.method)
+
+        def cleanup() -> None:
+            upstream.close()
+            replica.in_flight -= 1
+
+        def relay() -> Any:
+            try:
+                yield from upstream.iter_content(chunk_size=None)
+            except requests.RequestException as exc:
+                ctx.error = read_error(exc, replica.timeout[1])  # the body is cut: nothing else to say
+
+        resp.status = upstream.status_code
+        if upstream.headers.get("Content-Type"):
+            resp.content_type = upstream.headers["Content-Type"]
+        gateway.respond(ctx, pipeline, resp, relay(), cleanup)
+
+    on_get = on_post = on_put = on_patch = on_delete = on_request
 
 
 class HealthResource:
@@ -349,6 +402,8 @@ def build_app(gateway: Gateway) -> falcon.App:
     for route in config.routes:
         if route in PROXY_ROUTES:
             app.add_route(route, ProxyResource(gateway, route))
+    for prefix, target in config.prefix_routes.items():
+        app.add_route(prefix + "/{rest:path}", PrefixResource(gateway, prefix, target))
     if "/v1/models" in config.routes:
         models = ModelsResource(gateway)
         app.add_route("/v1/models", models)

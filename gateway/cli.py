@@ -42,6 +42,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for route, name in config.routes.items():
         chain = " -> ".join(entry.name for entry in config.pipelines[name]) or "(no plugins)"
         print(f"  {route}  [{name}]  {chain}")
+    for prefix, target in config.prefix_routes.items():
+        chain = " -> ".join(entry.name for entry in config.pipelines[target.pipeline]) or "(no plugins)"
+        urls = ", ".join(config.backends[target.backend].urls)
+        print(f"  {prefix}/*  [{target.pipeline}]  {chain}  => {target.backend}: {urls}")
     for model in config.models.values():
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
         urls = ", ".join(config.backends[model.backend].urls)

@@ -140,6 +140,14 @@ class PluginEntry:
 
 
 @dataclass(frozen=True)
+class PrefixRoute:
+    """Requests under a path prefix, relayed to another HTTP backend."""
+
+    pipeline: str
+    backend: str
+
+
+@dataclass(frozen=True)
 class Config:
     """A checked ``pipelines.yaml``."""
 
@@ -151,6 +159,7 @@ class Config:
     models: dict[str, ModelConfig]
     pipelines: dict[str, list[PluginEntry]]
     routes: dict[str, str]
+    prefix_routes: dict[str, PrefixRoute] = field(default_factory=dict)
     model_ids: dict[str, str] = field(default_factory=dict)
 
     def resolve_model(self, name: str) -> str | None:
@@ -227,9 +236,23 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
             name, config = (entry, None) if isinstance(entry, str) else next(iter(entry.items()))
             pipelines[pipeline_name].append(PluginEntry(name=name, config=config or {}, path=f"pipelines.{pipeline_name}[{i}].{name}"))
 
-    for route, pipeline_name in data["routes"].items():
+    routes: dict[str, str] = {}
+    prefix_routes: dict[str, PrefixRoute] = {}
+    for route, target in data["routes"].items():
+        prefix = route.endswith("/*")
+        if prefix != isinstance(target, dict):
+            problems.append((f"routes.{route}", "a prefix route (ending in /*) takes {pipeline, backend}; "
+                                                "an OpenAI route takes a pipeline name"))
+            continue
+        pipeline_name = target["pipeline"] if prefix else target
         if pipeline_name not in pipelines:
             problems.append((f"routes.{route}", f"no pipeline named {pipeline_name!r} (known: {', '.join(pipelines)})"))
+        if prefix:
+            if target["backend"] not in backends:
+                problems.append((f"routes.{route}.backend", f"no backend named {target['backend']!r}"))
+            prefix_routes[route[:-2]] = PrefixRoute(pipeline=pipeline_name, backend=target["backend"])
+        else:
+            routes[route] = pipeline_name
     if problems:
         raise ConfigError(file, problems)
 
@@ -242,6 +265,7 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
         backends=backends,
         models=models,
         pipelines=pipelines,
-        routes=dict(data["routes"]),
+        routes=routes,
+        prefix_routes=prefix_routes,
         model_ids=model_ids,
     )

@@ -130,8 +130,8 @@ class Upstreams:
         return str(max(1, round(self.health_interval)))
 
     def send(self, ctx: RequestContext, candidates: list[Replica], path: str, body: bytes,
-             headers: Mapping[str, str]) -> tuple[Replica, requests.Response]:
-        """POST ``body`` to the first candidate that accepts the connection.
+             headers: Mapping[str, str], method: str = "POST") -> tuple[Replica, requests.Response]:
+        """Send the request to the first candidate that accepts the connection.
 
         A replica that refuses the connection is marked not ready and the next one
         is tried; nothing has reached the client yet, so nothing can be duplicated.
@@ -148,8 +148,8 @@ class Upstreams:
             ctx.replica = replica.url
             replica.in_flight += 1
             try:
-                resp = replica.session.post(replica.url + path, data=body, headers=headers,
-                                            stream=True, timeout=replica.timeout)
+                resp = replica.session.request(method, replica.url + path, data=body, headers=headers,
+                                               stream=True, timeout=replica.timeout)
             except requests.ConnectTimeout:
                 replica.in_flight -= 1
                 replica.ready, replica.detail = False, "connect timeout"

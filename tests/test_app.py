@@ -182,3 +182,57 @@ def test_health_reports_each_backend(make_client, canned_url, dead_url):
     resp = healthy.simulate_get("/health")
     assert resp.status_code == 200
     assert resp.json["status"] == "ok"
+
+
+def echo_app(environ, start_response):
+    """An 'image server' that answers with what it received."""
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    seen = {"method": environ["REQUEST_METHOD"], "path": environ["PATH_INFO"], "query": environ.get("QUERY_STRING"),
+            "body": environ["wsgi.input"].read(length).decode(), "request_id": environ.get("HTTP_X_REQUEST_ID"),
+            "authorization": environ.get("HTTP_AUTHORIZATION")}
+    data = json.dumps(seen).encode()
+    start_response("201 Created", [("Content-Type", "application/x-echo"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+@pytest.fixture(scope="module")
+def echo_url():
+    from gateway.testing import serve_in_thread
+
+    server, url = serve_in_thread(echo_app)
+    yield url
+    server.shutdown()
+
+
+def test_prefix_route_relays_any_method_and_path_with_the_pipeline_in_front(make_client, canned_url, echo_url):
+    from gateway import AuthenticationError, hookimpl
+
+    class Gate:
+        @hookimpl
+        def request(self, ctx):
+            if ctx.headers.get("AUTHORIZATION") != "Bearer ok":
+                raise AuthenticationError("no")
+
+    client = make_client([("gate", Gate())], backends={"chat": {"urls": [canned_url]}, "images": {"urls": [echo_url]}},
+                         routes={"/v1/chat/completions": "default", "/sdapi/*": {"pipeline": "default",
+                                                                                  "backend": "images"}})
+    resp = client.simulate_put("/sdapi/v1/txt2img", query_string="steps=2", body=b"raw bytes",
+                               headers={"Authorization": "Bearer ok", "X-Request-Id": "img-1"})
+    assert resp.status_code == 201
+    assert resp.headers["content-type"] == "application/x-echo"
+    assert resp.json == {"method": "PUT", "path": "/sdapi/v1/txt2img", "query": "steps=2", "body": "raw bytes",
+                         "request_id": "img-1", "authorization": None}  # the gateway's key stays here
+    assert client.simulate_get("/sdapi/anything").status_code == 401
+
+
+def test_prefix_route_config_errors():
+    from gateway.config import ConfigError, parse_config
+
+    from .conftest import config_doc
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(config_doc("http://127.0.0.1:1", routes={"/sdapi/*": "default"}))
+    assert "takes {pipeline, backend}" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_config(config_doc("http://127.0.0.1:1", routes={"/sdapi/*": {"pipeline": "default", "backend": "x"}}))
+    assert "routes./sdapi/*.backend: no backend named 'x'" in str(err.value)
