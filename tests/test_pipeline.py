@@ -222,3 +222,22 @@ def test_hook_contract_is_documented_argument_by_argument():
 def test_gateway_error_renders_openai_shape():
     error = GatewayError("nope", type="x", code="y", param="z", status=418)
     assert error.to_dict() == {"error": {"message": "nope", "type": "x", "param": "z", "code": "y"}}
+
+
+def test_gateway_asks_for_usage_on_streams_and_hides_it_unless_asked(make_client):
+    usage = Usage()
+
+    class Payload:
+        @hookimpl
+        def upstream_request(self, ctx, payload):
+            self.payload = payload
+
+    seen = Payload()
+    client = make_client([("usage", usage), ("payload", seen)])
+    resp = client.simulate_post("/v1/chat/completions", json=dict(CHAT, stream=True, stream_options={"x": 1}))
+    assert seen.payload["stream_options"] == {"x": 1, "include_usage": True}
+    assert usage.usage == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert '"usage"' not in resp.text  # the client did not ask for it
+    assert resp.text.endswith("data: [DONE]\n\n")
+    client.simulate_post("/v1/embeddings", json={"model": "smollm2", "input": "x"})
+    assert "stream_options" not in seen.payload
