@@ -308,3 +308,33 @@ def test_accesslog_without_bodies_keeps_streams_raw():
 
     assert not Pipeline("p", [plugin("accesslog")]).wants_events
     assert Pipeline("p", [plugin("accesslog", log_bodies=True)]).wants_events
+
+
+def test_store_outage_is_counted_for_statsd(make_client):
+    from gateway import hookimpl
+    from gateway.testing import free_port
+
+    class Counters:
+        @hookimpl
+        def complete(self, ctx, outcome):
+            self.counters = dict(ctx.counters)
+
+    counters = Counters()
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    client = make_client([plugin("cache", store="redis", redis_url=down),
+                          plugin("ratelimit", store="redis", redis_url=down), ("counters", counters)])
+    assert client.simulate_post("/v1/chat/completions", json=dict(CHAT, temperature=0)).status_code == 200
+    # ratelimit: the request check, the token check, and the token charge at completion
+    assert counters.counters == {"cache.store_unavailable": 1, "ratelimit.store_unavailable": 3}
+
+
+def test_operator_key_is_made_once_and_private(tmp_path, monkeypatch):
+    from gateway import cli
+
+    monkeypatch.delenv("LLAMAGATE_API_KEY", raising=False)
+    monkeypatch.setattr(cli, "OPERATOR_KEY_FILE", tmp_path / ".llamagate-api-key")
+    key = cli.operator_key()
+    assert key.startswith("sk-lg-") and cli.operator_key() == key
+    assert (tmp_path / ".llamagate-api-key").stat().st_mode & 0o077 == 0
+    monkeypatch.setenv("LLAMAGATE_API_KEY", "sk-from-env")
+    assert cli.operator_key() == "sk-from-env"

@@ -351,3 +351,19 @@ def test_prefix_route_to_another_upstream_with_the_pipeline_in_front(start_gatew
         assert requests.get(gw.url + "/sdapi/v1/options").status_code == 401
     finally:
         server.shutdown()
+
+
+def test_redis_cache_is_shared_by_two_workers(start_gateway, chat_backend, embeddings_backend, redis_url):
+    pipeline = [{"cache": {"store": "redis", "redis_url": redis_url, "ttl": 30}}]
+    gw = start_gateway(full_doc([chat_backend], embeddings_backend, pipeline), workers=2)
+    ask = {"model": "smollm2-embeddings", "input": ["shared cache across workers"]}
+
+    def call(_):
+        resp = requests.post(gw.url + "/v1/embeddings", json=ask, headers={"Connection": "close"})
+        return resp.headers["x-cache"], resp.json()["data"][0]["embedding"]
+
+    first = call(0)
+    assert first[0] == "MISS"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        later = list(pool.map(call, range(16)))
+    assert all(state == "HIT" and vector == first[1] for state, vector in later)
