@@ -21,8 +21,8 @@ import falcon
 import requests
 
 from .compat import normalize_answer
-from .config import Config, PrefixRoute, load_config
-from .context import RequestContext, Response
+from .config import Config, PrefixRoute, Timeouts, load_config
+from .context import Principal, RequestContext, Response
 from .errors import (
     GatewayError,
     InternalError,
@@ -31,11 +31,10 @@ from .errors import (
     NotFoundError,
     PayloadTooLargeError,
     UpstreamError,
-    from_upstream,
 )
 from .pipeline import Pipeline, build_pipelines
-from .streaming import Relay, ResponseBody, read_error, replay
-from .upstream import Replica, Upstreams
+from .streaming import Relay, ResponseBody, cancelled_error, read_error, replay
+from .upstream import Lease, Replica, Upstreams, error_of
 
 log = logging.getLogger("llamagate")
 
@@ -43,6 +42,26 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 PROXY_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _JSON = "application/json"
+
+
+def may_touch(caller: Principal | None, owner: Principal | None) -> bool:
+    """Whether ``caller`` may act on a request made by ``owner``: its owner or an admin."""
+    if caller is None:
+        return False
+    return caller.role == "admin" or (owner is not None and owner.client_id == caller.client_id)
+
+
+class InFlight:
+    """A request with an open (or opening) backend connection, for cancellation."""
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self.lease: Lease | None = None
+
+    def cancel(self) -> None:
+        self.ctx.cancelled = True
+        if self.lease is not None:
+            self.lease.abort()
 
 
 class Gateway:
@@ -57,6 +76,7 @@ class Gateway:
         self.config = config
         self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
         self.upstreams = Upstreams(config.backends, config.health_interval)
+        self.in_flight: dict[str, InFlight] = {}
 
     def begin(self, req: falcon.Request, route: str, pipeline_name: str) -> tuple[RequestContext, Pipeline]:
         """Make the request's context and find its pipeline."""
@@ -73,15 +93,55 @@ class Gateway:
         req.context.pipeline = pipeline
         return ctx, pipeline
 
-    def candidates(self, ctx: RequestContext, pipeline: Pipeline) -> list[Replica]:
-        """The replicas to try, in order: the ``route`` hooks' choice first, else the
-        gateway's own order for ``ctx.backend``. Sets ``ctx.backend`` and ``ctx.replica``."""
+    def route(self, ctx: RequestContext, pipeline: Pipeline) -> Replica | None:
+        """Run the ``route`` hooks for a request whose ``ctx.backend`` is set; returns
+        their choice. ``ctx.replica`` is the replica likeliest to serve it."""
         chosen = pipeline.route(ctx, self.upstreams.backends)
         if chosen is not None:
             ctx.backend = chosen.backend
-        candidates = self.upstreams.backends[ctx.backend].candidates(first=chosen)
-        ctx.replica = candidates[0].url
-        return candidates
+        ctx.replica = (chosen or self.upstreams.backends[ctx.backend].candidates()[0]).url
+        return chosen
+
+    def open_upstream(self, ctx: RequestContext, chosen: Replica | None, path: str, body: bytes,
+                      headers: dict[str, str], method: str = "POST") -> Lease:
+        """Send the request to ``ctx.backend`` (``chosen`` first); see :meth:`Upstreams.open`.
+
+        While the lease is open the request can be cancelled; closing the lease ends that.
+        """
+        assert ctx.backend is not None
+        self.in_flight[ctx.request_id] = InFlight(ctx)
+        sent_at = time.monotonic()
+        try:
+            lease = self.upstreams.open(ctx, self.upstreams.backends[ctx.backend], chosen, path, body, headers,
+                                        self.config.timeouts_for(ctx.route), method)
+        except BaseException:
+            self.in_flight.pop(ctx.request_id, None)
+            raise
+        ctx.upstream_ms = (time.monotonic() - sent_at) * 1000.0
+        self.in_flight[ctx.request_id].lease = lease
+        if ctx.cancelled:  # cancelled while it waited for a slot
+            self.finish(ctx, lease)
+            raise cancelled_error()
+        return lease
+
+    def finish(self, ctx: RequestContext, lease: Lease) -> None:
+        lease.close()
+        self.in_flight.pop(ctx.request_id, None)
+
+    def cancel(self, request_id: str, caller: Principal | None) -> bool:
+        """Cancel a request in flight, if ``caller`` owns it or is an admin."""
+        entry = self.in_flight.get(request_id)
+        if entry is None or not may_touch(caller, entry.ctx.principal):
+            return False
+        entry.cancel()
+        return True
+
+    def cancel_backend(self, backend: str) -> int:
+        """Cancel every request in flight on ``backend``; returns how many."""
+        entries = [e for e in self.in_flight.values() if e.ctx.backend == backend]
+        for entry in entries:
+            entry.cancel()
+        return len(entries)
 
     def respond(self, ctx: RequestContext, pipeline: Pipeline, resp: falcon.Response,
                 chunks: Iterable[bytes], cleanup: Callable[[], None] | None = None) -> None:
@@ -90,7 +150,9 @@ class Gateway:
         def on_close(sent_all: bool) -> None:
             if cleanup is not None:
                 cleanup()
-            if ctx.error is not None:
+            if ctx.cancelled:
+                outcome = "cancelled"
+            elif ctx.error is not None:
                 outcome = "error"
             elif not sent_all:
                 outcome = "client_gone"
@@ -178,7 +240,7 @@ class ProxyResource:
                                 code="model_not_found", param="model")
         model = config.models[ctx.model]
         ctx.backend = model.backend
-        candidates = gateway.candidates(ctx, pipeline)
+        chosen = gateway.route(ctx, pipeline)
         payload = dict(body)
         payload["model"] = model.upstream_model or ctx.model
         if ctx.stream and self.route != "/v1/embeddings":
@@ -187,39 +249,35 @@ class ProxyResource:
             payload["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
         pipeline.upstream_request(ctx, payload)
         headers = {"Content-Type": _JSON, "X-Request-Id": ctx.request_id}
-        sent_at = time.monotonic()
-        replica, upstream = gateway.upstreams.send(ctx, candidates, self.route, json.dumps(payload).encode(), headers)
-        ctx.upstream_ms = (time.monotonic() - sent_at) * 1000.0
-
-        def cleanup() -> None:
-            upstream.close()
-            replica.in_flight -= 1
-
+        lease = gateway.open_upstream(ctx, chosen, self.route, json.dumps(payload).encode(), headers)
+        upstream = lease.response
+        timeouts = config.timeouts_for(self.route)
         try:
             if upstream.status_code >= 400:
-                raise _upstream_error(upstream, gateway.upstreams.retry_after())
+                raise error_of(upstream, gateway.upstreams.retry_after())
             if ctx.stream:
                 on_event = (lambda event: pipeline.response_event(ctx, event)) if pipeline.wants_events else None
-                relay = Relay(ctx, upstream, ctx.model, on_event, replica.timeout[1])
+                relay = Relay(ctx, upstream, ctx.model, on_event, timeouts)
                 resp.content_type = "text/event-stream"
                 resp.set_headers(STREAM_HEADERS)
-                gateway.respond(ctx, pipeline, resp, relay, cleanup)
+                gateway.respond(ctx, pipeline, resp, relay, lambda: gateway.finish(ctx, lease))
                 return
-            data = self._whole_answer(ctx, pipeline, upstream, replica)
+            data = self._whole_answer(ctx, pipeline, upstream, timeouts)
         except BaseException:
-            cleanup()
+            gateway.finish(ctx, lease)
             raise
-        cleanup()
+        gateway.finish(ctx, lease)
         resp.content_type = _JSON
         resp.content_length = len(data)
         gateway.respond(ctx, pipeline, resp, [data])
 
     @staticmethod
-    def _whole_answer(ctx: RequestContext, pipeline: Pipeline, upstream: requests.Response, replica: Replica) -> bytes:
+    def _whole_answer(ctx: RequestContext, pipeline: Pipeline, upstream: requests.Response,
+                      timeouts: Timeouts) -> bytes:
         try:
             content = upstream.content
         except requests.RequestException as exc:
-            raise read_error(exc, replica.timeout[1]) from exc
+            raise read_error(ctx, exc, timeouts) from exc
         try:
             answer = json.loads(content)
         except ValueError:
@@ -232,17 +290,6 @@ class ProxyResource:
             ctx.usage = answer["usage"]
         pipeline.response(ctx, answer)
         return json.dumps(answer).encode()
-
-
-def _upstream_error(upstream: requests.Response, retry_after: str) -> GatewayError:
-    try:
-        payload = upstream.json()
-    except (ValueError, requests.RequestException):
-        payload = None
-    error = from_upstream(upstream.status_code, payload)
-    if error.status == 503:
-        error.headers["Retry-After"] = retry_after
-    return error
 
 
 class ModelsResource:
@@ -297,26 +344,23 @@ class PrefixResource:
             gateway.answer(ctx, pipeline, resp, answer)
             return
         ctx.backend = self.target.backend
-        candidates = gateway.candidates(ctx, pipeline)
+        chosen = gateway.route(ctx, pipeline)
         headers = {name: req.get_header(name) for name in self.FORWARDED if req.get_header(name)}
         headers["X-Request-Id"] = ctx.request_id
         path = req.path + (f"?{req.query_string}" if req.query_string else "")
-        replica, upstream = gateway.upstreams.send(ctx, candidates, path, body, headers, method=req.method)
-
-        def cleanup() -> None:
-            upstream.close()
-            replica.in_flight -= 1
+        lease = gateway.open_upstream(ctx, chosen, path, body, headers, method=req.method)
+        timeouts = gateway.config.timeouts_for(self.route)
 
         def relay() -> Any:
             try:
-                yield from upstream.iter_content(chunk_size=None)
+                yield from lease.response.iter_content(chunk_size=None)
             except requests.RequestException as exc:
-                ctx.error = read_error(exc, replica.timeout[1])  # the body is cut: nothing else to say
+                ctx.error = read_error(ctx, exc, timeouts)  # the body is cut: nothing else to say
 
-        resp.status = upstream.status_code
-        if upstream.headers.get("Content-Type"):
-            resp.content_type = upstream.headers["Content-Type"]
-        gateway.respond(ctx, pipeline, resp, relay(), cleanup)
+        resp.status = lease.response.status_code
+        if lease.response.headers.get("Content-Type"):
+            resp.content_type = lease.response.headers["Content-Type"]
+        gateway.respond(ctx, pipeline, resp, relay(), lambda: gateway.finish(ctx, lease))
 
     on_get = on_post = on_put = on_patch = on_delete = on_request
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -116,9 +116,23 @@ def _expand(value: Any, path: list[Any], environ: Mapping[str, str], problems: l
 class BackendConfig:
     name: str
     urls: tuple[str, ...]
-    connect_timeout: float
-    read_timeout: float
-    max_connections: int
+    connect_timeout: float = 5
+    max_connections: int = 100
+    max_in_flight: int | None = None
+    max_queue: int = 256
+    queue_timeout: float = 30
+    breaker_failures: int = 5
+    breaker_cooldown: float = 10
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a request may take, in seconds."""
+
+    first_byte: float = 300
+    idle: float = 60
+    total: float = 900
+    retry_deadline: float = 10
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,11 @@ class Config:
     routes: dict[str, str]
     prefix_routes: dict[str, PrefixRoute] = field(default_factory=dict)
     model_ids: dict[str, str] = field(default_factory=dict)
+    timeouts: Timeouts = Timeouts()
+    route_timeouts: dict[str, Timeouts] = field(default_factory=dict)
+
+    def timeouts_for(self, route: str) -> Timeouts:
+        return self.route_timeouts.get(route, self.timeouts)
 
     def resolve_model(self, name: str) -> str | None:
         """The public id for a model id or alias, or None."""
@@ -256,8 +275,13 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
     if problems:
         raise ConfigError(file, problems)
 
+    timeouts_spec = apply_defaults(schema["properties"]["timeouts"], data["timeouts"])
+    per_route = timeouts_spec.pop("routes")
+    timeouts = Timeouts(**timeouts_spec)
     base = Path(file).resolve().parent
     return Config(
+        timeouts=timeouts,
+        route_timeouts={route: replace(timeouts, **spec) for route, spec in per_route.items()},
         file=file,
         max_body_bytes=data["max_body_bytes"],
         plugin_dirs=tuple(str((base / d).resolve()) for d in data["plugin_dirs"]),

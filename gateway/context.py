@@ -87,6 +87,9 @@ class RequestContext:
         state: Scratch space, one key per plugin.
         counters: Named events to count (``ctx.incr("ratelimit.store_down")``);
             a metrics plugin sends them when the request completes.
+        timings: Named durations in milliseconds (``queue.<backend>``), sent likewise.
+        gauges: Named levels (``queue.<backend>``: queue depth on arrival), sent likewise.
+        cancelled: Set when the request was cancelled (``POST /v1/requests/{id}/cancel``).
     """
 
     request_id: str
@@ -115,6 +118,9 @@ class RequestContext:
     bytes_out: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    gauges: dict[str, float] = field(default_factory=dict)
+    cancelled: bool = False
 
     def incr(self, name: str, count: int = 1) -> None:
         """Count an event for the metrics plugin (Graphite-safe name, dots as separators)."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
+from .config import Timeouts
 from .context import RequestContext
 from .errors import GatewayError, GatewayTimeoutError, UpstreamError, from_upstream
 
@@ -80,11 +81,18 @@ class ResponseBody:
         self._on_close(self._sent_all)
 
 
-def read_error(exc: requests.RequestException, read_timeout: float) -> GatewayError:
+def cancelled_error() -> GatewayError:
+    return GatewayError("The request was cancelled.", type="invalid_request_error", code="request_cancelled",
+                        status=499)
+
+
+def read_error(ctx: RequestContext, exc: requests.RequestException, timeouts: Timeouts) -> GatewayError:
     """The client's error for a backend connection that failed while its answer was read."""
+    if ctx.cancelled:
+        return cancelled_error()
     # requests wraps urllib3's read timeout in a ConnectionError mid-body.
-    if exc.args and isinstance(exc.args[0], ReadTimeoutError):
-        return GatewayTimeoutError(f"The backend sent nothing for {read_timeout:g} s; the answer was abandoned.")
+    if exc.args and isinstance(exc.args[0], ReadTimeoutError) or isinstance(exc, requests.Timeout):
+        return GatewayTimeoutError(f"The backend sent nothing for {timeouts.idle:g} s; the answer was abandoned.")
     return UpstreamError("The connection to the backend broke before the answer was complete.")
 
 
@@ -102,17 +110,19 @@ class Relay:
         public_model: The model id the client should see.
         on_event: Called with each decoded event; returns False to drop it. None
             when no plugin asked to see events.
-        read_timeout: The backend's read timeout, for the error message.
+        timeouts: The route's timeouts: ``idle`` (applied to the connection) for the
+            error message, ``total`` checked as each chunk arrives.
     """
 
     def __init__(self, ctx: RequestContext, upstream: requests.Response, public_model: str,
-                 on_event: Callable[[dict[str, Any]], bool] | None, read_timeout: float) -> None:
+                 on_event: Callable[[dict[str, Any]], bool] | None, timeouts: Timeouts) -> None:
         self.ctx = ctx
         self.upstream = upstream
         self.public_model = public_model
         self.model_field = b'"model":' + json.dumps(public_model).encode()
         self.on_event = on_event
-        self.read_timeout = read_timeout
+        self.timeouts = timeouts
+        self.deadline = ctx.started + timeouts.total
         self.done = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -128,8 +138,12 @@ class Relay:
                     yield out
                 if self.done or self.ctx.error is not None:
                     return
+                if time.monotonic() > self.deadline:
+                    yield _stream_error(self.ctx, GatewayTimeoutError(
+                        f"The answer took longer than {self.timeouts.total:g} s in all; the stream was ended."))
+                    return
         except requests.RequestException as exc:
-            yield _stream_error(self.ctx, read_error(exc, self.read_timeout))
+            yield _stream_error(self.ctx, read_error(self.ctx, exc, self.timeouts))
             return
         except GatewayError as exc:
             yield _stream_error(self.ctx, exc)

@@ -1,28 +1,88 @@
-"""Backends: pooled ``requests`` sessions, failover before the first byte, health.
+"""Backends: pooled connections, admission, retries, circuit breakers, health.
 
 Each replica has its own ``requests.Session`` whose pool holds ``max_connections``
 connections (the default pool keeps 10, so a busier worker would reconnect per
 request) and ignores proxy settings from the environment (``trust_env = False``:
-scanning the environment costs ~20% of a pass-through). A background loop polls
-each replica's ``/health`` (llama-server answers 503 while it loads a model).
+scanning the environment costs ~20% of a pass-through).
+
+A request to a backend (:meth:`Upstreams.open`):
+
+1. waits for admission: at most ``max_in_flight`` requests per backend per worker
+   (default: the replicas' llama-server slots), the rest in a bounded queue, admins
+   first, then first come first served; a full queue or a wait past
+   ``queue_timeout`` is a 503 with ``Retry-After``;
+2. goes to a replica whose circuit breaker is closed (or that is due a probe):
+   the ``route`` hooks' choice first, then ready replicas round robin;
+3. is retried, before any byte reached the client, when the connection is refused
+   or reset or the replica answers 502/503 (llama-server answers 503 while it
+   loads), with exponential backoff and jitter, on another replica when there is
+   one, until the route's ``retry_deadline``.
+
+A background loop polls each replica's ``/health`` and learns its slots from ``/props``.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+import random
+import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from .config import BackendConfig
+from .config import BackendConfig, Timeouts
 from .context import RequestContext
-from .errors import GatewayTimeoutError, ServiceUnavailableError, UpstreamError
+from .errors import GatewayError, GatewayTimeoutError, ServiceUnavailableError, from_upstream
 
 log = logging.getLogger("llamagate")
+
+DEFAULT_SLOTS = 4  # a replica's slots until /props has told us
+RETRIED_STATUSES = (502, 503)
+BACKOFF_BASE = 0.05
+BACKOFF_CAP = 2.0
+
+
+class Breaker:
+    """A replica's circuit breaker: closed, open (skipped for ``cooldown``), half_open
+    (one probe request in flight decides)."""
+
+    def __init__(self, failures: int, cooldown: float) -> None:
+        self.threshold = failures
+        self.cooldown = cooldown
+        self.state = "closed"
+        self.failures = 0
+        self.opened_at = 0.0
+        self.probing = False
+
+    def allows(self, now: float) -> bool:
+        if self.state == "closed":
+            return True
+        if self.state == "open":
+            return now - self.opened_at >= self.cooldown
+        return not self.probing
+
+    def attempt(self, now: float) -> None:
+        """A request is about to go out: an open breaker past its cool-down lets it probe."""
+        if self.state != "closed" and self.allows(now):
+            self.state, self.probing = "half_open", True
+
+    def success(self) -> None:
+        self.state, self.failures, self.probing = "closed", 0, False
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.state == "half_open" or self.failures >= self.threshold:
+            self.state, self.opened_at = "open", now
+
+    def retry_after(self, now: float) -> float:
+        return max(0.0, self.opened_at + self.cooldown - now) if self.state == "open" else 0.0
 
 
 class Replica:
@@ -31,16 +91,18 @@ class Replica:
     Attributes:
         url: Base URL, e.g. ``http://127.0.0.1:8081``.
         backend: Name of the backend it belongs to.
-        ready: True after a good health check, False after a failed one,
-            None before the first.
+        ready: True after a good health check, False after a failed one or a
+            refused connection, None before the first check.
         in_flight: Requests this worker has open on it now.
+        slots: llama-server's ``total_slots``, once read from ``/props``.
+        breaker: Its :class:`Breaker`.
         detail: The last health check's result, for ``/health``.
     """
 
     def __init__(self, url: str, config: BackendConfig) -> None:
         self.url = url
         self.backend = config.name
-        self.timeout = (config.connect_timeout, config.read_timeout)
+        self.connect_timeout = config.connect_timeout
         self.session = requests.Session()
         self.session.trust_env = False
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=config.max_connections)
@@ -48,21 +110,98 @@ class Replica:
         self.session.mount("https://", adapter)
         self.ready: bool | None = None
         self.in_flight = 0
+        self.slots: int | None = None
+        self.breaker = Breaker(config.breaker_failures, config.breaker_cooldown)
         self.detail = "not checked yet"
 
+    @property
+    def available(self) -> bool:
+        """Worth sending to: not known to be down, and its breaker lets requests through."""
+        return self.ready is not False and self.breaker.allows(time.monotonic())
+
     def check(self) -> None:
-        """Ask the replica's ``/health`` whether it can take requests."""
+        """Ask the replica's ``/health`` whether it can take requests (and ``/props`` its slots)."""
         try:
-            resp = self.session.get(self.url + "/health", timeout=(self.timeout[0], 5))
+            resp = self.session.get(self.url + "/health", timeout=(self.connect_timeout, 5))
             self.ready = resp.status_code == 200
             self.detail = "ok" if self.ready else f"HTTP {resp.status_code}"
-            resp.close()
-        except requests.RequestException as exc:
+            if self.ready and self.slots is None:
+                props = self.session.get(self.url + "/props", timeout=(self.connect_timeout, 5))
+                if props.ok:
+                    self.slots = int(props.json().get("total_slots") or 0) or None
+        except (requests.RequestException, ValueError) as exc:
             self.ready = False
             self.detail = f"unreachable: {type(exc).__name__}"
 
+    def status(self) -> dict[str, Any]:
+        return {"url": self.url, "ready": bool(self.ready), "in_flight": self.in_flight, "slots": self.slots,
+                "breaker": self.breaker.state, "detail": self.detail}
+
     def __repr__(self) -> str:
         return f"Replica({self.url!r}, ready={self.ready})"
+
+
+@dataclass(eq=False)
+class _Waiter:
+    event: threading.Event = field(default_factory=threading.Event)
+    granted: bool = False
+
+
+class Admission:
+    """At most ``limit`` requests in flight; the rest wait in a bounded priority queue.
+
+    A freed slot is handed straight to the first waiter (lowest priority number,
+    then first come), so a newcomer cannot overtake the queue.
+    """
+
+    def __init__(self, backend: Backend, max_queue: int, timeout: float) -> None:
+        self.backend = backend
+        self.max_queue = max_queue
+        self.timeout = timeout
+        self.in_flight = 0
+        self._queue: list[tuple[int, int, _Waiter]] = []
+        self._order = itertools.count()
+        self._lock = threading.Lock()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def acquire(self, priority: int) -> float:
+        """Take a slot, waiting if need be; returns the seconds waited.
+
+        Raises:
+            ServiceUnavailableError: the queue is full, or the wait timed out.
+        """
+        name = self.backend.name
+        with self._lock:
+            if self.in_flight < self.backend.limit and not self._queue:
+                self.in_flight += 1
+                return 0.0
+            if len(self._queue) >= self.max_queue:
+                raise ServiceUnavailableError(f"The backend {name} is at capacity and its queue is full; "
+                                              "try again shortly.", code="queue_full", headers={"Retry-After": "1"})
+            waiter = _Waiter()
+            entry = (priority, next(self._order), waiter)
+            heapq.heappush(self._queue, entry)
+        start = time.monotonic()
+        waiter.event.wait(self.timeout)
+        with self._lock:
+            if waiter.granted:
+                return time.monotonic() - start
+            self._queue.remove(entry)
+            heapq.heapify(self._queue)
+        raise ServiceUnavailableError(f"The backend {name} stayed at capacity for {self.timeout:g} s; "
+                                      "try again shortly.", code="queue_timeout", headers={"Retry-After": "1"})
+
+    def release(self) -> None:
+        with self._lock:
+            if self._queue:
+                waiter = heapq.heappop(self._queue)[2]
+                waiter.granted = True  # the slot passes to it; in_flight stays
+                waiter.event.set()
+            else:
+                self.in_flight -= 1
 
 
 class Backend:
@@ -72,11 +211,19 @@ class Backend:
         self.name = config.name
         self.config = config
         self.replicas = [Replica(url, config) for url in config.urls]
+        self.admission = Admission(self, config.max_queue, config.queue_timeout)
         self._turn = itertools.count()
 
     @property
     def ready(self) -> bool:
         return any(r.ready for r in self.replicas)
+
+    @property
+    def limit(self) -> int:
+        """Requests this worker sends the backend at once."""
+        if self.config.max_in_flight is not None:
+            return self.config.max_in_flight
+        return sum(r.slots or DEFAULT_SLOTS for r in self.replicas)
 
     def candidates(self, first: Replica | None = None) -> list[Replica]:
         """Replicas in the order to try them: ``first``, then ready ones round robin,
@@ -88,6 +235,55 @@ class Backend:
         if first is not None:
             ordered = [first] + [r for r in ordered if r is not first]
         return ordered
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self.ready, "limit": self.limit, "in_flight": self.admission.in_flight,
+                "queued": self.admission.queued, "replicas": [r.status() for r in self.replicas]}
+
+
+class Lease:
+    """An open upstream response and everything it holds; :meth:`close` gives it all back.
+
+    Attributes:
+        replica: The replica that answered.
+        response: Its streamed ``requests`` response.
+    """
+
+    def __init__(self, backend: Backend, replica: Replica, response: requests.Response) -> None:
+        self.backend = backend
+        self.replica = replica
+        self.response = response
+        self._closed = False
+
+    def set_read_timeout(self, seconds: float) -> None:
+        """From now on, a read that waits longer than ``seconds`` fails."""
+        sock = _socket_of(self.response)
+        if sock is not None:
+            sock.settimeout(seconds)
+
+    def abort(self) -> None:
+        """Cut the connection now (cancel): llama-server stops generating, and a
+        reader blocked on it wakes up with an error."""
+        sock = _socket_of(self.response)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.response.close()
+        self.replica.in_flight -= 1
+        self.backend.admission.release()
+
+
+def _socket_of(response: requests.Response) -> socket.socket | None:
+    # urllib3 keeps the connection of an unread streamed response on the raw response.
+    connection = getattr(response.raw, "_connection", None)
+    return getattr(connection, "sock", None)
 
 
 class Upstreams:
@@ -129,58 +325,117 @@ class Upstreams:
     def retry_after(self) -> str:
         return str(max(1, round(self.health_interval)))
 
-    def send(self, ctx: RequestContext, candidates: list[Replica], path: str, body: bytes,
-             headers: Mapping[str, str], method: str = "POST") -> tuple[Replica, requests.Response]:
-        """Send the request to the first candidate that accepts the connection.
+    def open(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str, body: bytes,
+             headers: Mapping[str, str], timeouts: Timeouts, method: str = "POST") -> Lease:
+        """Admit the request, then send it until a replica answers; see the module doc.
 
-        A replica that refuses the connection is marked not ready and the next one
-        is tried; nothing has reached the client yet, so nothing can be duplicated.
-        Sets ``ctx.replica`` and counts the request in the replica's ``in_flight``;
-        the caller takes one off the returned replica's ``in_flight`` when done.
+        Sets ``ctx.replica``; counts each retry as ``upstream.retries``, the queue
+        depth on arrival as the gauge ``queue.<backend>`` and the wait as the timer
+        of the same name.
 
         Raises:
-            ServiceUnavailableError: no candidate accepted the connection.
-            GatewayTimeoutError: the chosen replica did not answer in time.
-            UpstreamError: the connection broke while waiting for the answer.
+            ServiceUnavailableError: queue full or timed out, or no replica reachable.
+            GatewayTimeoutError: the replica did not start answering in time.
+            GatewayError: the last replica's 502/503 once the retry deadline passed.
         """
-        failures = []
-        for replica in candidates:
+        priority = 0 if ctx.principal is not None and ctx.principal.role == "admin" else 1
+        ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
+        waited = backend.admission.acquire(priority)
+        ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
+        try:
+            return self._send(ctx, backend, first, path, body, headers, timeouts, method)
+        except BaseException:
+            backend.admission.release()
+            raise
+
+    def _send(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str, body: bytes,
+              headers: Mapping[str, str], timeouts: Timeouts, method: str) -> Lease:
+        deadline = time.monotonic() + timeouts.retry_deadline
+        tried: list[Replica] = []
+        for attempt in itertools.count():
+            replica = self._pick(backend, first if attempt == 0 else None, tried)
+            if replica is None:
+                raise self._unavailable(ctx, backend)
+            tried.append(replica)
             ctx.replica = replica.url
+            now = time.monotonic()
+            replica.breaker.attempt(now)
+            first_byte = min(timeouts.first_byte, max(0.001, ctx.started + timeouts.total - now))
             replica.in_flight += 1
             try:
                 resp = replica.session.request(method, replica.url + path, data=body, headers=headers,
-                                               stream=True, timeout=replica.timeout)
+                                               stream=True, timeout=(replica.connect_timeout, first_byte))
             except requests.ConnectTimeout:
-                replica.in_flight -= 1
-                replica.ready, replica.detail = False, "connect timeout"
-                failures.append(f"{replica.url}: connect timeout")
-                continue
+                error: GatewayError = self._failed(replica, "connect timeout")
             except requests.ConnectionError as exc:
-                replica.in_flight -= 1
-                if _is_connect_failure(exc):
-                    replica.ready, replica.detail = False, "connection refused"
-                    failures.append(f"{replica.url}: connection refused")
-                    continue
-                raise UpstreamError(f"The backend {replica.backend} closed the connection before answering.") from exc
+                reason = "connection refused" if _never_connected(exc) else "connection reset"
+                error = self._failed(replica, reason)
+                if reason == "connection refused":
+                    replica.ready = False
             except requests.Timeout as exc:
-                replica.in_flight -= 1
-                raise GatewayTimeoutError(
-                    f"The backend {replica.backend} did not answer within {replica.timeout[1]:g} s."
-                ) from exc
-            replica.ready = True
-            return replica, resp
+                self._failed(replica, "first byte timeout")
+                raise GatewayTimeoutError(f"The backend {backend.name} did not start answering within "
+                                          f"{first_byte:g} s.") from exc
+            else:
+                if resp.status_code not in RETRIED_STATUSES:
+                    replica.breaker.success()
+                    replica.ready = True
+                    lease = Lease(backend, replica, resp)
+                    lease.set_read_timeout(timeouts.idle)
+                    return lease
+                error = error_of(resp, self.retry_after())
+                resp.close()
+                self._failed(replica, f"HTTP {resp.status_code}")
+            pause = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if time.monotonic() + pause > deadline:
+                ctx.log(logging.WARNING, "giving up on backend %s after %d attempt(s): %s",
+                        backend.name, attempt + 1, error.message)
+                raise error
+            ctx.incr("upstream.retries")
+            time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _pick(backend: Backend, first: Replica | None, tried: list[Replica]) -> Replica | None:
+        """The next replica to try: ``first`` if it may be used, else an untried
+        available one, else any available one."""
+        now = time.monotonic()
+        usable = [r for r in backend.candidates(first) if r.ready is not False or not tried]
+        usable = [r for r in usable if r.breaker.allows(now)]
+        untried = [r for r in usable if r not in tried]
+        return (untried or usable or [None])[0]
+
+    def _failed(self, replica: Replica, reason: str) -> GatewayError:
+        replica.in_flight -= 1
+        replica.breaker.failure(time.monotonic())
+        replica.detail = reason
+        return ServiceUnavailableError(f"The backend {replica.backend} is unreachable ({reason}); try again shortly.",
+                                       headers={"Retry-After": self.retry_after()})
+
+    def _unavailable(self, ctx: RequestContext, backend: Backend) -> ServiceUnavailableError:
+        now = time.monotonic()
+        wait = min((r.breaker.retry_after(now) for r in backend.replicas), default=0.0)
         ctx.replica = None
-        ctx.log(logging.WARNING, "no replica reachable: %s", "; ".join(failures))
-        raise ServiceUnavailableError(
-            f"No backend is reachable for model {ctx.model!r}; try again shortly.",
-            headers={"Retry-After": self.retry_after()},
-        )
+        return ServiceUnavailableError(
+            f"No replica of backend {backend.name} can take requests now; try again shortly.",
+            headers={"Retry-After": str(max(1, round(wait)) if wait else self.retry_after())})
 
 
-def _is_connect_failure(exc: requests.ConnectionError) -> bool:
+def error_of(resp: requests.Response, retry_after: str) -> GatewayError:
+    """A backend's error answer as the client's error."""
+    try:
+        payload = resp.json()
+    except (ValueError, requests.RequestException):
+        payload = None
+    error = from_upstream(resp.status_code, payload)
+    if error.status == 503:
+        error.headers["Retry-After"] = retry_after
+    return error
+
+
+def _never_connected(exc: requests.ConnectionError) -> bool:
     """True when the TCP connection was never made (so the request never left)."""
-    reason = exc.args[0] if exc.args else None
-    text = repr(reason)
+    text = repr(exc.args[0] if exc.args else None)
     return "NewConnectionError" in text or "ConnectionRefused" in text or "Failed to establish" in text
 
 

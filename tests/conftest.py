@@ -23,7 +23,8 @@ def canned_url() -> str:
 def config_doc(backend_url: str, **overrides: Any) -> dict[str, Any]:
     """A pipelines.yaml document with one model on ``backend_url``."""
     doc: dict[str, Any] = {
-        "backends": {"chat": {"urls": [backend_url], "connect_timeout": 2, "read_timeout": 5}},
+        "backends": {"chat": {"urls": [backend_url], "connect_timeout": 2}},
+        "timeouts": {"first_byte": 5, "idle": 5, "retry_deadline": 0.5},
         "models": {"smollm2": {"backend": "chat", "aliases": ["gpt-4o-mini"]}},
         "pipelines": {"default": []},
         "routes": {r: "default" for r in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")},

@@ -72,14 +72,14 @@ def test_unset_variable_without_default_names_path_and_variable():
 
 def test_schema_errors_name_every_path_at_once():
     doc = config_doc("ftp://x", max_body_bytes=0)
-    doc["backends"]["chat"]["read_timeout"] = "soon"
+    doc["timeouts"] = {"idle": "soon"}
     doc["routes"]["/v1/images"] = "default"
     with pytest.raises(ConfigError) as err:
         parse_config(doc, file="pipelines.yaml")
     found = problems(err.value)
     assert "max_body_bytes" in found
     assert "backends.chat.urls[0]" in found
-    assert "is not of type 'number'" in found["backends.chat.read_timeout"]
+    assert "is not of type 'number'" in found["timeouts.idle"]
     assert "routes" in found
     assert str(err.value).startswith("pipelines.yaml: ")
 

@@ -147,7 +147,7 @@ def gateway_doc(chat_url: str, embeddings_url: str, **overrides: Any) -> dict[st
         "health_interval": 1,
         "plugin_dirs": [str(Path(__file__).parent / "dropin")],
         "backends": {
-            "chat": {"urls": [chat_url], "connect_timeout": 2, "read_timeout": 60},
+            "chat": {"urls": [chat_url], "connect_timeout": 2},
             "embeddings": {"urls": [embeddings_url]},
         },
         "models": {

@@ -72,7 +72,7 @@ def full_pipeline(keys_file: Path, access_log: Path, statsd_port: int, **ratelim
 def full_doc(chat_urls: list[str], embeddings_url: str, pipeline: list, health_interval: float = 1) -> dict:
     return {
         "health_interval": health_interval,
-        "backends": {"chat": {"urls": chat_urls, "connect_timeout": 1, "read_timeout": 60},
+        "backends": {"chat": {"urls": chat_urls, "connect_timeout": 1},
                      "embeddings": {"urls": [embeddings_url]}},
         "models": {"smollm2": {"backend": "chat"}, "smollm2-embeddings": {"backend": "embeddings"}},
         "pipelines": {"default": pipeline},
