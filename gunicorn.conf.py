@@ -14,7 +14,8 @@ import os
 wsgi_app = "gateway.app:get_app()"
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("GATEWAY_WORKERS", "1"))
-worker_class = "gevent"
+# gunicorn's gevent worker with JSON errors, client timeouts and draining (gateway/worker.py)
+worker_class = "gateway.worker.Worker"
 worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "1000"))
 # With gevent workers the timeout is only a heartbeat: a long stream does not trip it.
 timeout = int(os.environ.get("GATEWAY_TIMEOUT", "30"))

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import falcon
 import requests
 
+from . import lifecycle
 from .compat import normalize_answer
 from .config import Config, PrefixRoute, Timeouts, load_config
 from .context import Principal, RequestContext, Response
@@ -30,6 +31,8 @@ from .errors import (
     MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
     UpstreamError,
 )
 from .pipeline import Pipeline, build_pipelines
@@ -39,6 +42,8 @@ from .upstream import Lease, Replica, Upstreams, error_of
 log = logging.getLogger("llamagate")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                    "X-Frame-Options": "DENY", "Cross-Origin-Resource-Policy": "same-origin"}
 PROXY_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _JSON = "application/json"
@@ -77,6 +82,10 @@ class Gateway:
         self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
         self.upstreams = Upstreams(config.backends, config.health_interval)
         self.in_flight: dict[str, InFlight] = {}
+
+    @property
+    def draining(self) -> bool:
+        return lifecycle.draining
 
     def begin(self, req: falcon.Request, route: str, pipeline_name: str) -> tuple[RequestContext, Pipeline]:
         """Make the request's context and find its pipeline."""
@@ -183,15 +192,19 @@ def read_body(req: falcon.Request, ctx: RequestContext, max_bytes: int) -> bytes
     length = req.content_length
     if length is not None and length > max_bytes:
         raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {max_bytes} bytes.")
-    # Without Content-Length (chunked upload) read one byte past the limit to see it.
-    data = req.bounded_stream.read() if length is not None else req.stream.read(max_bytes + 1)
+    try:
+        # Without Content-Length (chunked upload) read one byte past the limit to see it.
+        data = req.bounded_stream.read() if length is not None else req.stream.read(max_bytes + 1)
+    except TimeoutError:
+        raise GatewayError("The request body did not arrive in time.", type="invalid_request_error",
+                           code="request_timeout", status=408) from None
     ctx.bytes_in = len(data)
     if len(data) > max_bytes:
         raise PayloadTooLargeError(f"The request body is larger than the limit of {max_bytes} bytes.")
     return data
 
 
-def read_json_body(req: falcon.Request, ctx: RequestContext, max_bytes: int) -> dict[str, Any]:
+def read_json_body(req: falcon.Request, ctx: RequestContext, max_bytes: int, max_depth: int) -> dict[str, Any]:
     """The request's JSON object, read without taking more than ``max_bytes``."""
     data = read_body(req, ctx, max_bytes)
     if not data:
@@ -206,7 +219,21 @@ def read_json_body(req: falcon.Request, ctx: RequestContext, max_bytes: int) -> 
         raise InvalidRequestError("The JSON body of your request is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequestError(f"The request body must be a JSON object, not {type(body).__name__}.")
+    if json_depth(body) > max_depth:
+        raise InvalidRequestError(f"The JSON body is nested deeper than {max_depth} levels.")
     return body
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in ``value`` (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 class ProxyResource:
@@ -220,7 +247,7 @@ class ProxyResource:
         gateway = self.gateway
         config = gateway.config
         ctx, pipeline = gateway.begin(req, self.route, config.routes[self.route])
-        body = read_json_body(req, ctx, config.max_body_bytes)
+        body = read_json_body(req, ctx, config.max_body_bytes, config.max_json_depth)
         ctx.body = body
         requested = body.get("model")
         if not isinstance(requested, str) or not requested:
@@ -365,6 +392,63 @@ class PrefixResource:
     on_get = on_post = on_put = on_patch = on_delete = on_request
 
 
+class ControlResource:
+    """Operator endpoints behind ``admin_pipeline`` (which must authenticate):
+
+    * ``GET /admin/status`` (admin): per backend its limit, in flight, queued, and
+      per replica readiness, slots and breaker; per pipeline its plugin chain;
+    * ``POST /admin/backends/{name}/cancel`` (admin): cancel every request in flight
+      on a backend;
+    * ``POST /v1/requests/{request_id}/cancel`` (the request's owner or an admin).
+
+    State is per gunicorn worker: each worker reports and cancels its own requests.
+    """
+
+    def __init__(self, gateway: Gateway, pipeline_name: str) -> None:
+        self.gateway = gateway
+        self.pipeline_name = pipeline_name
+
+    def _run(self, req: falcon.Request, resp: falcon.Response, route: str, admin_only: bool,
+             act: Callable[[RequestContext], dict[str, Any]]) -> None:
+        ctx, pipeline = self.gateway.begin(req, route, self.pipeline_name)
+        answer = pipeline.request(ctx)
+        if answer is None:
+            if ctx.principal is None:
+                raise PermissionDeniedError("This endpoint needs an authenticated caller; "
+                                            "admin_pipeline has no auth plugin.")
+            if admin_only and ctx.principal.role != "admin":
+                raise PermissionDeniedError("This endpoint needs an admin key.", code="admin_required")
+            answer = Response(body=act(ctx))
+        self.gateway.answer(ctx, pipeline, resp, answer)
+
+    def on_get_status(self, req: falcon.Request, resp: falcon.Response) -> None:
+        gateway = self.gateway
+
+        def status(ctx: RequestContext) -> dict[str, Any]:
+            return {"pid": os.getpid(), "draining": gateway.draining, "in_flight": len(gateway.in_flight),
+                    "backends": {name: b.status() for name, b in gateway.upstreams.backends.items()},
+                    "pipelines": {name: p.describe() for name, p in gateway.pipelines.items()}}
+
+        self._run(req, resp, "/admin/status", True, status)
+
+    def on_post_backend_cancel(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        def cancel(ctx: RequestContext) -> dict[str, Any]:
+            if name not in self.gateway.upstreams.backends:
+                raise NotFoundError(f"No backend named {name!r}.", code="backend_not_found")
+            return {"backend": name, "cancelled": self.gateway.cancel_backend(name)}
+
+        self._run(req, resp, "/admin/backends/{name}/cancel", True, cancel)
+
+    def on_post_request_cancel(self, req: falcon.Request, resp: falcon.Response, request_id: str) -> None:
+        def cancel(ctx: RequestContext) -> dict[str, Any]:
+            if not self.gateway.cancel(request_id, ctx.principal):
+                raise NotFoundError(f"No request {request_id!r} of yours is in flight on this worker.",
+                                    code="request_not_found")
+            return {"id": request_id, "object": "request.cancelled", "cancelled": True}
+
+        self._run(req, resp, "/v1/requests/{request_id}/cancel", False, cancel)
+
+
 class HealthResource:
     """``GET /health``: 200 when every model has a ready replica, else 503."""
 
@@ -372,21 +456,15 @@ class HealthResource:
         self.gateway = gateway
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        upstreams = self.gateway.upstreams
-        backends = {
-            name: {
-                "ready": backend.ready,
-                "replicas": [{"url": r.url, "ready": bool(r.ready), "in_flight": r.in_flight, "detail": r.detail}
-                             for r in backend.replicas],
-            }
-            for name, backend in upstreams.backends.items()
-        }
-        models = {m.id: backends[m.backend]["ready"] for m in self.gateway.config.models.values()}
-        healthy = all(models.values())
+        gateway = self.gateway
+        backends = {name: backend.status() for name, backend in gateway.upstreams.backends.items()}
+        models = {m.id: backends[m.backend]["ready"] for m in gateway.config.models.values()}
+        healthy = all(models.values()) and not gateway.draining
         resp.status = 200 if healthy else 503
         if not healthy:
-            resp.set_header("Retry-After", upstreams.retry_after())
-        resp.media = {"status": "ok" if healthy else "unavailable", "models": models, "backends": backends}
+            resp.set_header("Retry-After", gateway.upstreams.retry_after())
+        status = "draining" if gateway.draining else "ok" if healthy else "unavailable"
+        resp.media = {"status": status, "models": models, "backends": backends}
 
 
 class RequestIdMiddleware:
@@ -400,9 +478,13 @@ class RequestIdMiddleware:
                 raise InvalidRequestError("x-request-id must be 1 to 128 of A-Z a-z 0-9 . _ -",
                                           param="x-request-id")
             req.context.request_id = incoming
+        if lifecycle.draining and req.path != "/health":
+            raise ServiceUnavailableError("This gateway is shutting down; retry the request.",
+                                          code="shutting_down", headers={"Retry-After": "1"})
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool) -> None:
         resp.set_header("X-Request-Id", req.context.request_id)
+        resp.set_headers(SECURITY_HEADERS)
         ctx: RequestContext | None = req.context.get("ctx")
         if ctx is not None:
             ctx.status = resp.status_code
@@ -448,6 +530,11 @@ def build_app(gateway: Gateway) -> falcon.App:
             app.add_route(route, ProxyResource(gateway, route))
     for prefix, target in config.prefix_routes.items():
         app.add_route(prefix + "/{rest:path}", PrefixResource(gateway, prefix, target))
+    if config.admin_pipeline is not None:
+        control = ControlResource(gateway, config.admin_pipeline)
+        app.add_route("/admin/status", control, suffix="status")
+        app.add_route("/admin/backends/{name}/cancel", control, suffix="backend_cancel")
+        app.add_route("/v1/requests/{request_id}/cancel", control, suffix="request_cancel")
     if "/v1/models" in config.routes:
         models = ModelsResource(gateway)
         app.add_route("/v1/models", models)

@@ -167,6 +167,8 @@ class Config:
 
     file: str
     max_body_bytes: int
+    max_json_depth: int
+    admin_pipeline: str | None
     plugin_dirs: tuple[str, ...]
     health_interval: float
     backends: dict[str, BackendConfig]
@@ -272,6 +274,11 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
             prefix_routes[route[:-2]] = PrefixRoute(pipeline=pipeline_name, backend=target["backend"])
         else:
             routes[route] = pipeline_name
+    if data["admin_pipeline"] is not None and data["admin_pipeline"] not in pipelines:
+        problems.append(("admin_pipeline", f"no pipeline named {data['admin_pipeline']!r}"))
+    for route in data["timeouts"].get("routes", {}):
+        if route not in routes and route[:-2] not in prefix_routes:
+            problems.append((f"timeouts.routes.{route}", "not a route under routes"))
     if problems:
         raise ConfigError(file, problems)
 
@@ -284,6 +291,8 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
         route_timeouts={route: replace(timeouts, **spec) for route, spec in per_route.items()},
         file=file,
         max_body_bytes=data["max_body_bytes"],
+        max_json_depth=data["max_json_depth"],
+        admin_pipeline=data["admin_pipeline"],
         plugin_dirs=tuple(str((base / d).resolve()) for d in data["plugin_dirs"]),
         health_interval=data["health_interval"],
         backends=backends,

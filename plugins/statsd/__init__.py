@@ -25,6 +25,11 @@ def safe(part: str | None) -> str:
     return _UNSAFE.sub("_", part or "none").strip("_") or "none"
 
 
+def metric(name: str) -> str:
+    """A dotted name from a plugin or the core, each part made safe."""
+    return ".".join(safe(part) for part in name.split("."))
+
+
 def route_name(route: str) -> str:
     return safe(route.removeprefix("/v1/"))
 
@@ -84,6 +89,10 @@ class Plugin:
             if usage.get("completion_tokens"):
                 batch.incr(f"tokens.completion.{model}", usage["completion_tokens"])
             for name, count in ctx.counters.items():
-                batch.incr(".".join(safe(part) for part in name.split(".")), count)
+                batch.incr(metric(name), count)
+            for name, ms in ctx.timings.items():
+                batch.timing(metric(name), ms)
+            for name, level in ctx.gauges.items():
+                batch.gauge(metric(name), level)
 
         self._send(fill)

@@ -270,6 +270,8 @@ def test_exact_statsd_lines_for_a_known_sequence(full, statsd_socket):
         "lg.ttfb.smollm2:<ms>|ms",
         f"lg.tokens.prompt.smollm2:{usage.prompt_tokens}|c",
         f"lg.tokens.completion.smollm2:{usage.completion_tokens}|c",
+        "lg.queue.chat:<ms>|ms",   # time waited for a backend slot
+        "lg.queue.chat:0|g",       # queue depth when it arrived
     ]
     expected_hit = [
         "lg.inflight:+1|g",

@@ -1,0 +1,8 @@
+"""Process-wide lifecycle state shared by the worker and the app.
+
+It imports nothing: the gunicorn master imports the worker class (and so this
+module) before the worker patches the standard library for gevent.
+"""
+
+# Set by the worker on SIGTERM: new requests get 503 while those in flight finish.
+draining = False

@@ -1,0 +1,53 @@
+"""The gunicorn worker Llamagate runs: gunicorn's gevent worker, plus
+
+* errors gunicorn answers itself (a header too large, a malformed request line)
+  in OpenAI's JSON shape instead of HTML;
+* a read/write timeout on every client socket (``GATEWAY_CLIENT_TIMEOUT``, 30 s):
+  a client that trickles its body gets 408, one that stops reading a stream is
+  dropped, and neither holds a backend slot for long. A client that trickles its
+  headers is dropped by gunicorn itself after ``keepalive`` seconds;
+* on SIGTERM the gateway drains: new requests get 503 with ``Retry-After`` while
+  the ones in flight finish within ``graceful_timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from gunicorn import util
+from gunicorn.workers.base_async import AsyncWorker
+from gunicorn.workers.ggevent import GeventWorker
+
+from . import lifecycle
+
+CLIENT_TIMEOUT = float(os.environ.get("GATEWAY_CLIENT_TIMEOUT", "30"))
+
+
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``util.write_error``, answering in OpenAI's error shape."""
+    body = json.dumps({"error": {
+        "message": f"{reason}: {mesg}" if mesg else reason,
+        "type": "invalid_request_error" if status_int < 500 else "server_error",
+        "param": None,
+        "code": None,
+    }})
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, (head + body).encode("latin1"))
+
+
+class Worker(GeventWorker):
+    def init_process(self) -> None:
+        util.write_error = write_json_error
+        super().init_process()
+
+    def handle(self, listener, client, addr) -> None:
+        # GeventWorker.handle makes the socket blocking without a timeout; give it one.
+        client.setblocking(1)
+        client.settimeout(CLIENT_TIMEOUT)
+        AsyncWorker.handle(self, listener, client, addr)
+
+    def handle_exit(self, sig, frame) -> None:
+        lifecycle.draining = True
+        super().handle_exit(sig, frame)
