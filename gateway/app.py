@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import falcon
 import requests
 
-from . import lifecycle
+from . import lifecycle, openapi
 from .compat import normalize_answer
 from .config import Config, PrefixRoute, Timeouts, load_config
 from .context import Principal, RequestContext, Response
@@ -171,12 +171,21 @@ class Gateway:
 
         resp.stream = ResponseBody(ctx, chunks, on_close)
 
+    def options(self, req: falcon.Request, resp: falcon.Response, route: str, pipeline_name: str,
+                allow: str) -> None:
+        """``OPTIONS``: the pipeline may answer (a CORS preflight); else 204 with ``Allow``."""
+        ctx, pipeline = self.begin(req, route, pipeline_name)
+        answer = pipeline.request(ctx) or Response(status=204, headers={"Allow": allow})
+        self.answer(ctx, pipeline, resp, answer)
+
     def answer(self, ctx: RequestContext, pipeline: Pipeline, resp: falcon.Response, answer: Response) -> None:
         """Send a response a ``request`` hook made."""
         resp.status = answer.status
         for name, value in answer.headers.items():
             resp.set_header(name, value)
-        if ctx.stream and answer.events is not None:
+        if answer.body is None and answer.events is None:
+            data = b""
+        elif ctx.stream and answer.events is not None:
             data = replay(answer.events)
             resp.content_type = "text/event-stream"
             resp.set_headers(STREAM_HEADERS)
@@ -242,6 +251,9 @@ class ProxyResource:
     def __init__(self, gateway: Gateway, route: str) -> None:
         self.gateway = gateway
         self.route = route
+
+    def on_options(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.gateway.options(req, resp, self.route, self.gateway.config.routes[self.route], "POST, OPTIONS")
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         gateway = self.gateway
@@ -337,6 +349,11 @@ class ModelsResource:
         answer = pipeline.request(ctx)
         self.gateway.answer(ctx, pipeline, resp, answer if answer is not None else Response(body=body()))
 
+    def on_options(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
+        self.gateway.options(req, resp, self.route, self.gateway.config.routes[self.route], "GET, OPTIONS")
+
+    on_options_model = on_options
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._send(req, resp, lambda: {"object": "list", "data": [self._model(m) for m in self.gateway.config.models]})
 
@@ -389,7 +406,7 @@ class PrefixResource:
             resp.content_type = lease.response.headers["Content-Type"]
         gateway.respond(ctx, pipeline, resp, relay(), lambda: gateway.finish(ctx, lease))
 
-    on_get = on_post = on_put = on_patch = on_delete = on_request
+    on_get = on_post = on_put = on_patch = on_delete = on_options = on_request
 
 
 class ControlResource:
@@ -447,6 +464,17 @@ class ControlResource:
             return {"id": request_id, "object": "request.cancelled", "cancelled": True}
 
         self._run(req, resp, "/v1/requests/{request_id}/cancel", False, cancel)
+
+
+class OpenAPIResource:
+    """``GET /openapi.json``: the OpenAPI 3.1 document of this gateway's API."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.data = json.dumps(openapi.document(gateway.config)).encode()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = _JSON
+        resp.data = self.data
 
 
 class HealthResource:
@@ -525,6 +553,7 @@ def build_app(gateway: Gateway) -> falcon.App:
     app = falcon.App(middleware=[RequestIdMiddleware()], media_type=_JSON)
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/health", HealthResource(gateway))
+    app.add_route("/openapi.json", OpenAPIResource(gateway))
     for route in config.routes:
         if route in PROXY_ROUTES:
             app.add_route(route, ProxyResource(gateway, route))
