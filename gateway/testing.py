@@ -12,6 +12,7 @@ gateway passes unknown fields through):
 * ``events``: how many content events a stream has (default 3);
 * ``cut_after``: end a stream after this many events, without ``[DONE]``;
 * ``delay``: seconds to wait before each event;
+* ``first_delay``: seconds to wait before answering at all (before the headers);
 * ``text``: the answer's text (default ``"Hello from the canned backend"``).
 """
 
@@ -21,9 +22,10 @@ import json
 import socket
 import threading
 import time
-from socketserver import ThreadingMixIn
+import io
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 CANNED_MODEL = "canned-model.gguf"
 CANNED_TEXT = "Hello from the canned backend"
@@ -60,6 +62,8 @@ def canned_llama_app(environ: dict[str, Any], start_response: Callable[..., Any]
         status = int(script["status"])
         return _json(start_response, f"{status} Canned",
                      {"error": {"code": status, "message": f"canned error {status}", "type": "server_error"}})
+    if script.get("first_delay"):
+        time.sleep(float(script["first_delay"]))
     request_id = environ.get("HTTP_X_REQUEST_ID", "")
     text = script.get("text", CANNED_TEXT)
     words = text.split(" ")
@@ -107,13 +111,65 @@ def _events(base: dict[str, Any], chat: bool, words: list[str], body: dict[str, 
     yield b"data: [DONE]\n\n"
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _ChunkedWSGIHandler(BaseHTTPRequestHandler):
+    """A minimal HTTP/1.1 WSGI server handler that streams like llama-server does:
+    keep-alive, and chunked transfer encoding when the app sets no Content-Length,
+    so each yielded piece leaves as its own chunk."""
+
+    protocol_version = "HTTP/1.1"
+    app: Callable[..., Iterable[bytes]]
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def _handle(self) -> None:
+        path, _, query = self.path.partition("?")
+        environ = {
+            "REQUEST_METHOD": self.command, "PATH_INFO": path, "QUERY_STRING": query, "SCRIPT_NAME": "",
+            "SERVER_NAME": "127.0.0.1", "SERVER_PORT": str(self.server.server_address[1]),
+            "SERVER_PROTOCOL": self.request_version, "REMOTE_ADDR": self.client_address[0],
+            "CONTENT_LENGTH": self.headers.get("Content-Length", ""), "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "wsgi.input": self.rfile, "wsgi.errors": sys.stderr, "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        }
+        for name, value in self.headers.items():
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+        length = int(environ["CONTENT_LENGTH"] or 0)
+        body = self.rfile.read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        state: dict[str, Any] = {}
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+            state["status"], state["headers"] = status, headers
+            return lambda data: None
+
+        result = self.app(environ, start_response)
+        try:
+            code, _, reason = state["status"].partition(" ")
+            self.send_response(int(code), reason)
+            chunked = not any(name.lower() == "content-length" for name, _ in state["headers"])
+            for name, value in state["headers"]:
+                self.send_header(name, value)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            for data in result:
+                if not data:
+                    continue
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                self.wfile.flush()
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+        except OSError:  # the gateway went away (a cancel, a disconnect)
+            self.close_connection = True
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
 
 
 def free_port() -> int:
@@ -123,12 +179,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_in_thread(app: Callable[..., Iterable[bytes]]) -> tuple[WSGIServer, str]:
-    """Serve ``app`` on a free loopback port from a daemon thread.
+def serve_in_thread(app: Callable[..., Iterable[bytes]]) -> tuple[ThreadingHTTPServer, str]:
+    """Serve a WSGI ``app`` over HTTP/1.1 on a free loopback port from daemon threads.
 
     Returns:
         The server (call ``shutdown()`` to stop it) and its base URL.
     """
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    handler = type("Handler", (_ChunkedWSGIHandler,), {"app": staticmethod(app)})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_port}"

@@ -281,9 +281,16 @@ class Lease:
 
 
 def _socket_of(response: requests.Response) -> socket.socket | None:
-    # urllib3 keeps the connection of an unread streamed response on the raw response.
-    connection = getattr(response.raw, "_connection", None)
-    return getattr(connection, "sock", None)
+    """The socket a streamed response is read from (urllib3 -> http.client -> SocketIO).
+
+    http.client drops the connection's own reference when the backend will close
+    the connection after the answer, so the reader's is the one to take.
+    """
+    reader = getattr(getattr(getattr(response.raw, "_fp", None), "fp", None), "raw", None)
+    sock = getattr(reader, "_sock", None)
+    if sock is None:
+        sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+    return sock
 
 
 class Upstreams:
