@@ -29,3 +29,35 @@ control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LLAMAGATE_LOG_LEVEL", "info").lower()
+
+
+def _check_config(server) -> bool:
+    """Validate the pipelines file in a subprocess and, when it is good, keep its text
+    for the workers to fall back on. A subprocess, because the master must not import
+    requests (and ssl) before the workers patch the standard library for gevent."""
+    import subprocess
+    import sys
+
+    from gateway import lifecycle
+
+    path = os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "check", path], capture_output=True, text=True)
+    if result.returncode != 0:
+        server.log.error("%s is not valid:\n%s", path, result.stderr.strip())
+        return False
+    with open(path) as handle:
+        lifecycle.last_good_config = handle.read()
+    return True
+
+
+def on_starting(server) -> None:
+    # A bad config stops the start, with the reason.
+    if not _check_config(server):
+        raise SystemExit(1)
+
+
+def on_reload(server) -> None:
+    # HUP: new workers load the file again; when it is bad they keep serving the
+    # last good configuration (the one checked here before), and say why.
+    if not _check_config(server):
+        server.log.error("keeping the last good configuration")

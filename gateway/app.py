@@ -19,10 +19,11 @@ from typing import Any, Callable, Iterable
 
 import falcon
 import requests
+import yaml
 
 from . import lifecycle, openapi
 from .compat import normalize_answer
-from .config import Config, PrefixRoute, Timeouts, load_config
+from .config import Config, ConfigError, PrefixRoute, Timeouts, load_config, parse_config
 from .context import Principal, RequestContext, Response
 from .errors import (
     GatewayError,
@@ -597,7 +598,21 @@ def build_app(gateway: Gateway) -> falcon.App:
 
 
 def get_app() -> falcon.App:
-    """The app gunicorn runs: config from ``GATEWAY_CONFIG`` (default ``pipelines.yaml``)."""
+    """The app gunicorn runs: config from ``GATEWAY_CONFIG`` (default ``pipelines.yaml``).
+
+    When the file is not valid (a bad edit before a reload), the worker serves the
+    last configuration the master found good, and logs why.
+    """
     logging.basicConfig(level=os.environ.get("LLAMAGATE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(load_config(os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")))
+    path = os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")
+    try:
+        config = load_config(path)
+        pipelines = build_pipelines(config)
+    except ConfigError as exc:
+        if lifecycle.last_good_config is None:
+            raise
+        log.error("%s is not valid; serving the last good configuration instead:\n%s", path, exc)
+        config = parse_config(yaml.safe_load(lifecycle.last_good_config), file=path)
+        pipelines = build_pipelines(config)
+    return create_app(config, pipelines=pipelines)

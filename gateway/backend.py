@@ -22,6 +22,10 @@ class BackendOptions:
         parallel: Slots: requests decoded at the same time.
         ctx: Total context size in tokens, shared by the slots.
         binary: A llama-server executable; None to look on PATH, then use xllamacpp.
+        threads: CPU threads for generation and prompt processing; None: llama.cpp's
+            default (all cores). Several backends on one machine should split the
+            cores: llama.cpp's threads spin while they wait, so oversubscribed cores
+            stall every backend.
     """
 
     model: str
@@ -31,6 +35,7 @@ class BackendOptions:
     parallel: int = 2
     ctx: int = 4096
     binary: str | None = None
+    threads: int | None = None
 
 
 def binary_args(opts: BackendOptions, binary: str) -> list[str]:
@@ -39,6 +44,8 @@ def binary_args(opts: BackendOptions, binary: str) -> list[str]:
             "-np", str(opts.parallel), "-c", str(opts.ctx), "--slots", "--metrics"]
     if opts.embeddings:
         args += ["--embeddings", "--pooling", "mean"]
+    if opts.threads:
+        args += ["--threads", str(opts.threads), "--threads-batch", str(opts.threads)]
     return args
 
 
@@ -66,6 +73,8 @@ def run(opts: BackendOptions) -> None:
     params.n_ctx = opts.ctx
     params.endpoint_slots = True
     params.endpoint_metrics = True
+    if opts.threads:
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = opts.threads
     if opts.embeddings:
         params.embedding = True
         params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN

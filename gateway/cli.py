@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_backend(args: argparse.Namespace) -> int:
     backend.run(backend.BackendOptions(model=args.model, host=args.host, port=args.port,
                                        embeddings=args.embeddings, parallel=args.parallel,
-                                       ctx=args.ctx, binary=args.binary))
+                                       ctx=args.ctx, binary=args.binary, threads=args.threads))
     return 0
 
 
@@ -98,7 +98,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     chat_url = f"http://127.0.0.1:{args.chat_port}"
     embeddings_url = f"http://127.0.0.1:{args.embeddings_port}"
     env = dict(os.environ, CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url, LLAMAGATE_API_KEY=api_key)
-    me = [sys.executable, "-m", "gateway.cli", "backend", "--model", args.model]
+    # Split the cores between the two backends: llama.cpp's threads spin while they
+    # wait, so two backends that each take every core stall each other.
+    threads = str(max(1, (os.cpu_count() or 2) // 2))
+    me = [sys.executable, "-m", "gateway.cli", "backend", "--model", args.model, "--threads", threads]
     children = [
         subprocess.Popen(me + ["--port", str(args.chat_port), "--parallel", str(args.parallel)], env=env),
         subprocess.Popen(me + ["--port", str(args.embeddings_port), "--embeddings"], env=env),
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=2, help="slots (default 2)")
     p.add_argument("--ctx", type=int, default=4096, help="context size shared by the slots")
     p.add_argument("--binary", default=None, help="llama-server executable (default: LLAMA_SERVER_BIN, PATH)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.set_defaults(func=cmd_backend)
 
     p = sub.add_parser("up", help="a chat backend, an embeddings backend and the gateway, until Ctrl-C")

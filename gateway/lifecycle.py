@@ -6,3 +6,7 @@ module) before the worker patches the standard library for gevent.
 
 # Set by the worker on SIGTERM: new requests get 503 while those in flight finish.
 draining = False
+
+# The text of the last pipelines file the master checked and found good; a worker
+# that finds the file bad after a reload serves this instead.
+last_good_config: str | None = None

@@ -93,7 +93,7 @@ def read_error(ctx: RequestContext, exc: requests.RequestException, timeouts: Ti
     # requests wraps urllib3's read timeout in a ConnectionError mid-body.
     if exc.args and isinstance(exc.args[0], ReadTimeoutError) or isinstance(exc, requests.Timeout):
         return GatewayTimeoutError(f"The backend sent nothing for {timeouts.idle:g} s; the answer was abandoned.")
-    return UpstreamError("The connection to the backend broke before the answer was complete.")
+    return UpstreamError("The connection to the backend broke mid-answer; the answer is incomplete.")
 
 
 def _stream_error(ctx: RequestContext, error: GatewayError) -> bytes:

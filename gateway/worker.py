@@ -6,8 +6,10 @@
   a client that trickles its body gets 408, one that stops reading a stream is
   dropped, and neither holds a backend slot for long. A client that trickles its
   headers is dropped by gunicorn itself after ``keepalive`` seconds;
-* on SIGTERM the gateway drains: new requests get 503 with ``Retry-After`` while
-  the ones in flight finish within ``graceful_timeout``.
+* on SIGTERM from a stopping master the gateway drains: new requests get 503 with
+  ``Retry-After`` while the ones in flight finish within ``graceful_timeout``; a
+  worker replaced by a reload (HUP) finishes its requests and keeps serving
+  what still reaches it, so a reload fails nothing.
 """
 
 from __future__ import annotations
@@ -49,5 +51,18 @@ class Worker(GeventWorker):
         AsyncWorker.handle(self, listener, client, addr)
 
     def handle_exit(self, sig, frame) -> None:
-        lifecycle.draining = True
+        # SIGTERM comes when the master stops (it closed its listening sockets just
+        # before) and when a reload replaces this worker (the master keeps listening
+        # and new workers take the new connections). Only a stop refuses new requests:
+        # during a reload this worker serves what still reaches it, so nothing fails.
+        lifecycle.draining = not self._master_listening()
         super().handle_exit(sig, frame)
+
+    def _master_listening(self) -> bool:
+        """Whether the master still holds our listening sockets open (Linux /proc)."""
+        ours = {f"socket:[{os.fstat(listener.fileno()).st_ino}]" for listener in self.sockets}
+        fd_dir = f"/proc/{self.ppid}/fd"
+        try:
+            return any(os.readlink(os.path.join(fd_dir, fd)) in ours for fd in os.listdir(fd_dir))
+        except OSError:
+            return False

@@ -66,9 +66,9 @@ class Backends:
         self.logs = logs
         self.procs: dict[str, Proc] = {}
 
-    def start(self, *extra: str) -> str:
+    def start(self, *extra: str, port: int | None = None) -> str:
         """Start one with the extra ``llamagate backend`` arguments; returns its base URL."""
-        port = free_port()
+        port = port or free_port()
         proc = Proc([sys.executable, "-m", "gateway.cli", "backend", "--model", str(self.model),
                      "--port", str(port), *extra], self.logs / f"backend-{port}.log")
         url = f"http://127.0.0.1:{port}"
@@ -79,6 +79,11 @@ class Backends:
 
     def stop(self, url: str) -> None:
         self.procs[url].stop()
+
+    def kill(self, url: str) -> None:
+        """SIGKILL: the backend dies at once, mid-answer."""
+        self.procs[url].popen.kill()
+        self.procs[url].popen.wait()
 
 
 @pytest.fixture(scope="session")
@@ -91,18 +96,19 @@ def backends(model_path: Path, logs: Path) -> Iterator[Backends]:
 
 @pytest.fixture(scope="session")
 def chat_backend(backends: Backends) -> str:
-    return backends.start("--parallel", "2", "--ctx", "2048")
+    return backends.start("--parallel", "2", "--ctx", "2048", "--threads", "1")
 
 
 @pytest.fixture(scope="session")
 def embeddings_backend(backends: Backends) -> str:
-    return backends.start("--embeddings", "--parallel", "1", "--ctx", "1024")
+    return backends.start("--embeddings", "--parallel", "1", "--ctx", "1024", "--threads", "1")
 
 
 class Gateway:
-    def __init__(self, url: str, proc: Proc) -> None:
+    def __init__(self, url: str, proc: Proc, config: Path) -> None:
         self.url = url
         self.proc = proc
+        self.config = config
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"),
@@ -114,12 +120,12 @@ def start_gateway(logs: Path) -> Iterator[Callable[..., Gateway]]:
     """Run the gateway under real gunicorn gevent workers with a given config document."""
     procs: list[Proc] = []
 
-    def start(doc: dict[str, Any], workers: int = 1, wait_healthy: bool = True) -> Gateway:
+    def start(doc: dict[str, Any], workers: int = 1, wait_healthy: bool = True, **env_extra: str) -> Gateway:
         port = free_port()
         config = logs / f"pipelines-{port}.yaml"
         config.write_text(yaml.safe_dump(doc, sort_keys=False))
         env = dict(os.environ, GATEWAY_BIND=f"127.0.0.1:{port}", GATEWAY_CONFIG=str(config),
-                   GATEWAY_WORKERS=str(workers), GATEWAY_GRACEFUL_TIMEOUT="5")
+                   GATEWAY_WORKERS=str(workers), GATEWAY_GRACEFUL_TIMEOUT="5", **env_extra)
         proc = Proc([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
                     logs / f"gateway-{port}.log", env=env)
         procs.append(proc)
@@ -129,7 +135,7 @@ def start_gateway(logs: Path) -> Iterator[Callable[..., Gateway]]:
             try:
                 status = requests.get(url + "/health", timeout=2).status_code
                 if status == 200 or not wait_healthy:
-                    return Gateway(url, proc)
+                    return Gateway(url, proc, config)
             except requests.ConnectionError:
                 pass
             if proc.popen.poll() is not None:
