@@ -56,6 +56,8 @@ def document(config: Config) -> dict[str, Any]:
             continue
         schemas[name], defs = _schema(file)
         schemas.update(defs)
+        # Only the configured models (and their aliases) are served.
+        schemas[name]["properties"]["model"] = {"type": "string", "enum": sorted(config.model_ids)}
         paths[route] = {"post": {
             "summary": summary,
             "operationId": name[0].lower() + name[1:].removesuffix("Request"),
