@@ -22,7 +22,7 @@ from .conftest import config_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
-BUILTINS = ("accesslog", "auth", "cache", "ratelimit", "router", "statsd", "validate")
+BUILTINS = ("accesslog", "auth", "cache", "cors", "ratelimit", "router", "statsd", "validate")
 
 
 def plugin(name: str, **config):
@@ -47,6 +47,7 @@ BAD_CONFIGS = {
     "accesslog": ({"log_bodies": "yes"}, "log_bodies", "'yes' is not of type 'boolean'"),
     "auth": ({"env_keys": {"KEYS": "root"}}, "env_keys.KEYS", "'root' is not one of ['user', 'admin']"),
     "cache": ({"ttl": 0}, "ttl", "0 is less than or equal to the minimum of 0"),
+    "cors": ({"max_age": -1}, "max_age", "-1 is less than the minimum of 0"),
     "ratelimit": ({"requests_per_minute": -1}, "requests_per_minute", "-1 is less than the minimum of 1"),
     "router": ({"strategy": "random"}, "strategy", "'random' is not one of ['least_in_flight', 'round_robin']"),
     "statsd": ({"port": 70000}, "port", "70000 is greater than the maximum of 65535"),
