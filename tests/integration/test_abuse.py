@@ -214,3 +214,27 @@ def test_schemathesis_finds_no_server_error(start_gateway, logs):
     generated = re.search(r"(\d+) generated, (\d+) passed", summary)
     assert generated and generated.group(1) == generated.group(2) and int(generated.group(1)) > 100, summary
     assert "Tested: 9" in summary
+
+
+def test_cancel_through_gunicorn_frees_the_llama_server_slot(guarded, chat_backend):
+    user = {"Authorization": f"Bearer {guarded.key}"}
+    body = {"model": "smollm2", "stream": True, "max_tokens": 200,
+            "messages": [{"role": "user", "content": "Write a very long story about a llama."}]}
+    with requests.post(guarded.url + "/v1/chat/completions", json=body, stream=True, timeout=30,
+                       headers={**user, "X-Request-Id": "cancel-me"}) as resp:
+        lines = resp.iter_lines()
+        for _ in range(3):
+            next(line for line in lines if line)
+        admin_view = requests.get(guarded.url + "/admin/status",
+                                  headers={"Authorization": f"Bearer {guarded.admin}"}).json()
+        assert admin_view["in_flight"] == 1
+        answer = requests.post(guarded.url + "/v1/requests/cancel-me/cancel", headers=user, timeout=5)
+        assert answer.status_code == 200 and answer.json()["cancelled"] is True
+        rest = [line for line in lines if line]
+    assert json.loads(rest[-1][6:])["error"]["code"] == "request_cancelled"
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and any(s["is_processing"] for s in requests.get(chat_backend + "/slots").json()):
+        time.sleep(0.02)
+    assert not any(s["is_processing"] for s in requests.get(chat_backend + "/slots").json())
+    records = [json.loads(line) for line in (Path(guarded.proc.log.parent) / "abuse-access.log").read_text().splitlines()]
+    assert next(r for r in records if r["request_id"] == "cancel-me")["outcome"] == "cancelled"
