@@ -1,15 +1,29 @@
-"""Helpers for testing the gateway and its plugins without a model.
+"""Testing the gateway and plugins, in a few lines of pytest.
 
-:func:`canned_llama_app` is a WSGI app that answers like llama-server (its JSON
-and SSE shapes, its quirks: its own model name, no ``logprobs``, int error codes)
-with canned text, fast. :func:`serve_in_thread` runs any WSGI app on a free
-loopback port.
+:class:`Harness` runs a pipeline of your plugins in-process (Falcon's test client)
+in front of a backend: by default a :class:`FakeBackend` that answers like
+llama-server and can be scripted answer by answer; or any real llama-server URL.
+Each request returns a :class:`Result` with the status, headers, JSON body,
+decoded stream events, and what ``complete`` saw (outcome and context)::
+
+    from gateway.testing import Harness
+
+    def test_my_plugin():
+        with Harness([MyPlugin({"option": 1})]) as harness:
+            harness.backend.script({"json": {"choices": [...]}})   # optional
+            result = harness.chat("Hello", stream=True)
+            assert result.status == 200 and result.outcome == "ok"
+            assert result.text == "..."
+
+:func:`canned_llama_app` is the WSGI app behind the fake backend (llama-server's
+JSON and SSE shapes and quirks: its own model name, no ``logprobs``, int error
+codes), and :func:`serve_in_thread` runs any WSGI app on a free loopback port.
 
 A request body may steer the canned answer with a ``"canned"`` object (the
 gateway passes unknown fields through):
 
 * ``status``: answer with this HTTP status and a llama-server style error;
-* ``events``: how many content events a stream has (default 3);
+* ``events``: how many content events a stream has (default: one per word);
 * ``cut_after``: end a stream after this many events, without ``[DONE]``;
 * ``delay``: seconds to wait before each event;
 * ``first_delay``: seconds to wait before answering at all (before the headers);
@@ -18,14 +32,17 @@ gateway passes unknown fields through):
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+import sys
 import threading
 import time
-import io
-import sys
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
+
+from .hookspecs import hookimpl
 
 CANNED_MODEL = "canned-model.gguf"
 CANNED_TEXT = "Hello from the canned backend"
@@ -172,6 +189,13 @@ class _ChunkedWSGIHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that closes a keep-alive connection is not news
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
@@ -186,7 +210,181 @@ def serve_in_thread(app: Callable[..., Iterable[bytes]]) -> tuple[ThreadingHTTPS
         The server (call ``shutdown()`` to stop it) and its base URL.
     """
     handler = type("Handler", (_ChunkedWSGIHandler,), {"app": staticmethod(app)})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = _QuietServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_port}"
+
+
+class FakeBackend:
+    """A llama-server stand-in on a loopback port, scriptable answer by answer.
+
+    Each :meth:`script` call queues answers; a request takes the next one, or gets
+    the canned answer when the queue is empty. An answer is a dict with
+
+    * ``json``: a JSON body (``status`` defaults to 200);
+    * ``events``: SSE events to stream (dicts, sent as ``data: {...}``), then
+      ``data: [DONE]`` unless ``done`` is False;
+    * ``status``: the HTTP status.
+
+    Attributes:
+        url: Base URL to configure as a backend.
+        requests: ``(method, path, body)`` of every request received, decoded JSON bodies.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, Any]] = []
+        self._queue: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._server, self.url = serve_in_thread(self._app)
+
+    def script(self, *answers: dict[str, Any]) -> None:
+        with self._lock:
+            self._queue.extend(answers)
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/health":
+            return canned_llama_app(environ, start_response)
+        raw = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw
+        self.requests.append((environ["REQUEST_METHOD"], path, body))
+        with self._lock:
+            answer = self._queue.pop(0) if self._queue else None
+        if answer is None:
+            environ["wsgi.input"] = io.BytesIO(raw)
+            environ["CONTENT_LENGTH"] = str(len(raw))
+            return canned_llama_app(environ, start_response)
+        status = int(answer.get("status", 200))
+        if "events" in answer:
+            start_response(f"{status} Scripted", [("Content-Type", "text/event-stream")])
+            chunks = [b"data: " + _compact(e) + b"\n\n" if isinstance(e, dict) else e.encode() for e in answer["events"]]
+            return chunks + ([b"data: [DONE]\n\n"] if answer.get("done", True) else [])
+        return _json(start_response, f"{status} Scripted", answer.get("json", {}))
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+@dataclass
+class Result:
+    """One request through a :class:`Harness`.
+
+    Attributes:
+        status: HTTP status.
+        headers: Response headers (lower-case names).
+        body: The raw body.
+        json: The decoded JSON body, or None (a stream).
+        events: A stream's decoded ``data:`` events, ``[DONE]`` excluded.
+        done: Whether the stream ended with ``data: [DONE]``.
+        outcome: What ``complete`` was told: ``ok``, ``error``, ``client_gone``, ``cancelled``.
+        ctx: The request's context as ``complete`` saw it.
+    """
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    json: Any = None
+    events: list[Any] = field(default_factory=list)
+    done: bool = False
+    outcome: str | None = None
+    ctx: Any = None
+
+    @property
+    def text(self) -> str:
+        """The answer's text: a chat message or completion, streamed or not."""
+        if self.events:
+            pieces = []
+            for event in self.events:
+                for choice in event.get("choices") or []:
+                    pieces.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+            return "".join(pieces)
+        choice = (self.json or {}).get("choices", [{}])[0]
+        return (choice.get("message") or {}).get("content") or choice.get("text") or ""
+
+
+class _Recorder:
+    """Registered after the plugins under test: keeps what ``complete`` saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, str]] = []
+
+    @hookimpl
+    def complete(self, ctx: Any, outcome: str) -> None:
+        self.seen.append((ctx, outcome))
+
+
+class Harness:
+    """A pipeline of ``plugins`` in front of a backend, in-process.
+
+    Args:
+        plugins: Plugin instances (or ``(label, instance)`` pairs), in call order.
+        backend_url: A real llama-server to use; default: a new :class:`FakeBackend`.
+        config: ``pipelines.yaml`` keys to add or replace (e.g. ``timeouts``).
+        model: The public model id served (``test-model``).
+    """
+
+    def __init__(self, plugins: list[Any], *, backend_url: str | None = None,
+                 config: dict[str, Any] | None = None, model: str = "test-model") -> None:
+        import falcon.testing
+
+        from .app import Gateway, build_app
+        from .config import parse_config
+        from .pipeline import Pipeline
+
+        self.model = model
+        self.backend = FakeBackend() if backend_url is None else None
+        url = backend_url or self.backend.url  # type: ignore[union-attr]
+        doc: dict[str, Any] = {
+            "backends": {"test": {"urls": [url]}},
+            "models": {model: {"backend": "test"}},
+            "pipelines": {"test": []},
+            "routes": {route: "test" for route in
+                       ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")},
+        }
+        doc.update(config or {})
+        self._recorder = _Recorder()
+        labelled = [p if isinstance(p, tuple) else (type(p).__module__ + "." + type(p).__name__, p) for p in plugins]
+        self.gateway = Gateway(parse_config(doc, file="<harness>"),
+                               {"test": Pipeline("test", labelled + [("harness.recorder", self._recorder)])})
+        self.client = falcon.testing.TestClient(build_app(self.gateway))
+
+    def request(self, method: str, route: str, json: Any = None, headers: dict[str, str] | None = None) -> Result:
+        """Send one request; the answer is read whole, then ``complete`` has run."""
+        before = len(self._recorder.seen)
+        resp = self.client.simulate_request(method, route, json=json, headers=headers)
+        result = Result(status=resp.status_code, headers={k.lower(): v for k, v in resp.headers.items()},
+                        body=resp.content)
+        if resp.headers.get("content-type", "").startswith("text/event-stream"):
+            blocks = [b[len("data: "):] for b in resp.text.split("\n\n") if b.startswith("data: ")]
+            result.done = bool(blocks) and blocks[-1] == "[DONE]"
+            result.events = [_json_or_text(b) for b in blocks if b != "[DONE]"]
+        elif resp.content:
+            result.json = _json_or_text(resp.text)
+        if len(self._recorder.seen) > before:
+            result.ctx, result.outcome = self._recorder.seen[-1]
+        return result
+
+    def chat(self, content: str = "Hello", *, headers: dict[str, str] | None = None, **body: Any) -> Result:
+        """``POST /v1/chat/completions`` with one user message; ``body`` adds fields."""
+        payload = {"model": self.model, "messages": [{"role": "user", "content": content}], **body}
+        return self.request("POST", "/v1/chat/completions", json=payload, headers=headers)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
