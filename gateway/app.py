@@ -97,6 +97,7 @@ class Gateway:
             route=route,
             pipeline=pipeline.name,
             headers=req.headers,
+            query=req.params,
             remote_addr=req.remote_addr or "",
         )
         req.context.ctx = ctx
@@ -478,6 +479,27 @@ class OpenAPIResource:
         resp.data = self.data
 
 
+class PluginRouteResource:
+    """A path a plugin answers from its ``request`` hook (say ``/v1/usage``); 404 when none does."""
+
+    def __init__(self, gateway: Gateway, route: str, pipeline_name: str) -> None:
+        self.gateway = gateway
+        self.route = route
+        self.pipeline_name = pipeline_name
+
+    def on_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        ctx, pipeline = self.gateway.begin(req, self.route, self.pipeline_name)
+        if req.method in ("POST", "PUT", "PATCH") and req.content_length:
+            ctx.body = read_json_body(req, ctx, self.gateway.config.max_body_bytes, self.gateway.config.max_json_depth)
+        answer = pipeline.request(ctx)
+        if answer is None:
+            raise NotFoundError(f"Invalid URL ({req.method} {req.path}): no plugin of pipeline "
+                                f"{self.pipeline_name} answers it.", code="unknown_url")
+        self.gateway.answer(ctx, pipeline, resp, answer)
+
+    on_get = on_post = on_put = on_patch = on_delete = on_options = on_request
+
+
 class HealthResource:
     """``GET /health``: 200 when every model has a ready replica, else 503."""
 
@@ -558,6 +580,8 @@ def build_app(gateway: Gateway) -> falcon.App:
     for route in config.routes:
         if route in PROXY_ROUTES:
             app.add_route(route, ProxyResource(gateway, route))
+    for route, pipeline_name in config.plugin_routes.items():
+        app.add_route(route, PluginRouteResource(gateway, route, pipeline_name))
     for prefix, target in config.prefix_routes.items():
         app.add_route(prefix + "/{rest:path}", PrefixResource(gateway, prefix, target))
     if config.admin_pipeline is not None:

@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -176,6 +177,7 @@ class Config:
     pipelines: dict[str, list[PluginEntry]]
     routes: dict[str, str]
     prefix_routes: dict[str, PrefixRoute] = field(default_factory=dict)
+    plugin_routes: dict[str, str] = field(default_factory=dict)
     model_ids: dict[str, str] = field(default_factory=dict)
     timeouts: Timeouts = Timeouts()
     route_timeouts: dict[str, Timeouts] = field(default_factory=dict)
@@ -259,25 +261,30 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
 
     routes: dict[str, str] = {}
     prefix_routes: dict[str, PrefixRoute] = {}
+    plugin_routes: dict[str, str] = {}
     for route, target in data["routes"].items():
+        openai_route = route in OPENAI_ROUTES
         prefix = route.endswith("/*")
-        if prefix != isinstance(target, dict):
-            problems.append((f"routes.{route}", "a prefix route (ending in /*) takes {pipeline, backend}; "
-                                                "an OpenAI route takes a pipeline name"))
+        if openai_route == isinstance(target, dict) or (prefix and "backend" not in target) or \
+                (not prefix and not openai_route and "backend" in target):
+            problems.append((f"routes.{route}", "an OpenAI route takes a pipeline name, a prefix route (ending in /*) "
+                                                "{pipeline, backend}, any other path {pipeline}"))
             continue
-        pipeline_name = target["pipeline"] if prefix else target
+        pipeline_name = target if openai_route else target["pipeline"]
         if pipeline_name not in pipelines:
             problems.append((f"routes.{route}", f"no pipeline named {pipeline_name!r} (known: {', '.join(pipelines)})"))
-        if prefix:
+        if openai_route:
+            routes[route] = pipeline_name
+        elif prefix:
             if target["backend"] not in backends:
                 problems.append((f"routes.{route}.backend", f"no backend named {target['backend']!r}"))
             prefix_routes[route[:-2]] = PrefixRoute(pipeline=pipeline_name, backend=target["backend"])
         else:
-            routes[route] = pipeline_name
+            plugin_routes[route] = pipeline_name
     if data["admin_pipeline"] is not None and data["admin_pipeline"] not in pipelines:
         problems.append(("admin_pipeline", f"no pipeline named {data['admin_pipeline']!r}"))
     for route in data["timeouts"].get("routes", {}):
-        if route not in routes and route[:-2] not in prefix_routes:
+        if route not in routes and route not in plugin_routes and route[:-2] not in prefix_routes:
             problems.append((f"timeouts.routes.{route}", "not a route under routes"))
     if problems:
         raise ConfigError(file, problems)
@@ -300,5 +307,6 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
         pipelines=pipelines,
         routes=routes,
         prefix_routes=prefix_routes,
+        plugin_routes=plugin_routes,
         model_ids=model_ids,
     )

@@ -61,6 +61,7 @@ class RequestContext:
         route: The route template, e.g. ``/v1/chat/completions``.
         pipeline: Name of the pipeline that serves the route.
         headers: Request headers, names upper-cased as Falcon gives them.
+        query: The query string's parameters.
         remote_addr: The client's address.
         body: The decoded JSON body (POST routes), else None.
         model: Public model id, after alias resolution; None when the body names
@@ -97,6 +98,7 @@ class RequestContext:
     route: str
     pipeline: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, Any] = field(default_factory=dict)
     remote_addr: str = ""
     body: dict[str, Any] | None = None
     model: str | None = None

@@ -322,7 +322,8 @@ class Harness:
     Args:
         plugins: Plugin instances (or ``(label, instance)`` pairs), in call order.
         backend_url: A real llama-server to use; default: a new :class:`FakeBackend`.
-        config: ``pipelines.yaml`` keys to add or replace (e.g. ``timeouts``).
+        config: ``pipelines.yaml`` keys to add or replace (e.g. ``timeouts``); its
+            ``routes`` are added to the four OpenAI routes (e.g. a plugin route).
         model: The public model id served (``test-model``).
     """
 
@@ -344,7 +345,9 @@ class Harness:
             "routes": {route: "test" for route in
                        ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")},
         }
-        doc.update(config or {})
+        config = dict(config or {})
+        doc["routes"].update(config.pop("routes", {}))
+        doc.update(config)
         self._recorder = _Recorder()
         labelled = [p if isinstance(p, tuple) else (type(p).__module__ + "." + type(p).__name__, p) for p in plugins]
         self.gateway = Gateway(parse_config(doc, file="<harness>"),

@@ -232,7 +232,7 @@ def test_prefix_route_config_errors():
 
     with pytest.raises(ConfigError) as err:
         parse_config(config_doc("http://127.0.0.1:1", routes={"/sdapi/*": "default"}))
-    assert "takes {pipeline, backend}" in str(err.value)
+    assert "a prefix route (ending in /*) {pipeline, backend}" in str(err.value)
     with pytest.raises(ConfigError) as err:
         parse_config(config_doc("http://127.0.0.1:1", routes={"/sdapi/*": {"pipeline": "default", "backend": "x"}}))
     assert "routes./sdapi/*.backend: no backend named 'x'" in str(err.value)

@@ -73,7 +73,7 @@ def test_unset_variable_without_default_names_path_and_variable():
 def test_schema_errors_name_every_path_at_once():
     doc = config_doc("ftp://x", max_body_bytes=0)
     doc["timeouts"] = {"idle": "soon"}
-    doc["routes"]["/v1/images"] = "default"
+    doc["routes"]["v1/images"] = "default"  # not a path
     with pytest.raises(ConfigError) as err:
         parse_config(doc, file="pipelines.yaml")
     found = problems(err.value)
