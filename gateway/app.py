@@ -83,6 +83,8 @@ class Gateway:
         self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
         self.upstreams = Upstreams(config.backends, config.health_interval)
         self.in_flight: dict[str, InFlight] = {}
+        # Counted on the next request's context, for events outside any request (a reload).
+        self.pending_counters: dict[str, int] = {}
 
     @property
     def draining(self) -> bool:
@@ -100,6 +102,9 @@ class Gateway:
             query=req.params,
             remote_addr=req.remote_addr or "",
         )
+        if self.pending_counters:
+            ctx.counters.update(self.pending_counters)
+            self.pending_counters.clear()
         req.context.ctx = ctx
         req.context.pipeline = pipeline
         return ctx, pipeline
@@ -558,18 +563,6 @@ def _render_error(req: falcon.Request, resp: falcon.Response, error: GatewayErro
     gateway.respond(ctx, req.context.pipeline, resp, [data])
 
 
-def create_app(config: Config, *, pipelines: dict[str, Pipeline] | None = None) -> falcon.App:
-    """Build the WSGI app for ``config`` and start its backends' health checks.
-
-    Args:
-        config: A checked config (:func:`gateway.config.load_config`).
-        pipelines: Pipelines to use instead of building them from ``config``.
-    """
-    gateway = Gateway(config, pipelines)
-    gateway.upstreams.start_health_checks()
-    return build_app(gateway)
-
-
 def build_app(gateway: Gateway) -> falcon.App:
     """The Falcon app serving ``gateway``'s routes; starts nothing."""
     config = gateway.config
@@ -621,12 +614,15 @@ def build_app(gateway: Gateway) -> falcon.App:
     return app
 
 
-def get_app() -> falcon.App:
-    """The app gunicorn runs: config from ``GATEWAY_CONFIG`` (default ``pipelines.yaml``).
+def get_app() -> Any:
+    """The app gunicorn runs: config from ``GATEWAY_CONFIG`` (default ``pipelines.yaml``),
+    reloaded when it changes (``GATEWAY_RELOAD_INTERVAL`` seconds between looks, 0: never).
 
-    When the file is not valid (a bad edit before a reload), the worker serves the
+    When the file is not valid (a bad edit before a restart), the worker serves the
     last configuration the master found good, and logs why.
     """
+    from .reload import ReloadingApp
+
     logging.basicConfig(level=os.environ.get("LLAMAGATE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")
@@ -639,4 +635,10 @@ def get_app() -> falcon.App:
         log.error("%s is not valid; serving the last good configuration instead:\n%s", path, exc)
         config = parse_config(yaml.safe_load(lifecycle.last_good_config), file=path)
         pipelines = build_pipelines(config)
-    return create_app(config, pipelines=pipelines)
+    gateway = Gateway(config, pipelines)
+    gateway.upstreams.start_health_checks()
+    app = ReloadingApp(gateway)
+    interval = float(os.environ.get("GATEWAY_RELOAD_INTERVAL", "1"))
+    if interval > 0:
+        app.watch(interval)
+    return app

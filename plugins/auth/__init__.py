@@ -22,6 +22,8 @@ class Plugin:
         for variable, role in config["env_keys"].items():
             self.principals.update(parse_env_keys(os.environ.get(variable, ""), role))
         keys_file = config["keys_file"]
+        # Watched by the gateway: a key added or revoked reloads the configuration.
+        self.watch_files = [keys_file] if keys_file else []
         if keys_file:
             if not os.path.exists(keys_file) and not config["allow_missing_keys_file"]:
                 raise ValueError(f"keys_file {keys_file} does not exist (create it with `llamagate keys add`)")

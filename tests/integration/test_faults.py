@@ -238,3 +238,45 @@ def test_hup_reload_drops_nothing_and_a_bad_file_keeps_the_old_config(chat_backe
     assert still.status_code == 200
     assert "backends.chat.max_connections: 0 is less than the minimum of 1" in gw.proc.output()
     assert "serving the last good configuration" in gw.proc.output()
+
+
+def test_live_reload_of_an_edited_file_under_gunicorn_fails_no_request(chat_backend, start_gateway):
+    gw = start_gateway(doc([chat_backend]), GATEWAY_RELOAD_INTERVAL="0.2")
+    failures: list = []
+    stop = threading.Event()
+
+    def traffic(session: requests.Session) -> None:
+        while not stop.is_set():
+            resp = session.post(gw.url + "/v1/chat/completions", json=chat(max_tokens=4), timeout=30)
+            if resp.status_code != 200:
+                failures.append(resp.status_code)
+
+    result: dict = {}
+    streamer = threading.Thread(target=lambda: result.update(
+        text=stream_text(gw.url, chat(prompt="Count from one to forty in words.", max_tokens=150))[0]))
+    clients = [threading.Thread(target=traffic, args=(requests.Session(),)) for _ in range(3)]  # keep-alive
+    for thread in [streamer, *clients]:
+        thread.start()
+    time.sleep(0.3)
+    config = yaml.safe_load(gw.config.read_text())
+    config["models"]["smollm2"]["aliases"] = ["live-alias"]
+    gw.config.write_text(yaml.safe_dump(config))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alias = requests.post(gw.url + "/v1/chat/completions", json=chat(model="live-alias", max_tokens=4), timeout=30)
+        if alias.status_code == 200:
+            break
+        time.sleep(0.1)
+    assert alias.status_code == 200, "the edit did not take effect"
+    config["backends"]["chat"]["max_connections"] = 0  # a bad edit
+    gw.config.write_text(yaml.safe_dump(config))
+    time.sleep(1)
+    stop.set()
+    for thread in [streamer, *clients]:
+        thread.join(30)
+    assert failures == [] and result["text"]
+    assert requests.post(gw.url + "/v1/chat/completions", json=chat(model="live-alias", max_tokens=4),
+                         timeout=30).status_code == 200
+    output = gw.proc.output()
+    assert "not reloading" in output and "backends.chat.max_connections: 0 is less than the minimum of 1" in output
+    assert "Booting worker" in output and output.count("Booting worker") == 1  # no restart

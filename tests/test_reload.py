@@ -1,0 +1,76 @@
+"""Hot reload in-process: a changed pipelines.yaml or keys file swaps the configuration;
+a bad one leaves the old serving, logged and counted."""
+
+from __future__ import annotations
+
+import logging
+
+import falcon.testing
+import yaml
+
+from gateway import keys
+from gateway.app import Gateway
+from gateway.config import load_config
+from gateway.pipeline import build_pipelines
+from gateway.reload import ReloadingApp, watched_files
+
+from .conftest import config_doc
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def start(tmp_path, canned_url, **overrides):
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(config_doc(canned_url, **overrides)))
+    config = load_config(path)
+    app = ReloadingApp(Gateway(config, build_pipelines(config)))
+    return path, app, falcon.testing.TestClient(app)
+
+
+def rewrite(path, change) -> None:
+    doc = yaml.safe_load(path.read_text())
+    change(doc)
+    path.write_text(yaml.safe_dump(doc) + "\n# edited\n")
+
+
+def test_a_changed_file_is_swapped_in_for_new_requests(tmp_path, canned_url):
+    path, app, client = start(tmp_path, canned_url)
+    assert client.simulate_post("/v1/chat/completions", json=dict(CHAT, model="renamed")).status_code == 404
+    old = app.gateway
+    rewrite(path, lambda doc: doc["models"]["smollm2"].update(aliases=["renamed"]))
+    assert app.changed() and app.reload()
+    assert app.gateway is not old
+    assert client.simulate_post("/v1/chat/completions", json=dict(CHAT, model="renamed")).status_code == 200
+    assert not app.changed()
+
+
+def test_a_bad_file_keeps_the_old_configuration_logs_and_counts_it(tmp_path, canned_url, caplog):
+    path, app, client = start(tmp_path, canned_url)
+    old = app.gateway
+    rewrite(path, lambda doc: doc["backends"]["chat"].update(max_connections=0))
+    with caplog.at_level(logging.ERROR, logger="llamagate"):
+        assert not app.reload()
+    assert app.gateway is old
+    assert f"{path}: backends.chat.max_connections: 0 is less than the minimum of 1" in caplog.text
+    assert not app.changed()  # the same bad file is not retried every interval
+
+    # counted on the next request's context, for the statsd plugin to send
+    assert old.pending_counters == {"config.reload_failed": 1}
+    assert client.simulate_post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert old.pending_counters == {}
+
+
+def test_the_keys_file_is_watched_through_the_auth_plugin(tmp_path, canned_url):
+    keys_file = tmp_path / "keys.yaml"
+    first = keys.add_key(keys_file, "alice")
+    path, app, client = start(tmp_path, canned_url, pipelines={"default": [
+        {"auth": {"keys_file": str(keys_file), "env_keys": {}}}]})
+    assert str(keys_file) in watched_files(app.gateway)
+    second = keys.add_key(keys_file, "bob")
+    assert client.simulate_get("/v1/models", headers={"Authorization": f"Bearer {second}"}).status_code == 401
+    assert app.changed() and app.reload()
+    for key in (first, second):
+        assert client.simulate_get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    keys.revoke(keys_file, "alice")
+    assert app.changed() and app.reload()
+    assert client.simulate_get("/v1/models", headers={"Authorization": f"Bearer {first}"}).status_code == 401
