@@ -7,7 +7,10 @@
                                       run one llama-server
     llamagate up --model PATH         a chat backend, an embeddings backend and the
                                       gateway, until Ctrl-C
-    llamagate plugins                 list the plugins that can be used
+    llamagate plugins                 list the plugins that can be used, their hooks and fields
+    llamagate routes [FILE]           which model goes to which backend replicas
+    llamagate status [--url URL]      a running gateway's /admin/status as a table
+    llamagate keys add|list|revoke    the API keys file
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     for route, name in config.routes.items():
         chain = " -> ".join(entry.name for entry in config.pipelines[name]) or "(no plugins)"
         print(f"  {route}  [{name}]  {chain}")
+    for route, name in config.plugin_routes.items():
+        chain = " -> ".join(entry.name for entry in config.pipelines[name])
+        print(f"  {route}  [{name}]  {chain}  (answered by a plugin)")
     for prefix, target in config.prefix_routes.items():
         chain = " -> ".join(entry.name for entry in config.pipelines[target.pipeline]) or "(no plugins)"
         urls = ", ".join(config.backends[target.backend].urls)
@@ -50,6 +56,59 @@ def cmd_check(args: argparse.Namespace) -> int:
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
         urls = ", ".join(config.backends[model.backend].urls)
         print(f"  model {model.id}{aliases} -> {model.backend}: {urls}")
+    return 0
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{'model':<28} {'backend':<14} replicas")
+    for model in config.models.values():
+        names = ", ".join((model.id, *model.aliases))
+        upstream = f" (sent as {model.upstream_model})" if model.upstream_model else ""
+        print(f"{names + upstream:<28} {model.backend:<14} {', '.join(config.backends[model.backend].urls)}")
+    for prefix, target in config.prefix_routes.items():
+        print(f"{prefix + '/*':<28} {target.backend:<14} {', '.join(config.backends[target.backend].urls)}")
+    return 0
+
+
+def status_table(status: dict) -> str:
+    """``/admin/status`` as text an operator reads at a glance."""
+    lines = [f"worker pid {status['pid']}  requests in flight {status['in_flight']}"
+             f"{'  DRAINING' if status['draining'] else ''}", "",
+             f"{'backend':<14} {'limit':>5} {'in flight':>9} {'queued':>6}  replica"
+             f"{'':<24} {'ready':<5} {'slots':>5} {'busy':>4}  breaker"]
+    for name, backend in status["backends"].items():
+        for i, replica in enumerate(backend["replicas"]):
+            head = (f"{name:<14} {backend['limit']:>5} {backend['in_flight']:>9} {backend['queued']:>6}" if i == 0
+                    else " " * 38)
+            lines.append(f"{head}  {replica['url']:<31} {'yes' if replica['ready'] else 'no':<5} "
+                         f"{replica['slots'] if replica['slots'] is not None else '?':>5} {replica['in_flight']:>4}  "
+                         f"{replica['breaker']}")
+    lines += ["", "pipelines:"]
+    lines += [f"  {name}: {' -> '.join(label.rsplit('.', 1)[-1] for label in chain) or '(no plugins)'}"
+              for name, chain in status["pipelines"].items()]
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import requests
+
+    key = args.key or os.environ.get("LLAMAGATE_API_KEY") or (
+        OPERATOR_KEY_FILE.read_text().strip() if OPERATOR_KEY_FILE.exists() else "")
+    try:
+        resp = requests.get(args.url.rstrip("/") + "/admin/status", headers={"Authorization": f"Bearer {key}"},
+                            timeout=5)
+    except requests.RequestException as exc:
+        print(f"llamagate status: {args.url} did not answer: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if resp.status_code != 200:
+        print(f"llamagate status: HTTP {resp.status_code}: {resp.text[:300]}", file=sys.stderr)
+        return 1
+    print(status_table(resp.json()))
     return 0
 
 
@@ -235,6 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     for k in keys_sub.choices.values():
         k.add_argument("--file", default=default_keys, help="keys file (default LLAMAGATE_KEYS_FILE or keys.yaml)")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("routes", help="which model goes to which backend replicas")
+    p.add_argument("file", nargs="?", default=default_config)
+    p.set_defaults(func=cmd_routes)
+
+    p = sub.add_parser("status", help="a running gateway's /admin/status as a table")
+    p.add_argument("--url", default="http://" + os.environ.get("GATEWAY_BIND", "127.0.0.1:8000"))
+    p.add_argument("--key", default=None, help="an admin key (default: LLAMAGATE_API_KEY, then .llamagate-api-key)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("plugins", help="list the plugins that can be used")
     p.set_defaults(func=cmd_plugins)

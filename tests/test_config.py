@@ -167,3 +167,9 @@ def test_entry_point_plugins_are_found_and_configured(monkeypatch):
     doc = config_doc("http://127.0.0.1:1", pipelines={"default": [{"thirdparty": {"level": 5}}]})
     plugin = build_pipelines(parse_config(doc))["default"].plugins[0][1]
     assert plugin.config == {"level": 5}
+
+
+def test_routes_cli_shows_models_backends_and_replicas():
+    result = run_cli("routes", "pipelines.yaml")
+    assert result.returncode == 0
+    assert "smollm2, SmolLM2-135M-Instruct chat           http://127.0.0.1:8081" in result.stdout

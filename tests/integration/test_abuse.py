@@ -238,3 +238,17 @@ def test_cancel_through_gunicorn_frees_the_llama_server_slot(guarded, chat_backe
     assert not any(s["is_processing"] for s in requests.get(chat_backend + "/slots").json())
     records = [json.loads(line) for line in (Path(guarded.proc.log.parent) / "abuse-access.log").read_text().splitlines()]
     assert next(r for r in records if r["request_id"] == "cancel-me")["outcome"] == "cancelled"
+
+
+def test_llamagate_status_prints_a_running_gateways_table(guarded, chat_backend):
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "status", "--url", guarded.url,
+                             "--key", guarded.admin], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("worker pid ")
+    row = next(line for line in lines if line.startswith("chat "))
+    assert chat_backend in row and "yes" in row and row.rstrip().endswith("closed")
+    assert "default: accesslog -> auth -> validate" in result.stdout
+    denied = subprocess.run([sys.executable, "-m", "gateway.cli", "status", "--url", guarded.url,
+                             "--key", guarded.key], capture_output=True, text=True, timeout=30)
+    assert denied.returncode == 1 and "HTTP 403" in denied.stderr
