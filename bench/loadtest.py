@@ -14,7 +14,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from run import ROOT, load  # noqa: E402
+from run import ROOT, load, stop_all  # noqa: E402
 
 from gateway.testing import free_port  # noqa: E402
 from gateway.upstream import wait_until_ready  # noqa: E402
@@ -68,10 +68,7 @@ def main():
                       flush=True)
     finally:
         config.unlink(missing_ok=True)
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.wait(timeout=15)
+        stop_all(children)
 
 
 if __name__ == "__main__":

@@ -140,10 +140,14 @@ def main():
                     print(f"{'':<8} {'':>4} | ttfb p50 {direct['ttfb_p50']:>6.2f} p99 {direct['ttfb_p99']:>6.2f} | "
                           f"ttfb p50 {via['ttfb_p50']:>6.2f} p99 {via['ttfb_p99']:>6.2f}")
     finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.wait(timeout=15)
+        stop_all(children)
+
+
+def stop_all(children):
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.wait(timeout=15)
 
 
 if __name__ == "__main__":

@@ -81,9 +81,9 @@ def status_table(status: dict) -> str:
              f"{'  DRAINING' if status['draining'] else ''}", "",
              f"{'backend':<14} {'limit':>5} {'in flight':>9} {'queued':>6}  replica"
              f"{'':<24} {'ready':<5} {'slots':>5} {'busy':>4}  breaker"]
-    for name, backend in status["backends"].items():
-        for i, replica in enumerate(backend["replicas"]):
-            head = (f"{name:<14} {backend['limit']:>5} {backend['in_flight']:>9} {backend['queued']:>6}" if i == 0
+    for name, group in status["backends"].items():
+        for i, replica in enumerate(group["replicas"]):
+            head = (f"{name:<14} {group['limit']:>5} {group['in_flight']:>9} {group['queued']:>6}" if i == 0
                     else " " * 38)
             lines.append(f"{head}  {replica['url']:<31} {'yes' if replica['ready'] else 'no':<5} "
                          f"{replica['slots'] if replica['slots'] is not None else '?':>5} {replica['in_flight']:>4}  "

@@ -17,7 +17,7 @@ from gateway.config import BackendConfig, parse_config
 from gateway.errors import ServiceUnavailableError
 from gateway.pipeline import Pipeline, build_pipelines
 from gateway.testing import canned_llama_app, serve_in_thread
-from gateway.upstream import Admission, Backend, Breaker
+from gateway.upstream import Backend, Breaker
 
 from .conftest import config_doc
 

@@ -198,35 +198,52 @@ def test_sigterm_lets_streams_finish_and_refuses_new_requests(chat_backend, star
     assert gw.proc.popen.wait(timeout=10) == 0
 
 
+class Traffic:
+    """Three clients sending chat requests back to back, and one long stream, while the
+    gateway is reloaded; afterwards ``failures`` lists every non-200 and ``text`` is the stream's."""
+
+    def __init__(self, gw, keep_alive: bool) -> None:
+        self.gw = gw
+        self.failures: list[int] = []
+        self.text = ""
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._stream)]
+        self.threads += [threading.Thread(target=self._send, args=(requests.Session() if keep_alive else requests,))
+                         for _ in range(3)]
+
+    def _send(self, client) -> None:
+        headers = {} if client is not requests else {"Connection": "close"}
+        while not self.stop.is_set():
+            resp = client.post(self.gw.url + "/v1/chat/completions", json=chat(max_tokens=4), headers=headers,
+                               timeout=30)
+            if resp.status_code != 200:
+                self.failures.append(resp.status_code)
+
+    def _stream(self) -> None:
+        self.text = stream_text(self.gw.url, chat(prompt="Count from one to forty in words.", max_tokens=150))[0]
+
+    def __enter__(self) -> Traffic:
+        for thread in self.threads:
+            thread.start()
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
 def test_hup_reload_drops_nothing_and_a_bad_file_keeps_the_old_config(chat_backend, start_gateway):
     gw = start_gateway(doc([chat_backend]))
-    failures: list = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            resp = requests.post(gw.url + "/v1/chat/completions", json=chat(max_tokens=4),
-                                 headers={"Connection": "close"}, timeout=30)
-            if resp.status_code != 200:
-                failures.append(resp.status_code)
-
-    result: dict = {}
-    streamer = threading.Thread(target=lambda: result.update(
-        text=stream_text(gw.url, chat(prompt="Count from one to forty in words.", max_tokens=150))[0]))
-    clients = [threading.Thread(target=traffic) for _ in range(3)]
-    for thread in [streamer, *clients]:
-        thread.start()
-    time.sleep(0.3)
-    config = yaml.safe_load(gw.config.read_text())
-    config["models"]["smollm2"]["aliases"] = ["reloaded-alias"]
-    gw.config.write_text(yaml.safe_dump(config))
-    gw.proc.popen.send_signal(signal.SIGHUP)
-    time.sleep(2.5)
-    stop.set()
-    for thread in [streamer, *clients]:
-        thread.join(30)
-    assert failures == []
-    assert result["text"]
+    with Traffic(gw, keep_alive=False) as traffic:  # new connections reach the new workers
+        config = yaml.safe_load(gw.config.read_text())
+        config["models"]["smollm2"]["aliases"] = ["reloaded-alias"]
+        gw.config.write_text(yaml.safe_dump(config))
+        gw.proc.popen.send_signal(signal.SIGHUP)
+        time.sleep(2.5)
+    assert traffic.failures == []
+    assert traffic.text
     alias = requests.post(gw.url + "/v1/chat/completions", json=chat(model="reloaded-alias", max_tokens=4), timeout=30)
     assert alias.status_code == 200 and alias.json()["model"] == "smollm2"
 
@@ -242,39 +259,22 @@ def test_hup_reload_drops_nothing_and_a_bad_file_keeps_the_old_config(chat_backe
 
 def test_live_reload_of_an_edited_file_under_gunicorn_fails_no_request(chat_backend, start_gateway):
     gw = start_gateway(doc([chat_backend]), GATEWAY_RELOAD_INTERVAL="0.2")
-    failures: list = []
-    stop = threading.Event()
-
-    def traffic(session: requests.Session) -> None:
-        while not stop.is_set():
-            resp = session.post(gw.url + "/v1/chat/completions", json=chat(max_tokens=4), timeout=30)
-            if resp.status_code != 200:
-                failures.append(resp.status_code)
-
-    result: dict = {}
-    streamer = threading.Thread(target=lambda: result.update(
-        text=stream_text(gw.url, chat(prompt="Count from one to forty in words.", max_tokens=150))[0]))
-    clients = [threading.Thread(target=traffic, args=(requests.Session(),)) for _ in range(3)]  # keep-alive
-    for thread in [streamer, *clients]:
-        thread.start()
-    time.sleep(0.3)
-    config = yaml.safe_load(gw.config.read_text())
-    config["models"]["smollm2"]["aliases"] = ["live-alias"]
-    gw.config.write_text(yaml.safe_dump(config))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        alias = requests.post(gw.url + "/v1/chat/completions", json=chat(model="live-alias", max_tokens=4), timeout=30)
-        if alias.status_code == 200:
-            break
-        time.sleep(0.1)
-    assert alias.status_code == 200, "the edit did not take effect"
-    config["backends"]["chat"]["max_connections"] = 0  # a bad edit
-    gw.config.write_text(yaml.safe_dump(config))
-    time.sleep(1)
-    stop.set()
-    for thread in [streamer, *clients]:
-        thread.join(30)
-    assert failures == [] and result["text"]
+    with Traffic(gw, keep_alive=True) as traffic:
+        config = yaml.safe_load(gw.config.read_text())
+        config["models"]["smollm2"]["aliases"] = ["live-alias"]
+        gw.config.write_text(yaml.safe_dump(config))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alias = requests.post(gw.url + "/v1/chat/completions", json=chat(model="live-alias", max_tokens=4),
+                                  timeout=30)
+            if alias.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert alias.status_code == 200, "the edit did not take effect"
+        config["backends"]["chat"]["max_connections"] = 0  # a bad edit
+        gw.config.write_text(yaml.safe_dump(config))
+        time.sleep(1)
+    assert traffic.failures == [] and traffic.text
     assert requests.post(gw.url + "/v1/chat/completions", json=chat(model="live-alias", max_tokens=4),
                          timeout=30).status_code == 200
     output = gw.proc.output()

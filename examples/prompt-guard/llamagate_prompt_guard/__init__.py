@@ -48,20 +48,19 @@ class Plugin:
             raise InvalidRequestError("This prompt was blocked by the gateway's prompt policy.",
                                       code="prompt_blocked", param="prompt")
 
-    @hookimpl
-    def response(self, ctx, body):
-        for choice in body.get("choices") or []:
-            message = choice.get("message")
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                message["content"] = self._redact(message["content"])
+    def _redact_choices(self, choices: Any, holder: str) -> None:
+        """Redact each choice's text: ``choice[holder]["content"]`` (chat) or ``choice["text"]``."""
+        for choice in choices or []:
+            part = choice.get(holder)
+            if isinstance(part, dict) and isinstance(part.get("content"), str):
+                part["content"] = self._redact(part["content"])
             elif isinstance(choice.get("text"), str):
                 choice["text"] = self._redact(choice["text"])
 
     @hookimpl
+    def response(self, ctx, body):
+        self._redact_choices(body.get("choices"), "message")
+
+    @hookimpl
     def response_event(self, ctx, event):
-        for choice in event.get("choices") or []:
-            delta = choice.get("delta")
-            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                delta["content"] = self._redact(delta["content"])
-            elif isinstance(choice.get("text"), str):
-                choice["text"] = self._redact(choice["text"])
+        self._redact_choices(event.get("choices"), "delta")
