@@ -118,5 +118,6 @@ class GatewaySpec:
             ctx: The request; ``status``, ``error``, ``usage``, ``bytes_out``,
                 ``latency_ms`` and ``ttfb_ms`` are final.
             outcome: ``ok``, ``error`` (the client got an error, ``ctx.error``
-                says which), or ``client_gone`` (the client disconnected first).
+                says which), ``client_gone`` (the client disconnected first), or
+                ``cancelled`` (someone cancelled it through the cancel endpoints).
         """
