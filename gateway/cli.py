@@ -210,7 +210,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     try:
-        available = discover()
+        plugin_dirs = load_config(args.config).plugin_dirs if args.config else ()
+        available = discover(plugin_dirs)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("plugins", help="list the plugins that can be used")
+    p.add_argument("--config", default=None, help="also the drop-ins of this file's plugin_dirs")
     p.set_defaults(func=cmd_plugins)
 
     args = parser.parse_args(argv)

@@ -173,3 +173,14 @@ def test_routes_cli_shows_models_backends_and_replicas():
     result = run_cli("routes", "pipelines.yaml")
     assert result.returncode == 0
     assert "smollm2, SmolLM2-135M-Instruct chat           http://127.0.0.1:8081" in result.stdout
+
+
+def test_plugins_cli_lists_builtins_entry_points_and_dropins(tmp_path):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "limiter.py").write_text(DROPIN)
+    doc = config_doc("http://127.0.0.1:1", plugin_dirs=["plugins"], pipelines={"default": ["limiter"]})
+    result = run_cli("plugins", "--config", str(write(tmp_path, doc)))
+    assert result.returncode == 0, result.stderr
+    assert "auth  (builtin)  hooks: request" in result.stdout
+    assert f"limiter  ({tmp_path / 'plugins' / 'limiter.py'})  hooks: request" in result.stdout
+    assert "    requests_per_minute: allowed requests a minute [default 60]" in result.stdout
