@@ -8,7 +8,8 @@ scanning the environment costs ~20% of a pass-through).
 A request to a backend (:meth:`Upstreams.open`):
 
 1. waits for admission: at most ``max_in_flight`` requests per backend per worker
-   (default: the replicas' llama-server slots), the rest in a bounded queue, admins
+   (default: this worker's share of the replicas' llama-server slots, so that all
+   workers together fill the slots), the rest in a bounded queue, admins
    first, then first come first served; a full queue or a wait past
    ``queue_timeout`` is a 503 with ``Retry-After``;
 2. goes to a replica whose circuit breaker is closed (or that is due a probe):
@@ -26,6 +27,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
+import os
 import random
 import socket
 import threading
@@ -43,6 +46,7 @@ from .errors import GatewayError, GatewayTimeoutError, ServiceUnavailableError, 
 log = logging.getLogger("llamagate")
 
 DEFAULT_SLOTS = 4  # a replica's slots until /props has told us
+WORKERS = int(os.environ.get("GATEWAY_WORKERS", "1"))
 RETRIED_STATUSES = (502, 503)
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
@@ -220,10 +224,12 @@ class Backend:
 
     @property
     def limit(self) -> int:
-        """Requests this worker sends the backend at once."""
+        """Requests this worker sends the backend at once: ``max_in_flight``, else its
+        share of the replicas' slots (each gunicorn worker admits on its own)."""
         if self.config.max_in_flight is not None:
             return self.config.max_in_flight
-        return sum(r.slots or DEFAULT_SLOTS for r in self.replicas)
+        slots = sum(r.slots or DEFAULT_SLOTS for r in self.replicas)
+        return max(1, math.ceil(slots / WORKERS))
 
     def candidates(self, first: Replica | None = None) -> list[Replica]:
         """Replicas in the order to try them: ``first``, then ready ones round robin,

@@ -315,3 +315,13 @@ def test_draining_gateway_refuses_new_requests_but_answers_health(client):
         assert client.simulate_get("/health").json["status"] == "draining"
     finally:
         lifecycle.draining = False
+
+
+def test_default_limit_is_split_between_workers(monkeypatch):
+    import gateway.upstream as upstream
+
+    monkeypatch.setattr(upstream, "WORKERS", 3)
+    backend = Backend(BackendConfig("b", ("http://x", "http://y")))
+    backend.replicas[0].slots = backend.replicas[1].slots = 2
+    assert backend.limit == 2  # 4 slots over 3 workers, rounded up
+    assert Backend(BackendConfig("b", ("http://x",), max_in_flight=7)).limit == 7
