@@ -40,7 +40,7 @@ from .errors import (
 from .pipeline import Pipeline, build_pipelines
 from .stats import Stats
 from .streaming import Relay, ResponseBody, cancelled_error, read_error, replay
-from .upstream import Lease, Replica, Upstreams, error_of
+from .upstream import Lease, Replica, Upstreams, error_of, recount_completion_tokens
 
 log = logging.getLogger("llamagate")
 
@@ -312,7 +312,7 @@ class ProxyResource:
                 resp.set_headers(STREAM_HEADERS)
                 gateway.respond(ctx, pipeline, resp, relay, lambda: gateway.finish(ctx, lease))
                 return
-            data = self._whole_answer(ctx, pipeline, upstream, timeouts)
+            data = self._whole_answer(ctx, pipeline, lease, timeouts)
         except BaseException:
             gateway.finish(ctx, lease)
             raise
@@ -322,10 +322,9 @@ class ProxyResource:
         gateway.respond(ctx, pipeline, resp, [data])
 
     @staticmethod
-    def _whole_answer(ctx: RequestContext, pipeline: Pipeline, upstream: requests.Response,
-                      timeouts: Timeouts) -> bytes:
+    def _whole_answer(ctx: RequestContext, pipeline: Pipeline, lease: Lease, timeouts: Timeouts) -> bytes:
         try:
-            content = upstream.content
+            content = lease.response.content
         except requests.RequestException as exc:
             raise read_error(ctx, exc, timeouts) from exc
         try:
@@ -336,6 +335,8 @@ class ProxyResource:
             raise UpstreamError("The backend's answer was not a JSON object.")
         assert ctx.model is not None
         normalize_answer(answer, ctx.model)
+        if len(answer.get("choices") or ()) > 1 and isinstance(answer.get("usage"), dict):
+            recount_completion_tokens(answer, lease.replica)
         if isinstance(answer.get("usage"), dict):
             ctx.usage = answer["usage"]
         pipeline.response(ctx, answer)

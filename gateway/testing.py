@@ -28,6 +28,9 @@ gateway passes unknown fields through):
 * ``delay``: seconds to wait before each event;
 * ``first_delay``: seconds to wait before answering at all (before the headers);
 * ``text``: the answer's text (default ``"Hello from the canned backend"``).
+
+``/tokenize`` counts one token per word. A request with ``n`` > 1 gets ``n`` choices
+and, like llama-server, a ``usage`` that counts the completion of one choice only.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def canned_llama_app(environ: dict[str, Any], start_response: Callable[..., Any]
                      {"error": {"code": status, "message": f"canned error {status}", "type": "server_error"}})
     if script.get("first_delay"):
         time.sleep(float(script["first_delay"]))
+    if path == "/tokenize":
+        return _json(start_response, "200 OK", {"tokens": list(range(len(str(body.get("content", "")).split())))})
     request_id = environ.get("HTTP_X_REQUEST_ID", "")
     text = script.get("text", CANNED_TEXT)
     words = text.split(" ")
@@ -98,10 +103,12 @@ def canned_llama_app(environ: dict[str, Any], start_response: Callable[..., Any]
     base = {"id": "chatcmpl-canned", "created": 1700000000, "model": CANNED_MODEL,
             "system_fingerprint": request_id}
     if not body.get("stream"):
-        choice = ({"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-                  if chat else {"index": 0, "finish_reason": "stop", "text": text})
+        # Like llama-server: n choices, but usage counts the completion of one only.
+        choices = [{"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                   if chat else {"index": i, "finish_reason": "stop", "text": text}
+                   for i in range(int(body.get("n") or 1))]
         return _json(start_response, "200 OK", dict(base, object="chat.completion" if chat else "text_completion",
-                                                    choices=[choice], usage=_usage(5, len(words))))
+                                                    choices=choices, usage=_usage(5, len(words))))
     start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
     return _events(base, chat, words[: int(script.get("events", 3))] if "events" in script else words, body, script)
 

@@ -434,6 +434,27 @@ class Upstreams:
             headers={"Retry-After": str(max(1, round(wait)) if wait else self.retry_after())})
 
 
+def recount_completion_tokens(answer: dict[str, Any], replica: Replica) -> None:
+    """Fix ``usage`` of an answer with several choices (``n`` > 1).
+
+    llama-server counts the completion tokens of one choice only; OpenAI's usage (and
+    token rate limits) count them all. Each choice's text is counted by the replica's
+    own ``/tokenize``; if that fails the backend's figure stays.
+    """
+    total = 0
+    for choice in answer["choices"]:
+        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
+        try:
+            resp = replica.session.post(replica.url + "/tokenize", json={"content": text},
+                                        timeout=(replica.connect_timeout, 10))
+            total += len(resp.json()["tokens"])
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            return
+    usage = answer["usage"]
+    usage["completion_tokens"] = total
+    usage["total_tokens"] = int(usage.get("prompt_tokens") or 0) + total
+
+
 def error_of(resp: requests.Response, retry_after: str) -> GatewayError:
     """A backend's error answer as the client's error."""
     try:

@@ -236,3 +236,12 @@ def test_prefix_route_config_errors():
     with pytest.raises(ConfigError) as err:
         parse_config(config_doc("http://127.0.0.1:1", routes={"/sdapi/*": {"pipeline": "default", "backend": "x"}}))
     assert "routes./sdapi/*.backend: no backend named 'x'" in str(err.value)
+
+
+def test_usage_of_several_choices_is_recounted(client):
+    # llama-server counts one choice's completion tokens; the gateway counts them all
+    resp = client.simulate_post("/v1/chat/completions", json=dict(CHAT, n=3))
+    assert len(resp.json["choices"]) == 3
+    assert resp.json["usage"] == {"prompt_tokens": 5, "completion_tokens": 15, "total_tokens": 20}
+    single = client.simulate_post("/v1/chat/completions", json=CHAT)
+    assert single.json["usage"]["completion_tokens"] == 5

@@ -206,3 +206,14 @@ def test_no_backend_reachable_gets_503_with_retry_after(start_gateway):
     assert err.value.status_code == 503
     assert int(err.value.response.headers["retry-after"]) >= 1
     assert err.value.code == "service_unavailable"
+
+
+def test_usage_counts_every_choice_when_n_is_above_one(gateway):
+    client = gateway.client()
+    one = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=6, temperature=0)
+    # llama-server takes n up to its slot count (2 here)
+    two = client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=6, temperature=0, n=2)
+    assert len(two.choices) == 2
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens  # llama-server alone says 1x
+    assert two.usage.total_tokens == two.usage.prompt_tokens + two.usage.completion_tokens
