@@ -132,7 +132,9 @@ def test_client_disconnect_mid_stream_frees_the_backend_slot(gateway, chat_backe
                   f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
     received = b""
     while received.count(b"data: ") < 5:
-        received += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {received!r}"
+        received += chunk
     assert slots_busy(chat_backend) == 1  # it is generating for us
     sock.close()
     closed_at = time.monotonic()
