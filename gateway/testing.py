@@ -29,7 +29,7 @@ gateway passes unknown fields through):
 * ``first_delay``: seconds to wait before answering at all (before the headers);
 * ``text``: the answer's text (default ``"Hello from the canned backend"``).
 
-``/tokenize`` counts one token per word. A request with ``n`` > 1 gets ``n`` choices
+``/tokenize`` counts one token per word; ``/props`` reports 64 slots. A request with ``n`` > 1 gets ``n`` choices
 and, like llama-server, a ``usage`` that counts the completion of one choice only.
 """
 
@@ -49,6 +49,7 @@ from .hookspecs import hookimpl
 
 CANNED_MODEL = "canned-model.gguf"
 CANNED_TEXT = "Hello from the canned backend"
+CANNED_SLOTS = 64  # what /props reports: a fast canned backend takes many requests at once
 
 
 def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any]) -> list[bytes]:
@@ -71,6 +72,9 @@ def canned_llama_app(environ: dict[str, Any], start_response: Callable[..., Any]
     path = environ.get("PATH_INFO", "")
     if path == "/health":
         return _json(start_response, "200 OK", {"status": "ok"})
+    if path == "/props":
+        return _json(start_response, "200 OK", {"total_slots": CANNED_SLOTS,
+                                                 "default_generation_settings": {"n_ctx": 4096}})
     length = int(environ.get("CONTENT_LENGTH") or 0)
     try:
         body = json.loads(environ["wsgi.input"].read(length) or b"{}")
