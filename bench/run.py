@@ -105,6 +105,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn workers")
+    parser.add_argument("--config", default=str(ROOT / "pipelines.yaml"), help="pipelines file (default: the shipped one)")
     args = parser.parse_args()
 
     canned_port, gateway_port = free_port(), free_port()
@@ -112,7 +113,7 @@ def main():
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     env = dict(os.environ, CHAT_BACKEND_URL=canned_url, EMBEDDINGS_BACKEND_URL=canned_url,
                GATEWAY_BIND=f"127.0.0.1:{gateway_port}", GATEWAY_WORKERS=str(args.workers),
-               GATEWAY_CONFIG=str(ROOT / "pipelines.yaml"), LLAMAGATE_LOG_LEVEL="WARNING")
+               GATEWAY_CONFIG=str(Path(args.config).resolve()), LLAMAGATE_LOG_LEVEL="WARNING")
     env.setdefault("LLAMAGATE_API_KEY", "sk-bench-" + "0" * 24)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {env['LLAMAGATE_API_KEY']}"}
     children = [
