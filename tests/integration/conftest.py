@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import jsonschema
 import openai
 import pytest
 import requests
@@ -21,6 +22,7 @@ from gateway.upstream import wait_until_ready
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("LLAMAGATE_TEST_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+OPENAPI = ROOT.parent / "shared" / "openai-openapi" / "openapi.yaml"
 
 
 class Proc:
@@ -192,3 +194,33 @@ def redis_url(logs: Path) -> Iterator[str]:
             time.sleep(0.05)
     yield f"redis://127.0.0.1:{port}/0"
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_schema():
+    """Validators for OpenAI's own response schemas (from the official OpenAPI spec)."""
+    if not OPENAPI.is_file():
+        pytest.fail(f"OpenAI's OpenAPI spec is missing at {OPENAPI} (../shared must sit beside the repo)")
+    components = yaml.load(OPENAPI.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["components"]
+    allow_nullable(components)
+
+    def validator(name: str) -> jsonschema.Draft202012Validator:
+        return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": components})
+
+    return validator
+
+
+def allow_nullable(node):
+    """The spec still marks some fields with OpenAPI 3.0's ``nullable: true``; JSON Schema
+    needs ``null`` in the type (and the enum) instead."""
+    if isinstance(node, dict):
+        if node.get("nullable") is True:
+            if isinstance(node.get("type"), str):
+                node["type"] = [node["type"], "null"]
+            if isinstance(node.get("enum"), list) and None not in node["enum"]:
+                node["enum"].append(None)
+        for value in node.values():
+            allow_nullable(value)
+    elif isinstance(node, list):
+        for value in node:
+            allow_nullable(value)

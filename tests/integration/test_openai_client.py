@@ -5,50 +5,16 @@ from __future__ import annotations
 import json
 import socket
 import time
-from pathlib import Path
 
-import jsonschema
 import openai
 import pytest
 import requests
-import yaml
 
 from gateway.testing import free_port
 
 from .conftest import gateway_doc
 
 CHAT = [{"role": "user", "content": "Say hello in one short sentence."}]
-OPENAPI = Path(__file__).resolve().parents[3] / "shared" / "openai-openapi" / "openapi.yaml"
-
-
-@pytest.fixture(scope="session")
-def openai_schema():
-    """Validators for OpenAI's own response schemas (from the official OpenAPI spec)."""
-    if not OPENAPI.is_file():
-        pytest.fail(f"OpenAI's OpenAPI spec is missing at {OPENAPI} (../shared must sit beside the repo)")
-    components = yaml.load(OPENAPI.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["components"]
-    allow_nullable(components)
-
-    def validator(name: str) -> jsonschema.Draft202012Validator:
-        return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": components})
-
-    return validator
-
-
-def allow_nullable(node):
-    """The spec still marks some fields with OpenAPI 3.0's ``nullable: true``; JSON Schema
-    needs ``null`` in the type (and the enum) instead."""
-    if isinstance(node, dict):
-        if node.get("nullable") is True:
-            if isinstance(node.get("type"), str):
-                node["type"] = [node["type"], "null"]
-            if isinstance(node.get("enum"), list) and None not in node["enum"]:
-                node["enum"].append(None)
-        for value in node.values():
-            allow_nullable(value)
-    elif isinstance(node, list):
-        for value in node:
-            allow_nullable(value)
 
 
 def test_models_list(gateway, openai_schema):

@@ -135,7 +135,7 @@ def test_tokens_are_charged_from_real_usage(full):
     assert "tokens" in err.value.message
 
 
-def test_cache_hit_on_identical_deterministic_requests_streamed_and_not(full):
+def test_cache_hit_on_identical_deterministic_requests_streamed_and_not(full, openai_schema):
     client = full.client(api_key=full.keys["alice"])
     ask = dict(model="smollm2", messages=[{"role": "user", "content": "Say a random word."}], max_tokens=16,
                temperature=0, seed=7)
@@ -148,6 +148,14 @@ def test_cache_hit_on_identical_deterministic_requests_streamed_and_not(full):
         assert streamed.headers["x-cache"] == "HIT"
         text = "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
     assert text == first.parse().choices[0].message.content
+    # the replayed stream is a valid OpenAI stream, [DONE] included
+    with requests.post(full.url + "/v1/chat/completions", json=dict(ask, stream=True), stream=True,
+                       headers={"Authorization": f"Bearer {full.keys['alice']}"}) as replay:
+        events = [line[6:] for line in replay.iter_lines(decode_unicode=True) if line]
+    assert replay.headers["x-cache"] == "HIT" and events[-1] == "[DONE]"
+    for event in events[:-1]:
+        openai_schema("CreateChatCompletionStreamResponse").validate(json.loads(event))
+    openai_schema("CreateChatCompletionResponse").validate(second.http_response.json())
 
     # a streamed miss is assembled and stored: the non-streamed repeat is a hit with the same text
     ask["messages"] = [{"role": "user", "content": "Say another word."}]
