@@ -204,7 +204,10 @@ def test_failover_to_the_second_replica_when_the_first_goes_down(start_gateway, 
                                                                  embeddings_backend, api_keys, logs):
     keys_file, made = api_keys
     doomed = backends.start("--parallel", "1", "--ctx", "1024")
-    pipeline = full_pipeline(keys_file, logs / "failover-access.log", free_port())
+    metrics = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    metrics.bind(("127.0.0.1", 0))
+    metrics.settimeout(0.2)
+    pipeline = full_pipeline(keys_file, logs / "failover-access.log", metrics.getsockname()[1])
     gw = start_gateway(full_doc([doomed, chat_backend], embeddings_backend, pipeline, health_interval=3600))
     # The gateway saw both replicas healthy; stop the first. The next check is an hour away,
     # so only the refused connection can tell the gateway.
@@ -216,6 +219,9 @@ def test_failover_to_the_second_replica_when_the_first_goes_down(start_gateway, 
         assert client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4).choices
     first = requests.get(gw.url + "/health").json()["backends"]["chat"]["replicas"][0]
     assert first["url"] == doomed and first["ready"] is False and first["detail"] == "connection refused"
+    time.sleep(0.2)
+    assert "lg.upstream.retries:1|c" in drain(metrics)  # the retry onto the live replica, counted
+    metrics.close()
 
 
 def test_access_log_has_one_json_line_per_request_and_never_the_key(full):
