@@ -118,7 +118,8 @@ class Gateway:
         chosen = pipeline.route(ctx, self.upstreams.backends)
         if chosen is not None:
             ctx.backend = chosen.backend
-        ctx.replica = (chosen or self.upstreams.backends[ctx.backend].candidates()[0]).url
+        ctx._replica = chosen or self.upstreams.backends[ctx.backend].candidates()[0]
+        ctx.replica = ctx._replica.url
         return chosen
 
     def open_upstream(self, ctx: RequestContext, chosen: Replica | None, path: str, body: bytes,

@@ -26,6 +26,7 @@ class BackendOptions:
             default (all cores). Several backends on one machine should split the
             cores: llama.cpp's threads spin while they wait, so oversubscribed cores
             stall every backend.
+        api_key: A key callers must send (``Authorization: Bearer``); None: open.
     """
 
     model: str
@@ -36,6 +37,7 @@ class BackendOptions:
     ctx: int = 4096
     binary: str | None = None
     threads: int | None = None
+    api_key: str | None = None
 
 
 def binary_args(opts: BackendOptions, binary: str) -> list[str]:
@@ -46,6 +48,8 @@ def binary_args(opts: BackendOptions, binary: str) -> list[str]:
         args += ["--embeddings", "--pooling", "mean"]
     if opts.threads:
         args += ["--threads", str(opts.threads), "--threads-batch", str(opts.threads)]
+    if opts.api_key:
+        args += ["--api-key", opts.api_key]
     return args
 
 
@@ -75,6 +79,8 @@ def run(opts: BackendOptions) -> None:
     params.endpoint_metrics = True
     if opts.threads:
         params.cpuparams.n_threads = params.cpuparams_batch.n_threads = opts.threads
+    if opts.api_key:
+        params.api_keys = [opts.api_key]
     if opts.embeddings:
         params.embedding = True
         params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN

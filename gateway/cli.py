@@ -133,7 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_backend(args: argparse.Namespace) -> int:
     backend.run(backend.BackendOptions(model=args.model, host=args.host, port=args.port,
                                        embeddings=args.embeddings, parallel=args.parallel,
-                                       ctx=args.ctx, binary=args.binary, threads=args.threads))
+                                       ctx=args.ctx, binary=args.binary, threads=args.threads,
+                                       api_key=args.api_key or os.environ.get("LLAMA_API_KEY")))
     return 0
 
 
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=4096, help="context size shared by the slots")
     p.add_argument("--binary", default=None, help="llama-server executable (default: LLAMA_SERVER_BIN, PATH)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--api-key", default=None, help="a key callers must send (default: LLAMA_API_KEY, else none)")
     p.set_defaults(func=cmd_backend)
 
     p = sub.add_parser("up", help="a chat backend, an embeddings backend and the gateway, until Ctrl-C")

@@ -124,6 +124,7 @@ class BackendConfig:
     queue_timeout: float = 30
     breaker_failures: int = 5
     breaker_cooldown: float = 10
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,20 @@ class RequestContext:
     timings: dict[str, float] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
+    _replica: Any = field(default=None, repr=False)
+
+    def call_backend(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Call the replica that is to serve this request (``ctx.replica``, known from the
+        ``upstream_request`` hook on) through its pooled connection and credentials, e.g.
+        ``ctx.call_backend("POST", "/tokenize", json={"content": text})``.
+
+        Returns:
+            The ``requests.Response``. Raises ``requests.RequestException`` as requests does.
+        """
+        if self._replica is None:
+            raise RuntimeError("no replica chosen yet: call_backend works from upstream_request on")
+        kwargs.setdefault("timeout", (self._replica.connect_timeout, 30))
+        return self._replica.session.request(method, self._replica.url + path, **kwargs)
 
     def incr(self, name: str, count: int = 1) -> None:
         """Count an event for the metrics plugin (Graphite-safe name, dots as separators)."""

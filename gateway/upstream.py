@@ -41,7 +41,7 @@ from requests.adapters import HTTPAdapter
 
 from .config import BackendConfig, Timeouts
 from .context import RequestContext
-from .errors import GatewayError, GatewayTimeoutError, ServiceUnavailableError, from_upstream
+from .errors import GatewayError, GatewayTimeoutError, ServiceUnavailableError, UpstreamError, from_upstream
 
 log = logging.getLogger("llamagate")
 
@@ -112,6 +112,8 @@ class Replica:
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=config.max_connections)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        if config.api_key:
+            self.session.headers["Authorization"] = f"Bearer {config.api_key}"
         self.ready: bool | None = None
         self.in_flight = 0
         self.slots: int | None = None
@@ -461,6 +463,11 @@ def error_of(resp: requests.Response, retry_after: str) -> GatewayError:
         payload = resp.json()
     except (ValueError, requests.RequestException):
         payload = None
+    if resp.status_code in (401, 403):
+        # The backend refused the gateway's own credentials (backends.<name>.api_key),
+        # not the client's: a gateway fault, not the client's.
+        return UpstreamError("The backend refused the gateway's credentials; check the backend's api_key.",
+                             code="backend_auth_failed")
     error = from_upstream(resp.status_code, payload)
     if error.status == 503:
         error.headers["Retry-After"] = retry_after

@@ -65,8 +65,6 @@ class Plugin:
         self.config = config
         self.validators = {route: compile_schema(json.loads((SCHEMA_DIR / name).read_text()))
                            for route, name in SCHEMA_FILES.items()}
-        self.session = requests.Session()
-        self.session.trust_env = False
         self.context_sizes: dict[str, int] = {}
 
     @hookimpl
@@ -98,26 +96,26 @@ class Plugin:
                                           f"{config['max_input_chars']}.", param=INPUT_FIELD[ctx.route])
         return None
 
-    def _backend(self, method: str, url: str, **kwargs: Any) -> Any:
-        resp = self.session.request(method, url, timeout=(2, 30), **kwargs)
+    @staticmethod
+    def _backend(ctx, method: str, path: str, **kwargs: Any) -> Any:
+        resp = ctx.call_backend(method, path, **kwargs)
         resp.raise_for_status()
         return resp.json()
 
-    def _context_size(self, replica: str) -> int:
-        if replica not in self.context_sizes:
-            props = self._backend("GET", replica + "/props")
-            self.context_sizes[replica] = int(props["default_generation_settings"]["n_ctx"])
-        return self.context_sizes[replica]
+    def _context_size(self, ctx) -> int:
+        if ctx.replica not in self.context_sizes:
+            props = self._backend(ctx, "GET", "/props")
+            self.context_sizes[ctx.replica] = int(props["default_generation_settings"]["n_ctx"])
+        return self.context_sizes[ctx.replica]
 
     def _prompt_tokens(self, ctx, payload: dict[str, Any]) -> int:
-        replica = ctx.replica
         if ctx.route == "/v1/chat/completions":
-            prompt = self._backend("POST", replica + "/apply-template", json={"messages": payload["messages"]})["prompt"]
-            return len(self._backend("POST", replica + "/tokenize", json={"content": prompt})["tokens"])
+            prompt = self._backend(ctx, "POST", "/apply-template", json={"messages": payload["messages"]})["prompt"]
+            return len(self._backend(ctx, "POST", "/tokenize", json={"content": prompt})["tokens"])
         prompt = payload["prompt"]
         prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
         counts = [len(p) if isinstance(p, list) else
-                  len(self._backend("POST", replica + "/tokenize", json={"content": p, "add_special": True})["tokens"])
+                  len(self._backend(ctx, "POST", "/tokenize", json={"content": p, "add_special": True})["tokens"])
                   for p in prompts]
         return max(counts)
 
@@ -126,7 +124,7 @@ class Plugin:
         if not self.config["context_check"] or ctx.route == "/v1/embeddings" or ctx.replica is None:
             return
         try:
-            context = self._context_size(ctx.replica)
+            context = self._context_size(ctx)
             prompt_tokens = self._prompt_tokens(ctx, payload)
         except (requests.RequestException, ValueError, KeyError) as exc:
             # The check is advisory: when the backend cannot count, let it decide.

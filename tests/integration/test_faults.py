@@ -280,3 +280,24 @@ def test_live_reload_of_an_edited_file_under_gunicorn_fails_no_request(chat_back
     output = gw.proc.output()
     assert "not reloading" in output and "backends.chat.max_connections: 0 is less than the minimum of 1" in output
     assert "Booting worker" in output and output.count("Booting worker") == 1  # no restart
+
+
+def test_backend_api_key_is_sent_and_a_refused_one_is_a_gateway_error(backends, start_gateway):
+    guarded = backends.start("--parallel", "1", "--ctx", "1024", "--threads", "1", "--api-key", "backend-secret")
+    assert requests.post(guarded + "/v1/chat/completions", json=chat(max_tokens=2)).status_code == 401
+    good = start_gateway(doc([guarded], ["validate"], api_key="backend-secret"))
+    resp = requests.post(good.url + "/v1/chat/completions", json=chat(max_tokens=4), timeout=30)
+    assert resp.status_code == 200
+    slots = requests.get(good.url + "/health").json()["backends"]["chat"]["replicas"][0]["slots"]
+    assert slots == 1  # /props read with the key
+    bad = start_gateway(doc([guarded], api_key="wrong"))
+    resp = requests.post(bad.url + "/v1/chat/completions", json=chat(max_tokens=4), timeout=30)
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "backend_auth_failed"
+    assert "backend-secret" not in good.proc.output() + bad.proc.output()
+
+
+def test_context_check_uses_the_replicas_credentials(backends, start_gateway):
+    guarded = backends.start("--parallel", "1", "--ctx", "512", "--threads", "1", "--api-key", "k2")
+    gw = start_gateway(doc([guarded], [{"validate": {"context_check": True}}], api_key="k2"))
+    resp = requests.post(gw.url + "/v1/chat/completions", json=chat(prompt="llama " * 600, max_tokens=8), timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
