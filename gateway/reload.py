@@ -74,6 +74,7 @@ class ReloadingApp:
             log.error("not reloading: %s is not valid; the previous configuration keeps serving:\n%s", path, exc)
             return False
         gateway.pending_counters["config.reloaded"] = 1
+        gateway.in_flight = old.in_flight  # requests still running on the old one stay cancellable
         gateway.upstreams.start_health_checks()
         self.app, self.gateway = build_app(gateway), gateway
         self._stamps = {p: _stamp(p) for p in watched_files(gateway)}

@@ -42,6 +42,7 @@ def test_a_changed_file_is_swapped_in_for_new_requests(tmp_path, canned_url):
     assert app.gateway is not old
     assert client.simulate_post("/v1/chat/completions", json=dict(CHAT, model="renamed")).status_code == 200
     assert not app.changed()
+    assert app.gateway.in_flight is old.in_flight  # requests from before stay cancellable
 
 
 def test_a_bad_file_keeps_the_old_configuration_logs_and_counts_it(tmp_path, canned_url, caplog):
