@@ -541,7 +541,9 @@ class HealthResource:
         if not healthy:
             resp.set_header("Retry-After", gateway.upstreams.retry_after())
         status = "draining" if gateway.draining else "ok" if healthy else "unavailable"
-        resp.media = {"status": status, "models": models, "backends": backends}
+        resp.media = {"status": status, "models": models}
+        if gateway.config.health_detail:
+            resp.media["backends"] = backends
 
 
 class RequestIdMiddleware:

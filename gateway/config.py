@@ -171,6 +171,7 @@ class Config:
     max_body_bytes: int
     max_json_depth: int
     admin_pipeline: str | None
+    health_detail: bool
     plugin_dirs: tuple[str, ...]
     health_interval: float
     backends: dict[str, BackendConfig]
@@ -301,6 +302,7 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
         max_body_bytes=data["max_body_bytes"],
         max_json_depth=data["max_json_depth"],
         admin_pipeline=data["admin_pipeline"],
+        health_detail=data["health_detail"],
         plugin_dirs=tuple(str((base / d).resolve()) for d in data["plugin_dirs"]),
         health_interval=data["health_interval"],
         backends=backends,

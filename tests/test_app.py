@@ -245,3 +245,10 @@ def test_usage_of_several_choices_is_recounted(client):
     assert resp.json["usage"] == {"prompt_tokens": 5, "completion_tokens": 15, "total_tokens": 20}
     single = client.simulate_post("/v1/chat/completions", json=CHAT)
     assert single.json["usage"]["completion_tokens"] == 5
+
+
+def test_health_detail_can_be_turned_off(make_client):
+    client = make_client(health_detail=False)
+    client.gateway.upstreams.check_all()
+    body = client.simulate_get("/health").json
+    assert body == {"status": "ok", "models": {"smollm2": True}}
