@@ -112,17 +112,19 @@ class Gateway:
         req.context.pipeline = pipeline
         return ctx, pipeline
 
-    def route(self, ctx: RequestContext, pipeline: Pipeline) -> Replica | None:
-        """Run the ``route`` hooks for a request whose ``ctx.backend`` is set; returns
-        their choice. ``ctx.replica`` is the replica likeliest to serve it."""
+    def route(self, ctx: RequestContext, pipeline: Pipeline) -> Replica:
+        """The replica to try first for a request whose ``ctx.backend`` is set: the
+        ``route`` hooks' choice, else the gateway's next in turn. Sets ``ctx.replica``."""
         chosen = pipeline.route(ctx, self.upstreams.backends)
         if chosen is not None:
             ctx.backend = chosen.backend
-        ctx._replica = chosen or self.upstreams.backends[ctx.backend].candidates()[0]
-        ctx.replica = ctx._replica.url
+        else:
+            chosen = self.upstreams.backends[ctx.backend].candidates()[0]
+        ctx._replica = chosen
+        ctx.replica = chosen.url
         return chosen
 
-    def open_upstream(self, ctx: RequestContext, chosen: Replica | None, path: str, body: bytes,
+    def open_upstream(self, ctx: RequestContext, chosen: Replica, path: str, body: bytes,
                       headers: dict[str, str], method: str = "POST") -> Lease:
         """Send the request to ``ctx.backend`` (``chosen`` first); see :meth:`Upstreams.open`.
 

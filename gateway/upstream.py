@@ -234,12 +234,14 @@ class Backend:
         return max(1, math.ceil(slots / WORKERS))
 
     def candidates(self, first: Replica | None = None) -> list[Replica]:
-        """Replicas in the order to try them: ``first``, then ready ones round robin,
-        then ones not yet checked, then those whose last check failed (which may
-        have come back since)."""
-        start = next(self._turn) % len(self.replicas)
+        """Replicas in the order to try them: ``first``, then the ones not known to be
+        down (ready, or not checked yet) in turn, then those whose last check failed
+        (which may have come back since)."""
+        # Only a fresh choice takes a turn: ordering around a given first replica (for
+        # failover) must not skew the rotation for the next request.
+        start = next(self._turn) % len(self.replicas) if first is None else 0
         rotated = self.replicas[start:] + self.replicas[:start]
-        ordered = sorted(rotated, key=lambda r: {True: 0, None: 1, False: 2}[r.ready])
+        ordered = sorted(rotated, key=lambda r: r.ready is False)
         if first is not None:
             ordered = [first] + [r for r in ordered if r is not first]
         return ordered

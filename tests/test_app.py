@@ -252,3 +252,17 @@ def test_health_detail_can_be_turned_off(make_client):
     client.gateway.upstreams.check_all()
     body = client.simulate_get("/health").json
     assert body == {"status": "ok", "models": {"smollm2": True}}
+
+
+def test_without_a_router_plugin_requests_take_the_replicas_in_turn(make_client):
+    from gateway.testing import FakeBackend
+
+    first, second = FakeBackend(), FakeBackend()
+    try:
+        client = make_client(backends={"chat": {"urls": [first.url, second.url]}})
+        for _ in range(4):
+            assert client.simulate_post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert (len(first.requests), len(second.requests)) == (2, 2)
+    finally:
+        first.close()
+        second.close()

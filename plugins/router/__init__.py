@@ -1,7 +1,7 @@
 """router: picks the replica of the model's backend.
 
 Replicas whose last background health check failed (llama-server answers 503
-while it loads a model) are skipped; among the rest, the one with the fewest
+while it loads a model) or whose circuit breaker is open are skipped; among the rest, the one with the fewest
 requests in flight wins, ties in turn. The gateway fails over to the other
 replicas when the chosen one refuses the connection, before any byte was sent.
 """
@@ -24,7 +24,7 @@ class Plugin:
         backend = backends.get(ctx.backend)
         if backend is None:
             return None
-        ready = [r for r in backend.replicas if r.ready is not False]
+        ready = [r for r in backend.replicas if r.available]
         if not ready:
             return None  # let the gateway try them all: one may have come back
         if self.least_in_flight:
