@@ -185,12 +185,21 @@ class Gateway:
 
         resp.stream = ResponseBody(ctx, chunks, on_close)
 
+    def serve_locally(self, req: falcon.Request, resp: falcon.Response, route: str, pipeline_name: str,
+                      otherwise: Callable[[RequestContext], Response], read_body: bool = False) -> None:
+        """Answer without a backend: the pipeline's ``request`` hooks may answer (a cache,
+        a CORS preflight, a plugin route); else ``otherwise(ctx)`` does (it may raise).
+        With ``read_body`` a JSON body sent along is decoded into ``ctx.body`` first."""
+        ctx, pipeline = self.begin(req, route, pipeline_name)
+        if read_body and req.method in ("POST", "PUT", "PATCH") and req.content_length:
+            ctx.body = read_json_body(req, ctx, self.config.max_body_bytes, self.config.max_json_depth)
+        answer = pipeline.request(ctx)
+        self.answer(ctx, pipeline, resp, answer if answer is not None else otherwise(ctx))
+
     def options(self, req: falcon.Request, resp: falcon.Response, route: str, pipeline_name: str,
                 allow: str) -> None:
         """``OPTIONS``: the pipeline may answer (a CORS preflight); else 204 with ``Allow``."""
-        ctx, pipeline = self.begin(req, route, pipeline_name)
-        answer = pipeline.request(ctx) or Response(status=204, headers={"Allow": allow})
-        self.answer(ctx, pipeline, resp, answer)
+        self.serve_locally(req, resp, route, pipeline_name, lambda ctx: Response(status=204, headers={"Allow": allow}))
 
     def answer(self, ctx: RequestContext, pipeline: Pipeline, resp: falcon.Response, answer: Response) -> None:
         """Send a response a ``request`` hook made."""
@@ -360,9 +369,8 @@ class ModelsResource:
                 "owned_by": self.gateway.config.models[model_id].owned_by}
 
     def _send(self, req: falcon.Request, resp: falcon.Response, body: Callable[[], dict[str, Any]]) -> None:
-        ctx, pipeline = self.gateway.begin(req, self.route, self.gateway.config.routes[self.route])
-        answer = pipeline.request(ctx)
-        self.gateway.answer(ctx, pipeline, resp, answer if answer is not None else Response(body=body()))
+        self.gateway.serve_locally(req, resp, self.route, self.gateway.config.routes[self.route],
+                                   lambda ctx: Response(body=body()))
 
     def on_options(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         self.gateway.options(req, resp, self.route, self.gateway.config.routes[self.route], "GET, OPTIONS")
@@ -442,16 +450,15 @@ class ControlResource:
 
     def _run(self, req: falcon.Request, resp: falcon.Response, route: str, admin_only: bool,
              act: Callable[[RequestContext], dict[str, Any]]) -> None:
-        ctx, pipeline = self.gateway.begin(req, route, self.pipeline_name)
-        answer = pipeline.request(ctx)
-        if answer is None:
+        def authorized(ctx: RequestContext) -> Response:
             if ctx.principal is None:
                 raise PermissionDeniedError("This endpoint needs an authenticated caller; "
                                             "admin_pipeline has no auth plugin.")
             if admin_only and ctx.principal.role != "admin":
                 raise PermissionDeniedError("This endpoint needs an admin key.", code="admin_required")
-            answer = Response(body=act(ctx))
-        self.gateway.answer(ctx, pipeline, resp, answer)
+            return Response(body=act(ctx))
+
+        self.gateway.serve_locally(req, resp, route, self.pipeline_name, authorized)
 
     def on_get_status(self, req: falcon.Request, resp: falcon.Response) -> None:
         gateway = self.gateway
@@ -516,14 +523,11 @@ class PluginRouteResource:
         self.pipeline_name = pipeline_name
 
     def on_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        ctx, pipeline = self.gateway.begin(req, self.route, self.pipeline_name)
-        if req.method in ("POST", "PUT", "PATCH") and req.content_length:
-            ctx.body = read_json_body(req, ctx, self.gateway.config.max_body_bytes, self.gateway.config.max_json_depth)
-        answer = pipeline.request(ctx)
-        if answer is None:
+        def unanswered(ctx: RequestContext) -> Response:
             raise NotFoundError(f"Invalid URL ({req.method} {req.path}): no plugin of pipeline "
                                 f"{self.pipeline_name} answers it.", code="unknown_url")
-        self.gateway.answer(ctx, pipeline, resp, answer)
+
+        self.gateway.serve_locally(req, resp, self.route, self.pipeline_name, unanswered, read_body=True)
 
     on_get = on_post = on_put = on_patch = on_delete = on_options = on_request
 
