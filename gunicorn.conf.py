@@ -50,6 +50,13 @@ def _check_config(server) -> bool:
     return True
 
 
+def worker_exit(server, worker) -> None:
+    # In the worker, after its last request: plugins flush what they buffer.
+    app = getattr(worker, "wsgi", None)
+    if hasattr(app, "shutdown"):
+        app.shutdown()
+
+
 def on_starting(server) -> None:
     # A bad config stops the start, with the reason.
     if not _check_config(server):

@@ -1,6 +1,7 @@
 """The Falcon app: routes, the request flow and error rendering.
 
-Flow of a POST route: read the body (bounded) -> resolve the model -> ``request``
+Flow of a POST route: ``request_start`` hooks (headers only: authentication) ->
+read the body (bounded in size and time) -> resolve the model -> ``request``
 hooks (may answer at once) -> ``route`` hooks pick a replica -> ``upstream_request``
 hooks edit the payload -> the backend, streamed -> ``response`` or
 ``response_event`` hooks -> the client. ``complete`` runs once from the body
@@ -23,6 +24,7 @@ import requests
 import yaml
 
 from . import lifecycle, openapi
+from .body import read_body, read_json_body
 from .compat import normalize_answer
 from .config import Config, ConfigError, PrefixRoute, Timeouts, load_config, parse_config
 from .context import Principal, RequestContext, Response
@@ -32,15 +34,15 @@ from .errors import (
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
-    PayloadTooLargeError,
     PermissionDeniedError,
+    RequestCancelledError,
     ServiceUnavailableError,
     UpstreamError,
 )
 from .pipeline import Pipeline, build_pipelines
 from .stats import Stats
-from .streaming import Relay, ResponseBody, cancelled_error, read_error, replay
-from .upstream import Lease, Replica, Upstreams, error_of, recount_completion_tokens
+from .streaming import Relay, ResponseBody, read_error, replay
+from .upstream import InFlight, Lease, Replica, Upstreams, error_of, recount_completion_tokens
 
 log = logging.getLogger("llamagate")
 
@@ -59,19 +61,6 @@ def may_touch(caller: Principal | None, owner: Principal | None) -> bool:
     return caller.role == "admin" or (owner is not None and owner.client_id == caller.client_id)
 
 
-class InFlight:
-    """A request with an open (or opening) backend connection, for cancellation."""
-
-    def __init__(self, ctx: RequestContext) -> None:
-        self.ctx = ctx
-        self.lease: Lease | None = None
-
-    def cancel(self) -> None:
-        self.ctx.cancelled = True
-        if self.lease is not None:
-            self.lease.abort()
-
-
 class Gateway:
     """The configuration in force: its pipelines and backends.
 
@@ -80,14 +69,31 @@ class Gateway:
         pipelines: Built pipelines by name; built from ``config`` when None.
     """
 
-    def __init__(self, config: Config, pipelines: dict[str, Pipeline] | None = None) -> None:
+    def __init__(self, config: Config, pipelines: dict[str, Pipeline] | None = None,
+                 previous: Gateway | None = None) -> None:
         self.config = config
         self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
-        self.upstreams = Upstreams(config.backends, config.health_interval)
-        self.in_flight: dict[str, InFlight] = {}
+        self.upstreams = Upstreams(config.backends, config.health_interval,
+                                   previous.upstreams if previous is not None else None)
+        # Requests with an open (or opening) backend connection. Keyed by object, not
+        # by the client's x-request-id, which a client may reuse or collide; shared
+        # with the gateway a reload replaces, so its requests stay cancellable.
+        self.in_flight: set[InFlight] = previous.in_flight if previous is not None else set()
+        # Requests begun on this gateway and not completed: a retired one shuts its
+        # plugins down when this reaches zero.
+        self.active = 0
+        self._shut_down = False
         # Counted on the next request's context, for events outside any request (a reload).
         self.pending_counters: dict[str, int] = {}
         self.stats = Stats()
+
+    def shutdown(self) -> None:
+        """Run every plugin's ``shutdown`` hook, once."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        for pipeline in self.pipelines.values():
+            pipeline.shutdown()
 
     @property
     def draining(self) -> bool:
@@ -108,6 +114,7 @@ class Gateway:
         if self.pending_counters:
             ctx.counters.update(self.pending_counters)
             self.pending_counters.clear()
+        self.active += 1
         req.context.ctx = ctx
         req.context.pipeline = pipeline
         return ctx, pipeline
@@ -131,36 +138,38 @@ class Gateway:
         While the lease is open the request can be cancelled; closing the lease ends that.
         """
         assert ctx.backend is not None
-        self.in_flight[ctx.request_id] = InFlight(ctx)
+        entry = InFlight(ctx)
+        self.in_flight.add(entry)
         sent_at = time.monotonic()
         try:
             lease = self.upstreams.open(ctx, self.upstreams.backends[ctx.backend], chosen, path, body, headers,
-                                        self.config.timeouts_for(ctx.route), method)
+                                        self.config.timeouts_for(ctx.route), entry, method)
         except BaseException:
-            self.in_flight.pop(ctx.request_id, None)
+            self.in_flight.discard(entry)
             raise
         ctx.upstream_ms = (time.monotonic() - sent_at) * 1000.0
-        self.in_flight[ctx.request_id].lease = lease
-        if ctx.cancelled:  # cancelled while it waited for a slot
-            self.finish(ctx, lease)
-            raise cancelled_error()
+        if ctx.cancelled:  # cancelled as the answer began
+            self.finish(lease)
+            raise RequestCancelledError()
         return lease
 
-    def finish(self, ctx: RequestContext, lease: Lease) -> None:
+    def finish(self, lease: Lease) -> None:
+        """Give the backend connection and the admission slot back; idempotent."""
         lease.close()
-        self.in_flight.pop(ctx.request_id, None)
+        self.in_flight.discard(lease.in_flight)
 
-    def cancel(self, request_id: str, caller: Principal | None) -> bool:
-        """Cancel a request in flight, if ``caller`` owns it or is an admin."""
-        entry = self.in_flight.get(request_id)
-        if entry is None or not may_touch(caller, entry.ctx.principal):
-            return False
-        entry.cancel()
-        return True
+    def cancel(self, request_id: str, caller: Principal | None) -> int:
+        """Cancel the requests in flight with this ``x-request-id`` that ``caller``
+        owns (an admin: any); returns how many."""
+        entries = [e for e in list(self.in_flight)
+                   if e.ctx.request_id == request_id and may_touch(caller, e.ctx.principal)]
+        for entry in entries:
+            entry.cancel()
+        return len(entries)
 
     def cancel_backend(self, backend: str) -> int:
         """Cancel every request in flight on ``backend``; returns how many."""
-        entries = [e for e in self.in_flight.values() if e.ctx.backend == backend]
+        entries = [e for e in list(self.in_flight) if e.ctx.backend == backend]
         for entry in entries:
             entry.cancel()
         return len(entries)
@@ -170,6 +179,7 @@ class Gateway:
         """Send ``chunks`` as the body; when it closes, clean up and run ``complete``."""
 
         def on_close(sent_all: bool) -> None:
+            self.active -= 1
             if cleanup is not None:
                 cleanup()
             if ctx.cancelled:
@@ -191,9 +201,11 @@ class Gateway:
         a CORS preflight, a plugin route); else ``otherwise(ctx)`` does (it may raise).
         With ``read_body`` a JSON body sent along is decoded into ``ctx.body`` first."""
         ctx, pipeline = self.begin(req, route, pipeline_name)
-        if read_body and req.method in ("POST", "PUT", "PATCH") and req.content_length:
-            ctx.body = read_json_body(req, ctx, self.config.max_body_bytes, self.config.max_json_depth)
-        answer = pipeline.request(ctx)
+        answer = pipeline.request_start(ctx)
+        if answer is None:
+            if read_body and req.method in ("POST", "PUT", "PATCH") and req.content_length:
+                ctx.body = read_json_body(req, ctx, self.config)
+            answer = pipeline.request(ctx)
         self.answer(ctx, pipeline, resp, answer if answer is not None else otherwise(ctx))
 
     def options(self, req: falcon.Request, resp: falcon.Response, route: str, pipeline_name: str,
@@ -219,55 +231,6 @@ class Gateway:
         self.respond(ctx, pipeline, resp, [data])
 
 
-def read_body(req: falcon.Request, ctx: RequestContext, max_bytes: int) -> bytes:
-    """The request body, read without taking more than ``max_bytes``."""
-    length = req.content_length
-    if length is not None and length > max_bytes:
-        raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {max_bytes} bytes.")
-    try:
-        # Without Content-Length (chunked upload) read one byte past the limit to see it.
-        data = req.bounded_stream.read() if length is not None else req.stream.read(max_bytes + 1)
-    except TimeoutError:
-        raise GatewayError("The request body did not arrive in time.", type="invalid_request_error",
-                           code="request_timeout", status=408) from None
-    ctx.bytes_in = len(data)
-    if len(data) > max_bytes:
-        raise PayloadTooLargeError(f"The request body is larger than the limit of {max_bytes} bytes.")
-    return data
-
-
-def read_json_body(req: falcon.Request, ctx: RequestContext, max_bytes: int, max_depth: int) -> dict[str, Any]:
-    """The request's JSON object, read without taking more than ``max_bytes``."""
-    data = read_body(req, ctx, max_bytes)
-    if not data:
-        raise InvalidRequestError("The request has no body; send a JSON object.")
-    try:
-        body = json.loads(data)
-    except UnicodeDecodeError:
-        raise InvalidRequestError("The request body is not valid UTF-8.") from None
-    except ValueError as exc:
-        raise InvalidRequestError(f"We could not parse the JSON body of your request: {exc}.") from None
-    except RecursionError:
-        raise InvalidRequestError("The JSON body of your request is nested too deeply.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError(f"The request body must be a JSON object, not {type(body).__name__}.")
-    if json_depth(body) > max_depth:
-        raise InvalidRequestError(f"The JSON body is nested deeper than {max_depth} levels.")
-    return body
-
-
-def json_depth(value: Any) -> int:
-    """How deeply arrays and objects nest in ``value`` (without recursion)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is not None:
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
-
-
 class ProxyResource:
     """An OpenAI POST route served by a backend."""
 
@@ -282,7 +245,11 @@ class ProxyResource:
         gateway = self.gateway
         config = gateway.config
         ctx, pipeline = gateway.begin(req, self.route, config.routes[self.route])
-        body = read_json_body(req, ctx, config.max_body_bytes, config.max_json_depth)
+        answer = pipeline.request_start(ctx)
+        if answer is not None:
+            gateway.answer(ctx, pipeline, resp, answer)
+            return
+        body = read_json_body(req, ctx, config)
         ctx.body = body
         requested = body.get("model")
         if not isinstance(requested, str) or not requested:
@@ -314,6 +281,7 @@ class ProxyResource:
         lease = gateway.open_upstream(ctx, chosen, self.route, json.dumps(payload).encode(), headers)
         upstream = lease.response
         timeouts = config.timeouts_for(self.route)
+        relaying = False  # once the relay owns the lease, its close() gives it back
         try:
             if upstream.status_code >= 400:
                 raise error_of(upstream, gateway.upstreams.retry_after())
@@ -322,13 +290,13 @@ class ProxyResource:
                 relay = Relay(ctx, upstream, ctx.model, on_event, timeouts)
                 resp.content_type = "text/event-stream"
                 resp.set_headers(STREAM_HEADERS)
-                gateway.respond(ctx, pipeline, resp, relay, lambda: gateway.finish(ctx, lease))
+                gateway.respond(ctx, pipeline, resp, relay, lambda: gateway.finish(lease))
+                relaying = True
                 return
             data = self._whole_answer(ctx, pipeline, lease, timeouts)
-        except BaseException:
-            gateway.finish(ctx, lease)
-            raise
-        gateway.finish(ctx, lease)
+        finally:
+            if not relaying:
+                gateway.finish(lease)
         resp.content_type = _JSON
         resp.content_length = len(data)
         gateway.respond(ctx, pipeline, resp, [data])
@@ -368,9 +336,16 @@ class ModelsResource:
         return {"id": model_id, "object": "model", "created": self.created,
                 "owned_by": self.gateway.config.models[model_id].owned_by}
 
-    def _send(self, req: falcon.Request, resp: falcon.Response, body: Callable[[], dict[str, Any]]) -> None:
+    def _send(self, req: falcon.Request, resp: falcon.Response,
+              body: Callable[[RequestContext], dict[str, Any]]) -> None:
         self.gateway.serve_locally(req, resp, self.route, self.gateway.config.routes[self.route],
-                                   lambda ctx: Response(body=body()))
+                                   lambda ctx: Response(body=body(ctx)))
+
+    @staticmethod
+    def visible(ctx: RequestContext, model_id: str) -> bool:
+        """A key restricted to some models sees only those."""
+        principal = ctx.principal
+        return principal is None or not principal.models or model_id in principal.models
 
     def on_options(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         self.gateway.options(req, resp, self.route, self.gateway.config.routes[self.route], "GET, OPTIONS")
@@ -378,12 +353,13 @@ class ModelsResource:
     on_options_model = on_options
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._send(req, resp, lambda: {"object": "list", "data": [self._model(m) for m in self.gateway.config.models]})
+        self._send(req, resp, lambda ctx: {"object": "list", "data": [
+            self._model(m) for m in self.gateway.config.models if self.visible(ctx, m)]})
 
     def on_get_model(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
-        def body() -> dict[str, Any]:
+        def body(ctx: RequestContext) -> dict[str, Any]:
             public = self.gateway.config.resolve_model(model_id)
-            if public is None:
+            if public is None or not self.visible(ctx, public):
                 raise NotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.",
                                     code="model_not_found", param="model")
             return self._model(public)
@@ -405,7 +381,11 @@ class PrefixResource:
     def on_request(self, req: falcon.Request, resp: falcon.Response, rest: str) -> None:
         gateway = self.gateway
         ctx, pipeline = gateway.begin(req, self.route, self.target.pipeline)
-        body = read_body(req, ctx, gateway.config.max_body_bytes)
+        answer = pipeline.request_start(ctx)
+        if answer is not None:
+            gateway.answer(ctx, pipeline, resp, answer)
+            return
+        body = read_body(req, ctx, gateway.config)
         answer = pipeline.request(ctx)
         if answer is not None:
             gateway.answer(ctx, pipeline, resp, answer)
@@ -427,7 +407,7 @@ class PrefixResource:
         resp.status = lease.response.status_code
         if lease.response.headers.get("Content-Type"):
             resp.content_type = lease.response.headers["Content-Type"]
-        gateway.respond(ctx, pipeline, resp, relay(), lambda: gateway.finish(ctx, lease))
+        gateway.respond(ctx, pipeline, resp, relay(), lambda: gateway.finish(lease))
 
     on_get = on_post = on_put = on_patch = on_delete = on_options = on_request
 
@@ -483,7 +463,7 @@ class ControlResource:
         def cancel(ctx: RequestContext) -> dict[str, Any]:
             if not self.gateway.cancel(request_id, ctx.principal):
                 raise NotFoundError(f"No request {request_id!r} of yours is in flight on this worker.",
-                                    code="request_not_found")
+                                    code="request_not_found", param="request_id")
             return {"id": request_id, "object": "request.cancelled", "cancelled": True}
 
         self._run(req, resp, "/v1/requests/{request_id}/cancel", False, cancel)

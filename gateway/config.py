@@ -169,6 +169,8 @@ class Config:
 
     file: str
     max_body_bytes: int
+    body_timeout: float
+    body_min_rate: int
     max_json_depth: int
     admin_pipeline: str | None
     health_detail: bool
@@ -300,6 +302,8 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
         route_timeouts={route: replace(timeouts, **spec) for route, spec in per_route.items()},
         file=file,
         max_body_bytes=data["max_body_bytes"],
+        body_timeout=data["body_timeout"],
+        body_min_rate=data["body_min_rate"],
         max_json_depth=data["max_json_depth"],
         admin_pipeline=data["admin_pipeline"],
         health_detail=data["health_detail"],

@@ -11,7 +11,9 @@ The tree (HTTP status in brackets)::
 
     GatewayError
     ├── InvalidRequestError [400]      invalid_request_error
-    │   └── PayloadTooLargeError [413]
+    │   ├── RequestTimeoutError [408]  request_timeout: the body came too slowly
+    │   ├── PayloadTooLargeError [413]
+    │   └── RequestCancelledError [499] request_cancelled
     ├── AuthenticationError [401]      invalid_api_key
     ├── PermissionDeniedError [403]
     ├── NotFoundError [404]            model_not_found, unknown_url
@@ -89,6 +91,21 @@ class InvalidRequestError(GatewayError):
 class PayloadTooLargeError(InvalidRequestError):
     status = 413
     code = "request_too_large"
+
+
+class RequestTimeoutError(InvalidRequestError):
+    status = 408
+    code = "request_timeout"
+
+
+class RequestCancelledError(InvalidRequestError):
+    """The request was cancelled through a cancel endpoint (499, nginx's "client closed")."""
+
+    status = 499
+    code = "request_cancelled"
+
+    def __init__(self, message: str = "The request was cancelled.", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
 
 
 class AuthenticationError(GatewayError):

@@ -34,6 +34,28 @@ class GatewaySpec:
     """The hooks. Each docstring says when it runs and what it may do."""
 
     @hookspec(firstresult=True)
+    def request_start(self, ctx: RequestContext) -> Response | None:
+        """Runs for every request as soon as its headers arrived, before the body
+        is read or parsed.
+
+        Authentication lives here, and anything else that needs only the headers:
+        a request refused here costs the gateway no body reading or JSON parsing,
+        so a client without a key cannot make it work.
+
+        Args:
+            ctx: The request. ``ctx.body``, ``ctx.model`` and ``ctx.requested_model``
+                are still None; ``ctx.headers``, ``ctx.query`` and ``ctx.remote_addr``
+                are set.
+
+        Returns:
+            None to continue, or a :class:`gateway.Response` that answers the
+            client at once (the body is never read).
+
+        Raises:
+            GatewayError: to reject the request with that error.
+        """
+
+    @hookspec(firstresult=True)
     def request(self, ctx: RequestContext) -> Response | None:
         """Runs for every request on the route, before any backend is chosen.
 
@@ -105,6 +127,15 @@ class GatewaySpec:
         Returns:
             None to keep the event, or False to drop it: the client never sees it
             and the plugins after this one are not called for it.
+        """
+
+    @hookspec
+    def shutdown(self) -> None:
+        """Runs once when the plugin instance is retired: after a reload replaced
+        its configuration (once the requests it was serving have completed) or
+        when the worker process exits. Flush buffered data here; state that
+        must outlive a reload (limits, caches) belongs in a store
+        (:func:`gateway.stores.make_store` keeps memory stores across reloads).
         """
 
     @hookspec

@@ -150,6 +150,9 @@ class Pipeline:
                 code="plugin_error",
             ) from exc
 
+    def request_start(self, ctx: RequestContext) -> Response | None:
+        return self._call(self.pm.hook.request_start, ctx)
+
     def request(self, ctx: RequestContext) -> Response | None:
         return self._call(self.pm.hook.request, ctx)
 
@@ -174,6 +177,14 @@ class Pipeline:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
             except Exception:
                 ctx.log(logging.ERROR, "plugin %s failed in complete hook", impl.plugin_name, exc_info=True)
+
+    def shutdown(self) -> None:
+        """Call every plugin's ``shutdown``; one that raises is logged and skipped."""
+        for impl in self.pm.hook.shutdown.get_hookimpls()[::-1]:
+            try:
+                impl.function()
+            except Exception:
+                log.exception("plugin %s failed in shutdown hook of pipeline %s", impl.plugin_name, self.name)
 
     def describe(self) -> list[str]:
         return [label for label, _ in self.plugins]

@@ -5,7 +5,12 @@ The worker's WSGI callable is a :class:`ReloadingApp`. A watcher greenlet looks 
 files every ``GATEWAY_RELOAD_INTERVAL`` seconds; on a change it checks the whole new
 configuration (schemas, every plugin loaded and configured) and only then swaps in a
 new app for new requests, in one assignment. Requests in flight finish on the gateway
-they started with, and the old gateway's health checks stop. A bad file leaves the old
+they started with, and the old gateway's health checks stop. What must outlive a
+reload does: unchanged backends (pools, breakers) and every backend's admission
+(so old and new never admit twice the limit), the requests in flight (still
+cancellable), and memory stores (rate limits and caches; see
+:func:`gateway.stores.make_store`). Once the old gateway's last request completed,
+its plugins' ``shutdown`` hooks run (to flush what they buffer). A bad file leaves the old
 configuration serving, logged with its path and reason, and counted in StatsD
 (``config.reload_failed``; a good one counts ``config.reloaded``).
 """
@@ -22,6 +27,7 @@ from .config import ConfigError, load_config
 from .pipeline import build_pipelines
 
 log = logging.getLogger("llamagate")
+RETIRE_POLL = 0.2  # seconds between looks at whether a replaced gateway is idle
 
 
 def watched_files(gateway: Gateway) -> list[str]:
@@ -67,20 +73,37 @@ class ReloadingApp:
         stamps = {p: _stamp(p) for p in self._stamps}
         try:
             config = load_config(path)
-            gateway = Gateway(config, build_pipelines(config))
+            gateway = Gateway(config, build_pipelines(config), previous=old)
         except ConfigError as exc:
             self._stamps = stamps  # do not retry the same bad file every interval
             old.pending_counters["config.reload_failed"] = old.pending_counters.get("config.reload_failed", 0) + 1
             log.error("not reloading: %s is not valid; the previous configuration keeps serving:\n%s", path, exc)
             return False
         gateway.pending_counters["config.reloaded"] = 1
-        gateway.in_flight = old.in_flight  # requests still running on the old one stay cancellable
+        old.upstreams.stop()
         gateway.upstreams.start_health_checks()
         self.app, self.gateway = build_app(gateway), gateway
         self._stamps = {p: _stamp(p) for p in watched_files(gateway)}
-        old.upstreams.stop()
+        self._retire(old)
         log.info("reloaded %s", path)
         return True
+
+    def _retire(self, old: Gateway) -> None:
+        """Shut the old gateway's plugins down once its last request completed."""
+
+        def wait_then_shut_down() -> None:
+            while old.active > 0 and not self._stop.wait(RETIRE_POLL):
+                pass
+            old.shutdown()
+
+        threading.Thread(target=wait_then_shut_down, name="llamagate-retire", daemon=True).start()
+
+    def shutdown(self) -> None:
+        """The worker is exiting (its requests done or abandoned): stop watching and
+        run the plugins' ``shutdown`` hooks."""
+        self._stop.set()
+        self.gateway.upstreams.stop()
+        self.gateway.shutdown()
 
     def watch(self, interval: float) -> None:
         """Check for changes every ``interval`` seconds, in the background."""
@@ -94,3 +117,4 @@ class ReloadingApp:
 
     def stop(self) -> None:
         self._stop.set()
+

@@ -182,8 +182,23 @@ class RedisStore:
         return Decision(bool(allowed), _remaining(debt_s, period, period / limit), debt_s, wait_s)
 
 
+_memory_stores: dict[tuple[str, int], MemoryStore] = {}
+_registry_lock = threading.Lock()
+
+
 def make_store(config: Mapping[str, Any], key_prefix: str) -> Store:
-    """The store a plugin's config asks for (``store``, ``redis_url``, ``max_bytes``)."""
+    """The store a plugin's config asks for (``store``, ``redis_url``, ``max_bytes``).
+
+    A memory store is one per process for each ``key_prefix`` (and size): the plugin
+    instances a reload makes get the same one, so rate limits and cached answers
+    survive a reload exactly as they do in Redis. Like Redis, it is shared by every
+    pipeline that uses the plugin: keep pipelines apart in the keys if they must be.
+    """
     if config["store"] == "redis":
         return RedisStore(config["redis_url"], prefix=f"llamagate:{key_prefix}:")
-    return MemoryStore(config.get("max_bytes", 64 * 1024 * 1024))
+    max_bytes = config.get("max_bytes", 64 * 1024 * 1024)
+    with _registry_lock:
+        store = _memory_stores.get((key_prefix, max_bytes))
+        if store is None:
+            store = _memory_stores[(key_prefix, max_bytes)] = MemoryStore(max_bytes)
+    return store

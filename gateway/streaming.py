@@ -19,7 +19,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from .config import Timeouts
 from .context import RequestContext
-from .errors import GatewayError, GatewayTimeoutError, UpstreamError, from_upstream
+from .errors import GatewayError, GatewayTimeoutError, RequestCancelledError, UpstreamError, from_upstream
 
 DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
@@ -81,15 +81,10 @@ class ResponseBody:
         self._on_close(self._sent_all)
 
 
-def cancelled_error() -> GatewayError:
-    return GatewayError("The request was cancelled.", type="invalid_request_error", code="request_cancelled",
-                        status=499)
-
-
 def read_error(ctx: RequestContext, exc: requests.RequestException, timeouts: Timeouts) -> GatewayError:
     """The client's error for a backend connection that failed while its answer was read."""
     if ctx.cancelled:
-        return cancelled_error()
+        return RequestCancelledError()
     # requests wraps urllib3's read timeout in a ConnectionError mid-body.
     if exc.args and isinstance(exc.args[0], ReadTimeoutError) or isinstance(exc, requests.Timeout):
         return GatewayTimeoutError(f"The backend sent nothing for {timeouts.idle:g} s; the answer was abandoned.")

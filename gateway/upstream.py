@@ -31,6 +31,7 @@ import math
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,10 +39,19 @@ from typing import Any, Iterable, Mapping
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .config import BackendConfig, Timeouts
 from .context import RequestContext
-from .errors import GatewayError, GatewayTimeoutError, ServiceUnavailableError, UpstreamError, from_upstream
+from .errors import (
+    GatewayError,
+    GatewayTimeoutError,
+    RequestCancelledError,
+    ServiceUnavailableError,
+    UpstreamError,
+    from_upstream,
+)
 
 log = logging.getLogger("llamagate")
 
@@ -50,6 +60,85 @@ WORKERS = int(os.environ.get("GATEWAY_WORKERS", "1"))
 RETRIED_STATUSES = (502, 503)
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
+
+
+class InFlight:
+    """One request's hold on the backend, for cancellation: the socket of the attempt
+    in progress (known from the moment it connects, long before llama-server sends
+    headers) and the admission wait, if it is queued.
+
+    Args:
+        ctx: The request.
+    """
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self.socket: socket.socket | None = None
+        self.wake: Any = None  # set while queued: wakes the waiting request
+
+    def attach(self, sock: socket.socket) -> None:
+        """The connection the request is being sent on (called by the connection)."""
+        self.socket = sock
+        if self.ctx.cancelled:
+            _shut(sock)
+
+    def cancel(self) -> None:
+        """Stop the request now: leave the queue, or cut the backend connection, so
+        llama-server stops generating and the request's reader wakes with an error."""
+        self.ctx.cancelled = True
+        if self.wake is not None:
+            self.wake()
+        if self.socket is not None:
+            _shut(self.socket)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _Attempt(threading.local):
+    """The request whose attempt this thread (greenlet, under gevent) is sending."""
+
+    in_flight: InFlight | None = None
+
+
+_attempt = _Attempt()
+
+
+class _Reporting:
+    """Tells the request being sent which socket carries it, when it connects and
+    when a pooled connection is reused."""
+
+    sock: socket.socket | None
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        if _attempt.in_flight is not None and self.sock is not None:
+            _attempt.in_flight.attach(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        if _attempt.in_flight is not None and self.sock is not None:
+            _attempt.in_flight.attach(self.sock)
+        return super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _ReportingHTTPConnection(_Reporting, HTTPConnection):
+    pass
+
+
+class _ReportingHTTPSConnection(_Reporting, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _ReportingHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _ReportingHTTPSConnection
 
 
 class Breaker:
@@ -110,6 +199,7 @@ class Replica:
         self.session = requests.Session()
         self.session.trust_env = False
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=config.max_connections)
+        adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         if config.api_key:
@@ -173,11 +263,13 @@ class Admission:
     def queued(self) -> int:
         return len(self._queue)
 
-    def acquire(self, priority: int) -> float:
-        """Take a slot, waiting if need be; returns the seconds waited.
+    def acquire(self, priority: int, in_flight: InFlight | None = None) -> float:
+        """Take a slot, waiting if need be; returns the seconds waited. A cancel of
+        ``in_flight`` ends the wait; the slot is never lost, whatever interrupts it.
 
         Raises:
             ServiceUnavailableError: the queue is full, or the wait timed out.
+            RequestCancelledError: cancelled while it waited.
         """
         name = self.backend.name
         with self._lock:
@@ -191,14 +283,34 @@ class Admission:
             entry = (priority, next(self._order), waiter)
             heapq.heappush(self._queue, entry)
         start = time.monotonic()
-        waiter.event.wait(self.timeout)
-        with self._lock:
-            if waiter.granted:
-                return time.monotonic() - start
-            self._queue.remove(entry)
-            heapq.heapify(self._queue)
+        if in_flight is not None:
+            in_flight.wake = waiter.event.set
+        try:
+            waiter.event.wait(self.timeout)
+        except BaseException:
+            self._leave(entry, waiter)
+            raise
+        finally:
+            if in_flight is not None:
+                in_flight.wake = None
+        if in_flight is not None and in_flight.ctx.cancelled:
+            self._leave(entry, waiter)
+            raise RequestCancelledError()
+        if waiter.granted:
+            return time.monotonic() - start
+        self._leave(entry, waiter)
         raise ServiceUnavailableError(f"The backend {name} stayed at capacity for {self.timeout:g} s; "
                                       "try again shortly.", code="queue_timeout", headers={"Retry-After": "1"})
+
+    def _leave(self, entry: tuple[int, int, _Waiter], waiter: _Waiter) -> None:
+        """A waiter gives up: out of the queue, or, if a slot reached it meanwhile,
+        the slot passes on."""
+        with self._lock:
+            if not waiter.granted:
+                self._queue.remove(entry)
+                heapq.heapify(self._queue)
+                return
+        self.release()
 
     def release(self) -> None:
         with self._lock:
@@ -213,11 +325,18 @@ class Admission:
 class Backend:
     """A named group of replicas that serve the same models."""
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, previous: Backend | None = None) -> None:
         self.name = config.name
         self.config = config
         self.replicas = [Replica(url, config) for url in config.urls]
-        self.admission = Admission(self, config.max_queue, config.queue_timeout)
+        if previous is not None:
+            # A reload that changed this backend: the requests the old one admitted
+            # still count against the limit, so admission carries over.
+            self.admission = previous.admission
+            self.admission.backend = self
+            self.admission.max_queue, self.admission.timeout = config.max_queue, config.queue_timeout
+        else:
+            self.admission = Admission(self, config.max_queue, config.queue_timeout)
         self._turn = itertools.count()
 
     @property
@@ -257,29 +376,27 @@ class Lease:
     Attributes:
         replica: The replica that answered.
         response: Its streamed ``requests`` response.
+        in_flight: The request's :class:`InFlight` entry.
     """
 
-    def __init__(self, backend: Backend, replica: Replica, response: requests.Response) -> None:
+    def __init__(self, backend: Backend, replica: Replica, response: requests.Response, in_flight: InFlight) -> None:
         self.backend = backend
         self.replica = replica
         self.response = response
+        self.in_flight = in_flight
+        self.socket = in_flight.socket
         self._closed = False
 
     def set_read_timeout(self, seconds: float) -> None:
         """From now on, a read that waits longer than ``seconds`` fails."""
-        sock = _socket_of(self.response)
-        if sock is not None:
-            sock.settimeout(seconds)
+        if self.socket is not None:
+            self.socket.settimeout(seconds)
 
     def abort(self) -> None:
-        """Cut the connection now (cancel): llama-server stops generating, and a
-        reader blocked on it wakes up with an error."""
-        sock = _socket_of(self.response)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        """Cut the connection now: llama-server stops generating, and a reader
+        blocked on it wakes up with an error."""
+        if self.socket is not None:
+            _shut(self.socket)
 
     def close(self) -> None:
         if self._closed:
@@ -290,24 +407,16 @@ class Lease:
         self.backend.admission.release()
 
 
-def _socket_of(response: requests.Response) -> socket.socket | None:
-    """The socket a streamed response is read from (urllib3 -> http.client -> SocketIO).
-
-    http.client drops the connection's own reference when the backend will close
-    the connection after the answer, so the reader's is the one to take.
-    """
-    reader = getattr(getattr(getattr(response.raw, "_fp", None), "fp", None), "raw", None)
-    sock = getattr(reader, "_sock", None)
-    if sock is None:
-        sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
-    return sock
-
-
 class Upstreams:
     """Every backend of a config, with their background health checks."""
 
-    def __init__(self, configs: Mapping[str, BackendConfig], health_interval: float) -> None:
-        self.backends = {name: Backend(cfg) for name, cfg in configs.items()}
+    def __init__(self, configs: Mapping[str, BackendConfig], health_interval: float,
+                 previous: Upstreams | None = None) -> None:
+        old = previous.backends if previous is not None else {}
+        # A reload keeps each unchanged backend whole (replicas, pools, breakers,
+        # admission) and the admission of a changed one: never two limits at once.
+        self.backends = {name: old[name] if name in old and old[name].config == cfg else Backend(cfg, old.get(name))
+                         for name, cfg in configs.items()}
         self.health_interval = health_interval
         self._stop = threading.Event()
         self._checker: threading.Thread | None = None
@@ -343,7 +452,7 @@ class Upstreams:
         return str(max(1, round(self.health_interval)))
 
     def open(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str, body: bytes,
-             headers: Mapping[str, str], timeouts: Timeouts, method: str = "POST") -> Lease:
+             headers: Mapping[str, str], timeouts: Timeouts, in_flight: InFlight, method: str = "POST") -> Lease:
         """Admit the request, then send it until a replica answers; see the module doc.
 
         Sets ``ctx.replica``; counts each retry as ``upstream.retries``, the queue
@@ -357,19 +466,24 @@ class Upstreams:
         """
         priority = 0 if ctx.principal is not None and ctx.principal.role == "admin" else 1
         ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
-        waited = backend.admission.acquire(priority)
+        waited = backend.admission.acquire(priority, in_flight)
         ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
+        _attempt.in_flight = in_flight
         try:
-            return self._send(ctx, backend, first, path, body, headers, timeouts, method)
+            return self._send(ctx, backend, first, path, body, headers, timeouts, in_flight, method)
         except BaseException:
             backend.admission.release()
             raise
+        finally:
+            _attempt.in_flight = None
 
     def _send(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str, body: bytes,
-              headers: Mapping[str, str], timeouts: Timeouts, method: str) -> Lease:
+              headers: Mapping[str, str], timeouts: Timeouts, in_flight: InFlight, method: str) -> Lease:
         deadline = time.monotonic() + timeouts.retry_deadline
         tried: list[Replica] = []
         for attempt in itertools.count():
+            if ctx.cancelled:
+                raise RequestCancelledError()
             replica = self._pick(backend, first if attempt == 0 else None, tried)
             if replica is None:
                 raise self._unavailable(ctx, backend)
@@ -379,25 +493,27 @@ class Upstreams:
             replica.breaker.attempt(now)
             first_byte = min(timeouts.first_byte, max(0.001, ctx.started + timeouts.total - now))
             replica.in_flight += 1
+            in_flight.socket = None
             try:
                 resp = replica.session.request(method, replica.url + path, data=body, headers=headers,
                                                stream=True, timeout=(replica.connect_timeout, first_byte))
-            except requests.ConnectTimeout:
-                error: GatewayError = self._failed(replica, "connect timeout")
-            except requests.ConnectionError as exc:
-                reason = "connection refused" if _never_connected(exc) else "connection reset"
-                error = self._failed(replica, reason)
-                if reason == "connection refused":
-                    replica.ready = False
-            except requests.Timeout as exc:
-                self._failed(replica, "first byte timeout")
-                raise GatewayTimeoutError(f"The backend {backend.name} did not start answering within "
-                                          f"{first_byte:g} s.") from exc
+            except requests.RequestException as exc:
+                if ctx.cancelled:  # the cancel cut the connection: not the replica's fault
+                    replica.in_flight -= 1
+                    raise RequestCancelledError() from None
+                error = self._attempt_failed(replica, backend, exc, first_byte)
+            except BaseException:
+                replica.in_flight -= 1
+                raise
             else:
+                if ctx.cancelled:
+                    replica.in_flight -= 1
+                    resp.close()
+                    raise RequestCancelledError()
                 if resp.status_code not in RETRIED_STATUSES:
                     replica.breaker.success()
                     replica.ready = True
-                    lease = Lease(backend, replica, resp)
+                    lease = Lease(backend, replica, resp, in_flight)
                     lease.set_read_timeout(timeouts.idle)
                     return lease
                 error = error_of(resp, self.retry_after())
@@ -411,6 +527,20 @@ class Upstreams:
             ctx.incr("upstream.retries")
             time.sleep(pause)
         raise AssertionError("unreachable")
+
+    def _attempt_failed(self, replica: Replica, backend: Backend, exc: requests.RequestException,
+                        first_byte: float) -> GatewayError:
+        """The error of an attempt that raised; a first-byte timeout is not retried."""
+        if isinstance(exc, requests.ConnectTimeout):
+            return self._failed(replica, "connect timeout")
+        if isinstance(exc, requests.ConnectionError):
+            reason = "connection refused" if _never_connected(exc) else "connection reset"
+            if reason == "connection refused":
+                replica.ready = False
+            return self._failed(replica, reason)
+        self._failed(replica, "first byte timeout")
+        raise GatewayTimeoutError(f"The backend {backend.name} did not start answering within "
+                                  f"{first_byte:g} s.") from exc
 
     @staticmethod
     def _pick(backend: Backend, first: Replica | None, tried: list[Replica]) -> Replica | None:

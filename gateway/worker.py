@@ -6,6 +6,13 @@
   a client that trickles its body gets 408, one that stops reading a stream is
   dropped, and neither holds a backend slot for long. A client that trickles its
   headers is dropped by gunicorn itself after ``keepalive`` seconds;
+* ``Expect: 100-continue`` answered by the app, not by gunicorn: only once the
+  request was authenticated and its size accepted (``gateway.body``), so a
+  refused request never invites its body;
+* a connection whose request body the app left unread (a 401 before the body,
+  a 413 from Content-Length) is closed instead of drained: draining would let a
+  client that trickles a body hold the connection, and the worker's attention,
+  after its answer;
 * on SIGTERM from a stopping master the gateway drains: new requests get 503 with
   ``Retry-After`` while the ones in flight finish within ``graceful_timeout``; a
   worker replaced by a reload (HUP) finishes its requests and keeps serving
@@ -22,6 +29,9 @@ from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
 from . import lifecycle
+
+# gunicorn's name for the header the app reads as body.INVITE_HEADER.
+INVITE_HEADER = "LLAMAGATE-EXPECT-CONTINUE"
 
 CLIENT_TIMEOUT = float(os.environ.get("GATEWAY_CLIENT_TIMEOUT", "30"))
 
@@ -50,6 +60,17 @@ class Worker(GeventWorker):
         client.settimeout(CLIENT_TIMEOUT)
         AsyncWorker.handle(self, listener, client, addr)
 
+    def handle_request(self, listener_name, req, sock, addr):
+        # Whoever sends this header, only the worker decides whether it is set.
+        req.headers = [(name, value) for name, value in req.headers if name != INVITE_HEADER]
+        if getattr(req, "_expected_100_continue", False):
+            req._expected_100_continue = False  # the app sends it when it wants the body
+            req.headers.append((INVITE_HEADER, "1"))
+        keepalive = super().handle_request(listener_name, req, sock, addr)
+        if body_left_unread(req):
+            raise StopIteration("closing: the request body was not read")
+        return keepalive
+
     def handle_exit(self, sig, frame) -> None:
         # SIGTERM comes when the master stops (it closed its listening sockets just
         # before) and when a reload replaces this worker (the master keeps listening
@@ -66,3 +87,15 @@ class Worker(GeventWorker):
             return any(os.readlink(os.path.join(fd_dir, fd)) in ours for fd in os.listdir(fd_dir))
         except OSError:
             return False
+
+
+def body_left_unread(req) -> bool:
+    """Whether some of the request's body is still on the wire (gunicorn's readers)."""
+    reader = getattr(getattr(req, "body", None), "reader", None)
+    if reader is None:
+        return False
+    if hasattr(reader, "length"):  # Content-Length
+        return reader.length > 0
+    if hasattr(reader, "finished"):  # read until the connection closes
+        return not reader.finished
+    return getattr(reader, "parser", None) is not None  # chunked

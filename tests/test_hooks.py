@@ -45,6 +45,46 @@ def test_every_hook_is_typed_and_documented_in_the_spec(hook):
         assert re.search(rf"^\s+{argument}:", spec.__doc__, re.M), f"{hook}.{argument} is not in its docstring"
 
 
+def test_hook_request_start():
+    class Gate:
+        def __init__(self):
+            self.bodies = []
+
+        @hookimpl
+        def request_start(self, ctx):
+            self.bodies.append(ctx.body)
+            if ctx.headers.get("X-TENANT") != "acme":
+                raise InvalidRequestError("unknown tenant")
+
+    gate = Gate()
+    with Harness([gate]) as harness:
+        assert harness.chat("hi").status == 400  # no tenant header
+        assert harness.chat("hi", headers={"X-Tenant": "acme"}).status == 200
+    assert gate.bodies == [None, None]  # it ran before the body was read
+    assert len(harness.backend.requests) == 1
+
+
+def test_hook_shutdown(tmp_path):
+    class Buffer:
+        def __init__(self):
+            self.pending, self.flushed = [], []
+
+        @hookimpl
+        def complete(self, ctx, outcome):
+            self.pending.append(ctx.request_id)
+
+        @hookimpl
+        def shutdown(self):
+            self.flushed, self.pending = self.flushed + self.pending, []
+
+    buffer = Buffer()
+    with Harness([buffer]) as harness:
+        harness.chat("hi")
+        assert buffer.flushed == [] and len(buffer.pending) == 1
+        harness.gateway.shutdown()
+    assert len(buffer.flushed) == 1 and buffer.pending == []
+
+
 def test_hook_request():
     class Gate:
         @hookimpl

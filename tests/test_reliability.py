@@ -226,7 +226,7 @@ def test_owner_cancels_a_stream_and_the_client_gets_a_final_error(live):
     while "cancelled" not in outcomes and time.monotonic() < deadline:
         time.sleep(0.02)
     assert "cancelled" in outcomes
-    assert gateway.in_flight == {}
+    assert gateway.in_flight == set()
 
 
 def test_admin_cancels_everything_on_a_backend(live):

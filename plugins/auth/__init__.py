@@ -1,7 +1,9 @@
 """auth: API keys, held and compared only as SHA-256 hashes.
 
-The key comes from ``Authorization: Bearer <key>`` or ``x-api-key``. A missing or
-wrong key gets 401 ``invalid_api_key``; a model the key may not use gets 403. The
+The key comes from ``Authorization: Bearer <key>`` or ``x-api-key`` and is checked
+in ``request_start``, before the body is read. A missing or wrong key gets 401
+``invalid_api_key``; a model the key may not use gets 403 (in ``request``, once
+the body named the model). The
 caller's :class:`gateway.Principal` goes on ``ctx.principal`` for later plugins.
 """
 
@@ -38,7 +40,8 @@ class Plugin:
         return headers.get("X-API-KEY") or None
 
     @hookimpl
-    def request(self, ctx):
+    def request_start(self, ctx):
+        # Before the body is read: a client without a valid key costs no parsing.
         key = self.presented_key(ctx.headers)
         if key is None:
             raise AuthenticationError(
@@ -47,6 +50,11 @@ class Plugin:
         if principal is None:
             raise AuthenticationError("Incorrect API key provided.")
         ctx.principal = principal
-        if principal.models and ctx.model is not None and ctx.model not in principal.models:
+
+    @hookimpl
+    def request(self, ctx):
+        principal = ctx.principal
+        if principal is not None and principal.models and ctx.model is not None \
+                and ctx.model not in principal.models:
             raise PermissionDeniedError(f"This API key may not use the model `{ctx.requested_model}`.",
                                         code="model_not_allowed", param="model")

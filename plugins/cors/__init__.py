@@ -36,7 +36,7 @@ class Plugin:
         return headers
 
     @hookimpl
-    def request(self, ctx):
+    def request_start(self, ctx):
         origin = ctx.headers.get("ORIGIN")
         if origin is None:
             return None

@@ -1,8 +1,9 @@
 """usage_meter: tokens per client per day in SQLite, and ``GET /v1/usage`` for admins.
 
 Usage is added up in memory when requests complete and written to SQLite in batches
-(at most every ``flush_seconds``, and before every query), so no request waits on a
-disk write. Each gunicorn worker writes its own batches into the same file; SQLite's
+(at most every ``flush_seconds``, before every query, and in ``shutdown`` when a
+reload retires the plugin or the worker exits, so nothing buffered is lost), so no
+request waits on a disk write. Each gunicorn worker writes its own batches into the same file; SQLite's
 locking keeps the sums right.
 
 ``GET /v1/usage`` (admin key) answers ``{"object": "list", "data": [{"client", "day",
@@ -54,6 +55,10 @@ class Plugin:
         if rows:
             with sqlite3.connect(self.database, timeout=10) as db:
                 db.executemany(UPSERT, rows)
+
+    @hookimpl
+    def shutdown(self):
+        self.flush()
 
     @hookimpl
     def request(self, ctx):
