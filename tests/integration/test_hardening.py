@@ -1,0 +1,309 @@
+"""Attacks from the hardening review, each reproduced through real gunicorn gevent workers
+against the canned llama-server: duplicate request ids, work before auth, slow bodies,
+Expect: 100-continue, cancel of plain requests, buffered data across a stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+
+import pytest
+import requests
+
+from gateway import keys
+from gateway.testing import canned_llama_app, serve_in_thread
+
+from .conftest import ROUTES
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def canned():
+    server, url = serve_in_thread(canned_llama_app)
+    yield url
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def guarded(start_gateway, canned, logs):
+    keys_file = logs / "hardening-keys.yaml"
+    gw_keys = {name: keys.add_key(keys_file, name, role) for name, role in
+               (("alice", "user"), ("mallory", "user"), ("ops", "admin"))}
+    doc = {
+        "health_interval": 1,
+        "admin_pipeline": "default",
+        "max_body_bytes": 4 * 1024 * 1024,
+        "backends": {"chat": {"urls": [canned], "max_in_flight": 4, "queue_timeout": 2}},
+        "models": {"smollm2": {"backend": "chat"}},
+        "pipelines": {"default": [
+            {"auth": {"keys_file": str(keys_file), "env_keys": {}}},
+            {"validate": {"max_tokens_limit": 256}},
+        ]},
+        "routes": {route: "default" for route in ROUTES if route != "/v1/embeddings"},
+    }
+    gw = start_gateway(doc)
+    gw.keys = gw_keys
+    return gw
+
+
+def auth(gw, who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {gw.keys[who]}"}
+
+
+def status(gw) -> dict:
+    return requests.get(gw.url + "/admin/status", headers=auth(gw, "ops"), timeout=5).json()
+
+
+def idle(gw, timeout: float = 5) -> dict:
+    """The worker's status once nothing is in flight (or the last one seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = status(gw)
+        if (now["in_flight"] == 0 and now["backends"]["chat"]["in_flight"] == 0) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
+def address(gw) -> tuple[str, int]:
+    host, port = gw.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """Everything up to the end of one response with Content-Length (or the close)."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep and head.startswith(b"HTTP/1.1 100"):
+            data = body
+            continue
+        if sep:
+            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+            if length and len(body) >= length[0]:
+                return data
+
+
+def request_head(gw, length: int, headers: dict[str, str] | None = None) -> bytes:
+    host, port = address(gw)
+    lines = [f"POST /v1/chat/completions HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+             f"Content-Length: {length}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+# 1. Duplicate request ids -------------------------------------------------------------
+
+def test_duplicate_request_ids_never_leak_a_slot(guarded):
+    """Two overlapping requests with one x-request-id used to share one in-flight entry:
+    the first to finish removed it, the second got a 500 and kept its slot. Three such
+    pairs left a 4-slot backend full with nothing running."""
+    slow = dict(CHAT, stream=True, canned={"delay": 0.05, "events": 10})
+    fast = dict(CHAT, stream=True, canned={"events": 1})
+
+    def one(body, request_id, leave_early=False, error=False):
+        payload = dict(body, canned=dict(body["canned"], status=500)) if error else body
+        with requests.post(guarded.url + "/v1/chat/completions", json=payload, stream=True, timeout=10,
+                           headers={**auth(guarded, "alice"), "X-Request-Id": request_id}) as resp:
+            if leave_early:
+                next(resp.iter_lines())
+                return resp.status_code
+            resp.content
+            return resp.status_code
+
+    jobs = []
+    for pair in range(3):
+        rid = f"dup-{pair}"
+        jobs += [(slow, rid, False, False), (fast, rid, False, False), (slow, rid, True, False), (fast, rid, False, True)]
+    results: dict[int, int] = {}
+    threads = [threading.Thread(target=lambda i=i, j=j: results.__setitem__(i, one(*j))) for i, j in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # every request got its own answer: the backend's 500 for the scripted errors, 200 otherwise
+    assert [results[i] for i in range(len(jobs))] == [500 if job[3] else 200 for job in jobs]
+    now = idle(guarded)
+    assert now["in_flight"] == 0 and now["backends"]["chat"]["in_flight"] == 0
+    assert now["backends"]["chat"]["queued"] == 0
+    # and the backend takes four at once again
+    after: list[int] = []
+    with_slots = [threading.Thread(target=lambda: after.append(one(slow, "after"))) for _ in range(4)]
+    for thread in with_slots:
+        thread.start()
+    for thread in with_slots:
+        thread.join()
+    assert after == [200] * 4
+
+
+def test_reusing_a_live_request_id_does_not_steal_its_cancel(guarded):
+    body = dict(CHAT, stream=True, canned={"delay": 0.1, "events": 60})
+    with requests.post(guarded.url + "/v1/chat/completions", json=body, stream=True, timeout=10,
+                       headers={**auth(guarded, "alice"), "X-Request-Id": "shared-id"}) as victim, \
+            requests.post(guarded.url + "/v1/chat/completions", json=body, stream=True, timeout=10,
+                          headers={**auth(guarded, "mallory"), "X-Request-Id": "shared-id"}) as squatter:
+        victim_lines, squatter_lines = victim.iter_lines(), squatter.iter_lines()
+        next(line for line in victim_lines if line)
+        next(line for line in squatter_lines if line)
+        done = requests.post(guarded.url + "/v1/requests/shared-id/cancel", headers=auth(guarded, "alice"), timeout=5)
+        assert done.status_code == 200
+        assert json.loads([l for l in victim_lines if l][-1][6:])["error"]["code"] == "request_cancelled"
+        # mallory's own request is untouched by alice's cancel
+        assert [l for l in squatter_lines if l][-1] == b"data: [DONE]"
+    assert idle(guarded)["in_flight"] == 0
+
+
+# 2. Work before auth ------------------------------------------------------------------
+
+def worker_cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_no_key_gets_401_before_its_body_is_read(guarded):
+    """The answer comes while the 4 MiB body has not even been sent."""
+    with socket.create_connection(address(guarded), timeout=10) as sock:
+        sock.sendall(request_head(guarded, 4 * 1024 * 1024))
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"invalid_api_key" in answer
+
+
+def test_unauthenticated_bodies_cost_no_parsing_and_health_stays_up(guarded):
+    """4 MiB of `{}` objects without a key used to take 2.4-3.5 s of the worker's CPU each
+    to parse before the 401, and /health waited behind them."""
+    pid = status(guarded)["pid"]
+    body = b'{"model":"smollm2","messages":[' + b",".join([b"{}"] * 1_390_000) + b"]}"
+    assert len(body) <= 4 * 1024 * 1024
+    before = worker_cpu_seconds(pid)
+    refused: list[bytes] = []
+
+    def send_one() -> None:
+        with socket.create_connection(address(guarded), timeout=20) as sock:
+            try:
+                sock.sendall(request_head(guarded, len(body)) + body)
+            except OSError:  # the gateway answered and closed before taking it all
+                pass
+            refused.append(read_response(sock)[:12])
+
+    senders = [threading.Thread(target=send_one) for _ in range(8)]
+    for thread in senders:
+        thread.start()
+    health = [requests.get(guarded.url + "/health", timeout=5).status_code for _ in range(5)]
+    for thread in senders:
+        thread.join()
+    used = worker_cpu_seconds(pid) - before
+    assert health == [200] * 5
+    assert refused == [b"HTTP/1.1 401"] * 8
+    # Parsing one such body took seconds; eight refused unread take a fraction of one.
+    assert used < 1.0, f"the worker spent {used:.2f} s of CPU on unauthenticated bodies"
+
+
+# 3. Slow bodies -------------------------------------------------------------------------
+
+def trickle(gw, headers: dict[str, str], length: int, every: float, results: list, stop: threading.Event) -> None:
+    with socket.create_connection(address(gw), timeout=30) as sock:
+        sock.sendall(request_head(gw, length, headers))
+        sock.settimeout(every)
+        answer = b""
+        for _ in range(length):
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                break
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            answer += chunk
+            if not chunk or b"\r\n\r\n" in answer:
+                break
+            if stop.is_set():
+                break
+        sock.settimeout(5)
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+        results.append(answer)
+
+
+def test_a_trickled_body_gets_408_within_its_deadline(guarded):
+    """One byte every 0.5 s never tripped the per-read timeout: six clients held their
+    connections for as long as they liked. Now a 200-byte body must arrive within
+    2 s + 200 / body_min_rate, so each gets 408 long before it would have finished."""
+    results: list[bytes] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=trickle, args=(guarded, auth(guarded, "alice"), 200, 0.5, results, stop))
+               for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    stop.set()
+    assert len(results) == 6
+    for answer in results:  # all six answered before sending even 60 of their 200 bytes
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"request_timeout" in answer
+    assert requests.get(guarded.url + "/health", timeout=5).status_code == 200
+
+
+def test_an_unauthenticated_trickle_is_refused_and_disconnected(guarded):
+    """Without a key the body is never read, and the connection is closed rather than
+    drained (a drain would let the trickle hold it)."""
+    results: list[bytes] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=trickle, args=(guarded, {}, 200, 0.2, results, stop))
+    thread.start()
+    thread.join(timeout=30)
+    stop.set()
+    assert results and results[0].startswith(b"HTTP/1.1 401")
+
+
+# 11. Expect: 100-continue ---------------------------------------------------------------
+
+def expect(gw, headers: dict[str, str], length: int) -> bytes:
+    """What the gateway says to a request that waits for 100 Continue, before any body."""
+    with socket.create_connection(address(gw), timeout=10) as sock:
+        sock.sendall(request_head(gw, length, {"Expect": "100-continue", **headers}))
+        sock.settimeout(5)
+        return sock.recv(65536)
+
+
+def test_expect_continue_is_refused_before_the_body_when_too_large(guarded):
+    first = expect(guarded, auth(guarded, "alice"), 64 * 1024 * 1024)
+    assert first.startswith(b"HTTP/1.1 413"), first[:200]
+    assert b"100 Continue" not in first
+
+
+def test_expect_continue_without_a_key_is_never_invited(guarded):
+    first = expect(guarded, {}, 1000)
+    assert first.startswith(b"HTTP/1.1 401"), first[:200]
+
+
+def test_expect_continue_is_invited_once_accepted(guarded):
+    body = json.dumps(CHAT).encode()
+    with socket.create_connection(address(guarded), timeout=10) as sock:
+        sock.sendall(request_head(guarded, len(body), {"Expect": "100-continue", **auth(guarded, "alice")}))
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_a_client_cannot_forge_the_invitation_header(guarded):
+    """The worker alone decides whether the app owes a 100 Continue."""
+    body = json.dumps(CHAT).encode()
+    with socket.create_connection(address(guarded), timeout=10) as sock:
+        sock.sendall(request_head(guarded, len(body), {"Llamagate-Expect-Continue": "1", **auth(guarded, "alice")})
+                     + body)
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
