@@ -266,3 +266,30 @@ def test_without_a_router_plugin_requests_take_the_replicas_in_turn(make_client)
     finally:
         first.close()
         second.close()
+
+
+def test_a_key_restricted_to_some_models_sees_only_those(tmp_path, canned_url):
+    """It used to list every model and read /v1/models/{id} of the others."""
+    from falcon.testing import TestClient
+
+    from gateway import keys
+    from gateway.app import Gateway, build_app
+    from gateway.config import parse_config
+
+    keys_file = tmp_path / "keys.yaml"
+    narrow = keys.add_key(keys_file, "alice", models=["smollm2"])
+    wide = keys.add_key(keys_file, "bob")
+    doc = config_doc(canned_url, pipelines={"default": [{"auth": {"keys_file": str(keys_file), "env_keys": {}}}]})
+    doc["models"]["secret-model"] = {"backend": "chat", "aliases": ["hidden-alias"]}
+    client = TestClient(build_app(Gateway(parse_config(doc))))
+
+    def get(path, key):
+        return client.simulate_get(path, headers={"Authorization": f"Bearer {key}"})
+
+    assert [m["id"] for m in get("/v1/models", narrow).json["data"]] == ["smollm2"]
+    assert {m["id"] for m in get("/v1/models", wide).json["data"]} == {"smollm2", "secret-model"}
+    for name in ("secret-model", "hidden-alias"):
+        hidden = get(f"/v1/models/{name}", narrow)
+        assert hidden.status_code == 404 and hidden.json["error"]["code"] == "model_not_found"
+        assert get(f"/v1/models/{name}", wide).status_code == 200
+    assert get("/v1/models/smollm2", narrow).status_code == 200

@@ -4,15 +4,16 @@ a bad one leaves the old serving, logged and counted."""
 from __future__ import annotations
 
 import logging
+import time
 
 import falcon.testing
 import yaml
 
-from gateway import keys
+from gateway import hookimpl, keys
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.pipeline import build_pipelines
-from gateway.reload import ReloadingApp, watched_files
+from gateway.reload import RETIRE_POLL, ReloadingApp, watched_files
 
 from .conftest import config_doc
 
@@ -75,3 +76,69 @@ def test_the_keys_file_is_watched_through_the_auth_plugin(tmp_path, canned_url):
     keys.revoke(keys_file, "alice")
     assert app.changed() and app.reload()
     assert client.simulate_get("/v1/models", headers={"Authorization": f"Bearer {first}"}).status_code == 401
+
+
+def test_a_client_at_its_limit_stays_limited_across_a_reload(tmp_path, canned_url):
+    """Each reload used to make fresh plugin instances with fresh memory stores: adding a
+    key (`llamagate keys add`) handed every client a new budget."""
+    keys_file = tmp_path / "keys.yaml"
+    key = keys.add_key(keys_file, "alice")
+    path, app, client = start(tmp_path, canned_url, pipelines={"default": [
+        {"auth": {"keys_file": str(keys_file), "env_keys": {}}},
+        {"ratelimit": {"requests_per_minute": 2, "tokens_per_minute": None}}]})
+    headers = {"Authorization": f"Bearer {key}"}
+    assert [client.simulate_post("/v1/chat/completions", json=CHAT, headers=headers).status_code
+            for _ in range(3)] == [200, 200, 429]
+    keys.add_key(keys_file, "bob")
+    assert app.changed() and app.reload()
+    assert client.simulate_post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 429
+
+
+def test_a_cached_answer_survives_a_reload(tmp_path, canned_url):
+    path, app, client = start(tmp_path, canned_url, pipelines={"default": [{"cache": {"only_deterministic": False}}]})
+    assert client.simulate_post("/v1/chat/completions", json=CHAT).headers["x-cache"] == "MISS"
+    rewrite(path, lambda doc: doc["models"]["smollm2"].update(aliases=["renamed"]))
+    assert app.reload()
+    assert client.simulate_post("/v1/chat/completions", json=CHAT).headers["x-cache"] == "HIT"
+
+
+def test_a_reload_never_doubles_admission(tmp_path, canned_url):
+    """Old and new gateways used to each admit up to the limit while the old one drained."""
+    path, app, client = start(tmp_path, canned_url,
+                              backends={"chat": {"urls": [canned_url], "max_in_flight": 2}})
+    old = app.gateway.upstreams.backends["chat"]
+    old.admission.in_flight = 2  # two requests of the old configuration still running
+    rewrite(path, lambda doc: doc["backends"]["chat"].update(max_in_flight=3))  # a changed backend
+    assert app.reload()
+    new = app.gateway.upstreams.backends["chat"]
+    assert new is not old and new.admission is old.admission and new.limit == 3
+    assert new.admission.in_flight == 2
+    rewrite(path, lambda doc: doc["models"]["smollm2"].update(aliases=["x"]))  # backend unchanged
+    assert app.reload()
+    assert app.gateway.upstreams.backends["chat"] is new
+
+
+def test_a_replaced_configuration_flushes_its_plugins_once_idle(tmp_path, canned_url):
+    flushed = []
+
+    class Buffering:
+        @hookimpl
+        def shutdown(self):
+            flushed.append(self)
+
+    path, app, client = start(tmp_path, canned_url)
+    app.gateway.pipelines["default"].pm.register(Buffering(), name="buffering")
+    old = app.gateway
+    old.active = 1  # a request of the old configuration is still running
+    rewrite(path, lambda doc: doc["models"]["smollm2"].update(aliases=["x"]))
+    assert app.reload()
+    time.sleep(3 * RETIRE_POLL)
+    assert flushed == []  # not while its request runs
+    old.active = 0
+    deadline = time.monotonic() + 5
+    while not flushed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(flushed) == 1
+    app.gateway.pipelines["default"].pm.register(Buffering(), name="buffering")
+    app.shutdown()  # the worker exits: the configuration in force flushes too
+    assert len(flushed) == 2
