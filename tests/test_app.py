@@ -276,6 +276,8 @@ def test_a_key_restricted_to_some_models_sees_only_those(tmp_path, canned_url):
     from gateway.app import Gateway, build_app
     from gateway.config import parse_config
 
+    from .conftest import config_doc
+
     keys_file = tmp_path / "keys.yaml"
     narrow = keys.add_key(keys_file, "alice", models=["smollm2"])
     wide = keys.add_key(keys_file, "bob")
