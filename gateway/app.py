@@ -25,7 +25,7 @@ import yaml
 
 from . import lifecycle, openapi
 from .body import read_body, read_json_body
-from .compat import normalize_answer
+from .answers import Assembler, normalize_answer
 from .config import Config, ConfigError, PrefixRoute, Timeouts, load_config, parse_config
 from .context import Principal, RequestContext, Response
 from .errors import (
@@ -41,8 +41,8 @@ from .errors import (
 )
 from .pipeline import Pipeline, build_pipelines
 from .stats import Stats
-from .streaming import Relay, ResponseBody, read_error, replay
-from .upstream import InFlight, Lease, Replica, Upstreams, error_of, recount_completion_tokens
+from .streaming import Relay, ResponseBody, collect, read_error, replay, watch_departure
+from .upstream import InFlight, Lease, Replica, Upstreams, error_of
 
 log = logging.getLogger("llamagate")
 
@@ -59,6 +59,17 @@ def may_touch(caller: Principal | None, owner: Principal | None) -> bool:
     if caller is None:
         return False
     return caller.role == "admin" or (owner is not None and owner.client_id == caller.client_id)
+
+
+def outcome_of(ctx: RequestContext, sent_all: bool) -> str:
+    """The ``outcome`` the ``complete`` hooks get."""
+    if ctx.cancelled:
+        return "cancelled"
+    if ctx.client_gone:
+        return "client_gone"
+    if ctx.error is not None:
+        return "error"
+    return "ok" if sent_all else "client_gone"
 
 
 class Gateway:
@@ -153,6 +164,13 @@ class Gateway:
             raise RequestCancelledError()
         return lease
 
+    def client_gone(self, ctx: RequestContext) -> None:
+        """The client of ``ctx`` hung up before its answer was ready: stop the work."""
+        ctx.client_gone = True
+        for entry in list(self.in_flight):
+            if entry.ctx is ctx:
+                entry.interrupt()
+
     def finish(self, lease: Lease) -> None:
         """Give the backend connection and the admission slot back; idempotent."""
         lease.close()
@@ -180,18 +198,12 @@ class Gateway:
 
         def on_close(sent_all: bool) -> None:
             self.active -= 1
-            if cleanup is not None:
-                cleanup()
-            if ctx.cancelled:
-                outcome = "cancelled"
-            elif ctx.error is not None:
-                outcome = "error"
-            elif not sent_all:
-                outcome = "client_gone"
-            else:
-                outcome = "ok"
-            pipeline.complete(ctx, outcome)
-            self.stats.record(ctx)
+            try:
+                if cleanup is not None:
+                    cleanup()
+            finally:
+                pipeline.complete(ctx, outcome_of(ctx, sent_all))
+                self.stats.record(ctx)
 
         resp.stream = ResponseBody(ctx, chunks, on_close)
 
@@ -272,55 +284,79 @@ class ProxyResource:
         chosen = gateway.route(ctx, pipeline)
         payload = dict(body)
         payload["model"] = model.upstream_model or ctx.model
-        if ctx.stream and self.route != "/v1/embeddings":
-            # Always ask for usage, so accounting works on streams; the relay drops
-            # the usage chunk again when the client did not ask for it.
-            payload["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
         pipeline.upstream_request(ctx, payload)
+        generates = self.route != "/v1/embeddings"
+        if generates:
+            ask_for_a_stream(payload)
         headers = {"Content-Type": _JSON, "X-Request-Id": ctx.request_id}
-        lease = gateway.open_upstream(ctx, chosen, self.route, json.dumps(payload).encode(), headers)
-        upstream = lease.response
-        timeouts = config.timeouts_for(self.route)
-        relaying = False  # once the relay owns the lease, its close() gives it back
+        # A plain answer is written only when whole: until then only a watch on the
+        # client's socket can tell that it hung up, and stop the generation.
+        stop_watching = watch_departure(req.env, lambda: gateway.client_gone(ctx)) if not ctx.stream else None
         try:
-            if upstream.status_code >= 400:
-                raise error_of(upstream, gateway.upstreams.retry_after())
-            if ctx.stream:
-                on_event = (lambda event: pipeline.response_event(ctx, event)) if pipeline.wants_events else None
-                relay = Relay(ctx, upstream, ctx.model, on_event, timeouts)
-                resp.content_type = "text/event-stream"
-                resp.set_headers(STREAM_HEADERS)
-                gateway.respond(ctx, pipeline, resp, relay, lambda: gateway.finish(lease))
-                relaying = True
-                return
-            data = self._whole_answer(ctx, pipeline, lease, timeouts)
+            lease = gateway.open_upstream(ctx, chosen, self.route, json.dumps(payload).encode(), headers)
+            relaying = False  # once the relay owns the lease, its close() gives it back
+            try:
+                upstream = lease.response
+                timeouts = config.timeouts_for(self.route)
+                if upstream.status_code >= 400:
+                    raise error_of(upstream, gateway.upstreams.retry_after())
+                if ctx.stream:
+                    on_event = (lambda event: pipeline.response_event(ctx, event)) if pipeline.wants_events else None
+                    relay = Relay(ctx, upstream, ctx.model, on_event, timeouts)
+                    resp.content_type = "text/event-stream"
+                    resp.set_headers(STREAM_HEADERS)
+                    gateway.respond(ctx, pipeline, resp, relay, lambda: gateway.finish(lease))
+                    relaying = True
+                    return
+                answer = whole_answer(ctx, upstream, timeouts)
+            finally:
+                if not relaying:
+                    gateway.finish(lease)
         finally:
-            if not relaying:
-                gateway.finish(lease)
+            if stop_watching is not None:
+                stop_watching()
+        ctx.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        pipeline.response(ctx, answer)
+        data = json.dumps(answer).encode()
         resp.content_type = _JSON
         resp.content_length = len(data)
         gateway.respond(ctx, pipeline, resp, [data])
 
-    @staticmethod
-    def _whole_answer(ctx: RequestContext, pipeline: Pipeline, lease: Lease, timeouts: Timeouts) -> bytes:
+
+def ask_for_a_stream(payload: dict[str, Any]) -> None:
+    """Make a chat or completion request one llama-server streams, whatever the client
+    asked: only a stream stops generating when its connection closes (cancel, a client
+    that left), and ``timings`` on every chunk tell what an answer cut short cost."""
+    payload["stream"] = True
+    options = payload.get("stream_options")
+    payload["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
+    payload["timings_per_token"] = True
+    # Fields that change the shape of llama-server's chunks, which the gateway reads.
+    for field in ("return_progress", "response_fields"):
+        payload.pop(field, None)
+
+
+def whole_answer(ctx: RequestContext, upstream: requests.Response, timeouts: Timeouts) -> dict[str, Any]:
+    """The backend's answer as one OpenAI object: assembled from its stream, or decoded
+    when the backend answered in one piece (embeddings, or a backend that does not stream)."""
+    assert ctx.model is not None
+    if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+        assembler = Assembler()
+        collect(ctx, upstream, timeouts, assembler.add)
+        answer = assembler.answer()
+        if answer is None:
+            raise UpstreamError("The backend's streamed answer could not be assembled; it is incomplete.")
+    else:
         try:
-            content = lease.response.content
+            answer = json.loads(upstream.content)
         except requests.RequestException as exc:
             raise read_error(ctx, exc, timeouts) from exc
-        try:
-            answer = json.loads(content)
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
             raise UpstreamError("The backend's answer was not a JSON object.")
-        assert ctx.model is not None
-        normalize_answer(answer, ctx.model)
-        if len(answer.get("choices") or ()) > 1 and isinstance(answer.get("usage"), dict):
-            recount_completion_tokens(answer, lease.replica)
-        if isinstance(answer.get("usage"), dict):
-            ctx.usage = answer["usage"]
-        pipeline.response(ctx, answer)
-        return json.dumps(answer).encode()
+    normalize_answer(answer, ctx.model)
+    return answer
 
 
 class ModelsResource:

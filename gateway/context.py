@@ -91,6 +91,8 @@ class RequestContext:
         timings: Named durations in milliseconds (``queue.<backend>``), sent likewise.
         gauges: Named levels (``queue.<backend>``: queue depth on arrival), sent likewise.
         cancelled: Set when the request was cancelled (``POST /v1/requests/{id}/cancel``).
+        client_gone: Set when the client hung up while its plain (non-streamed)
+            answer was still being generated; the generation was stopped.
     """
 
     request_id: str
@@ -123,6 +125,7 @@ class RequestContext:
     timings: dict[str, float] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
+    client_gone: bool = False
     _replica: Any = field(default=None, repr=False)
 
     def call_backend(self, method: str, path: str, **kwargs: Any) -> Any:

@@ -13,7 +13,8 @@ The tree (HTTP status in brackets)::
     ├── InvalidRequestError [400]      invalid_request_error
     │   ├── RequestTimeoutError [408]  request_timeout: the body came too slowly
     │   ├── PayloadTooLargeError [413]
-    │   └── RequestCancelledError [499] request_cancelled
+    │   ├── RequestCancelledError [499] request_cancelled
+    │   └── ClientGoneError [499]      client_closed_request (never seen: the client left)
     ├── AuthenticationError [401]      invalid_api_key
     ├── PermissionDeniedError [403]
     ├── NotFoundError [404]            model_not_found, unknown_url
@@ -105,6 +106,18 @@ class RequestCancelledError(InvalidRequestError):
     code = "request_cancelled"
 
     def __init__(self, message: str = "The request was cancelled.", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+
+
+class ClientGoneError(InvalidRequestError):
+    """The client hung up before its answer was ready; nobody reads this error, but
+    the request's outcome (``client_gone``) and its logs do."""
+
+    status = 499
+    code = "client_closed_request"
+
+    def __init__(self, message: str = "The client closed the connection before the answer was ready.",
+                 **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
 
 

@@ -1,28 +1,49 @@
-"""Response bodies: the WSGI iterable whose ``close()`` ends the request, and SSE relay.
+"""Response bodies: the WSGI iterable whose ``close()`` ends the request, SSE relay,
+and reading a whole answer from a stream.
 
 A streamed answer is relayed event by event as llama-server sends it. Events are
 framed (split on blank lines) so every event leaves whole, the ``model`` field is
 rewritten to the public id with one regex per event, and the JSON is decoded only
 when a plugin of the pipeline implements ``response_event`` (or the event carries
 ``usage``, which the gateway records).
+
+The gateway asks llama-server to stream every chat and completion answer, also
+when the client wants it whole (:func:`collect` assembles it): llama-server stops
+generating when a stream's connection closes, but not a plain answer's, so only a
+stream can be cancelled or abandoned. It also asks for ``timings`` on every chunk
+(``timings_per_token``), so an answer that ends early (the client left, a cancel,
+a broken backend) is still charged what llama-server generated (:class:`Tally`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import select
+import socket
 import time
 from typing import Any, Callable, Iterable, Iterator
 
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
+from .answers import merge_usage
 from .config import Timeouts
 from .context import RequestContext
-from .errors import GatewayError, GatewayTimeoutError, RequestCancelledError, UpstreamError, from_upstream
+from .errors import (
+    ClientGoneError,
+    GatewayError,
+    GatewayTimeoutError,
+    RequestCancelledError,
+    UpstreamError,
+    from_upstream,
+)
 
 DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
+_TIMINGS = re.compile(rb'"timings":(\{[^{}]*\})')
+_TIMINGS_FIELD = re.compile(rb',"timings":\{[^{}]*\}|"timings":\{[^{}]*\},?')
+_INDEX = re.compile(rb'"index":(\d+)')
 _COMPACT = (",", ":")
 
 
@@ -76,15 +97,19 @@ class ResponseBody:
             return
         self._closed = True
         close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
-        self._on_close(self._sent_all)
+        try:
+            if close is not None:
+                close()
+        finally:  # the request's slot and its complete hooks must never be skipped
+            self._on_close(self._sent_all)
 
 
 def read_error(ctx: RequestContext, exc: requests.RequestException, timeouts: Timeouts) -> GatewayError:
     """The client's error for a backend connection that failed while its answer was read."""
     if ctx.cancelled:
         return RequestCancelledError()
+    if ctx.client_gone:
+        return ClientGoneError()
     # requests wraps urllib3's read timeout in a ConnectionError mid-body.
     if exc.args and isinstance(exc.args[0], ReadTimeoutError) or isinstance(exc, requests.Timeout):
         return GatewayTimeoutError(f"The backend sent nothing for {timeouts.idle:g} s; the answer was abandoned.")
@@ -94,6 +119,132 @@ def read_error(ctx: RequestContext, exc: requests.RequestException, timeouts: Ti
 def _stream_error(ctx: RequestContext, error: GatewayError) -> bytes:
     ctx.error = error
     return sse(error.to_dict())
+
+
+class Tally:
+    """What llama-server counted of an answer so far, from the ``timings`` it puts on
+    every chunk when asked: the usage of an answer that ended before its usage chunk.
+
+    It keeps a reference to the last chunk of each choice; nothing is decoded until
+    :meth:`usage` is asked, once, at the end.
+    """
+
+    def __init__(self) -> None:
+        self.last: dict[bytes, bytes] = {}
+
+    def see(self, raw: bytes) -> None:
+        if b'"timings"' in raw:
+            index = _INDEX.search(raw)
+            self.last[index.group(1) if index else b"0"] = raw
+
+    def usage(self) -> dict[str, int] | None:
+        """Prompt tokens (cached and processed) and the tokens generated, all choices."""
+        prompt, completion = 0, 0
+        for raw in self.last.values():
+            found = _TIMINGS.search(raw)
+            timings = _decode(found.group(1)) if found else None
+            if not isinstance(timings, dict):
+                continue
+            prompt = max(prompt, _count(timings.get("cache_n")) + _count(timings.get("prompt_n")))
+            completion += _count(timings.get("predicted_n"))
+        if not prompt and not completion:
+            return None
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _count(value: Any) -> int:
+    """A token count from a backend's JSON: a non-negative int, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def frames(upstream: requests.Response) -> Iterator[list[bytes]]:
+    """The upstream's SSE events (without their blank line), in the batches they arrive."""
+    buffer = b""
+    for chunk in upstream.iter_content(chunk_size=None):
+        buffer += chunk
+        if b"\n\n" not in buffer:
+            continue
+        *events, buffer = buffer.split(b"\n\n")
+        yield [raw for raw in events if raw]
+
+
+def _upstream_error(raw: bytes) -> GatewayError | None:
+    """The error an event reports (llama-server's ``error:`` or ``data: {"error"...``)."""
+    if raw.startswith(b"error:") or raw.startswith(b'data: {"error"'):
+        return from_upstream(502, _decode(raw.split(b":", 1)[1]))
+    return None
+
+
+def collect(ctx: RequestContext, upstream: requests.Response, timeouts: Timeouts,
+            add: Callable[[dict[str, Any]], None]) -> None:
+    """Read a whole upstream stream, passing each decoded chunk to ``add``.
+
+    Raises:
+        GatewayError: the backend reported an error, broke off, was cancelled or
+            ran past the route's total timeout; ``ctx.usage`` then holds what
+            llama-server generated until then.
+    """
+    tally = Tally()
+    deadline = ctx.started + timeouts.total
+    try:
+        for events in frames(upstream):
+            for raw in events:
+                if raw.startswith(b"data: [DONE]"):
+                    return
+                error = _upstream_error(raw)
+                if error is not None:
+                    raise error
+                tally.see(raw)
+                event = _decode(raw[5:]) if raw.startswith(b"data:") else None
+                if isinstance(event, dict):
+                    add(event)
+            if time.monotonic() > deadline:
+                raise GatewayTimeoutError(f"The answer took longer than {timeouts.total:g} s in all.")
+        raise UpstreamError("The backend ended the answer before it finished; the answer is incomplete.")
+    except requests.RequestException as exc:
+        ctx.usage = tally.usage()
+        raise read_error(ctx, exc, timeouts) from None
+    except GatewayError:
+        ctx.usage = tally.usage()
+        raise
+
+
+def client_departed(sock: Any) -> bool:
+    """Whether the client closed its connection (its socket reads end-of-file)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+def watch_departure(env: dict[str, Any], on_departure: Callable[[], None]) -> Callable[[], None]:
+    """Call ``on_departure`` if the client hangs up while its plain answer is still
+    being generated (nothing is written to it until then, so gunicorn cannot tell).
+
+    Returns a function that stops watching. Under gevent only: a greenlet waits for
+    the client's socket to become readable; elsewhere nothing is watched.
+    """
+    sock = env.get("gunicorn.socket")
+    try:
+        import gevent
+        from gevent import monkey
+        from gevent.socket import wait_read
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return lambda: None
+    if sock is None or not monkey.is_module_patched("socket"):
+        return lambda: None
+
+    def watch() -> None:
+        try:
+            wait_read(sock.fileno())
+        except OSError:
+            return
+        if client_departed(sock):  # readable with data is a pipelined request: not gone
+            on_departure()
+
+    watcher = gevent.spawn(watch)
+    return lambda: watcher.kill(block=False)
 
 
 class Relay:
@@ -119,16 +270,20 @@ class Relay:
         self.timeouts = timeouts
         self.deadline = ctx.started + timeouts.total
         self.done = False
+        self.tally = Tally()
+        self.usage_event: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        buffer = b""
         try:
-            for chunk in self.upstream.iter_content(chunk_size=None):
-                buffer += chunk
-                if b"\n\n" not in buffer:
-                    continue
-                *events, buffer = buffer.split(b"\n\n")
-                out = b"".join(self._event(raw) for raw in events if raw)
+            yield from self._relay()
+        finally:
+            if self.ctx.usage is None:  # ended early: charge what was generated
+                self.ctx.usage = self.tally.usage()
+
+    def _relay(self) -> Iterator[bytes]:
+        try:
+            for events in frames(self.upstream):
+                out = b"".join(self._event(raw) for raw in events)
                 if out:
                     yield out
                 if self.done or self.ctx.error is not None:
@@ -150,22 +305,38 @@ class Relay:
     def _event(self, raw: bytes) -> bytes:
         if raw.startswith(b"data: [DONE]"):
             self.done = True
-            return DONE
-        if raw.startswith(b"error:") or raw.startswith(b'data: {"error"'):
-            payload = _decode(raw.split(b":", 1)[1])
-            error = from_upstream(502, payload)
+            return self._usage_event() + DONE
+        error = _upstream_error(raw)
+        if error is not None:
             return _stream_error(self.ctx, error)
+        self.tally.see(raw)
         if self.on_event is None and b'"usage"' not in raw:
-            return _MODEL_FIELD.sub(self.model_field, raw, count=1) + b"\n\n"
+            # the per-chunk timings were asked for the gateway's accounting, not the client
+            return _TIMINGS_FIELD.sub(b"", _MODEL_FIELD.sub(self.model_field, raw, count=1), count=1) + b"\n\n"
         event = _decode(raw[5:]) if raw.startswith(b"data:") else None
         if not isinstance(event, dict):
             return raw + b"\n\n"
         if "model" in event:
             event["model"] = self.public_model
+        if event.get("choices"):
+            event.pop("timings", None)  # asked for the gateway's accounting (the usage chunk keeps its own)
         if isinstance(event.get("usage"), dict):
+            if event.get("choices") == []:
+                # The usage chunk: llama-server sends one per choice (n > 1); they are
+                # merged and sent once before [DONE], if the client asked for usage.
+                self.ctx.usage = merge_usage(self.ctx.usage if self.usage_event else None, event["usage"])
+                self.usage_event = event
+                return b""
             self.ctx.usage = event["usage"]
-            if event.get("choices") == [] and not self.ctx.client_wants_usage:
-                return b""  # the usage-only chunk the gateway asked for on its own behalf
+        if self.on_event is not None and not self.on_event(event):
+            return b""
+        return sse(event)
+
+    def _usage_event(self) -> bytes:
+        event = self.usage_event
+        if event is None or not self.ctx.client_wants_usage:
+            return b""
+        event["usage"] = self.ctx.usage
         if self.on_event is not None and not self.on_event(event):
             return b""
         return sse(event)

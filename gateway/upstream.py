@@ -45,6 +45,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from .config import BackendConfig, Timeouts
 from .context import RequestContext
 from .errors import (
+    ClientGoneError,
     GatewayError,
     GatewayTimeoutError,
     RequestCancelledError,
@@ -79,17 +80,30 @@ class InFlight:
     def attach(self, sock: socket.socket) -> None:
         """The connection the request is being sent on (called by the connection)."""
         self.socket = sock
-        if self.ctx.cancelled:
+        if self.stopped is not None:
             _shut(sock)
 
     def cancel(self) -> None:
+        """Stop the request for whoever cancelled it (the client gets an error)."""
+        self.ctx.cancelled = True
+        self.interrupt()
+
+    def interrupt(self) -> None:
         """Stop the request now: leave the queue, or cut the backend connection, so
         llama-server stops generating and the request's reader wakes with an error."""
-        self.ctx.cancelled = True
         if self.wake is not None:
             self.wake()
         if self.socket is not None:
             _shut(self.socket)
+
+    @property
+    def stopped(self) -> GatewayError | None:
+        """The error that ends a cancelled or abandoned request, else None."""
+        if self.ctx.cancelled:
+            return RequestCancelledError()
+        if self.ctx.client_gone:
+            return ClientGoneError()
+        return None
 
 
 def _shut(sock: socket.socket) -> None:
@@ -293,9 +307,10 @@ class Admission:
         finally:
             if in_flight is not None:
                 in_flight.wake = None
-        if in_flight is not None and in_flight.ctx.cancelled:
+        stopped = in_flight.stopped if in_flight is not None else None
+        if stopped is not None:
             self._leave(entry, waiter)
-            raise RequestCancelledError()
+            raise stopped
         if waiter.granted:
             return time.monotonic() - start
         self._leave(entry, waiter)
@@ -482,8 +497,8 @@ class Upstreams:
         deadline = time.monotonic() + timeouts.retry_deadline
         tried: list[Replica] = []
         for attempt in itertools.count():
-            if ctx.cancelled:
-                raise RequestCancelledError()
+            if in_flight.stopped is not None:
+                raise in_flight.stopped
             replica = self._pick(backend, first if attempt == 0 else None, tried)
             if replica is None:
                 raise self._unavailable(ctx, backend)
@@ -498,18 +513,18 @@ class Upstreams:
                 resp = replica.session.request(method, replica.url + path, data=body, headers=headers,
                                                stream=True, timeout=(replica.connect_timeout, first_byte))
             except requests.RequestException as exc:
-                if ctx.cancelled:  # the cancel cut the connection: not the replica's fault
+                if in_flight.stopped is not None:  # we cut the connection: not the replica's fault
                     replica.in_flight -= 1
-                    raise RequestCancelledError() from None
+                    raise in_flight.stopped from None
                 error = self._attempt_failed(replica, backend, exc, first_byte)
             except BaseException:
                 replica.in_flight -= 1
                 raise
             else:
-                if ctx.cancelled:
+                if in_flight.stopped is not None:
                     replica.in_flight -= 1
                     resp.close()
-                    raise RequestCancelledError()
+                    raise in_flight.stopped
                 if resp.status_code not in RETRIED_STATUSES:
                     replica.breaker.success()
                     replica.ready = True
@@ -566,27 +581,6 @@ class Upstreams:
         return ServiceUnavailableError(
             f"No replica of backend {backend.name} can take requests now; try again shortly.",
             headers={"Retry-After": str(max(1, round(wait)) if wait else self.retry_after())})
-
-
-def recount_completion_tokens(answer: dict[str, Any], replica: Replica) -> None:
-    """Fix ``usage`` of an answer with several choices (``n`` > 1).
-
-    llama-server counts the completion tokens of one choice only; OpenAI's usage (and
-    token rate limits) count them all. Each choice's text is counted by the replica's
-    own ``/tokenize``; if that fails the backend's figure stays.
-    """
-    total = 0
-    for choice in answer["choices"]:
-        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
-        try:
-            resp = replica.session.post(replica.url + "/tokenize", json={"content": text},
-                                        timeout=(replica.connect_timeout, 10))
-            total += len(resp.json()["tokens"])
-        except (requests.RequestException, ValueError, KeyError, TypeError):
-            return
-    usage = answer["usage"]
-    usage["completion_tokens"] = total
-    usage["total_tokens"] = int(usage.get("prompt_tokens") or 0) + total
 
 
 def error_of(resp: requests.Response, retry_after: str) -> GatewayError:
