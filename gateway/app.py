@@ -23,7 +23,7 @@ import requests
 import yaml
 
 from . import lifecycle, openapi
-from .compat import normalize_answer
+from .answers import normalize_answer
 from .config import Config, ConfigError, PrefixRoute, Timeouts, load_config, parse_config
 from .context import Principal, RequestContext, Response
 from .errors import (
@@ -319,7 +319,8 @@ class ProxyResource:
                 raise error_of(upstream, gateway.upstreams.retry_after())
             if ctx.stream:
                 on_event = (lambda event: pipeline.response_event(ctx, event)) if pipeline.wants_events else None
-                relay = Relay(ctx, upstream, ctx.model, on_event, timeouts)
+                # llama-server's logprobs need reshaping (answers.normalize_event); other streams stay undecoded
+                relay = Relay(ctx, upstream, ctx.model, on_event, timeouts, normalize=bool(payload.get("logprobs")))
                 resp.content_type = "text/event-stream"
                 resp.set_headers(STREAM_HEADERS)
                 gateway.respond(ctx, pipeline, resp, relay, lambda: gateway.finish(ctx, lease))

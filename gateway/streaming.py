@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
+from .answers import normalize_event
 from .config import Timeouts
 from .context import RequestContext
 from .errors import GatewayError, GatewayTimeoutError, UpstreamError, from_upstream
@@ -112,10 +113,13 @@ class Relay:
             when no plugin asked to see events.
         timeouts: The route's timeouts: ``idle`` (applied to the connection) for the
             error message, ``total`` checked as each chunk arrives.
+        normalize: Decode every event and pass it through ``answers.normalize_event``
+            (the request asked for logprobs, whose shape llama-server gets wrong).
     """
 
     def __init__(self, ctx: RequestContext, upstream: requests.Response, public_model: str,
-                 on_event: Callable[[dict[str, Any]], bool] | None, timeouts: Timeouts) -> None:
+                 on_event: Callable[[dict[str, Any]], bool] | None, timeouts: Timeouts,
+                 normalize: bool = False) -> None:
         self.ctx = ctx
         self.upstream = upstream
         self.public_model = public_model
@@ -124,6 +128,10 @@ class Relay:
         self.timeouts = timeouts
         self.deadline = ctx.started + timeouts.total
         self.done = False
+        # --- normalize (answers.normalize_event): on when the request asked for logprobs
+        self.normalize = normalize
+        self.offsets: dict[int, int] = {}  # each choice's text_offset, across the stream
+        # --- end normalize
 
     def __iter__(self) -> Iterator[bytes]:
         buffer = b""
@@ -160,13 +168,15 @@ class Relay:
             payload = _decode(raw.split(b":", 1)[1])
             error = from_upstream(502, payload)
             return _stream_error(self.ctx, error)
-        if self.on_event is None and b'"usage"' not in raw:
+        if self.on_event is None and not self.normalize and b'"usage"' not in raw:
             return _MODEL_FIELD.sub(self.model_field, raw, count=1) + b"\n\n"
         event = _decode(raw[5:]) if raw.startswith(b"data:") else None
         if not isinstance(event, dict):
             return raw + b"\n\n"
         if "model" in event:
             event["model"] = self.public_model
+        if self.normalize:
+            normalize_event(event, self.public_model, self.offsets)
         if isinstance(event.get("usage"), dict):
             self.ctx.usage = event["usage"]
             if event.get("choices") == [] and not self.ctx.client_wants_usage:
