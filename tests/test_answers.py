@@ -9,6 +9,7 @@ import random
 import pytest
 
 from gateway.answers import Assembler, choice_text, merge_usage, normalize_answer, normalize_event, stream_events
+from gateway.testing import Harness
 
 
 def token(text: str, logprob: float = -1.0, top: int = 1) -> dict:
@@ -271,3 +272,40 @@ def test_choice_text():
     assert choice_text({"message": {"content": None, "tool_calls": []}}) == ""
     assert choice_text({}) == ""
 
+
+def test_canned_backend_streams_like_llama_server_with_two_choices_and_timings():
+    with Harness([]) as harness:
+        result = harness.chat("Hi", stream=True, n=2, timings_per_token=True, logprobs=True, top_logprobs=2,
+                              stream_options={"include_usage": True})
+    usage_chunks = [e for e in result.events if e.get("usage")]
+    assert [u["usage"]["completion_tokens"] for u in usage_chunks] == [5, 5]  # one per choice
+    assert all("timings" in e for e in result.events)
+    assert [e["timings"]["predicted_n"] for e in result.events if e["choices"] and e["choices"][0]["index"] == 0][:3] \
+        == [1, 2, 3]
+    assembler = Assembler()
+    for event in result.events:
+        assembler.add(event)
+    answer = assembler.answer()
+    assert [c["message"]["content"] for c in answer["choices"]] == ["Hello from the canned backend"] * 2
+    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+    assert answer["timings"] == {"prompt_n": 5, "cache_n": 0, "predicted_n": 5}
+    tokens = answer["choices"][1]["logprobs"]["content"]
+    assert "".join(t["token"] for t in tokens) == "Hello from the canned backend"
+    assert [len(t["top_logprobs"]) for t in tokens] == [2] * 5
+    assert answer["choices"][0]["logprobs"]["refusal"] is None  # the relay normalized the events
+
+
+def test_canned_backend_tool_calls_streamed_and_not():
+    calls = [{"name": "get_weather", "arguments": '{"city":"Paris"}'}]
+    with Harness([]) as harness:
+        whole = harness.chat("Weather?", canned={"tool_calls": calls})
+        streamed = harness.chat("Weather?", stream=True, canned={"tool_calls": calls})
+    message = whole.json["choices"][0]["message"]
+    assert whole.json["choices"][0]["finish_reason"] == "tool_calls" and message["content"] is None
+    fragments = [e["choices"][0]["delta"]["tool_calls"][0] for e in streamed.events
+                 if e["choices"] and "tool_calls" in e["choices"][0]["delta"]]
+    assert len(fragments) >= 3 and all("index" in f for f in fragments)
+    assembler = Assembler()
+    for event in streamed.events:
+        assembler.add(event)
+    assert assembler.answer()["choices"][0]["message"] == message
