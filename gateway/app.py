@@ -302,7 +302,8 @@ class ProxyResource:
                     raise error_of(upstream, gateway.upstreams.retry_after())
                 if ctx.stream:
                     on_event = (lambda event: pipeline.response_event(ctx, event)) if pipeline.wants_events else None
-                    relay = Relay(ctx, upstream, ctx.model, on_event, timeouts)
+                    # llama-server's logprobs need reshaping (answers.normalize_event); other streams stay undecoded
+                    relay = Relay(ctx, upstream, ctx.model, on_event, timeouts, normalize=bool(payload.get("logprobs")))
                     resp.content_type = "text/event-stream"
                     resp.set_headers(STREAM_HEADERS)
                     gateway.respond(ctx, pipeline, resp, relay, lambda: gateway.finish(lease))

@@ -186,6 +186,12 @@ _memory_stores: dict[tuple[str, int], MemoryStore] = {}
 _registry_lock = threading.Lock()
 
 
+def reset_memory_stores() -> None:
+    """Forget every memory store, as a new process would (tests start from nothing)."""
+    with _registry_lock:
+        _memory_stores.clear()
+
+
 def make_store(config: Mapping[str, Any], key_prefix: str) -> Store:
     """The store a plugin's config asks for (``store``, ``redis_url``, ``max_bytes``).
 

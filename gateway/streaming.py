@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
-from .answers import merge_usage
+from .answers import merge_usage, normalize_event
 from .config import Timeouts
 from .context import RequestContext
 from .errors import (
@@ -258,10 +258,13 @@ class Relay:
             when no plugin asked to see events.
         timeouts: The route's timeouts: ``idle`` (applied to the connection) for the
             error message, ``total`` checked as each chunk arrives.
+        normalize: Decode every event and pass it through ``answers.normalize_event``
+            (the request asked for logprobs, whose shape llama-server gets wrong).
     """
 
     def __init__(self, ctx: RequestContext, upstream: requests.Response, public_model: str,
-                 on_event: Callable[[dict[str, Any]], bool] | None, timeouts: Timeouts) -> None:
+                 on_event: Callable[[dict[str, Any]], bool] | None, timeouts: Timeouts,
+                 normalize: bool = False) -> None:
         self.ctx = ctx
         self.upstream = upstream
         self.public_model = public_model
@@ -272,6 +275,9 @@ class Relay:
         self.done = False
         self.tally = Tally()
         self.usage_event: dict[str, Any] | None = None
+        # on when the request asked for logprobs: llama-server's need reshaping (answers.normalize_event)
+        self.normalize = normalize
+        self.offsets: dict[int, int] = {}  # each choice's text_offset, across the stream
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -310,7 +316,7 @@ class Relay:
         if error is not None:
             return _stream_error(self.ctx, error)
         self.tally.see(raw)
-        if self.on_event is None and b'"usage"' not in raw:
+        if self.on_event is None and not self.normalize and b'"usage"' not in raw:
             # the per-chunk timings were asked for the gateway's accounting, not the client
             return _TIMINGS_FIELD.sub(b"", _MODEL_FIELD.sub(self.model_field, raw, count=1), count=1) + b"\n\n"
         event = _decode(raw[5:]) if raw.startswith(b"data:") else None
@@ -320,6 +326,8 @@ class Relay:
             event["model"] = self.public_model
         if event.get("choices"):
             event.pop("timings", None)  # asked for the gateway's accounting (the usage chunk keeps its own)
+        if self.normalize:
+            normalize_event(event, self.public_model, self.offsets)
         if isinstance(event.get("usage"), dict):
             if event.get("choices") == []:
                 # The usage chunk: llama-server sends one per choice (n > 1); they are

@@ -27,10 +27,23 @@ gateway passes unknown fields through):
 * ``cut_after``: end a stream after this many events, without ``[DONE]``;
 * ``delay``: seconds to wait before each event;
 * ``first_delay``: seconds to wait before answering at all (before the headers);
-* ``text``: the answer's text (default ``"Hello from the canned backend"``).
+* ``text``: the answer's text (default ``"Hello from the canned backend"``);
+* ``tool_calls``: chat only, a list of ``{"name", "arguments"}``: the answer calls these
+  tools (``finish_reason: tool_calls``, no content unless ``text`` is given); a stream
+  sends each call as llama-server does, a first delta with ``index``, ``id``, ``type``
+  and the name, then its arguments in three fragments.
 
-``/tokenize`` counts one token per word; ``/props`` reports 64 slots. A request with ``n`` > 1 gets ``n`` choices
-and, like llama-server, a ``usage`` that counts the completion of one choice only.
+Other body fields it honours, like llama-server: ``logprobs`` (chat ``true``, with
+``top_logprobs`` alternatives; completions a number of alternatives) adds logprobs in
+llama-server's shape (``{"content": [{"id", "token", "bytes", "logprob",
+"top_logprobs"}]}``, on each content chunk of a stream); ``timings_per_token`` puts a
+``timings`` object (``prompt_n``, ``cache_n``, ``predicted_n`` so far) on every chunk
+and on a whole answer; ``n`` > 1 gets ``n`` choices: a whole answer's ``usage``
+counts the completion of one choice only, and a stream interleaves the choices'
+chunks and (with ``stream_options.include_usage``) sends one usage chunk per choice,
+each counting that choice's completion.
+
+``/tokenize`` counts one token per word; ``/props`` reports 64 slots.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
+from .answers import choice_text
 from .hookspecs import hookimpl
 
 CANNED_MODEL = "canned-model.gguf"
@@ -65,6 +79,42 @@ def _compact(data: dict[str, Any]) -> bytes:
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _logprobs_entry(piece: str, position: int, top: int) -> dict[str, Any]:
+    """One token's logprobs in llama-server's shape (alternatives: the token, then ``" alt1"``...)."""
+    logprob = -0.25 - 0.125 * position
+    alternatives = [(position, piece, logprob)] + [(1000 + k, f" alt{k}", logprob - k) for k in range(1, top)]
+    return {"id": position, "token": piece, "bytes": list(piece.encode()), "logprob": logprob,
+            "top_logprobs": [{"id": i, "token": t, "bytes": list(t.encode()), "logprob": lp}
+                             for i, t, lp in alternatives[:top]]}
+
+
+def _logprobs_top(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives per token the request asked for, or None for no logprobs."""
+    logprobs = body.get("logprobs")
+    if not logprobs:
+        return None
+    if chat:
+        return int(body.get("top_logprobs") or 0)
+    return logprobs if isinstance(logprobs, int) and not isinstance(logprobs, bool) else 0
+
+
+def _timings(predicted: int) -> dict[str, int]:
+    return {"prompt_n": 5, "cache_n": 0, "predicted_n": predicted}
+
+
+def _tool_call_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """llama-server's tool-call deltas: per call the name first, then the arguments in fragments."""
+    deltas = []
+    for i, call in enumerate(calls):
+        deltas.append({"index": i, "id": f"call_canned_{i}", "type": "function",
+                       "function": {"name": call["name"], "arguments": ""}})
+        arguments = call.get("arguments", "")
+        size = max(1, -(-len(arguments) // 3))
+        deltas.extend({"index": i, "function": {"arguments": arguments[k:k + size]}}
+                      for k in range(0, len(arguments), size))
+    return deltas
 
 
 def canned_llama_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -106,36 +156,77 @@ def canned_llama_app(environ: dict[str, Any], start_response: Callable[..., Any]
                      {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
     base = {"id": "chatcmpl-canned", "created": 1700000000, "model": CANNED_MODEL,
             "system_fingerprint": request_id}
+    calls = script.get("tool_calls") if chat else None
+    if calls and "text" not in script:
+        words = []
+    top = _logprobs_top(body, chat)
+    pieces = [word if n == 0 else " " + word for n, word in enumerate(words)]
     if not body.get("stream"):
         # Like llama-server: n choices, but usage counts the completion of one only.
-        choices = [{"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-                   if chat else {"index": i, "finish_reason": "stop", "text": text}
-                   for i in range(int(body.get("n") or 1))]
-        return _json(start_response, "200 OK", dict(base, object="chat.completion" if chat else "text_completion",
-                                                    choices=choices, usage=_usage(5, len(words))))
+        choices = []
+        for i in range(int(body.get("n") or 1)):
+            choice: dict[str, Any] = {"index": i, "finish_reason": "tool_calls" if calls else "stop"}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text if pieces else None}
+                if calls:
+                    choice["message"]["tool_calls"] = [
+                        {"id": f"call_canned_{k}", "type": "function",
+                         "function": {"name": c["name"], "arguments": c.get("arguments", "")}}
+                        for k, c in enumerate(calls)]
+            else:
+                choice["text"] = text
+            if top is not None:
+                choice["logprobs"] = {"content": [_logprobs_entry(p, n, top) for n, p in enumerate(pieces)]}
+            choices.append(choice)
+        answer = dict(base, object="chat.completion" if chat else "text_completion",
+                      choices=choices, usage=_usage(5, len(words)))
+        if body.get("timings_per_token"):
+            answer["timings"] = _timings(len(words))
+        return _json(start_response, "200 OK", answer)
     start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
-    return _events(base, chat, words[: int(script.get("events", 3))] if "events" in script else words, body, script)
+    if "events" in script:
+        pieces = pieces[: int(script.get("events", 3))]
+    return _events(base, chat, pieces, body, script, calls or [], top)
 
 
-def _events(base: dict[str, Any], chat: bool, words: list[str], body: dict[str, Any],
-            script: dict[str, Any]) -> Iterable[bytes]:
+def _events(base: dict[str, Any], chat: bool, pieces: list[str], body: dict[str, Any],
+            script: dict[str, Any], calls: list[dict[str, Any]], top: int | None) -> Iterable[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     delay = float(script.get("delay", 0))
     cut_after = script.get("cut_after")
-    for n, word in enumerate(words):
+    n_choices = int(body.get("n") or 1)
+    timings = bool(body.get("timings_per_token"))
+    # One step per token: content pieces, then tool-call deltas; each choice takes every step.
+    steps: list[tuple[str, Any]] = [("content", p) for p in pieces] + [("tool", d) for d in _tool_call_deltas(calls)]
+
+    def event(choices: list[dict[str, Any]], produced: int, **extra: Any) -> bytes:
+        data = dict(base, object=obj, choices=choices, **extra)
+        if timings:
+            data["timings"] = _timings(produced)
+        return b"data: " + _compact(data) + b"\n\n"
+
+    for n, (kind, value) in enumerate(steps):
         if cut_after is not None and n >= int(cut_after):
             return
         if delay:
             time.sleep(delay)
-        piece = word if n == 0 else " " + word
-        choice = ({"index": 0, "finish_reason": None, "delta": {"content": piece}} if chat
-                  else {"index": 0, "finish_reason": None, "text": piece, "logprobs": None})
-        yield b"data: " + _compact(dict(base, object=obj, choices=[choice])) + b"\n\n"
-    last = ({"index": 0, "finish_reason": "stop", "delta": {}} if chat
-            else {"index": 0, "finish_reason": "stop", "text": "", "logprobs": None})
-    yield b"data: " + _compact(dict(base, object=obj, choices=[last])) + b"\n\n"
-    if (body.get("stream_options") or {}).get("include_usage"):
-        yield b"data: " + _compact(dict(base, object=obj, choices=[], usage=_usage(5, len(words)))) + b"\n\n"
+        for i in range(n_choices):
+            if kind == "tool":
+                choice: dict[str, Any] = {"index": i, "finish_reason": None, "delta": {"tool_calls": [value]}}
+            elif chat:
+                choice = {"index": i, "finish_reason": None, "delta": {"content": value}}
+            else:
+                choice = {"index": i, "finish_reason": None, "text": value, "logprobs": None}
+            if kind == "content" and top is not None:
+                choice["logprobs"] = {"content": [_logprobs_entry(value, n, top)]}
+            yield event([choice], n + 1)
+    for i in range(n_choices):
+        last = ({"index": i, "finish_reason": "tool_calls" if calls else "stop", "delta": {}} if chat
+                else {"index": i, "finish_reason": "stop", "text": "", "logprobs": None})
+        yield event([last], len(steps))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            # like llama-server: one usage chunk per choice, each counting that choice
+            yield event([], len(steps), usage=_usage(5, len(steps)))
     yield b"data: [DONE]\n\n"
 
 
@@ -307,13 +398,9 @@ class Result:
     def text(self) -> str:
         """The answer's text: a chat message or completion, streamed or not."""
         if self.events:
-            pieces = []
-            for event in self.events:
-                for choice in event.get("choices") or []:
-                    pieces.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
-            return "".join(pieces)
-        choice = (self.json or {}).get("choices", [{}])[0]
-        return (choice.get("message") or {}).get("content") or choice.get("text") or ""
+            return "".join(choice_text(choice) for event in self.events if isinstance(event, dict)
+                           for choice in event.get("choices") or [])
+        return choice_text((self.json or {}).get("choices", [{}])[0])
 
 
 class _Recorder:

@@ -10,7 +10,14 @@ import pytest
 from gateway.app import Gateway, build_app
 from gateway.config import Config, parse_config
 from gateway.pipeline import Pipeline
+from gateway.stores import reset_memory_stores
 from gateway.testing import canned_llama_app, free_port, serve_in_thread
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory_stores() -> None:
+    """Each test starts with empty memory stores, as a new worker process would."""
+    reset_memory_stores()
 
 
 @pytest.fixture(scope="session")

@@ -263,6 +263,123 @@ def test_cache_key_ignores_stream_and_user_but_not_the_prompt(make_client):
     assert client.simulate_post("/v1/embeddings", json=embed).headers["x-cache"] == "HIT"
 
 
+def events_of(resp) -> list[dict]:
+    return [json.loads(b[6:]) for b in resp.text.split("\n\n") if b.startswith("data: {")]
+
+
+def assembled(resp) -> dict:
+    from gateway.answers import Assembler
+
+    assembler = Assembler()
+    for event in events_of(resp):
+        assembler.add(event)
+    return assembler.answer()
+
+
+TOOL_CALLS = [{"name": "get_weather", "arguments": '{"city":"Paris"}'}]
+WEATHER = {"id": "call_canned_0", "type": "function",
+           "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+
+
+def test_cache_stores_a_streamed_tool_call_answer_whole(make_client):
+    client = make_client([plugin("cache")])
+    ask = dict(CHAT, temperature=0, canned={"tool_calls": TOOL_CALLS})
+    first = client.simulate_post("/v1/chat/completions", json=dict(ask, stream=True))
+    assert first.headers["x-cache"] == "MISS"
+    assert assembled(first)["choices"][0]["message"]["tool_calls"] == [WEATHER]
+    hit = client.simulate_post("/v1/chat/completions", json=ask)
+    assert hit.headers["x-cache"] == "HIT"
+    assert hit.json["choices"][0]["message"]["tool_calls"] == [WEATHER]
+    assert hit.json["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_cache_replays_a_json_tool_call_answer_as_a_stream_with_its_tool_calls(make_client):
+    client = make_client([plugin("cache")])
+    ask = dict(CHAT, temperature=0, canned={"tool_calls": TOOL_CALLS})
+    assert client.simulate_post("/v1/chat/completions", json=ask).headers["x-cache"] == "MISS"
+    hit = client.simulate_post("/v1/chat/completions", json=dict(ask, stream=True))
+    assert hit.headers["x-cache"] == "HIT"
+    deltas = [c["delta"]["tool_calls"] for e in events_of(hit) for c in e["choices"] if c["delta"].get("tool_calls")]
+    assert deltas == [[dict(WEATHER, index=0)]]
+    assert assembled(hit)["choices"][0]["message"]["tool_calls"] == [WEATHER]
+
+
+def test_cache_keeps_streamed_logprobs(make_client):
+    client = make_client([plugin("cache")])
+    ask = dict(CHAT, temperature=0, logprobs=True, top_logprobs=2)
+    streamed = client.simulate_post("/v1/chat/completions", json=dict(ask, stream=True))
+    assert streamed.headers["x-cache"] == "MISS"
+    hit = client.simulate_post("/v1/chat/completions", json=ask)
+    assert hit.headers["x-cache"] == "HIT"
+    logprobs = hit.json["choices"][0]["logprobs"]
+    assert [t["token"] for t in logprobs["content"]] == ["Hello", " from", " the", " canned", " backend"]
+    assert logprobs["refusal"] is None
+    replay = client.simulate_post("/v1/chat/completions", json=dict(ask, stream=True))
+    assert replay.headers["x-cache"] == "HIT" and assembled(replay)["choices"][0]["logprobs"] == logprobs
+
+
+def test_cache_never_stores_a_stream_it_cannot_assemble_whole(make_client):
+    from gateway.testing import FakeBackend
+
+    backend = FakeBackend()
+    try:
+        client = make_client([plugin("cache")], backend_url=backend.url)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        odd = [dict(chunk, choices=[{"index": 0, "delta": {"content": "Hi", "audio": {"id": "a"}},
+                                     "finish_reason": None}]),
+               dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])]
+        backend.script({"events": odd}, {"events": odd})
+        ask = dict(CHAT, temperature=0, stream=True)
+        assert client.simulate_post("/v1/chat/completions", json=ask).headers["x-cache"] == "MISS"
+        assert client.simulate_post("/v1/chat/completions", json=ask).headers["x-cache"] == "MISS"
+    finally:
+        backend.close()
+
+
+def test_cache_is_per_client_by_default(make_client, monkeypatch):
+    monkeypatch.setenv("TEST_KEYS", "sk-a:alice,sk-b:bob")
+    client = make_client([plugin("auth", env_keys={"TEST_KEYS": "user"}), plugin("cache")])
+    ask = dict(CHAT, temperature=0)
+    alice, bob = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
+    assert client.simulate_post("/v1/chat/completions", json=ask, headers=alice).headers["x-cache"] == "MISS"
+    assert client.simulate_post("/v1/chat/completions", json=ask, headers=bob).headers["x-cache"] == "MISS"
+    assert client.simulate_post("/v1/chat/completions", json=ask, headers=alice).headers["x-cache"] == "HIT"
+    shared = make_client([plugin("auth", env_keys={"TEST_KEYS": "user"}), plugin("cache", per_client=False)])
+    assert shared.simulate_post("/v1/chat/completions", json=ask, headers=alice).headers["x-cache"] == "MISS"
+    assert shared.simulate_post("/v1/chat/completions", json=ask, headers=bob).headers["x-cache"] == "HIT"
+
+
+def test_cache_entries_are_not_shared_across_pipelines(canned_url):
+    import falcon.testing
+
+    from gateway.app import Gateway, build_app
+    from gateway.pipeline import Pipeline
+
+    first, second = plugin("cache"), plugin("cache")
+    second[1].store = first[1].store  # one store for both, as with store: redis
+
+    def client(name, cache):
+        routes = {r: name for r in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")}
+        config = parse_config(config_doc(canned_url, pipelines={name: []}, routes=routes))
+        return falcon.testing.TestClient(build_app(Gateway(config, {name: Pipeline(name, [cache])})))
+
+    ask = dict(CHAT, temperature=0)
+    assert client("public", first).simulate_post("/v1/chat/completions", json=ask).headers["x-cache"] == "MISS"
+    assert client("public", first).simulate_post("/v1/chat/completions", json=ask).headers["x-cache"] == "HIT"
+    assert client("internal", second).simulate_post("/v1/chat/completions", json=ask).headers["x-cache"] == "MISS"
+
+
+@pytest.mark.parametrize("seed", [-1, 4294967295, 1.5, "7", True])
+def test_cache_does_not_take_a_random_or_odd_seed_for_determinism(make_client, seed):
+    client = make_client([plugin("cache")])
+    ask = dict(CHAT, seed=seed, temperature=0.8)
+    for _ in range(2):
+        assert "x-cache" not in client.simulate_post("/v1/chat/completions", json=ask).headers
+    fixed = dict(ask, seed=7)
+    assert client.simulate_post("/v1/chat/completions", json=fixed).headers["x-cache"] == "MISS"
+    assert client.simulate_post("/v1/chat/completions", json=fixed).headers["x-cache"] == "HIT"
+
+
 # --- router ---------------------------------------------------------------------------
 
 def test_router_prefers_fewest_in_flight_and_skips_failed_health(make_client, canned_url):

@@ -1,11 +1,13 @@
 """cache: exact-match answers for chat, completions and embeddings.
 
-The key is a hash of the route, the model and the canonical body (without
-``stream``, ``stream_options`` and ``user``), and the client id when
-``per_client``. An answer is stored once the request completed normally, whole:
-a streamed answer is assembled from its events, so a later request may be served
-streamed or not from either. Errors, truncated and abandoned streams are never
-stored. ``x-cache: HIT`` or ``MISS`` tells which happened.
+The key is a hash of the route, the pipeline, the model and the canonical body
+(without ``stream``, ``stream_options`` and ``user``), and the client id unless
+``per_client`` is off. An answer is stored once the request completed normally,
+whole: a streamed answer is assembled from its events by ``gateway.answers.Assembler``
+(tool calls, logprobs, refusal and usage included; an answer it cannot assemble
+whole is not stored), and replayed by ``gateway.answers.stream_events``, so a later
+request may be served streamed or not from either. Errors, truncated and abandoned
+streams are never stored. ``x-cache: HIT`` or ``MISS`` tells which happened.
 """
 
 from __future__ import annotations
@@ -16,81 +18,50 @@ import json
 from typing import Any
 
 from gateway import Response, hookimpl
+from gateway.answers import Assembler, normalize_answer, stream_events
 from gateway.stores import StoreUnavailable, make_store
 
 IGNORED_FIELDS = ("stream", "stream_options", "user")
+# llama.cpp's seed is a uint32 whose largest value (also written -1) means "a random seed".
+RANDOM_SEED = 0xFFFFFFFF
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def deterministic(body: dict[str, Any]) -> bool:
+    """Greedy sampling (temperature 0) or a fixed seed; -1 (llama.cpp's random seed),
+    other negative and non-integer seeds are not fixed."""
+    temperature, seed = body.get("temperature"), body.get("seed")
+    if _number(temperature) and temperature == 0:
+        return True
+    return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < RANDOM_SEED
 
 
 def cacheable(route: str, body: dict[str, Any], only_deterministic: bool) -> bool:
     if route == "/v1/embeddings" or not only_deterministic:
         return True
-    return body.get("temperature") == 0 or body.get("seed") is not None
+    return deterministic(body)
 
 
 def cache_key(ctx, per_client: bool) -> str:
     canonical = {k: v for k, v in ctx.body.items() if k not in IGNORED_FIELDS}
     canonical["model"] = ctx.model
-    material = json.dumps([ctx.route, canonical, ctx.principal.client_id if per_client and ctx.principal else None],
-                          sort_keys=True, separators=(",", ":"))
+    client = ctx.principal.client_id if per_client and ctx.principal else None
+    material = json.dumps([ctx.route, ctx.pipeline, canonical, client], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def stream_events(answer: dict[str, Any], with_usage: bool) -> list[dict[str, Any]]:
-    """A cached whole answer as the chunks a stream of it would have had."""
-    chat = answer.get("object") == "chat.completion"
-    base = {k: answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in answer}
-    base["object"] = "chat.completion.chunk" if chat else "text_completion"
-    events = []
-    for choice in answer.get("choices", []):
-        if chat:
-            content = {"role": "assistant", "content": (choice.get("message") or {}).get("content")}
-            events.append(dict(base, choices=[{"index": choice["index"], "delta": content, "logprobs": None,
-                                               "finish_reason": None}]))
-            events.append(dict(base, choices=[{"index": choice["index"], "delta": {}, "logprobs": None,
-                                               "finish_reason": choice.get("finish_reason")}]))
-        else:
-            events.append(dict(base, choices=[{"index": choice["index"], "text": choice.get("text", ""),
-                                               "logprobs": None, "finish_reason": choice.get("finish_reason")}]))
-    if with_usage and answer.get("usage"):
-        events.append(dict(base, choices=[], usage=answer["usage"]))
-    return events
-
-
-class Assembler:
-    """Builds the whole answer from a stream's events."""
-
-    def __init__(self) -> None:
-        self.base: dict[str, Any] = {}
-        self.chat = True
-        self.texts: dict[int, list[str]] = {}
-        self.finish: dict[int, str | None] = {}
-
-    def add(self, event: dict[str, Any]) -> None:
-        if not self.base:
-            self.base = {k: event[k] for k in ("id", "created", "model", "system_fingerprint") if k in event}
-            self.chat = event.get("object") == "chat.completion.chunk"
-        for choice in event.get("choices") or []:
-            index = choice.get("index", 0)
-            piece = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-            self.texts.setdefault(index, []).append(piece or "")
-            if choice.get("finish_reason"):
-                self.finish[index] = choice["finish_reason"]
-
-    def answer(self, usage: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The whole answer, or None when some choice never finished."""
-        if not self.texts or set(self.finish) != set(self.texts):
-            return None
-        choices = []
-        for index in sorted(self.texts):
-            text = "".join(self.texts[index])
-            choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": self.finish[index]}
-            if self.chat:
-                choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-            else:
-                choice["text"] = text
-            choices.append(choice)
-        obj = "chat.completion" if self.chat else "text_completion"
-        return dict(self.base, object=obj, choices=choices, usage=usage)
+def whole(route: str, answer: Any) -> bool:
+    """Whether a non-streamed answer is complete enough to serve again."""
+    if not isinstance(answer, dict):
+        return False
+    if route == "/v1/embeddings":
+        return isinstance(answer.get("data"), list) and bool(answer["data"])
+    choices = answer.get("choices")
+    return (isinstance(choices, list) and bool(choices)
+            and all(isinstance(c, dict) and c.get("finish_reason") for c in choices))
 
 
 class Plugin:
@@ -136,9 +107,17 @@ class Plugin:
         pending = ctx.state.get("cache")
         if pending is None or outcome != "ok" or ctx.status != 200:
             return
-        answer = pending["answer"] if pending["assembler"] is None else pending["assembler"].answer(ctx.usage)
-        if answer is None:
-            return
+        if pending["assembler"] is None:
+            answer = pending["answer"]
+            if not whole(ctx.route, answer):
+                return
+        else:
+            # None: a choice never finished, or a chunk carried what the assembler
+            # does not understand; such an answer is never stored.
+            answer = pending["assembler"].answer(ctx.usage)
+            if answer is None:
+                return
+            normalize_answer(answer, ctx.model)
         try:
             self.store.set(pending["key"], json.dumps(answer).encode(), self.ttl)
         except StoreUnavailable:

@@ -185,3 +185,68 @@ def test_usage_counts_every_choice_when_n_is_above_one(gateway):
     assert two.usage.prompt_tokens == one.usage.prompt_tokens
     assert two.usage.completion_tokens == 2 * one.usage.completion_tokens  # llama-server alone says 1x
     assert two.usage.total_tokens == two.usage.prompt_tokens + two.usage.completion_tokens
+
+
+def sse_events(resp: requests.Response) -> list[dict]:
+    lines = [line[len("data: "):] for line in resp.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_chat_logprobs_and_two_choices_validate_streamed_and_not(gateway, openai_schema):
+    ask = {"model": "smollm2", "messages": CHAT, "max_tokens": 4, "logprobs": True, "top_logprobs": 2, "n": 2}
+    whole = requests.post(gateway.url + "/v1/chat/completions", json=ask).json()
+    openai_schema("CreateChatCompletionResponse").validate(whole)
+    assert [c["index"] for c in whole["choices"]] == [0, 1]
+    for choice in whole["choices"]:
+        assert choice["logprobs"]["refusal"] is None
+        tokens = choice["logprobs"]["content"]
+        assert tokens and all(len(t["top_logprobs"]) == 2 for t in tokens)
+        assert "".join(t["token"] for t in tokens) == choice["message"]["content"]
+    assert "timings" in whole  # llama-server's own, kept
+
+    with requests.post(gateway.url + "/v1/chat/completions", stream=True,
+                       json=dict(ask, stream=True, stream_options={"include_usage": True})) as resp:
+        events = sse_events(resp)
+    validator = openai_schema("CreateChatCompletionStreamResponse")
+    for event in events:
+        validator.validate(event)
+    with_logprobs = [c for e in events for c in e["choices"] if c.get("logprobs")]
+    assert {c["index"] for c in with_logprobs} == {0, 1}
+    assert all(c["logprobs"]["refusal"] is None and c["logprobs"]["content"] for c in with_logprobs)
+
+    answer = gateway.client().chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4, logprobs=True,
+                                                      top_logprobs=2)
+    assert answer.choices[0].logprobs.content[0].top_logprobs
+
+
+def test_completion_logprobs_and_two_choices_validate_streamed_and_not(gateway, openai_schema):
+    ask = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 4, "logprobs": 2, "n": 2}
+    validator = openai_schema("CreateCompletionResponse")
+    whole = requests.post(gateway.url + "/v1/completions", json=ask).json()
+    validator.validate(whole)
+    assert [c["index"] for c in whole["choices"]] == [0, 1]
+    for choice in whole["choices"]:
+        logprobs = choice["logprobs"]
+        assert "".join(logprobs["tokens"]) == choice["text"]
+        assert len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == len(logprobs["tokens"])
+        assert all(len(top) <= 2 for top in logprobs["top_logprobs"]) and logprobs["top_logprobs"][0]
+        offsets = [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(len(logprobs["tokens"]))]
+        assert logprobs["text_offset"] == offsets
+
+    with requests.post(gateway.url + "/v1/completions", stream=True, json=dict(ask, stream=True)) as resp:
+        events = sse_events(resp)
+    for event in events:
+        # The spec gives streamed and whole completions one schema, whose finish_reason
+        # may not be null; a stream's unfinished chunks carry null (OpenAI's own too).
+        errors = [e for e in validator.iter_errors(event)
+                  if not (e.instance is None and list(e.path)[-1:] == ["finish_reason"])]
+        assert errors == []
+    for index in (0, 1):
+        chunks = [c for e in events for c in e["choices"] if c["index"] == index and c["logprobs"]]
+        tokens = [t for c in chunks for t in c["logprobs"]["tokens"]]
+        offsets = [o for c in chunks for o in c["logprobs"]["text_offset"]]
+        assert tokens and offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+    answer = gateway.client().completions.create(model="smollm2", prompt="Once upon a time", max_tokens=4, logprobs=2)
+    assert answer.choices[0].logprobs.tokens and answer.choices[0].logprobs.top_logprobs[0]

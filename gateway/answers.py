@@ -1,0 +1,458 @@
+"""llama-server's answers in OpenAI's shape: the one home for answer shapes.
+
+A documented public module (see docs/plugins.md, "Answers"): plugins may use it.
+
+* :func:`normalize_answer` and :func:`normalize_event` edit a whole answer or one
+  stream chunk in place so OpenAI's clients and schemas accept it: ``model`` becomes
+  the public id, ``choices[].logprobs`` and ``message.refusal`` are present (null),
+  chat logprobs carry ``refusal``, and the legacy completions' logprobs, which
+  llama-server sends in the chat shape (``{"content": [{"token", "logprob",
+  "top_logprobs": [...]}]}``), become OpenAI's legacy shape (``tokens``,
+  ``token_logprobs``, ``top_logprobs`` as ``{token: logprob}``, ``text_offset``).
+* :class:`Assembler` builds the whole non-streamed answer from a stream's chunks.
+* :func:`stream_events` is the reverse: a whole answer as the chunks of a stream.
+* :func:`choice_text` is the text of one choice, whatever its shape.
+
+``text_offset`` counts characters from the start of the generated text (the first
+token is at 0), not from the start of the prompt as OpenAI's does; llama-server does
+not send the prompt's length with the tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# What a chunk's choice and its delta may carry; anything else makes an assembled
+# answer untrustworthy (Assembler.answer() returns None rather than drop it).
+# reasoning_content is llama-server's (reasoning models), not OpenAI's.
+_CHAT_CHOICE_FIELDS = frozenset({"index", "delta", "logprobs", "finish_reason"})
+_COMPLETION_CHOICE_FIELDS = frozenset({"index", "text", "logprobs", "finish_reason"})
+_DELTA_FIELDS = frozenset({"role", "content", "refusal", "reasoning_content", "tool_calls"})
+_DELTA_TEXTS = ("content", "refusal", "reasoning_content")
+_TOOL_CALL_FIELDS = frozenset({"index", "id", "type", "function"})
+_FUNCTION_FIELDS = frozenset({"name", "arguments"})
+_BASE_FIELDS = ("id", "created", "model", "system_fingerprint")
+
+# -9999.0 is OpenAI's "very unlikely"; a probability of 0 has no logarithm.
+_UNLIKELY = -9999.0
+
+
+def choice_text(choice: dict[str, Any]) -> str:
+    """The text of a choice: a message's or a delta's content, or a completion's text ("" if none)."""
+    message = choice.get("message")
+    if message is None:
+        message = choice.get("delta")
+    if isinstance(message, dict):
+        content = message.get("content")
+        return content if isinstance(content, str) else ""
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _logprob(entry: dict[str, Any]) -> float:
+    value = entry.get("logprob")
+    if isinstance(value, (int, float)):
+        return value
+    prob = entry.get("prob")  # llama-server's post_sampling_probs
+    if isinstance(prob, (int, float)):
+        return math.log(prob) if prob > 0 else _UNLIKELY
+    return _UNLIKELY
+
+
+def legacy_logprobs(entries: list[Any], start: int = 0) -> tuple[dict[str, list[Any]], int]:
+    """llama-server's chat-shaped token list as OpenAI's legacy completion logprobs.
+
+    Returns:
+        The logprobs object, and the text offset just after its last token (to start
+        the next chunk's offsets from).
+    """
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+    offset = start
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        token = entry.get("token")
+        token = token if isinstance(token, str) else ""
+        tokens.append(token)
+        token_logprobs.append(_logprob(entry))
+        top = entry.get("top_logprobs")
+        if top is None:
+            top = entry.get("top_probs")
+        top_logprobs.append({t["token"]: _logprob(t) for t in top or () if isinstance(t, dict)
+                             and isinstance(t.get("token"), str)})
+        text_offset.append(offset)
+        offset += len(token)
+    return ({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+             "text_offset": text_offset}, offset)
+
+
+def _normalize_choice(choice: dict[str, Any], offsets: dict[int, int] | None) -> None:
+    logprobs = choice.get("logprobs")
+    if "message" in choice or "delta" in choice:
+        if isinstance(logprobs, dict):
+            logprobs.setdefault("content", None)
+            logprobs.setdefault("refusal", None)
+        if "message" in choice:
+            if logprobs is None:
+                choice["logprobs"] = None
+            message = choice["message"]
+            if isinstance(message, dict):
+                message.setdefault("refusal", None)
+        return
+    if logprobs is None:
+        choice["logprobs"] = None
+    elif isinstance(logprobs, dict) and "tokens" not in logprobs and isinstance(logprobs.get("content"), list):
+        index = choice.get("index", 0)
+        start = offsets.get(index, 0) if offsets is not None else 0
+        choice["logprobs"], end = legacy_logprobs(logprobs["content"], start)
+        if offsets is not None:
+            offsets[index] = end
+
+
+def normalize_answer(body: dict[str, Any], public_model: str) -> None:
+    """Edit a whole (non-streamed) chat or completions answer in place so OpenAI clients accept it.
+
+    ``model`` becomes ``public_model`` (llama-server answers with whatever it has
+    loaded); every choice gets ``logprobs`` (null when not asked for); a chat
+    message gets ``refusal`` (null) and chat logprobs ``refusal`` (null); legacy
+    completion logprobs are converted to OpenAI's legacy shape (see the module's
+    note on ``text_offset``). Idempotent; anything else (``timings``) is kept.
+    """
+    if "model" in body:
+        body["model"] = public_model
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return
+    for choice in choices:
+        if isinstance(choice, dict):
+            _normalize_choice(choice, None)
+
+
+def normalize_event(event: dict[str, Any], public_model: str, offsets: dict[int, int] | None = None) -> None:
+    """:func:`normalize_answer` for one stream chunk, in place.
+
+    Args:
+        event: The decoded ``data:`` JSON of one chunk.
+        public_model: The model id the client asked for.
+        offsets: One dict per stream, kept by the caller across its chunks: each
+            choice's ``text_offset`` continues where its previous chunk ended. Without
+            it every chunk's offsets start at 0.
+    """
+    if "model" in event:
+        event["model"] = public_model
+    choices = event.get("choices")
+    if not choices or not isinstance(choices, list):
+        return
+    for choice in choices:
+        if isinstance(choice, dict) and ("logprobs" in choice or "text" in choice):
+            _normalize_choice(choice, offsets)
+
+
+def merge_usage(total: dict[str, Any] | None, usage: dict[str, Any]) -> dict[str, Any]:
+    """Add one choice's ``usage`` to ``total`` (None for the first): llama-server sends one
+    usage per choice when ``n`` > 1. The prompt counts once (its details are kept from
+    the first), completion tokens add up, ``total_tokens`` is recomputed."""
+    if total is None:
+        total = dict(usage)
+        details = usage.get("completion_tokens_details")
+        if isinstance(details, dict):
+            total["completion_tokens_details"] = dict(details)
+        return total
+    completion = _int(total.get("completion_tokens")) + _int(usage.get("completion_tokens"))
+    total["completion_tokens"] = completion
+    total["total_tokens"] = _int(total.get("prompt_tokens")) + completion
+    details, more = total.get("completion_tokens_details"), usage.get("completion_tokens_details")
+    if isinstance(details, dict) and isinstance(more, dict):
+        for key, value in more.items():
+            if isinstance(value, int) and isinstance(details.get(key, 0), int):
+                details[key] = details.get(key, 0) + value
+    return total
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _merge_logprobs(merged: dict[str, Any] | None, logprobs: Any) -> dict[str, Any] | None:
+    """Concatenates each list of a chunk's logprobs onto ``merged``; None on a malformed one.
+
+    Works on every shape (chat: content, refusal; llama-server's completions: content;
+    OpenAI's legacy: tokens, token_logprobs, top_logprobs, text_offset). The lists of
+    the first chunk are copied once; later chunks extend them.
+    """
+    if not isinstance(logprobs, dict):
+        return None
+    if merged is None:
+        merged = {}
+    for key, value in logprobs.items():
+        if value is None:
+            merged.setdefault(key, None)
+        elif isinstance(value, list):
+            current = merged.get(key)
+            if current is None:
+                merged[key] = list(value)
+            else:
+                current.extend(value)
+        else:
+            return None
+    return merged
+
+
+class _Choice:
+    __slots__ = ("role", "texts", "tool_calls", "logprobs", "finish_reason")
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+        self.texts: dict[str, list[str]] = {}  # content, refusal, reasoning_content; or text
+        self.tool_calls: dict[int, dict[str, Any]] | None = None
+        self.logprobs: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+
+
+class Assembler:
+    """Builds the whole non-streamed answer from a stream's decoded chunks (chat or completions).
+
+    Feed every chunk to :meth:`add` in order (``[DONE]`` excluded), then call
+    :meth:`answer`. Pieces are kept by reference and joined once at the end: no copies
+    or re-encoding per chunk.
+
+    What a choice keeps: ``role``; ``content``, ``refusal`` and llama-server's
+    ``reasoning_content`` concatenated (null when no chunk carried a string);
+    ``tool_calls`` assembled by index (``id``, ``type``, ``function.name`` and
+    ``function.arguments`` concatenated); ``logprobs`` lists concatenated (any shape);
+    ``finish_reason``. At the top: ``id``, ``created``, ``model``,
+    ``system_fingerprint`` (from the first chunk carrying them), ``usage`` (one per
+    choice merged by :func:`merge_usage`) and ``timings`` (the last seen).
+    """
+
+    def __init__(self) -> None:
+        self.base: dict[str, Any] = {}
+        self.chat: bool | None = None
+        self.choices: dict[int, _Choice] = {}
+        self.usage: dict[str, Any] | None = None
+        self.timings: Any = None
+        self.broken: str | None = None  # why the answer cannot be trusted
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Take one decoded chunk into account."""
+        if self.broken is not None:
+            return
+        if len(self.base) < len(_BASE_FIELDS):
+            for key in _BASE_FIELDS:
+                if key not in self.base and key in event:
+                    self.base[key] = event[key]
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            self.usage = merge_usage(self.usage, usage)
+        if "timings" in event:
+            self.timings = event["timings"]
+        choices = event.get("choices")
+        if not choices:
+            return
+        if not isinstance(choices, list):
+            self.broken = "choices is not a list"
+            return
+        for choice in choices:
+            if not isinstance(choice, dict):
+                self.broken = "a choice is not an object"
+                return
+            if self.chat is None:
+                self.chat = "delta" in choice
+            index = choice.get("index", 0)
+            if not isinstance(index, int):
+                self.broken = "a choice's index is not an integer"
+                return
+            state = self.choices.get(index)
+            if state is None:
+                state = self.choices[index] = _Choice()
+            if self.chat:
+                self._add_chat(choice, state)
+            else:
+                self._add_completion(choice, state)
+            if self.broken is not None:
+                return
+            logprobs = choice.get("logprobs")
+            if logprobs is not None:
+                state.logprobs = _merge_logprobs(state.logprobs, logprobs)
+                if state.logprobs is None:
+                    self.broken = "malformed logprobs"
+                    return
+            finish = choice.get("finish_reason")
+            if finish is not None:
+                state.finish_reason = finish
+
+    def _add_chat(self, choice: dict[str, Any], state: _Choice) -> None:
+        if not choice.keys() <= _CHAT_CHOICE_FIELDS:
+            self.broken = f"unknown choice fields {sorted(choice.keys() - _CHAT_CHOICE_FIELDS)}"
+            return
+        delta = choice.get("delta")
+        if delta is None:
+            return
+        if not isinstance(delta, dict):
+            self.broken = "delta is not an object"
+            return
+        if not delta.keys() <= _DELTA_FIELDS:
+            self.broken = f"unknown delta fields {sorted(delta.keys() - _DELTA_FIELDS)}"
+            return
+        role = delta.get("role")
+        if role is not None:
+            state.role = role
+        for key in _DELTA_TEXTS:
+            piece = delta.get(key)
+            if piece is not None:
+                if not isinstance(piece, str):
+                    self.broken = f"delta.{key} is not a string"
+                    return
+                pieces = state.texts.get(key)
+                if pieces is None:
+                    state.texts[key] = [piece]
+                else:
+                    pieces.append(piece)
+        calls = delta.get("tool_calls")
+        if calls is not None:
+            self._add_tool_calls(calls, state)
+
+    def _add_tool_calls(self, calls: Any, state: _Choice) -> None:
+        if not isinstance(calls, list):
+            self.broken = "delta.tool_calls is not a list"
+            return
+        if state.tool_calls is None:
+            state.tool_calls = {}
+        for call in calls:
+            if (not isinstance(call, dict) or not call.keys() <= _TOOL_CALL_FIELDS
+                    or not isinstance(call.get("index"), int)):
+                self.broken = "a tool call delta without an index or with unknown fields"
+                return
+            parts = state.tool_calls.get(call["index"])
+            if parts is None:
+                parts = state.tool_calls[call["index"]] = {"id": None, "type": None, "name": [], "arguments": []}
+            if call.get("id") is not None and parts["id"] is None:
+                parts["id"] = call["id"]
+            if call.get("type") is not None:
+                parts["type"] = call["type"]
+            function = call.get("function")
+            if function is None:
+                continue
+            if not isinstance(function, dict) or not function.keys() <= _FUNCTION_FIELDS:
+                self.broken = "a tool call's function has unknown fields"
+                return
+            for key in ("name", "arguments"):
+                piece = function.get(key)
+                if piece is not None:
+                    if not isinstance(piece, str):
+                        self.broken = f"a tool call's function.{key} is not a string"
+                        return
+                    parts[key].append(piece)
+
+    def _add_completion(self, choice: dict[str, Any], state: _Choice) -> None:
+        if not choice.keys() <= _COMPLETION_CHOICE_FIELDS:
+            self.broken = f"unknown choice fields {sorted(choice.keys() - _COMPLETION_CHOICE_FIELDS)}"
+            return
+        text = choice.get("text")
+        if text is not None:
+            if not isinstance(text, str):
+                self.broken = "text is not a string"
+                return
+            pieces = state.texts.get("text")
+            if pieces is None:
+                state.texts["text"] = [text]
+            else:
+                pieces.append(text)
+
+    def answer(self, usage: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The whole answer, or None when it cannot be trusted.
+
+        None when no choice came, when a choice never finished, or when a chunk carried
+        a field this assembler does not understand (it would have been lost): a caller
+        must not store or serve such an answer as whole.
+
+        Args:
+            usage: Used when no chunk carried ``usage`` (e.g. the relay dropped the
+                usage chunk and kept it in ``ctx.usage``).
+        """
+        if self.broken is not None or not self.choices:
+            return None
+        choices = []
+        for index in sorted(self.choices):
+            state = self.choices[index]
+            if state.finish_reason is None:
+                return None
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                message: dict[str, Any] = {"role": state.role or "assistant"}
+                for key in _DELTA_TEXTS:
+                    pieces = state.texts.get(key)
+                    if pieces is not None:
+                        message[key] = "".join(pieces)
+                    elif key != "reasoning_content":
+                        message[key] = None
+                if state.tool_calls:
+                    calls = []
+                    for call_index in sorted(state.tool_calls):
+                        parts = state.tool_calls[call_index]
+                        if not parts["name"]:
+                            return None  # a call without a name is not a call
+                        call: dict[str, Any] = {}
+                        if parts["id"] is not None:
+                            call["id"] = parts["id"]
+                        call["type"] = parts["type"] or "function"
+                        call["function"] = {"name": "".join(parts["name"]), "arguments": "".join(parts["arguments"])}
+                        calls.append(call)
+                    message["tool_calls"] = calls
+                choice["message"] = message
+            else:
+                choice["text"] = "".join(state.texts.get("text", ()))
+            choice["logprobs"] = dict(state.logprobs) if state.logprobs is not None else None
+            choice["finish_reason"] = state.finish_reason
+            choices.append(choice)
+        whole = dict(self.base, object="chat.completion" if self.chat else "text_completion", choices=choices)
+        total = self.usage if self.usage is not None else usage
+        if total is not None:
+            whole["usage"] = dict(total)
+        if self.timings is not None:
+            whole["timings"] = self.timings
+        return whole
+
+
+def stream_events(answer: dict[str, Any], with_usage: bool) -> list[dict[str, Any]]:
+    """A whole chat or completions answer as the chunks a stream of it would have had.
+
+    Per chat choice: a chunk with the whole message as its delta (role, content,
+    refusal, ``tool_calls`` with their ``index``) and its ``logprobs``, then a chunk
+    with ``finish_reason``; per completions choice one chunk. Then the usage chunk
+    (``choices: []``) when ``with_usage``. ``timings`` rides on the last chunk, as
+    llama-server sends it. :class:`Assembler` turns these back into an equal answer.
+    """
+    choices = answer.get("choices") or []
+    chat = answer.get("object") == "chat.completion" or any("message" in c for c in choices)
+    base = {k: answer[k] for k in _BASE_FIELDS if k in answer}
+    base["object"] = "chat.completion.chunk" if chat else "text_completion"
+    events = []
+    for choice in choices:
+        index = choice.get("index", 0)
+        if chat:
+            message = choice.get("message") or {}
+            delta: dict[str, Any] = {"role": message.get("role") or "assistant", "content": message.get("content")}
+            for key in ("refusal", "reasoning_content"):
+                if message.get(key) is not None:
+                    delta[key] = message[key]
+            calls = message.get("tool_calls")
+            if calls:
+                delta["tool_calls"] = [dict(call, index=n) for n, call in enumerate(calls)]
+            events.append(dict(base, choices=[{"index": index, "delta": delta, "logprobs": choice.get("logprobs"),
+                                               "finish_reason": None}]))
+            events.append(dict(base, choices=[{"index": index, "delta": {}, "logprobs": None,
+                                               "finish_reason": choice.get("finish_reason")}]))
+        else:
+            events.append(dict(base, choices=[{"index": index, "text": choice.get("text") or "",
+                                               "logprobs": choice.get("logprobs"),
+                                               "finish_reason": choice.get("finish_reason")}]))
+    if with_usage and answer.get("usage"):
+        events.append(dict(base, choices=[], usage=answer["usage"]))
+    if "timings" in answer and events:
+        events[-1]["timings"] = answer["timings"]
+    return events
