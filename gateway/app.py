@@ -500,7 +500,7 @@ class ControlResource:
         def cancel(ctx: RequestContext) -> dict[str, Any]:
             if not self.gateway.cancel(request_id, ctx.principal):
                 raise NotFoundError(f"No request {request_id!r} of yours is in flight on this worker.",
-                                    code="request_not_found", param="request_id")
+                                    code="request_not_found")
             return {"id": request_id, "object": "request.cancelled", "cancelled": True}
 
         self._run(req, resp, "/v1/requests/{request_id}/cancel", False, cancel)

@@ -274,7 +274,8 @@ class Relay:
         self.deadline = ctx.started + timeouts.total
         self.done = False
         self.tally = Tally()
-        self.usage_event: dict[str, Any] | None = None
+        self.usage: dict[str, Any] | None = None  # every choice's, merged
+        self.usage_event: dict[str, Any] | None = None  # the usage chunk to send before [DONE]
         # on when the request asked for logprobs: llama-server's need reshaping (answers.normalize_event)
         self.normalize = normalize
         self.offsets: dict[int, int] = {}  # each choice's text_offset, across the stream
@@ -328,14 +329,20 @@ class Relay:
             event.pop("timings", None)  # asked for the gateway's accounting (the usage chunk keeps its own)
         if self.normalize:
             normalize_event(event, self.public_model, self.offsets)
-        if isinstance(event.get("usage"), dict):
-            if event.get("choices") == []:
-                # The usage chunk: llama-server sends one per choice (n > 1); they are
-                # merged and sent once before [DONE], if the client asked for usage.
-                self.ctx.usage = merge_usage(self.ctx.usage if self.usage_event else None, event["usage"])
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            # llama-server counts each choice apart: chat sends a usage chunk per choice,
+            # completions put usage on each choice's last chunk. OpenAI clients expect
+            # one usage chunk, counting every choice, before [DONE], and only if asked.
+            self.ctx.usage = self.usage = merge_usage(self.usage, usage)
+            if not event.get("choices"):
                 self.usage_event = event
                 return b""
-            self.ctx.usage = event["usage"]
+            event["usage"] = None
+            if self.usage_event is None:
+                self.usage_event = {key: event[key] for key in ("id", "object", "created", "model", "system_fingerprint")
+                                    if key in event}
+                self.usage_event["choices"] = []
         if self.on_event is not None and not self.on_event(event):
             return b""
         return sse(event)

@@ -323,3 +323,26 @@ def test_canned_backend_tool_calls_streamed_and_not():
     for event in streamed.events:
         assembler.add(event)
     assert assembler.answer()["choices"][0]["message"] == message
+
+
+def test_completion_usage_on_each_choices_last_chunk_is_merged_into_one_usage_chunk():
+    """llama-server's legacy completions put each choice's usage on its last chunk."""
+    base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m"}
+
+    def chunk(index, text, finish=None, completion=None):
+        event = dict(base, choices=[{"index": index, "text": text, "logprobs": None, "finish_reason": finish}])
+        if completion is not None:
+            event["usage"] = {"prompt_tokens": 3, "completion_tokens": completion, "total_tokens": 3 + completion}
+        return event
+
+    events = [chunk(1, "a"), chunk(0, "b"), chunk(1, "", "length", 2), chunk(0, "c"), chunk(0, "", "length", 4)]
+    with Harness([]) as harness:
+        for wants_usage in (True, False):
+            harness.backend.script({"events": events})
+            options = {"stream_options": {"include_usage": True}} if wants_usage else {}
+            result = harness.request("POST", "/v1/completions", json={
+                "model": harness.model, "prompt": "x", "stream": True, "n": 2, **options})
+            assert result.ctx.usage == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+            with_usage = [e for e in result.events if e.get("usage")]
+            assert with_usage == ([dict(base, model=harness.model, choices=[], usage=result.ctx.usage)]
+                                  if wants_usage else [])
