@@ -303,13 +303,13 @@ class ProxyResource:
                 if ctx.stream:
                     on_event = (lambda event: pipeline.response_event(ctx, event)) if pipeline.wants_events else None
                     # llama-server's logprobs need reshaping (answers.normalize_event); other streams stay undecoded
-                    relay = Relay(ctx, upstream, ctx.model, on_event, timeouts, normalize=bool(payload.get("logprobs")))
+                    relay = Relay(ctx, lease, ctx.model, on_event, timeouts, normalize=bool(payload.get("logprobs")))
                     resp.content_type = "text/event-stream"
                     resp.set_headers(STREAM_HEADERS)
                     gateway.respond(ctx, pipeline, resp, relay, lambda: gateway.finish(lease))
                     relaying = True
                     return
-                answer = whole_answer(ctx, upstream, timeouts)
+                answer = whole_answer(ctx, lease, timeouts)
             finally:
                 if not relaying:
                     gateway.finish(lease)
@@ -337,13 +337,14 @@ def ask_for_a_stream(payload: dict[str, Any]) -> None:
         payload.pop(field, None)
 
 
-def whole_answer(ctx: RequestContext, upstream: requests.Response, timeouts: Timeouts) -> dict[str, Any]:
+def whole_answer(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> dict[str, Any]:
     """The backend's answer as one OpenAI object: assembled from its stream, or decoded
     when the backend answered in one piece (embeddings, or a backend that does not stream)."""
     assert ctx.model is not None
+    upstream = lease.response
     if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
         assembler = Assembler()
-        collect(ctx, upstream, timeouts, assembler.add)
+        collect(ctx, lease, timeouts, assembler.add)
         answer = assembler.answer()
         if answer is None:
             raise UpstreamError("The backend's streamed answer could not be assembled; it is incomplete.")

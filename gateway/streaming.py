@@ -30,6 +30,7 @@ from urllib3.exceptions import ReadTimeoutError
 from .answers import merge_usage, normalize_event
 from .config import Timeouts
 from .context import RequestContext
+from .upstream import Lease
 from .errors import (
     ClientGoneError,
     GatewayError,
@@ -110,10 +111,14 @@ def read_error(ctx: RequestContext, exc: requests.RequestException, timeouts: Ti
         return RequestCancelledError()
     if ctx.client_gone:
         return ClientGoneError()
-    # requests wraps urllib3's read timeout in a ConnectionError mid-body.
-    if exc.args and isinstance(exc.args[0], ReadTimeoutError) or isinstance(exc, requests.Timeout):
+    if _timed_out(exc):
         return GatewayTimeoutError(f"The backend sent nothing for {timeouts.idle:g} s; the answer was abandoned.")
     return UpstreamError("The connection to the backend broke mid-answer; the answer is incomplete.")
+
+
+def _timed_out(exc: requests.RequestException) -> bool:
+    # requests wraps urllib3's read timeout in a ConnectionError mid-body.
+    return bool(exc.args and isinstance(exc.args[0], ReadTimeoutError)) or isinstance(exc, requests.Timeout)
 
 
 def _stream_error(ctx: RequestContext, error: GatewayError) -> bytes:
@@ -157,13 +162,36 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def frames(upstream: requests.Response) -> Iterator[list[bytes]]:
-    """The upstream's SSE events (without their blank line), in the batches they arrive."""
+def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
+    """The upstream's SSE events (without their blank line), in the batches they arrive.
+
+    llama-server sends a stream's headers at once, so the route's ``first_byte``
+    timeout (already on the connection) lasts until the first event, which comes
+    after the prompt was processed; from then on ``idle`` applies between events.
+
+    Raises:
+        GatewayTimeoutError: no event within ``first_byte``.
+        requests.RequestException: the connection failed later.
+    """
     buffer = b""
-    for chunk in upstream.iter_content(chunk_size=None):
+    started = False
+    chunks = lease.response.iter_content(chunk_size=None)
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except requests.RequestException as exc:
+            if not started and _timed_out(exc):
+                raise GatewayTimeoutError(f"The backend {lease.backend.name} did not start answering within "
+                                          f"{timeouts.first_byte:g} s.") from None
+            raise
         buffer += chunk
         if b"\n\n" not in buffer:
             continue
+        if not started:
+            started = True
+            lease.set_read_timeout(timeouts.idle)
         *events, buffer = buffer.split(b"\n\n")
         yield [raw for raw in events if raw]
 
@@ -175,7 +203,7 @@ def _upstream_error(raw: bytes) -> GatewayError | None:
     return None
 
 
-def collect(ctx: RequestContext, upstream: requests.Response, timeouts: Timeouts,
+def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
             add: Callable[[dict[str, Any]], None]) -> None:
     """Read a whole upstream stream, passing each decoded chunk to ``add``.
 
@@ -187,7 +215,7 @@ def collect(ctx: RequestContext, upstream: requests.Response, timeouts: Timeouts
     tally = Tally()
     deadline = ctx.started + timeouts.total
     try:
-        for events in frames(upstream):
+        for events in frames(lease, timeouts):
             for raw in events:
                 if raw.startswith(b"data: [DONE]"):
                     return
@@ -252,7 +280,7 @@ class Relay:
 
     Args:
         ctx: The request.
-        upstream: The backend's streamed ``requests`` response.
+        lease: The backend's streamed answer.
         public_model: The model id the client should see.
         on_event: Called with each decoded event; returns False to drop it. None
             when no plugin asked to see events.
@@ -262,11 +290,11 @@ class Relay:
             (the request asked for logprobs, whose shape llama-server gets wrong).
     """
 
-    def __init__(self, ctx: RequestContext, upstream: requests.Response, public_model: str,
+    def __init__(self, ctx: RequestContext, lease: Lease, public_model: str,
                  on_event: Callable[[dict[str, Any]], bool] | None, timeouts: Timeouts,
                  normalize: bool = False) -> None:
         self.ctx = ctx
-        self.upstream = upstream
+        self.lease = lease
         self.public_model = public_model
         self.model_field = b'"model":' + json.dumps(public_model).encode()
         self.on_event = on_event
@@ -289,7 +317,7 @@ class Relay:
 
     def _relay(self) -> Iterator[bytes]:
         try:
-            for events in frames(self.upstream):
+            for events in frames(self.lease, self.timeouts):
                 out = b"".join(self._event(raw) for raw in events)
                 if out:
                     yield out
@@ -338,7 +366,7 @@ class Relay:
             if not event.get("choices"):
                 self.usage_event = event
                 return b""
-            event["usage"] = None
+            del event["usage"]
             if self.usage_event is None:
                 self.usage_event = {key: event[key] for key in ("id", "object", "created", "model", "system_fingerprint")
                                     if key in event}

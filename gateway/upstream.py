@@ -529,7 +529,9 @@ class Upstreams:
                     replica.breaker.success()
                     replica.ready = True
                     lease = Lease(backend, replica, resp, in_flight)
-                    lease.set_read_timeout(timeouts.idle)
+                    # A stream's headers come at once: the first-byte budget lasts until
+                    # its first event (streaming.frames), then idle applies.
+                    lease.set_read_timeout(max(0.001, first_byte - (time.monotonic() - now)))
                     return lease
                 error = error_of(resp, self.retry_after())
                 resp.close()

@@ -47,7 +47,7 @@ class Plugin:
             log.debug("statsd send failed: %s", exc)
 
     @hookimpl
-    def request(self, ctx):
+    def request_start(self, ctx):
         ctx.state["statsd"] = None
         self._send(lambda b: b.gauge("inflight", 1, delta=True))
 
@@ -67,7 +67,7 @@ class Plugin:
         def fill(batch) -> None:
             batch.incr(f"requests.{route}.{ctx.status}")
             batch.timing(f"latency.{route}", ctx.latency_ms)
-            if "statsd" in ctx.state:  # request hook ran: it raised the gauge
+            if "statsd" in ctx.state:  # request_start ran: it raised the gauge
                 batch.gauge("inflight", -1, delta=True)
             if backend is not None:
                 batch.gauge(f"inflight.{backend}", -1, delta=True)
