@@ -37,6 +37,7 @@ from .errors import (
     ServiceUnavailableError,
     UpstreamError,
 )
+from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline, build_pipelines
 from .stats import Stats
 from .streaming import Relay, ResponseBody, cancelled_error, read_error, replay
@@ -399,12 +400,15 @@ class PrefixResource:
 
     def __init__(self, gateway: Gateway, prefix: str, target: PrefixRoute) -> None:
         self.gateway = gateway
+        self.prefix = prefix
         self.route = prefix + "/*"
         self.target = target
 
     def on_request(self, req: falcon.Request, resp: falcon.Response, rest: str) -> None:
         gateway = self.gateway
         ctx, pipeline = gateway.begin(req, self.route, self.target.pipeline)
+        # The raw target, checked: never req.path (decoded) nor anything outside the prefix.
+        path = check_relay_target(raw_target(req.env, req.path, req.query_string), self.prefix)
         body = read_body(req, ctx, gateway.config.max_body_bytes)
         answer = pipeline.request(ctx)
         if answer is not None:
@@ -414,7 +418,6 @@ class PrefixResource:
         chosen = gateway.route(ctx, pipeline)
         headers = {name: req.get_header(name) for name in self.FORWARDED if req.get_header(name)}
         headers["X-Request-Id"] = ctx.request_id
-        path = req.path + (f"?{req.query_string}" if req.query_string else "")
         lease = gateway.open_upstream(ctx, chosen, path, body, headers, method=req.method)
         timeouts = gateway.config.timeouts_for(self.route)
 
