@@ -37,6 +37,7 @@ from .errors import (
     ServiceUnavailableError,
     UpstreamError,
 )
+from .logs import setup_logging  # (importing it also bounds the llamagate logger's lines)
 from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline, build_pipelines
 from .stats import Stats
@@ -656,8 +657,7 @@ def get_app() -> Any:
     """
     from .reload import ReloadingApp
 
-    logging.basicConfig(level=os.environ.get("LLAMAGATE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     path = os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")
     try:
         config = load_config(path)

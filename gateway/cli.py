@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import backend, keys
 from .config import Config, ConfigError, load_config
+from .logs import env_log_level
 from .pipeline import build_pipelines, discover
 from .redact import key_hint, redact_url
 from .upstream import wait_until_ready
@@ -125,7 +126,19 @@ def gunicorn_command(config: str, bind: str | None) -> tuple[list[str], dict[str
     return [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)], env
 
 
+def log_level_ok() -> bool:
+    """Whether LLAMAGATE_LOG_LEVEL names a level; if not, says so in one line on stderr."""
+    try:
+        env_log_level()
+    except ValueError as exc:
+        print(f"llamagate: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if not log_level_ok():
+        return 1
     try:
         build_pipelines(load_config(args.config))
     except ConfigError as exc:
@@ -180,6 +193,8 @@ def banner_authorization(key: str, source: str) -> tuple[str, str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start two backends and the gateway; stop them all on Ctrl-C or when one dies."""
+    if not log_level_ok():
+        return 1
     api_key, key_source = operator_key_source()
     chat_url = f"http://127.0.0.1:{args.chat_port}"
     embeddings_url = f"http://127.0.0.1:{args.embeddings_port}"
