@@ -7,9 +7,13 @@ GATEWAY_TIMEOUT              worker heartbeat timeout, s     (30)
 GATEWAY_GRACEFUL_TIMEOUT     how long streams survive a stop or reload, s (30)
 GATEWAY_KEEPALIVE            idle keep-alive, s              (5)
 GATEWAY_CONFIG               pipelines file the workers load (pipelines.yaml)
+LLAMAGATE_LOG_LEVEL          debug, info, warning, error or critical, any case (info)
 """
 
 import os
+import sys
+
+from gateway.logs import env_log_level
 
 wsgi_app = "gateway.app:get_app()"
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8000")
@@ -28,7 +32,11 @@ preload_app = False
 control_socket_disable = True
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("LLAMAGATE_LOG_LEVEL", "info").lower()
+try:  # any case; a value that names no level stops the start with one line, before any worker
+    loglevel = env_log_level().lower()
+except ValueError as exc:
+    sys.stderr.write(f"llamagate: {exc}\n")
+    raise SystemExit(1) from None
 
 
 def _check_config(server) -> bool:

@@ -39,6 +39,8 @@ from .errors import (
     ServiceUnavailableError,
     UpstreamError,
 )
+from .logs import setup_logging  # (importing it also bounds the llamagate logger's lines)
+from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline, build_pipelines
 from .stats import Stats
 from .streaming import Relay, ResponseBody, collect, read_error, replay, watch_departure
@@ -413,12 +415,15 @@ class PrefixResource:
 
     def __init__(self, gateway: Gateway, prefix: str, target: PrefixRoute) -> None:
         self.gateway = gateway
+        self.prefix = prefix
         self.route = prefix + "/*"
         self.target = target
 
     def on_request(self, req: falcon.Request, resp: falcon.Response, rest: str) -> None:
         gateway = self.gateway
         ctx, pipeline = gateway.begin(req, self.route, self.target.pipeline)
+        # The raw target, checked: never req.path (decoded) nor anything outside the prefix.
+        path = check_relay_target(raw_target(req.env, req.path, req.query_string), self.prefix)
         answer = pipeline.request_start(ctx)
         if answer is not None:
             gateway.answer(ctx, pipeline, resp, answer)
@@ -432,9 +437,9 @@ class PrefixResource:
         chosen = gateway.route(ctx, pipeline)
         headers = {name: req.get_header(name) for name in self.FORWARDED if req.get_header(name)}
         headers["X-Request-Id"] = ctx.request_id
-        path = req.path + (f"?{req.query_string}" if req.query_string else "")
         lease = gateway.open_upstream(ctx, chosen, path, body, headers, method=req.method)
         timeouts = gateway.config.timeouts_for(self.route)
+        lease.set_read_timeout(timeouts.idle)  # not a stream of events: the headers were its first byte
 
         def relay() -> Any:
             try:
@@ -671,8 +676,7 @@ def get_app() -> Any:
     """
     from .reload import ReloadingApp
 
-    logging.basicConfig(level=os.environ.get("LLAMAGATE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     path = os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")
     try:
         config = load_config(path)

@@ -48,9 +48,18 @@ def binary_args(opts: BackendOptions, binary: str) -> list[str]:
         args += ["--embeddings", "--pooling", "mean"]
     if opts.threads:
         args += ["--threads", str(opts.threads), "--threads-batch", str(opts.threads)]
-    if opts.api_key:
-        args += ["--api-key", opts.api_key]
+    # No --api-key: a command line is readable by every local user (ps); see binary_env.
     return args
+
+
+def binary_env(opts: BackendOptions) -> dict[str, str]:
+    """The llama-server's environment: ours, and the API key as ``LLAMA_API_KEY``, which
+    llama-server reads in place of ``--api-key`` (``/proc/<pid>/environ`` is readable by
+    the process's owner only, its command line by everyone)."""
+    env = dict(os.environ)
+    if opts.api_key:
+        env["LLAMA_API_KEY"] = opts.api_key
+    return env
 
 
 def find_binary(opts: BackendOptions) -> str | None:
@@ -63,7 +72,7 @@ def run(opts: BackendOptions) -> None:
         raise SystemExit(f"llamagate backend: no model file at {opts.model} (run `make model`)")
     binary = find_binary(opts)
     if binary:
-        os.execv(binary, binary_args(opts, binary))
+        os.execve(binary, binary_args(opts, binary), binary_env(opts))
     try:
         import xllamacpp
     except ImportError:

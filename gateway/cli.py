@@ -24,8 +24,10 @@ import sys
 from pathlib import Path
 
 from . import backend, keys
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
+from .logs import env_log_level
 from .pipeline import build_pipelines, discover
+from .redact import key_hint, redact_url
 from .upstream import wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +36,17 @@ GUNICORN_CONF = ROOT / "gunicorn.conf.py"
 OPERATOR_KEY_FILE = Path(".llamagate-api-key")
 
 
+def replica_urls(config: Config, backend_name: str) -> str:
+    """A backend's replica URLs for the operator's eyes, userinfo redacted."""
+    return ", ".join(redact_url(url) for url in config.backends[backend_name].urls)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
         build_pipelines(config)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(redact_url(str(exc)), file=sys.stderr)
         return 1
     print(f"{args.file}: OK")
     for route, name in config.routes.items():
@@ -50,11 +57,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  {route}  [{name}]  {chain}  (answered by a plugin)")
     for prefix, target in config.prefix_routes.items():
         chain = " -> ".join(entry.name for entry in config.pipelines[target.pipeline]) or "(no plugins)"
-        urls = ", ".join(config.backends[target.backend].urls)
+        urls = replica_urls(config, target.backend)
         print(f"  {prefix}/*  [{target.pipeline}]  {chain}  => {target.backend}: {urls}")
     for model in config.models.values():
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
-        urls = ", ".join(config.backends[model.backend].urls)
+        urls = replica_urls(config, model.backend)
         print(f"  model {model.id}{aliases} -> {model.backend}: {urls}")
     return 0
 
@@ -63,15 +70,15 @@ def cmd_routes(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(redact_url(str(exc)), file=sys.stderr)
         return 1
     print(f"{'model':<28} {'backend':<14} replicas")
     for model in config.models.values():
         names = ", ".join((model.id, *model.aliases))
         upstream = f" (sent as {model.upstream_model})" if model.upstream_model else ""
-        print(f"{names + upstream:<28} {model.backend:<14} {', '.join(config.backends[model.backend].urls)}")
+        print(f"{names + upstream:<28} {model.backend:<14} {replica_urls(config, model.backend)}")
     for prefix, target in config.prefix_routes.items():
-        print(f"{prefix + '/*':<28} {target.backend:<14} {', '.join(config.backends[target.backend].urls)}")
+        print(f"{prefix + '/*':<28} {target.backend:<14} {replica_urls(config, target.backend)}")
     return 0
 
 
@@ -85,7 +92,7 @@ def status_table(status: dict) -> str:
         for i, replica in enumerate(group["replicas"]):
             head = (f"{name:<14} {group['limit']:>5} {group['in_flight']:>9} {group['queued']:>6}" if i == 0
                     else " " * 38)
-            lines.append(f"{head}  {replica['url']:<31} {'yes' if replica['ready'] else 'no':<5} "
+            lines.append(f"{head}  {redact_url(replica['url']):<31} {'yes' if replica['ready'] else 'no':<5} "
                          f"{replica['slots'] if replica['slots'] is not None else '?':>5} {replica['in_flight']:>4}  "
                          f"{replica['breaker']}")
     lines += ["", "pipelines:"]
@@ -119,11 +126,23 @@ def gunicorn_command(config: str, bind: str | None) -> tuple[list[str], dict[str
     return [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)], env
 
 
+def log_level_ok() -> bool:
+    """Whether LLAMAGATE_LOG_LEVEL names a level; if not, says so in one line on stderr."""
+    try:
+        env_log_level()
+    except ValueError as exc:
+        print(f"llamagate: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if not log_level_ok():
+        return 1
     try:
         build_pipelines(load_config(args.config))
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(redact_url(str(exc)), file=sys.stderr)
         return 1
     command, env = gunicorn_command(args.config, args.bind)
     os.execve(command[0], command, env)
@@ -140,21 +159,43 @@ def cmd_backend(args: argparse.Namespace) -> int:
 
 def operator_key() -> str:
     """LLAMAGATE_API_KEY, or the key kept in OPERATOR_KEY_FILE, made on first use."""
+    return operator_key_source()[0]
+
+
+def operator_key_source() -> tuple[str, str]:
+    """The operator key and where it came from: ``env`` (LLAMAGATE_API_KEY), ``file``
+    (OPERATOR_KEY_FILE, made by an earlier run) or ``new`` (made now, kept in the file)."""
     if os.environ.get("LLAMAGATE_API_KEY"):
-        return os.environ["LLAMAGATE_API_KEY"]
+        return os.environ["LLAMAGATE_API_KEY"], "env"
     if OPERATOR_KEY_FILE.exists():
-        return OPERATOR_KEY_FILE.read_text().strip()
+        return OPERATOR_KEY_FILE.read_text().strip(), "file"
     key = keys.new_key()
     fd = os.open(OPERATOR_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
     print(f"Made an operator API key, kept in {OPERATOR_KEY_FILE} (readable only by you).")
-    return key
+    return key, "new"
+
+
+def banner_authorization(key: str, source: str) -> tuple[str, str]:
+    """The ``-H`` argument of the start-up banner's curl line, and a note on the key.
+
+    Only a key made just now is shown, once; one the operator already has (from the
+    environment or the key file) is named, and the curl line reads it from there."""
+    if source == "new":
+        return f"'Authorization: Bearer {key}'", f"(the key is shown only this once; it is kept in {OPERATOR_KEY_FILE})"
+    if source == "env":
+        return ('"Authorization: Bearer $LLAMAGATE_API_KEY"',
+                f"(the key is LLAMAGATE_API_KEY's value, {key_hint(key)})")
+    return (f'"Authorization: Bearer $(cat {OPERATOR_KEY_FILE})"',
+            f"(the key is the one kept in {OPERATOR_KEY_FILE}, {key_hint(key)})")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start two backends and the gateway; stop them all on Ctrl-C or when one dies."""
-    api_key = operator_key()
+    if not log_level_ok():
+        return 1
+    api_key, key_source = operator_key_source()
     chat_url = f"http://127.0.0.1:{args.chat_port}"
     embeddings_url = f"http://127.0.0.1:{args.embeddings_port}"
     env = dict(os.environ, CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url, LLAMAGATE_API_KEY=api_key)
@@ -187,7 +228,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:
             build_pipelines(load_config(args.config))
         except ConfigError as exc:
-            print(exc, file=sys.stderr)
+            print(redact_url(str(exc)), file=sys.stderr)
             stop()
         command, genv = gunicorn_command(args.config, args.bind)
         children.append(subprocess.Popen(command, env=genv))
@@ -196,9 +237,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("llamagate up: the gateway did not become ready", file=sys.stderr)
             stop()
         body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Say hello"}]})
+        authorization, key_note = banner_authorization(api_key, key_source)
         print("\nLlamagate is up. Try:\n", flush=True)
         print(f"  curl -s http://{bind}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-              f"    -H 'Authorization: Bearer {api_key}' -d '{body}'\n", flush=True)
+              f"    -H {authorization} -d '{body}'\n  {key_note}\n", flush=True)
         print("Ctrl-C stops the gateway and both backends.", flush=True)
         while all(child.poll() is None for child in children):
             signal.sigtimedwait([signal.SIGCHLD], 1.0)
@@ -214,7 +256,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         plugin_dirs = load_config(args.config).plugin_dirs if args.config else ()
         available = discover(plugin_dirs)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(redact_url(str(exc)), file=sys.stderr)
         return 1
     for spec in available.values():
         print(f"{spec.name}  ({spec.source})  hooks: {', '.join(spec.hooks)}")

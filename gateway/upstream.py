@@ -244,7 +244,9 @@ class Replica:
             self.detail = f"unreachable: {type(exc).__name__}"
 
     def status(self) -> dict[str, Any]:
-        return {"url": self.url, "ready": bool(self.ready), "in_flight": self.in_flight, "slots": self.slots,
+        from .redact import redact_url  # the URL's userinfo is a credential: never shown
+
+        return {"url": redact_url(self.url), "ready": bool(self.ready), "in_flight": self.in_flight, "slots": self.slots,
                 "breaker": self.breaker.state, "detail": self.detail}
 
     def __repr__(self) -> str:

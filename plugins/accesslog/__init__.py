@@ -4,6 +4,11 @@ Fields: time, request_id, client, pipeline, route, model, backend, status,
 latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cache, bytes_in, bytes_out,
 outcome, error_type. With ``log_bodies: true`` also ``request`` (the body) and
 ``completion`` (the answer's text). API keys are never written.
+
+The plugin runs before auth, so it logs what unauthenticated clients send: every
+string field is cut to ``FIELD_CHARS`` (a 4 MB ``model`` must not make a 4 MB line),
+``request`` and ``completion`` to ``max_body_chars`` (a body too long is logged as its
+JSON text, cut), each cut ending in ``…[+N chars]``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from gateway import hookimpl
+from gateway.redact import FIELD_CHARS, clip, clip_json
 
 
 def answer_text(ctx) -> str | None:
@@ -27,6 +33,7 @@ class Plugin:
         path = config["path"]
         self.stream: TextIO = sys.stdout if path in (None, "-") else open(path, "a", buffering=1)
         self.log_bodies = config["log_bodies"]
+        self.max_body_chars = config["max_body_chars"]
         self.lock = threading.Lock()
         if not self.log_bodies:
             # Shadow the body hooks so pluggy does not register them: a pipeline
@@ -45,7 +52,11 @@ class Plugin:
         if self.log_bodies:
             for choice in event.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                ctx.state["accesslog.text"] = ctx.state.get("accesslog.text", "") + piece
+                text = ctx.state.get("accesslog.text", "")
+                if len(text) <= self.max_body_chars:  # keep no more than gets logged
+                    ctx.state["accesslog.text"] = text + piece
+                else:
+                    ctx.state["accesslog.dropped"] = ctx.state.get("accesslog.dropped", 0) + len(piece)
 
     @hookimpl
     def complete(self, ctx, outcome):
@@ -70,10 +81,22 @@ class Plugin:
             "outcome": outcome,
             "error_type": error.code or error.type if error else None,
         }
+        for name, value in record.items():
+            if isinstance(value, str):
+                record[name] = clip(value, FIELD_CHARS)
         if self.log_bodies:
-            record["request"] = ctx.body
-            record["completion"] = answer_text(ctx)
+            record["request"] = clip_json(ctx.body, self.max_body_chars)
+            record["completion"] = self._completion(ctx)
         line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
         with self.lock:
             self.stream.write(line)
             self.stream.flush()
+
+    def _completion(self, ctx) -> str | None:
+        text = answer_text(ctx)
+        if text is None:
+            return None
+        dropped = ctx.state.get("accesslog.dropped", 0)
+        if len(text) + dropped <= self.max_body_chars:
+            return text
+        return f"{text[:self.max_body_chars]}…[+{len(text) + dropped - self.max_body_chars} chars]"

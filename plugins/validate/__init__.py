@@ -18,6 +18,7 @@ import requests
 
 from gateway import InvalidRequestError, hookimpl
 from gateway.config import SCHEMA_DIR, compile_schema, format_path
+from gateway.redact import clip
 
 SCHEMA_FILES = {
     "/v1/chat/completions": "chat.completions.schema.json",
@@ -36,9 +37,9 @@ def first_error(validator: jsonschema.protocols.Validator, body: dict[str, Any])
     path = list(error.absolute_path)
     if error.validator == "required":
         missing = next(name for name in error.validator_value if name not in error.instance)
-        param = format_path(path + [missing])
+        param = clip(format_path(path + [missing]))
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
-    param = format_path(path) or None
+    param = clip(format_path(path)) or None  # the path may run through the client's own keys
     detail = error.message if len(error.message) <= MAX_MESSAGE else error.message[:MAX_MESSAGE] + "..."
     where = f" for '{param}'" if param else ""
     return InvalidRequestError(f"Invalid value{where}: {detail}", param=param)
