@@ -36,7 +36,8 @@ class GatewayError(Exception):
     """Base of every error a client sees.
 
     Args:
-        message: Human-readable explanation, safe to show a client.
+        message: Human-readable explanation, safe to show a client (default: the
+            class's ``default_message``).
         type: OpenAI error type, e.g. ``invalid_request_error``.
         code: Machine-readable code, e.g. ``model_not_found``, or None.
         param: The request field at fault (``messages[0].role``), or None.
@@ -47,10 +48,11 @@ class GatewayError(Exception):
     status = 500
     type = "api_error"
     code: str | None = None
+    default_message = "The gateway could not handle this request."
 
     def __init__(
         self,
-        message: str,
+        message: str | None = None,
         *,
         type: str | None = None,
         code: str | None = None,
@@ -58,6 +60,7 @@ class GatewayError(Exception):
         status: int | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = message or self.default_message
         super().__init__(message)
         self.message = message
         if type is not None:
@@ -104,9 +107,7 @@ class RequestCancelledError(InvalidRequestError):
 
     status = 499
     code = "request_cancelled"
-
-    def __init__(self, message: str = "The request was cancelled.", **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
+    default_message = "The request was cancelled."
 
 
 class ClientGoneError(InvalidRequestError):
@@ -115,10 +116,7 @@ class ClientGoneError(InvalidRequestError):
 
     status = 499
     code = "client_closed_request"
-
-    def __init__(self, message: str = "The client closed the connection before the answer was ready.",
-                 **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
+    default_message = "The client closed the connection before the answer was ready."
 
 
 class AuthenticationError(GatewayError):
