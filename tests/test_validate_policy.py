@@ -69,6 +69,14 @@ def test_the_backend_gets_the_smallest_budget_whichever_field_it_reads(make_clie
     assert seen.payload["n_predict"] == 7 and "max_tokens" not in seen.payload
 
 
+def test_without_a_limit_a_budget_past_int32_is_refused(make_client):
+    # llama-server reads it into an int32: 2**32 + 5 would wrap, a larger one overflow
+    client = make_client([validate()])
+    for value in (2**32 + 5, 1e300):
+        error = error_of(client.simulate_post("/v1/completions", json=dict(COMPLETION, n_predict=value)))
+        assert error["param"] == "n_predict"
+
+
 def test_a_request_without_a_budget_gets_the_limit(make_client, seen):
     client = make_client([validate(max_tokens_limit=64), ("seen", seen)])
     assert client.simulate_post("/v1/chat/completions", json=CHAT).status_code == 200

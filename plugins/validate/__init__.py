@@ -88,6 +88,7 @@ INPUT_FIELD = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", 
 MAX_MESSAGE = 300
 MAX_STOP = 4                 # the schemas' own bound (OpenAI's)
 MAX_EMBEDDING_INPUTS = 2048  # likewise
+INT32_MAX = 2**31 - 1
 
 # llama-server reads n_predict first, then max_completion_tokens, then max_tokens.
 BUDGET_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens")
@@ -289,6 +290,8 @@ class Plugin:
                              f"full; ask for a number of tokens{f' (at most {limit})' if limit else ''}.", name)
             if limit and value > limit:
                 raise refuse(f"{name} is {int(value)}; the most this gateway allows is {limit}.", name)
+            if value > INT32_MAX:  # llama-server's int32 would overflow (to a negative: unbounded)
+                raise refuse(f"{name} is {int(value)}; the most llama-server takes is {INT32_MAX}.", name)
             given[name] = int(value)
         if given:
             budget = min(given.values())
