@@ -214,11 +214,12 @@ def test_a_keys_null_zero_or_bad_limit_never_lifts_or_breaks_the_role_limit(make
     assert [client.simulate_get("/v1/models").status_code for _ in range(3)] == [200, 200, 429]
 
 
-def charge(limiter, usage, tokens_per_minute=100):
-    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
+def charge(limiter, usage, tokens_per_minute=100, outcome="ok", body=None):
+    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", body=body)
     ctx.state["ratelimit"] = ("c", tokens_per_minute)
     ctx.usage = usage
-    limiter.complete(ctx=ctx, outcome="ok")
+    ctx.upstream_ms = 5.0
+    limiter.complete(ctx=ctx, outcome=outcome)
     return limiter.store._arrivals.get("tokens:c")
 
 
@@ -237,6 +238,18 @@ def test_an_absurd_usage_is_capped_at_a_hundred_minutes_of_debt():
     assert tat - time.monotonic() <= 100 * 60 + 1
     tat = charge(plugin("ratelimit")[1], {"total_tokens": 150.0})  # a float count is still a count
     assert 60 < tat - time.monotonic() <= 91
+
+
+@pytest.mark.parametrize("outcome", ["client_gone", "cancelled"])
+def test_leaving_before_the_usage_chunk_still_charges_the_token_budget(outcome):
+    import time
+
+    # tokens_per_minute 100: one token is 0.6 s of debt
+    tat = charge(plugin("ratelimit")[1], None, outcome=outcome, body={"max_tokens": 50})
+    assert tat is not None and 0.6 * 48 < tat - time.monotonic() <= 0.6 * 49 + 1
+    tat = charge(plugin("ratelimit")[1], None, outcome=outcome, body={})  # no budget: a minute's worth
+    assert tat is not None and 59 < tat - time.monotonic() <= 60.4
+    assert charge(plugin("ratelimit")[1], None, outcome="error", body={"max_tokens": 50}) is None
 
 
 def test_behind_a_trusted_proxy_clients_are_limited_by_their_forwarded_address(make_client):

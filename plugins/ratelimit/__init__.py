@@ -11,7 +11,10 @@ on every answer; a refusal is a 429 ``rate_limit_exceeded`` with ``Retry-After``
 Requests without a principal are limited per address: the peer's, or, when the peer is
 one of ``trusted_proxies``, the nearest untrusted address of ``X-Forwarded-For``
 (never the header of an untrusted peer, which anyone can write). The usage charged is
-the answer's ``total_tokens`` when it is a number >= 0, at most 100 minutes' worth.
+the answer's ``total_tokens`` when it is a number >= 0, at most 100 minutes' worth; a
+request that the client left (or cancelled) while the backend generated, so that no
+usage came, is charged its token budget (``max_tokens`` and the like; a minute's
+tokens when it has none).
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ MAX_CHARGE_MINUTES = 100  # the most debt one answer's usage can put on a client
 
 def valid_limit(value: Any) -> bool:
     return type(value) is int and value >= 1
+
+
+def budget(body: Any) -> int | None:
+    """The completion tokens a request may generate, as llama-server reads them."""
+    for name in ("n_predict", "max_completion_tokens", "max_tokens"):
+        value = body.get(name) if isinstance(body, dict) else None
+        if type(value) is int and value >= 0:
+            return value
+    return None
 
 
 def tokens_used(usage: Any) -> int | None:
@@ -140,12 +152,20 @@ class Plugin:
     @hookimpl
     def complete(self, ctx, outcome):
         charge = ctx.state.get("ratelimit")
-        if not charge or charge[1] is None or not ctx.usage:
+        if not charge or charge[1] is None:
             return
         client, tokens_per_minute = charge
-        total = tokens_used(ctx.usage)
-        if total is None:
-            ctx.log(logging.WARNING, "ratelimit: the backend's usage has no sane total_tokens; nothing charged")
+        if ctx.usage:
+            total = tokens_used(ctx.usage)
+            if total is None:
+                ctx.log(logging.WARNING, "ratelimit: the backend's usage has no sane total_tokens; nothing charged")
+                return
+        elif outcome in ("client_gone", "cancelled") and ctx.upstream_ms is not None:
+            # The backend was generating when the client left (or cancelled): the usage
+            # chunk never came. Charge the request's token budget, else leaving just
+            # before the end would make every generation free of the token limit.
+            total = budget(ctx.body) or tokens_per_minute
+        else:
             return
         total = min(total, MAX_CHARGE_MINUTES * tokens_per_minute)
         if total > 1:
