@@ -89,6 +89,9 @@ def read_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     if not os.path.exists(path):
         return []
+    if os.stat(path).st_mode & 0o002:
+        raise ValueError(f"{path}: writable by every user of the machine, who could add an admin key; "
+                         f"chmod o-w it (llamagate keys writes it 0600)")
     try:
         data = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as exc:

@@ -70,6 +70,15 @@ def test_a_keys_file_that_is_not_a_mapping_is_a_config_error_not_a_crash(tmp_pat
         keys.load_keys_file(path)
 
 
+def test_a_keys_file_anyone_may_write_is_refused(tmp_path):
+    path = write_keys(tmp_path / "keys.yaml", [{"sha256": HASH, "client": "a"}])
+    path.chmod(0o666)
+    with pytest.raises(ValueError, match="writable by every user"):
+        keys.load_keys_file(path)
+    path.chmod(0o640)
+    assert keys.load_keys_file(path)[HASH].client_id == "a"
+
+
 def test_env_keys_never_make_an_empty_key_and_ignore_blanks_around_keys():
     with pytest.raises(ValueError, match="without a key"):
         keys.parse_env_keys("sk-good:alice, :bob", "user")

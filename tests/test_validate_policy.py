@@ -122,6 +122,11 @@ def test_an_operator_may_allow_a_refused_field(make_client, seen):
     assert client.simulate_post("/v1/chat/completions", json=dict(CHAT, lora=[])).status_code == 400
 
 
+def test_allowing_a_field_that_is_not_refused_is_a_config_error():
+    with pytest.raises(Exception, match="allow_backend_fields: id_slots"):
+        validate(allow_backend_fields=["id_slots"])  # a typo would silently allow nothing
+
+
 def test_fields_that_change_the_answer_shape_are_dropped(make_client, seen):
     client = make_client([validate(), ("seen", seen)])
     shape = {"timings_per_token": True, "return_progress": True, "response_fields": ["content"],

@@ -169,6 +169,10 @@ class Plugin:
         if limit and default and default > limit:
             raise ValueError(f"default_max_tokens ({default}) is above max_tokens_limit ({limit})")
         self.allowed_fields = set(config["allow_backend_fields"])
+        unknown = sorted(f for f in self.allowed_fields if f not in REFUSED_FIELDS and not f.startswith(REFUSED_PREFIXES))
+        if unknown:
+            raise ValueError(f"allow_backend_fields: {', '.join(unknown)}: not a field this plugin refuses "
+                             f"(those are {', '.join(REFUSED_FIELDS)}, speculative.*)")
         self.validators = {route: compile_schema(json.loads((SCHEMA_DIR / name).read_text()))
                            for route, name in SCHEMA_FILES.items()}
         self.context_sizes: dict[str, int] = {}
