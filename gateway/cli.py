@@ -271,10 +271,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.action == "add":
             models = [m for m in (args.models or "").split(",") if m]
             limits = {name: value for name, value in (("requests_per_minute", args.rpm),
-                                                      ("tokens_per_minute", args.tpm)) if value}
+                                                      ("tokens_per_minute", args.tpm)) if value is not None}
             key = keys.add_key(args.file, args.client, args.role, models, limits)
             print(f"New key for {args.client} ({args.role}); it is shown only this once:\n{key}")
         elif args.action == "list":
+            keys.load_keys_file(args.file)  # refuses a malformed file, naming the entry
             for entry in keys.read_entries(args.file):
                 models = ",".join(entry.get("models") or []) or "*"
                 print(f"{entry['client']:<20} {entry.get('role', 'user'):<6} models={models:<20} "

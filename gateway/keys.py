@@ -9,22 +9,37 @@ The file the ``auth`` plugin reads and ``llamagate keys`` writes::
         models: [smollm2]        # optional; absent or empty: every model
         limits: {requests_per_minute: 30, tokens_per_minute: 20000}   # optional
 
-The file is written with mode 0600.
+Every entry is checked when the file is loaded: ``sha256`` 64 hex digits, once in the
+file; ``client`` a non-empty string; ``role`` ``user`` or ``admin``; ``models`` a list
+of model ids; ``limits`` only ``requests_per_minute``/``tokens_per_minute``, each an
+integer >= 1 (a key cannot lift its role's limits; an admin role can). A file that
+breaks any of this is refused whole, naming the entry.
+
+The file is written with mode 0600 (a fresh temporary file, then renamed over it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import re
 import secrets
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from .context import Principal
 
 KEY_PREFIX = "sk-lg-"
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute")
+ROLES = ("user", "admin")
+MAX_KEY_CHARS = 512  # longer presented keys are refused before hashing
+MIN_REVOKE_PREFIX = 8  # hex digits of a sha256 prefix that `revoke` accepts
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def key_hash(key: str) -> str:
@@ -41,69 +56,191 @@ def derived_client_id(key: str) -> str:
 
 
 def parse_env_keys(text: str, role: str) -> dict[str, Principal]:
-    """``key:client,key2:client2,key3`` -> principals by key hash."""
-    principals = {}
+    """``key:client,key2:client2,key3`` -> principals by key hash.
+
+    Blank items are skipped; spaces around a key or a client are not part of it.
+
+    Raises:
+        ValueError: an item with a client but no key (``:alice``), or the same key twice
+            for different clients.
+    """
+    principals: dict[str, Principal] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, client = item.partition(":")
-        principals[key_hash(key)] = Principal(client_id=client or derived_client_id(key), role=role)
+        key, client = key.strip(), client.strip()
+        if not key:
+            raise ValueError(f"an item without a key ({item!r}): every item is key or key:client")
+        if len(key) > MAX_KEY_CHARS:
+            raise ValueError(f"a key longer than {MAX_KEY_CHARS} characters")
+        principal = Principal(client_id=client or derived_client_id(key), role=role)
+        digest = key_hash(key)
+        if principals.get(digest, principal) != principal:
+            raise ValueError(f"the same key is given twice, for {principals[digest].client_id} and "
+                             f"{principal.client_id}")
+        principals[digest] = principal
     return principals
 
 
 def read_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The file's entries as written (not checked: see :func:`load_keys_file`).
+
+    Raises:
+        ValueError: the file is not YAML, or not ``{keys: [...]}``.
+    """
     if not os.path.exists(path):
         return []
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    if os.stat(path).st_mode & 0o002:
+        raise ValueError(f"{path}: writable by every user of the machine, who could add an admin key; "
+                         f"chmod o-w it (llamagate keys writes it 0600)")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with a `keys:` list")
     entries = data.get("keys") or []
     if not isinstance(entries, list):
         raise ValueError(f"{path}: keys must be a list")
     return entries
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock (on the file's folder) for a read-modify-write of the keys
+    file, so that two ``llamagate keys`` at once do not lose one's change."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_entries(path: str | os.PathLike[str], entries: list[dict[str, Any]]) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        yaml.safe_dump({"keys": entries}, handle, sort_keys=False)
-    os.replace(tmp, path)
+    """Replace the file with ``entries``, mode 0600: written to a new private temporary
+    file (never one that already exists, which may be wider or a symlink), then renamed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            yaml.safe_dump({"keys": entries}, handle, sort_keys=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_limits(limits: Any, where: str) -> dict[str, int]:
+    """A key's ``limits``: known names, each an integer >= 1.
+
+    Raises:
+        ValueError: naming ``where`` and the field at fault.
+    """
+    if limits is None:
+        return {}
+    if not isinstance(limits, dict):
+        raise ValueError(f"{where}: limits must be a mapping of {' and/or '.join(LIMIT_NAMES)}")
+    checked = {}
+    for name, value in limits.items():
+        if name not in LIMIT_NAMES:
+            raise ValueError(f"{where}: limits.{name}: unknown limit (known: {', '.join(LIMIT_NAMES)})")
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{where}: limits.{name}: {value!r} is not an integer >= 1 (a key cannot lift its "
+                             "role's limits; give it a role whose limits are lifted instead)")
+        checked[name] = value
+    return checked
+
+
+def principal_of(entry: Any, where: str) -> tuple[str, Principal]:
+    """One checked entry of a keys file: its hash and principal.
+
+    Raises:
+        ValueError: naming ``where`` and the field at fault.
+    """
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping with sha256 and client")
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or not _HEX64.fullmatch(digest.lower()):
+        raise ValueError(f"{where}: sha256 must be 64 hex digits")
+    client = entry.get("client")
+    if not isinstance(client, str) or not client.strip():
+        raise ValueError(f"{where}: client must be a non-empty string")
+    role = entry.get("role", "user")
+    if role not in ROLES:
+        raise ValueError(f"{where}: role must be user or admin (lower case), not {role!r}")
+    models = entry.get("models")
+    if models is None:
+        models = []
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ValueError(f"{where}: models must be a list of model ids")
+    principal = Principal(client_id=client.strip(), role=role, models=frozenset(models),
+                          limits=check_limits(entry.get("limits"), where))
+    return digest.lower(), principal
 
 
 def load_keys_file(path: str | os.PathLike[str]) -> dict[str, Principal]:
     """Principals by key hash.
 
     Raises:
-        ValueError: naming the entry that is malformed.
+        ValueError: naming the entry that is malformed, or the two that hold the same key.
     """
-    principals = {}
+    principals: dict[str, Principal] = {}
+    seen: dict[str, int] = {}
     for i, entry in enumerate(read_entries(path)):
-        try:
-            digest = str(entry["sha256"]).lower()
-            principal = Principal(client_id=str(entry["client"]), role=entry.get("role", "user"),
-                                  models=frozenset(entry.get("models") or ()),
-                                  limits=dict(entry.get("limits") or {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: keys[{i}]: missing or malformed field {exc}") from None
-        if principal.role not in ("user", "admin") or len(digest) != 64:
-            raise ValueError(f"{path}: keys[{i}]: role must be user or admin, sha256 64 hex digits")
+        digest, principal = principal_of(entry, f"{path}: keys[{i}]")
+        if digest in seen:
+            raise ValueError(f"{path}: keys[{i}]: the same sha256 as keys[{seen[digest]}]")
+        seen[digest] = i
         principals[digest] = principal
     return principals
 
 
 def add_key(path: str | os.PathLike[str], client: str, role: str = "user", models: list[str] | None = None,
             limits: dict[str, int] | None = None) -> str:
-    """Store a new key's hash; returns the key (shown once, never stored)."""
+    """Store a new key's hash; returns the key (shown once, never stored).
+
+    Raises:
+        ValueError: a bad client, role, model list or limit (nothing is written).
+    """
     key = new_key()
     entry: dict[str, Any] = {"sha256": key_hash(key), "client": client, "role": role}
     if models:
         entry["models"] = models
     if limits:
         entry["limits"] = limits
-    write_entries(path, read_entries(path) + [entry])
+    principal_of(entry, "the new key")
+    with locked(path):
+        write_entries(path, read_entries(path) + [entry])
     return key
 
 
 def revoke(path: str | os.PathLike[str], who: str) -> int:
-    """Remove the keys of client ``who`` or whose hash starts with ``who``; returns how many."""
-    entries = read_entries(path)
-    kept = [e for e in entries if e.get("client") != who and not str(e.get("sha256", "")).startswith(who)]
-    write_entries(path, kept)
-    return len(entries) - len(kept)
+    """Remove the keys of client ``who``, or the one key whose hash starts with ``who``
+    (at least 8 hex digits); returns how many.
+
+    Raises:
+        ValueError: ``who`` is empty, or a hash prefix shorter than 8 digits or shared
+            by several keys (nothing is removed).
+    """
+    who = who.strip()
+    if not who:
+        raise ValueError("name a client or a sha256 prefix")
+    with locked(path):
+        entries = read_entries(path)
+        matches = [e for e in entries if isinstance(e, dict) and e.get("client") == who]
+        if not matches:
+            prefix = who.lower()
+            matches = [e for e in entries if isinstance(e, dict) and str(e.get("sha256", "")).lower().startswith(prefix)]
+            if matches and (len(prefix) < MIN_REVOKE_PREFIX or not re.fullmatch(r"[0-9a-f]+", prefix)):
+                raise ValueError(f"a sha256 prefix must be at least {MIN_REVOKE_PREFIX} hex digits")
+            if len(matches) > 1:
+                raise ValueError(f"{len(matches)} keys have a sha256 starting with {who}; give more digits")
+        if matches:
+            write_entries(path, [e for e in entries if not any(e is m for m in matches)])
+    return len(matches)

@@ -8,6 +8,7 @@ Both offer a byte cache (``get``/``set`` with a TTL) and a GCRA rate limiter
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import threading
@@ -111,11 +112,24 @@ class MemoryStore:
         value, _ = self._values.pop(key)
         self._size -= len(value)
 
+    max_arrivals = 100_000  # rate limit keys kept; past it the least indebted are forgotten
+
+    def _prune_arrivals(self, now: float) -> None:
+        """Forget fully replenished keys; if still over 90% of ``max_arrivals`` (that many
+        clients active at once), also the ones closest to replenished (they start afresh,
+        the least harm). Shrinking to 90% makes the next pruning 10% of the keys away, so
+        its cost is spread thin, and memory stays bounded whatever the number of clients."""
+        keep = int(self.max_arrivals * 0.9)
+        live = {k: t for k, t in self._arrivals.items() if t > now}
+        if len(live) > keep:
+            live = dict(heapq.nlargest(keep, live.items(), key=lambda item: item[1]))
+        self._arrivals = live
+
     def throttle(self, key: str, limit: int, period: float, cost: int = 1, force: bool = False) -> Decision:
         now = time.monotonic()
         with self._lock:
-            if len(self._arrivals) > 100_000:  # forget keys that are fully replenished
-                self._arrivals = {k: t for k, t in self._arrivals.items() if t > now}
+            if len(self._arrivals) >= self.max_arrivals and key not in self._arrivals:
+                self._prune_arrivals(now)
             decision, new_tat = gcra(self._arrivals.get(key), now, limit, period, cost, force)
             if new_tat is not None:
                 self._arrivals[key] = new_tat

@@ -1,10 +1,14 @@
 """auth: API keys, held and compared only as SHA-256 hashes.
 
-The key comes from ``Authorization: Bearer <key>`` or ``x-api-key`` and is checked
+The key comes from ``Authorization: Bearer <key>`` (scheme in any case, any blanks
+around the key) or ``x-api-key``; both at once must carry the same key. It is checked
 in ``request_start``, before the body is read. A missing or wrong key gets 401
-``invalid_api_key``; a model the key may not use gets 403 (in ``request``, once
-the body named the model). The
+``invalid_api_key`` (a key over 512 characters is wrong without being hashed); a model
+the key may not use gets 403 (in ``request``, once the body named the model). The
 caller's :class:`gateway.Principal` goes on ``ctx.principal`` for later plugins.
+
+Keys come from the env variables of ``env_keys`` and the keys file; an item without a
+key (``:alice``) or the same key for two different principals refuses the config.
 """
 
 from __future__ import annotations
@@ -13,31 +17,55 @@ import os
 from typing import Any
 
 from gateway import AuthenticationError, PermissionDeniedError, Principal, hookimpl
-from gateway.keys import key_hash, load_keys_file, parse_env_keys
+from gateway.keys import MAX_KEY_CHARS, key_hash, load_keys_file, parse_env_keys
 
 
 class Plugin:
     """Authenticates each request by API key."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.principals: dict[str, Principal] = {}
+        sources: list[tuple[str, dict[str, Principal]]] = []
         for variable, role in config["env_keys"].items():
-            self.principals.update(parse_env_keys(os.environ.get(variable, ""), role))
+            try:
+                sources.append((variable, parse_env_keys(os.environ.get(variable, ""), role)))
+            except ValueError as exc:
+                raise ValueError(f"env_keys: {variable}: {exc}") from None
         keys_file = config["keys_file"]
         # Watched by the gateway: a key added or revoked reloads the configuration.
         self.watch_files = [keys_file] if keys_file else []
         if keys_file:
             if not os.path.exists(keys_file) and not config["allow_missing_keys_file"]:
                 raise ValueError(f"keys_file {keys_file} does not exist (create it with `llamagate keys add`)")
-            self.principals.update(load_keys_file(keys_file))
+            sources.append((keys_file, load_keys_file(keys_file)))
+        # One key, one principal: a key given twice (an env variable and the keys file,
+        # say) with different clients or roles would otherwise depend on the order.
+        self.principals: dict[str, Principal] = {}
+        origin: dict[str, str] = {}
+        for source, principals in sources:
+            for digest, principal in principals.items():
+                if self.principals.get(digest, principal) != principal:
+                    raise ValueError(f"the same key is in {origin[digest]} (client {self.principals[digest].client_id}) "
+                                     f"and in {source} (client {principal.client_id})")
+                self.principals[digest] = principal
+                origin[digest] = source
 
     @staticmethod
     def presented_key(headers: Any) -> str | None:
+        """The key of ``Authorization: Bearer <key>`` (any case, any blanks) or of ``x-api-key``.
+
+        Raises:
+            AuthenticationError: both headers carry a key, and not the same one.
+        """
+        bearer = None
         authorization = headers.get("AUTHORIZATION")
         if authorization:
-            scheme, _, key = authorization.partition(" ")
-            return key.strip() if scheme.lower() == "bearer" and key.strip() else None
-        return headers.get("X-API-KEY") or None
+            parts = authorization.strip().split(None, 1)
+            if len(parts) == 2 and parts[0].lower() == "bearer":
+                bearer = parts[1].strip() or None
+        api_key = (headers.get("X-API-KEY") or "").strip() or None
+        if bearer and api_key and bearer != api_key:
+            raise AuthenticationError("Two different API keys were sent (Authorization and x-api-key); send one.")
+        return bearer or api_key
 
     @hookimpl
     def request_start(self, ctx):
@@ -46,7 +74,8 @@ class Plugin:
         if key is None:
             raise AuthenticationError(
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or `x-api-key`.")
-        principal = self.principals.get(key_hash(key))
+        # No key is that long: refuse it without hashing it.
+        principal = self.principals.get(key_hash(key)) if len(key) <= MAX_KEY_CHARS else None
         if principal is None:
             raise AuthenticationError("Incorrect API key provided.")
         ctx.principal = principal

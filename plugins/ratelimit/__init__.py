@@ -4,12 +4,22 @@ Requests are charged when they arrive. Tokens are charged from the answer's real
 ``usage`` when the request completes (the gateway asks llama-server for usage on
 streams too); a client over its token budget is refused until the budget refills.
 Limits come from the config, then the caller's role (``roles``), then the key's own
-``limits``. The OpenAI ``x-ratelimit-*`` headers go on every answer; a refusal is a
-429 ``rate_limit_exceeded`` with ``Retry-After``.
+``limits`` (only integers >= 1 count there: a key's null, zero or malformed limit
+leaves the role's in force, never lifts it). The OpenAI ``x-ratelimit-*`` headers go
+on every answer; a refusal is a 429 ``rate_limit_exceeded`` with ``Retry-After``.
+
+Requests without a principal are limited per address: the peer's, or, when the peer is
+one of ``trusted_proxies``, the nearest untrusted address of ``X-Forwarded-For``
+(never the header of an untrusted peer, which anyone can write). The usage charged is
+the answer's ``total_tokens`` when it is a number >= 0, at most 100 minutes' worth; a
+request that the client left (or cancelled) while the backend generated, so that no
+usage came, is charged its token budget (``max_tokens`` and the like; a minute's
+tokens when it has none).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -21,6 +31,28 @@ from gateway.stores import Decision, StoreUnavailable, make_store
 log = logging.getLogger("llamagate")
 PERIOD = 60.0
 KINDS = (("requests", "requests_per_minute"), ("tokens", "tokens_per_minute"))
+MAX_CHARGE_MINUTES = 100  # the most debt one answer's usage can put on a client
+
+
+def valid_limit(value: Any) -> bool:
+    return type(value) is int and value >= 1
+
+
+def budget(body: Any) -> int | None:
+    """The completion tokens a request may generate, as llama-server reads them."""
+    for name in ("n_predict", "max_completion_tokens", "max_tokens"):
+        value = body.get(name) if isinstance(body, dict) else None
+        if type(value) is int and value >= 0:
+            return value
+    return None
+
+
+def tokens_used(usage: Any) -> int | None:
+    """The answer's total tokens, or None when the backend's usage is not a sane count."""
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    if type(total) is float and math.isfinite(total):
+        total = int(total)
+    return total if type(total) is int and total >= 0 else None
 
 
 def duration(seconds: float) -> str:
@@ -42,14 +74,42 @@ class Plugin:
         self.defaults = {name: config[name] for _, name in KINDS}
         self.roles = config["roles"]
         self.fail_open = config["fail_open"]
+        try:
+            self.trusted_proxies = [ipaddress.ip_network(net, strict=False) for net in config["trusted_proxies"]]
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
         self.store = make_store(config, "ratelimit")
 
     def limits(self, principal) -> dict[str, int | None]:
         limits = dict(self.defaults)
         if principal is not None:
             limits.update(self.roles.get(principal.role, {}))
-            limits.update({k: v for k, v in principal.limits.items() if k in limits})
+            # A key's own limits only tighten or loosen within numbers: a null, zero or
+            # malformed one (a typo in a keys file, another auth plugin) is ignored.
+            limits.update({k: v for k, v in principal.limits.items() if k in limits and valid_limit(v)})
         return limits
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted_proxies)
+
+    def client_address(self, ctx) -> str:
+        """The address an unauthenticated request is limited by."""
+        address = ctx.remote_addr
+        if not self.trusted_proxies or not self._trusted(address):
+            return address
+        forwarded = ctx.headers.get("X-FORWARDED-FOR") or ""
+        for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                return address  # a garbled chain: limit the proxy itself
+            if not self._trusted(hop):
+                return hop
+        return address
 
     def _throttle(self, ctx, key: str, limit: int, cost: int, force: bool = False) -> Decision | None:
         try:
@@ -64,7 +124,7 @@ class Plugin:
 
     @hookimpl
     def request(self, ctx):
-        client = ctx.principal.client_id if ctx.principal else f"addr:{ctx.remote_addr}"
+        client = ctx.principal.client_id if ctx.principal else f"addr:{self.client_address(ctx)}"
         limits = self.limits(ctx.principal)
         ctx.state["ratelimit"] = (client, limits["tokens_per_minute"])
         refused = None
@@ -92,9 +152,21 @@ class Plugin:
     @hookimpl
     def complete(self, ctx, outcome):
         charge = ctx.state.get("ratelimit")
-        if not charge or charge[1] is None or not ctx.usage:
+        if not charge or charge[1] is None:
             return
         client, tokens_per_minute = charge
-        total = int(ctx.usage.get("total_tokens") or 0)
+        if ctx.usage:
+            total = tokens_used(ctx.usage)
+            if total is None:
+                ctx.log(logging.WARNING, "ratelimit: the backend's usage has no sane total_tokens; nothing charged")
+                return
+        elif outcome in ("client_gone", "cancelled") and ctx.upstream_ms is not None:
+            # The backend was generating when the client left (or cancelled): the usage
+            # chunk never came. Charge the request's token budget, else leaving just
+            # before the end would make every generation free of the token limit.
+            total = budget(ctx.body) or tokens_per_minute
+        else:
+            return
+        total = min(total, MAX_CHARGE_MINUTES * tokens_per_minute)
         if total > 1:
             self._throttle(ctx, f"tokens:{client}", tokens_per_minute, total - 1, force=True)

@@ -200,6 +200,22 @@ def test_context_overflow_is_refused_before_the_backend_generates(full, chat_bac
     assert decode_count(chat_backend) == before  # the backend never started on it
 
 
+def test_llama_server_fields_cannot_lift_the_token_limit(full):
+    # llama-server reads n_predict before max_tokens; -1 generates until the context is full
+    headers = {"Authorization": f"Bearer {full.keys['alice']}"}
+    count = [{"role": "user", "content": "Count from one to one hundred, in words."}]
+    resp = requests.post(full.url + "/v1/chat/completions", headers=headers, timeout=60,
+                         json={"model": "smollm2", "messages": count, "max_tokens": 4, "n_predict": -1})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "n_predict"
+    resp = requests.post(full.url + "/v1/chat/completions", headers=headers, timeout=60,
+                         json={"model": "smollm2", "messages": count, "max_tokens": 3, "n_predict": 64})
+    assert resp.status_code == 200
+    assert resp.json()["usage"]["completion_tokens"] <= 3  # the smaller budget is the one llama-server got
+    resp = requests.post(full.url + "/v1/chat/completions", headers=headers, timeout=60,
+                         json={"model": "smollm2", "messages": count, "max_tokens": 3, "id_slot": 0})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "id_slot"
+
+
 def test_failover_to_the_second_replica_when_the_first_goes_down(start_gateway, backends, chat_backend,
                                                                  embeddings_backend, api_keys, logs):
     keys_file, made = api_keys
