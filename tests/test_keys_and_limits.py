@@ -224,6 +224,7 @@ def test_a_keys_null_zero_or_bad_limit_never_lifts_or_breaks_the_role_limit(make
 
 
 def charge(limiter, usage, tokens_per_minute=100, outcome="ok", body=None):
+    limiter.store._arrivals.clear()  # memory stores are per process: start each charge from nothing
     ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", body=body)
     ctx.state["ratelimit"] = ("c", tokens_per_minute)
     ctx.usage = usage

@@ -23,13 +23,14 @@ def validate(**config):
 
 
 class Seen:
-    """Keeps the payload the backend is about to get."""
+    """Keeps the payload as the plugins leave it (the core then adds its own streaming
+    fields, timings_per_token among them)."""
 
     payload = None
 
     @hookimpl
     def upstream_request(self, ctx, payload):
-        self.payload = payload
+        self.payload = dict(payload)
 
 
 @pytest.fixture
