@@ -127,6 +127,12 @@ def test_allowing_a_field_that_is_not_refused_is_a_config_error():
         validate(allow_backend_fields=["id_slots"])  # a typo would silently allow nothing
 
 
+def test_a_few_dry_sequence_breakers_pass(make_client):
+    client = make_client([validate()])
+    body = dict(COMPLETION, dry_multiplier=0.8, dry_sequence_breakers=["\n", ":", "\"", "*"])
+    assert client.simulate_post("/v1/completions", json=body).status_code == 200
+
+
 def test_fields_that_change_the_answer_shape_are_dropped(make_client, seen):
     client = make_client([validate(), ("seen", seen)])
     shape = {"timings_per_token": True, "return_progress": True, "response_fields": ["content"],
@@ -216,6 +222,10 @@ def test_a_huge_message_list_is_refused_before_the_schema(make_client, schema_ca
     ("/v1/chat/completions", dict(CHAT, messages=[{"role": "user", "content": [{"type": "text", "text": "x"}] * 1025}]),
      "messages[0].content"),
     ("/v1/completions", dict(COMPLETION, prompt=["a"] * 100_000), "prompt"),
+    # each breaker stalls llama-server's main loop ~60 ms (all slots): 400 took 17 s
+    ("/v1/completions", dict(COMPLETION, dry_multiplier=0.8, dry_sequence_breakers=["ab"] * 400),
+     "dry_sequence_breakers"),
+    ("/v1/chat/completions", dict(CHAT, dry_sequence_breakers=["x" * 65]), "dry_sequence_breakers"),
     ("/v1/completions", dict(COMPLETION, prompt=[1] * 100_000 + ["a"]), "prompt"),
     ("/v1/completions", dict(COMPLETION, prompt=[[1] * 1000] * 100 + [[]]), "prompt"),
     ("/v1/embeddings", {"model": "smollm2", "input": [1] * 100_000}, "input"),
