@@ -105,6 +105,7 @@ def test_context_check_counts_n_predict(make_client):
 
 @pytest.mark.parametrize("field, value", [
     ("id_slot", 0), ("lora", [{"id": 0, "scale": 1.0}]), ("n_keep", -1), ("n_discard", 1),
+    ("grammar", 'root ::= ("a" | "b")+'),
     ("n_cache_reuse", 1), ("speculative.n_max", 64), ("chat_format", 99999), ("chat_parser", "x"),
     ("grammar_triggers", []), ("preserved_tokens", []), ("backend_sampling", True),
 ])

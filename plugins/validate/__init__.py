@@ -51,6 +51,11 @@ request makes, or that reach past the request's own slot, are handled so::
                       bypasses the gateway's slot accounting.
       lora            per-request adapters: a change of adapters clears the slot's
                       cache and keeps the request out of shared batches.
+      grammar         a raw GBNF grammar is checked on every sampling step, in the
+                      server's main loop: a 1000-alternative grammar (11 KB) made each
+                      token 23x slower, 20000 alternatives 14 s a token, every slot
+                      waiting. (json_schema and response_format, compiled by llama-server
+                      itself, pass.)
       n_keep, n_discard, n_cache_reuse, speculative.*, backend_sampling
                       server tuning (context shift, cache reuse, drafting) that the
                       operator sets on the command line.
@@ -69,7 +74,7 @@ request makes, or that reach past the request's own slot, are handled so::
     passed through
       t_max_predict_ms, n_indent (they only end a generation sooner), cache_prompt,
       samplers, top_k, min_p, typical_p, top_n_sigma, xtc_*, dynatemp_*, mirostat*,
-      repeat_*, the other dry_* fields, seed, grammar, json_schema, response_format (llama-server
+      repeat_*, the other dry_* fields, seed, json_schema, response_format (llama-server
       caps a grammar's repetitions itself), chat_template_kwargs, reasoning_format.
 """
 
@@ -102,6 +107,7 @@ BUDGET_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens")
 REFUSED_FIELDS = {
     "id_slot": "it picks the backend slot, which evicts another client's cached prompt",
     "lora": "per-request adapters are not offered by this gateway",
+    "grammar": "a GBNF grammar can make every sampling step of the backend slow; use response_format",
     "n_keep": "context shifting is set by the operator",
     "n_discard": "context shifting is set by the operator",
     "n_cache_reuse": "prompt cache reuse is set by the operator",
