@@ -15,7 +15,8 @@ of model ids; ``limits`` only ``requests_per_minute``/``tokens_per_minute``, eac
 integer >= 1 (a key cannot lift its role's limits; an admin role can). A file that
 breaks any of this is refused whole, naming the entry.
 
-The file is written with mode 0600 (a fresh temporary file, then renamed over it).
+The file is written with mode 0600 (a fresh temporary file, then renamed over it); a
+file that every user may write is refused when it loads (anyone could add an admin key).
 """
 
 from __future__ import annotations

@@ -106,6 +106,7 @@ def test_context_check_counts_n_predict(make_client):
 
 @pytest.mark.parametrize("field, value", [
     ("id_slot", 0), ("lora", [{"id": 0, "scale": 1.0}]), ("n_keep", -1), ("n_discard", 1),
+    ("grammar", 'root ::= ("a" | "b")+'),
     ("n_cache_reuse", 1), ("speculative.n_max", 64), ("chat_format", 99999), ("chat_parser", "x"),
     ("grammar_triggers", []), ("preserved_tokens", []), ("backend_sampling", True),
 ])
@@ -126,6 +127,12 @@ def test_an_operator_may_allow_a_refused_field(make_client, seen):
 def test_allowing_a_field_that_is_not_refused_is_a_config_error():
     with pytest.raises(Exception, match="allow_backend_fields: id_slots"):
         validate(allow_backend_fields=["id_slots"])  # a typo would silently allow nothing
+
+
+def test_a_few_dry_sequence_breakers_pass(make_client):
+    client = make_client([validate()])
+    body = dict(COMPLETION, dry_multiplier=0.8, dry_sequence_breakers=["\n", ":", "\"", "*"])
+    assert client.simulate_post("/v1/completions", json=body).status_code == 200
 
 
 def test_fields_that_change_the_answer_shape_are_dropped(make_client, seen):
@@ -217,6 +224,10 @@ def test_a_huge_message_list_is_refused_before_the_schema(make_client, schema_ca
     ("/v1/chat/completions", dict(CHAT, messages=[{"role": "user", "content": [{"type": "text", "text": "x"}] * 1025}]),
      "messages[0].content"),
     ("/v1/completions", dict(COMPLETION, prompt=["a"] * 100_000), "prompt"),
+    # each breaker stalls llama-server's main loop ~60 ms (all slots): 400 took 17 s
+    ("/v1/completions", dict(COMPLETION, dry_multiplier=0.8, dry_sequence_breakers=["ab"] * 400),
+     "dry_sequence_breakers"),
+    ("/v1/chat/completions", dict(CHAT, dry_sequence_breakers=["x" * 65]), "dry_sequence_breakers"),
     ("/v1/completions", dict(COMPLETION, prompt=[1] * 100_000 + ["a"]), "prompt"),
     ("/v1/completions", dict(COMPLETION, prompt=[[1] * 1000] * 100 + [[]]), "prompt"),
     ("/v1/embeddings", {"model": "smollm2", "input": [1] * 100_000}, "input"),

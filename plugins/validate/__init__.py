@@ -11,7 +11,8 @@ Order of the checks, cheapest first, so that a hostile body costs little CPU:
 1. Sizes (before the schema, each guarded against wrong types, which the schema
    then reports): ``max_messages``, ``max_content_parts``, ``max_tools``,
    ``max_logit_bias``, at most 4 ``stop`` strings of ``max_stop_chars`` each,
-   ``max_input_chars``, the number of completions (``max_n``), and token-id arrays
+   ``max_input_chars``, ``max_dry_sequence_breakers``, the number of completions
+   (``max_n``), and token-id arrays
    (``prompt``, ``input``), which are checked here in one pass because the schema's
    ``oneOf`` costs tens of microseconds per token id.
 2. The schema.
@@ -40,11 +41,21 @@ request makes, or that reach past the request's own slot, are handled so::
       logit_bias      at most max_logit_bias entries (each is applied on every token).
       stop            at most 4 strings of max_stop_chars (each is matched against
                       the text on every token).
+      dry_sequence_breakers
+                      at most max_dry_sequence_breakers strings of 64 characters: with
+                      dry_multiplier > 0 llama-server prepares each one against the
+                      whole vocabulary in its main loop, ~60 ms a breaker with every
+                      slot waiting (400 breakers stalled a 2-slot server 17 s).
     refused (400) unless named in allow_backend_fields
       id_slot         picks the slot: evicts another tenant's cached prompt and
                       bypasses the gateway's slot accounting.
       lora            per-request adapters: a change of adapters clears the slot's
                       cache and keeps the request out of shared batches.
+      grammar         a raw GBNF grammar is checked on every sampling step, in the
+                      server's main loop: a 1000-alternative grammar (11 KB) made each
+                      token 23x slower, 20000 alternatives 14 s a token, every slot
+                      waiting. (json_schema and response_format, compiled by llama-server
+                      itself, pass.)
       n_keep, n_discard, n_cache_reuse, speculative.*, backend_sampling
                       server tuning (context shift, cache reuse, drafting) that the
                       operator sets on the command line.
@@ -63,7 +74,7 @@ request makes, or that reach past the request's own slot, are handled so::
     passed through
       t_max_predict_ms, n_indent (they only end a generation sooner), cache_prompt,
       samplers, top_k, min_p, typical_p, top_n_sigma, xtc_*, dynatemp_*, mirostat*,
-      repeat_*, dry_*, seed, grammar, json_schema, response_format (llama-server
+      repeat_*, the other dry_* fields, seed, json_schema, response_format (llama-server
       caps a grammar's repetitions itself), chat_template_kwargs, reasoning_format.
 """
 
@@ -90,12 +101,14 @@ MAX_MESSAGE = 300
 MAX_STOP = 4                 # the schemas' own bound (OpenAI's)
 MAX_EMBEDDING_INPUTS = 2048  # likewise
 INT32_MAX = 2**31 - 1
+MAX_BREAKER_CHARS = 64
 
 # llama-server reads n_predict first, then max_completion_tokens, then max_tokens.
 BUDGET_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens")
 REFUSED_FIELDS = {
     "id_slot": "it picks the backend slot, which evicts another client's cached prompt",
     "lora": "per-request adapters are not offered by this gateway",
+    "grammar": "a GBNF grammar can make every sampling step of the backend slow; use response_format",
     "n_keep": "context shifting is set by the operator",
     "n_discard": "context shifting is set by the operator",
     "n_cache_reuse": "prompt cache reuse is set by the operator",
@@ -211,6 +224,11 @@ class Plugin:
         if any(isinstance(s, str) and len(s) > config["max_stop_chars"] for s in stops):
             raise refuse(f"Invalid value for 'stop': a stop sequence is longer than {config['max_stop_chars']} "
                          "characters.", "stop")
+        breakers = body.get("dry_sequence_breakers")
+        if isinstance(breakers, list) and (len(breakers) > config["max_dry_sequence_breakers"] or any(
+                not isinstance(b, str) or len(b) > MAX_BREAKER_CHARS for b in breakers)):
+            raise refuse(f"dry_sequence_breakers: at most {config['max_dry_sequence_breakers']} strings of at most "
+                         f"{MAX_BREAKER_CHARS} characters.", "dry_sequence_breakers")
         if config["max_input_chars"] and route in INPUT_FIELD:
             chars = input_chars(route, body)
             if chars > config["max_input_chars"]:
