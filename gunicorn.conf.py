@@ -15,7 +15,7 @@ import sys
 
 from gateway.logs import env_log_level
 
-wsgi_app = "gateway.app:get_app()"
+wsgi_app = "gateway.wsgi:get_app()"
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("GATEWAY_WORKERS", "1"))
 # gunicorn's gevent worker with JSON errors, client timeouts and draining (gateway/worker.py)

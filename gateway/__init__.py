@@ -1,9 +1,11 @@
 """Llamagate: an OpenAI-compatible gateway for llama.cpp's llama-server.
 
-The public plugin API is what ``__all__`` lists; everything else may change.
+The public plugin API is what ``__all__`` lists, plus the modules of
+``PUBLIC_MODULES`` (each documented in docs/plugins.md); everything else may change.
+Plugins import nothing else (a test checks the built-in and example plugins).
 """
 
-from .context import Principal, RequestContext, Response
+from .context import BackendView, Principal, ReplicaView, RequestContext, Response
 from .errors import (
     AuthenticationError,
     GatewayError,
@@ -20,8 +22,20 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 
+PUBLIC_MODULES = (
+    "gateway",
+    "gateway.answers",  # llama-server answer shapes: normalise, assemble streams, replay
+    "gateway.keys",  # keys files: hashes, load, add, revoke
+    "gateway.redact",  # credentials out of URLs, bounded strings for logs
+    "gateway.schemas",  # JSON Schema helpers and the gateway's request schemas
+    "gateway.settings",  # the environment's settings, read once
+    "gateway.stores",  # memory and Redis stores: byte cache and GCRA limits
+    "gateway.testing",  # Harness, FakeBackend, the canned llama-server
+)
+
 __all__ = [
     "AuthenticationError",
+    "BackendView",
     "GatewayError",
     "GatewayTimeoutError",
     "InternalError",
@@ -32,6 +46,7 @@ __all__ = [
     "PermissionDeniedError",
     "Principal",
     "RateLimitError",
+    "ReplicaView",
     "RequestContext",
     "Response",
     "ServiceUnavailableError",

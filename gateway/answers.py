@@ -20,7 +20,9 @@ not send the prompt's length with the tokens.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 # What a chunk's choice and its delta may carry; anything else makes an assembled
@@ -456,3 +458,65 @@ def stream_events(answer: dict[str, Any], with_usage: bool) -> list[dict[str, An
     if "timings" in answer and events:
         events[-1]["timings"] = answer["timings"]
     return events
+
+
+# --- what llama-server counted, and how to ask it to stream ----------------------------
+
+_TIMINGS = re.compile(rb'"timings":(\{[^{}]*\})')
+_INDEX = re.compile(rb'"index":(\d+)')
+
+
+def stream_request(payload: dict[str, Any]) -> None:
+    """Make a chat or completion request one llama-server streams, whatever the client
+    asked: only a stream stops generating when its connection closes (cancel, a client
+    that left), and ``timings`` on every chunk tell what an answer cut short cost."""
+    payload["stream"] = True
+    options = payload.get("stream_options")
+    payload["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
+    payload["timings_per_token"] = True
+    # Fields that change the shape of llama-server's chunks, which the gateway reads.
+    for field in ("return_progress", "response_fields"):
+        payload.pop(field, None)
+
+
+class Tally:
+    """What llama-server counted of an answer so far, from the ``timings`` it puts on
+    every chunk when asked: the usage of an answer that ended before its usage chunk.
+
+    It keeps a reference to the last chunk of each choice; nothing is decoded until
+    :meth:`usage` is asked, once, at the end.
+    """
+
+    def __init__(self) -> None:
+        self.last: dict[bytes, bytes] = {}
+
+    def see(self, raw: bytes) -> None:
+        if b'"timings"' in raw:
+            index = _INDEX.search(raw)
+            self.last[index.group(1) if index else b"0"] = raw
+
+    def usage(self) -> dict[str, int] | None:
+        """Prompt tokens (cached and processed) and the tokens generated, all choices."""
+        prompt, completion = 0, 0
+        for raw in self.last.values():
+            found = _TIMINGS.search(raw)
+            timings = _json(found.group(1)) if found else None
+            if not isinstance(timings, dict):
+                continue
+            prompt = max(prompt, _count(timings.get("cache_n")) + _count(timings.get("prompt_n")))
+            completion += _count(timings.get("predicted_n"))
+        if not prompt and not completion:
+            return None
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _count(value: Any) -> int:
+    """A token count from a backend's JSON: a non-negative int, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from . import logs  # noqa: F401 - importing it bounds every line of the llamagate logger
 from .errors import GatewayError
 
 log = logging.getLogger("llamagate")
@@ -28,6 +29,60 @@ class Response:
     events: list[dict[str, Any]] | None = None
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class ReplicaView:
+    """A read-only look at one replica of a backend, for ``route`` hooks. Its figures are
+    live: they read the replica as it is now.
+
+    Attributes:
+        url: The replica's base URL (credentials removed).
+        ready: True after a good health check, False after a failed one, None before the first.
+        available: Worth sending to: not known to be down, and its circuit breaker lets requests through.
+        in_flight: Requests this worker has open on it.
+        slots: llama-server's slot count (from ``/props``), once known.
+        breaker: ``closed``, ``open`` or ``half_open``.
+    """
+
+    __slots__ = ("_replica", "url")
+
+    def __init__(self, replica: Any, url: str) -> None:
+        self._replica = replica
+        self.url = url
+
+    ready = property(lambda self: self._replica.ready)
+    available = property(lambda self: self._replica.available)
+    in_flight = property(lambda self: self._replica.in_flight)
+    slots = property(lambda self: self._replica.slots)
+    breaker = property(lambda self: self._replica.breaker.state)
+
+    def __repr__(self) -> str:
+        return f"ReplicaView({self.url!r})"
+
+
+class BackendView:
+    """A read-only look at one backend, for ``route`` hooks.
+
+    Attributes:
+        name: The backend's name in ``pipelines.yaml``.
+        replicas: Its replicas (:class:`ReplicaView`), in configured order.
+    """
+
+    __slots__ = ("_backend", "name", "replicas")
+
+    def __init__(self, backend: Any, replicas: tuple[ReplicaView, ...]) -> None:
+        self._backend = backend
+        self.name = backend.name
+        self.replicas = replicas
+
+    def candidates(self) -> list[ReplicaView]:
+        """The available replicas in the gateway's own round-robin order for this
+        request (it takes a turn): a plugin that ranks replicas breaks ties by taking
+        the first, and so shares the gateway's one rotation."""
+        return [r.view for r in self._backend.candidates() if r.available]
+
+    def __repr__(self) -> str:
+        return f"BackendView({self.name!r})"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .config import SCHEMA_DIR, Config
+from .config import Config
+from .schemas import SCHEMA_DIR
 
 REQUEST_SCHEMAS = {
     "/v1/chat/completions": ("CreateChatCompletionRequest", "chat.completions.schema.json", "Create a chat completion"),

@@ -27,8 +27,9 @@ from typing import Any, Callable, Iterable, Mapping
 import pluggy
 
 from . import hookspecs
-from .config import Config, ConfigError, PluginEntry, apply_defaults, compile_schema, schema_errors
-from .context import RequestContext, Response
+from .config import Config, ConfigError, PluginEntry
+from .schemas import apply_defaults, compile_schema, schema_errors
+from .context import BackendView, ReplicaView, RequestContext, Response
 from .errors import GatewayError, InternalError
 
 log = logging.getLogger("llamagate")
@@ -135,7 +136,8 @@ class Pipeline:
         for label, plugin in reversed(plugins):
             self.pm.register(plugin, name=label)
         self.pm.check_pending()
-        self.wants_events = bool(self.pm.hook.response_event.get_hookimpls())
+        # The plugins that see stream events, and whether they want them for a request.
+        self._event_plugins = [impl.plugin for impl in self.pm.hook.response_event.get_hookimpls()]
         self._complete_impls = self.pm.hook.complete.get_hookimpls()[::-1]
 
     def _call(self, hook: Any, ctx: RequestContext, **kwargs: Any) -> Any:
@@ -156,7 +158,7 @@ class Pipeline:
     def request(self, ctx: RequestContext) -> Response | None:
         return self._call(self.pm.hook.request, ctx)
 
-    def route(self, ctx: RequestContext, backends: Mapping[str, Any]) -> Any:
+    def route(self, ctx: RequestContext, backends: Mapping[str, BackendView]) -> ReplicaView | None:
         return self._call(self.pm.hook.route, ctx, backends=backends)
 
     def upstream_request(self, ctx: RequestContext, payload: dict[str, Any]) -> None:
@@ -164,6 +166,20 @@ class Pipeline:
 
     def response(self, ctx: RequestContext, body: dict[str, Any]) -> None:
         self._call(self.pm.hook.response, ctx, body=body)
+
+    def wants_events(self, ctx: RequestContext) -> bool:
+        """Whether this request's stream events must be decoded: some plugin implements
+        ``response_event`` and wants them for it (``wants_events(ctx)``, default yes)."""
+        for plugin in self._event_plugins:
+            wants = getattr(plugin, "wants_events", None)
+            try:
+                if wants is None or wants(ctx):
+                    return True
+            except Exception as exc:
+                ctx.log(logging.ERROR, "plugin failed in wants_events of pipeline %s", self.name, exc_info=True)
+                raise InternalError(f"The gateway failed while handling this request (request id {ctx.request_id}).",
+                                    code="plugin_error") from exc
+        return False
 
     def response_event(self, ctx: RequestContext, event: dict[str, Any]) -> bool:
         """True when the event is kept."""

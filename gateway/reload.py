@@ -22,7 +22,8 @@ import os
 import threading
 from typing import Any, Callable, Iterable
 
-from .app import Gateway, build_app
+from .app import build_app
+from .state import Gateway
 from .config import ConfigError, load_config
 from .pipeline import build_pipelines
 

@@ -25,26 +25,23 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import requests
-from urllib3.exceptions import ReadTimeoutError
 
-from .answers import merge_usage, normalize_event
+from .answers import Tally, merge_usage, normalize_event
 from .config import Timeouts
 from .context import RequestContext
 from .upstream import Lease
 from .errors import (
-    ClientGoneError,
     GatewayError,
     GatewayTimeoutError,
-    RequestCancelledError,
     UpstreamError,
+    from_read_failure,
     from_upstream,
+    is_read_timeout,
 )
 
 DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
-_TIMINGS = re.compile(rb'"timings":(\{[^{}]*\})')
 _TIMINGS_FIELD = re.compile(rb',"timings":\{[^{}]*\}|"timings":\{[^{}]*\},?')
-_INDEX = re.compile(rb'"index":(\d+)')
 _COMPACT = (",", ":")
 
 
@@ -106,60 +103,13 @@ class ResponseBody:
 
 
 def read_error(ctx: RequestContext, exc: requests.RequestException, timeouts: Timeouts) -> GatewayError:
-    """The client's error for a backend connection that failed while its answer was read."""
-    if ctx.cancelled:
-        return RequestCancelledError()
-    if ctx.client_gone:
-        return ClientGoneError()
-    if _timed_out(exc):
-        return GatewayTimeoutError(f"The backend sent nothing for {timeouts.idle:g} s; the answer was abandoned.")
-    return UpstreamError("The connection to the backend broke mid-answer; the answer is incomplete.")
-
-
-def _timed_out(exc: requests.RequestException) -> bool:
-    # requests wraps urllib3's read timeout in a ConnectionError mid-body.
-    return bool(exc.args and isinstance(exc.args[0], ReadTimeoutError)) or isinstance(exc, requests.Timeout)
+    """:func:`errors.from_read_failure` for this request."""
+    return from_read_failure(exc, cancelled=ctx.cancelled, client_gone=ctx.client_gone, idle=timeouts.idle)
 
 
 def _stream_error(ctx: RequestContext, error: GatewayError) -> bytes:
     ctx.error = error
     return sse(error.to_dict())
-
-
-class Tally:
-    """What llama-server counted of an answer so far, from the ``timings`` it puts on
-    every chunk when asked: the usage of an answer that ended before its usage chunk.
-
-    It keeps a reference to the last chunk of each choice; nothing is decoded until
-    :meth:`usage` is asked, once, at the end.
-    """
-
-    def __init__(self) -> None:
-        self.last: dict[bytes, bytes] = {}
-
-    def see(self, raw: bytes) -> None:
-        if b'"timings"' in raw:
-            index = _INDEX.search(raw)
-            self.last[index.group(1) if index else b"0"] = raw
-
-    def usage(self) -> dict[str, int] | None:
-        """Prompt tokens (cached and processed) and the tokens generated, all choices."""
-        prompt, completion = 0, 0
-        for raw in self.last.values():
-            found = _TIMINGS.search(raw)
-            timings = _decode(found.group(1)) if found else None
-            if not isinstance(timings, dict):
-                continue
-            prompt = max(prompt, _count(timings.get("cache_n")) + _count(timings.get("prompt_n")))
-            completion += _count(timings.get("predicted_n"))
-        if not prompt and not completion:
-            return None
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _count(value: Any) -> int:
-    """A token count from a backend's JSON: a non-negative int, else 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
@@ -182,7 +132,7 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
         except StopIteration:
             return
         except requests.RequestException as exc:
-            if not started and _timed_out(exc):
+            if not started and is_read_timeout(exc):
                 raise GatewayTimeoutError(f"The backend {lease.backend.name} did not start answering within "
                                           f"{timeouts.first_byte:g} s.") from None
             raise

@@ -43,15 +43,15 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .config import BackendConfig, Timeouts
-from .context import RequestContext
+from .context import BackendView, ReplicaView, RequestContext
+from .redact import redact_url  # a URL's userinfo is a credential: never shown
 from .errors import (
     ClientGoneError,
     GatewayError,
     GatewayTimeoutError,
     RequestCancelledError,
     ServiceUnavailableError,
-    UpstreamError,
-    from_upstream,
+    from_backend_response,
 )
 
 log = logging.getLogger("llamagate")
@@ -223,6 +223,7 @@ class Replica:
         self.slots: int | None = None
         self.breaker = Breaker(config.breaker_failures, config.breaker_cooldown)
         self.detail = "not checked yet"
+        self.view = ReplicaView(self, redact_url(url))
 
     @property
     def available(self) -> bool:
@@ -244,9 +245,7 @@ class Replica:
             self.detail = f"unreachable: {type(exc).__name__}"
 
     def status(self) -> dict[str, Any]:
-        from .redact import redact_url  # the URL's userinfo is a credential: never shown
-
-        return {"url": redact_url(self.url), "ready": bool(self.ready), "in_flight": self.in_flight, "slots": self.slots,
+        return {"url": self.view.url, "ready": bool(self.ready), "in_flight": self.in_flight, "slots": self.slots,
                 "breaker": self.breaker.state, "detail": self.detail}
 
     def __repr__(self) -> str:
@@ -355,6 +354,7 @@ class Backend:
         else:
             self.admission = Admission(self, config.max_queue, config.queue_timeout)
         self._turn = itertools.count()
+        self.view = BackendView(self, tuple(r.view for r in self.replicas))
 
     @property
     def ready(self) -> bool:
@@ -434,6 +434,7 @@ class Upstreams:
         # admission) and the admission of a changed one: never two limits at once.
         self.backends = {name: old[name] if name in old and old[name].config == cfg else Backend(cfg, old.get(name))
                          for name, cfg in configs.items()}
+        self.views = {name: backend.view for name, backend in self.backends.items()}  # for route hooks
         self.health_interval = health_interval
         self._stop = threading.Event()
         self._checker: threading.Thread | None = None
@@ -535,7 +536,7 @@ class Upstreams:
                     # its first event (streaming.frames), then idle applies.
                     lease.set_read_timeout(max(0.001, first_byte - (time.monotonic() - now)))
                     return lease
-                error = error_of(resp, self.retry_after())
+                error = from_backend_response(resp, self.retry_after())
                 resp.close()
                 self._failed(replica, f"HTTP {resp.status_code}")
             pause = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -585,23 +586,6 @@ class Upstreams:
         return ServiceUnavailableError(
             f"No replica of backend {backend.name} can take requests now; try again shortly.",
             headers={"Retry-After": str(max(1, round(wait)) if wait else self.retry_after())})
-
-
-def error_of(resp: requests.Response, retry_after: str) -> GatewayError:
-    """A backend's error answer as the client's error."""
-    try:
-        payload = resp.json()
-    except (ValueError, requests.RequestException):
-        payload = None
-    if resp.status_code in (401, 403):
-        # The backend refused the gateway's own credentials (backends.<name>.api_key),
-        # not the client's: a gateway fault, not the client's.
-        return UpstreamError("The backend refused the gateway's credentials; check the backend's api_key.",
-                             code="backend_auth_failed")
-    error = from_upstream(resp.status_code, payload)
-    if error.status == 503:
-        error.headers["Retry-After"] = retry_after
-    return error
 
 
 def _never_connected(exc: requests.ConnectionError) -> bool:

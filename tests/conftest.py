@@ -7,7 +7,8 @@ from typing import Any, Callable
 import falcon.testing
 import pytest
 
-from gateway.app import Gateway, build_app
+from gateway.app import build_app
+from gateway.state import Gateway
 from gateway.config import Config, parse_config
 from gateway.pipeline import Pipeline
 from gateway.stores import reset_memory_stores

@@ -273,7 +273,8 @@ def test_a_key_restricted_to_some_models_sees_only_those(tmp_path, canned_url):
     from falcon.testing import TestClient
 
     from gateway import keys
-    from gateway.app import Gateway, build_app
+    from gateway.app import build_app
+    from gateway.state import Gateway
     from gateway.config import parse_config
 
     from .conftest import config_doc

@@ -9,6 +9,7 @@ import falcon.testing
 import pytest
 
 from gateway import GatewayError, RateLimitError, Response, hookimpl
+from gateway.context import RequestContext
 from gateway.pipeline import Pipeline
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
@@ -165,8 +166,17 @@ def test_response_event_edits_and_drops(make_client):
 
 
 def test_pipeline_without_event_hooks_relays_raw(make_client):
-    assert not Pipeline("p", [("r", Recorder("r", []))]).wants_events
-    assert Pipeline("p", [("c", Count())]).wants_events
+    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
+    assert not Pipeline("p", [("r", Recorder("r", []))]).wants_events(ctx)
+    assert Pipeline("p", [("c", Count())]).wants_events(ctx)  # no wants_events: every request
+
+    class Sometimes(Count):
+        def wants_events(self, ctx):
+            return ctx.stream
+
+    assert not Pipeline("p", [("s", Sometimes())]).wants_events(ctx)
+    ctx.stream = True
+    assert Pipeline("p", [("s", Sometimes())]).wants_events(ctx)
 
 
 class Usage:

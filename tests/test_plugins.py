@@ -352,7 +352,8 @@ def test_cache_is_per_client_by_default(make_client, monkeypatch):
 def test_cache_entries_are_not_shared_across_pipelines(canned_url):
     import falcon.testing
 
-    from gateway.app import Gateway, build_app
+    from gateway.app import build_app
+    from gateway.state import Gateway
     from gateway.pipeline import Pipeline
 
     first, second = plugin("cache"), plugin("cache")
@@ -395,11 +396,14 @@ def test_router_prefers_fewest_in_flight_and_skips_failed_health(make_client, ca
     class Ctx:
         backend = "chat"
 
-    assert {router.route(ctx=Ctx(), backends={"chat": backend}).url for _ in range(4)} == {"http://b"}
+    views = {"chat": backend.view}  # what route hooks get: read-only views
+    assert {router.route(ctx=Ctx(), backends=views).url for _ in range(4)} == {"http://b"}
     b.in_flight = 3
-    assert router.route(ctx=Ctx(), backends={"chat": backend}) is a
+    assert router.route(ctx=Ctx(), backends=views) is a.view
+    a.in_flight = 3  # a tie: the gateway's one rotation decides, in turn
+    assert {router.route(ctx=Ctx(), backends=views).url for _ in range(4)} == {"http://a", "http://b"}
     a.ready = b.ready = False
-    assert router.route(ctx=Ctx(), backends={"chat": backend}) is None
+    assert router.route(ctx=Ctx(), backends=views) is None
 
 
 # --- statsd and accesslog -------------------------------------------------------------
@@ -422,10 +426,28 @@ def test_accesslog_bodies_only_when_asked(make_client, tmp_path):
 
 
 def test_accesslog_without_bodies_keeps_streams_raw():
+    from gateway.context import RequestContext
     from gateway.pipeline import Pipeline
 
-    assert not Pipeline("p", [plugin("accesslog")]).wants_events
-    assert Pipeline("p", [plugin("accesslog", log_bodies=True)]).wants_events
+    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", stream=True)
+    assert not Pipeline("p", [plugin("accesslog")]).wants_events(ctx)
+    assert Pipeline("p", [plugin("accesslog", log_bodies=True)]).wants_events(ctx)
+
+
+def test_cache_decodes_only_the_streams_it_may_store(make_client):
+    """A cache in the pipeline used to make every stream of it decoded, event by event."""
+    from gateway.context import RequestContext
+    from gateway.pipeline import Pipeline
+
+    pipeline = Pipeline("p", [plugin("cache")])
+    hot = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", stream=True,
+                         model="smollm2", body={"model": "smollm2", "messages": [], "temperature": 0.7})
+    pipeline.request(hot)  # not deterministic: not cacheable
+    assert not pipeline.wants_events(hot)
+    cold = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", stream=True,
+                          model="smollm2", body={"model": "smollm2", "messages": [], "temperature": 0})
+    pipeline.request(cold)  # a miss that may be stored
+    assert pipeline.wants_events(cold)
 
 
 def test_store_outage_is_counted_for_statsd(make_client):

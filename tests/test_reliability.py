@@ -12,7 +12,8 @@ import pytest
 import requests
 
 from gateway import Principal, hookimpl, lifecycle
-from gateway.app import Gateway, build_app
+from gateway.app import build_app
+from gateway.state import Gateway
 from gateway.config import BackendConfig, parse_config
 from gateway.errors import ServiceUnavailableError
 from gateway.pipeline import Pipeline, build_pipelines

@@ -10,7 +10,7 @@ import falcon.testing
 import yaml
 
 from gateway import hookimpl, keys
-from gateway.app import Gateway
+from gateway.state import Gateway
 from gateway.config import load_config
 from gateway.pipeline import build_pipelines
 from gateway.reload import RETIRE_POLL, ReloadingApp, watched_files

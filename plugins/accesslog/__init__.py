@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from gateway import hookimpl
+from gateway.answers import choice_text
 from gateway.redact import FIELD_CHARS, clip, clip_json
 
 
@@ -35,23 +36,22 @@ class Plugin:
         self.log_bodies = config["log_bodies"]
         self.max_body_chars = config["max_body_chars"]
         self.lock = threading.Lock()
-        if not self.log_bodies:
-            # Shadow the body hooks so pluggy does not register them: a pipeline
-            # without event hooks relays streams without decoding them.
-            self.response = self.response_event = None
+
+    def wants_events(self, ctx) -> bool:
+        # Without log_bodies nothing of a stream is logged: its events stay undecoded.
+        return self.log_bodies
 
     @hookimpl
     def response(self, ctx, body):
         if self.log_bodies:
             ctx.state["accesslog.text"] = "".join(
-                (c.get("message") or {}).get("content") or c.get("text") or ""
-                for c in body.get("choices") or [] if isinstance(c, dict))
+                choice_text(c) for c in body.get("choices") or [] if isinstance(c, dict))
 
     @hookimpl
     def response_event(self, ctx, event):
         if self.log_bodies:
             for choice in event.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                piece = choice_text(choice)
                 text = ctx.state.get("accesslog.text", "")
                 if len(text) <= self.max_body_chars:  # keep no more than gets logged
                     ctx.state["accesslog.text"] = text + piece

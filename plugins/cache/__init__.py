@@ -96,6 +96,11 @@ class Plugin:
         if pending is not None:
             pending["answer"] = body
 
+    def wants_events(self, ctx) -> bool:
+        # Only a streamed miss that may be stored needs its events decoded.
+        pending = ctx.state.get("cache")
+        return pending is not None and pending["assembler"] is not None
+
     @hookimpl
     def response_event(self, ctx, event):
         pending = ctx.state.get("cache")

@@ -88,7 +88,7 @@ import jsonschema
 import requests
 
 from gateway import InvalidRequestError, hookimpl
-from gateway.config import SCHEMA_DIR, compile_schema, format_path
+from gateway.schemas import SCHEMA_DIR, compile_schema, format_path
 from gateway.redact import clip
 
 SCHEMA_FILES = {

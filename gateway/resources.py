@@ -1,0 +1,215 @@
+"""Falcon resources: thin, each hands its request to :mod:`gateway.exchange`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import falcon
+
+from . import exchange, openapi
+from .config import PrefixRoute
+from .context import RequestContext, Response
+from .errors import NotFoundError, PermissionDeniedError
+from .state import Gateway
+
+
+def preflight(gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str, pipeline_name: str,
+              allow: str) -> None:
+    """``OPTIONS``: the pipeline may answer (a CORS preflight); else 204 with ``Allow``."""
+    exchange.serve_locally(gateway, req, resp, route, pipeline_name,
+                           lambda ctx: Response(status=204, headers={"Allow": allow}))
+
+
+class ModelResource:
+    """``POST`` to an OpenAI route a backend serves (chat, completions, embeddings)."""
+
+    def __init__(self, gateway: Gateway, route: str) -> None:
+        self.gateway = gateway
+        self.route = route
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        exchange.serve_model(self.gateway, req, resp, self.route)
+
+    def on_options(self, req: falcon.Request, resp: falcon.Response) -> None:
+        preflight(self.gateway, req, resp, self.route, self.gateway.config.routes[self.route], "POST, OPTIONS")
+
+
+class PrefixResource:
+    """Every method and sub-path under a prefix, relayed to another HTTP backend."""
+
+    def __init__(self, gateway: Gateway, prefix: str, target: PrefixRoute) -> None:
+        self.gateway = gateway
+        self.prefix = prefix
+        self.target = target
+
+    def on_request(self, req: falcon.Request, resp: falcon.Response, rest: str) -> None:
+        exchange.serve_prefix(self.gateway, req, resp, self.prefix, self.target)
+
+    on_get = on_post = on_put = on_patch = on_delete = on_options = on_request
+
+
+class ModelsResource:
+    """``GET /v1/models`` and ``GET /v1/models/{model}``, from the config; a key
+    restricted to some models sees only those."""
+
+    route = "/v1/models"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        file = gateway.config.file
+        self.created = int(os.path.getmtime(file)) if os.path.exists(file) else 0
+
+    def _model(self, model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": self.created,
+                "owned_by": self.gateway.config.models[model_id].owned_by}
+
+    def _send(self, req: falcon.Request, resp: falcon.Response, body: Callable[[RequestContext], dict[str, Any]]) -> None:
+        exchange.serve_locally(self.gateway, req, resp, self.route, self.gateway.config.routes[self.route],
+                               lambda ctx: Response(body=body(ctx)))
+
+    @staticmethod
+    def visible(ctx: RequestContext, model_id: str) -> bool:
+        principal = ctx.principal
+        return principal is None or not principal.models or model_id in principal.models
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._send(req, resp, lambda ctx: {"object": "list", "data": [
+            self._model(m) for m in self.gateway.config.models if self.visible(ctx, m)]})
+
+    def on_get_model(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
+        def body(ctx: RequestContext) -> dict[str, Any]:
+            public = self.gateway.config.resolve_model(model_id)
+            if public is None or not self.visible(ctx, public):
+                raise NotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.",
+                                    code="model_not_found", param="model")
+            return self._model(public)
+
+        self._send(req, resp, body)
+
+    def on_options(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
+        preflight(self.gateway, req, resp, self.route, self.gateway.config.routes[self.route], "GET, OPTIONS")
+
+    on_options_model = on_options
+
+
+class ControlResource:
+    """Operator endpoints behind ``admin_pipeline`` (which must authenticate):
+
+    * ``GET /admin/status`` (admin): per backend its limit, in flight, queued, and
+      per replica readiness, slots and breaker; per pipeline its plugin chain;
+    * ``POST /admin/backends/{name}/cancel`` (admin): cancel every request in flight
+      on a backend;
+    * ``POST /v1/requests/{request_id}/cancel`` (the request's owner or an admin).
+
+    State is per gunicorn worker: each worker reports and cancels its own requests.
+    """
+
+    def __init__(self, gateway: Gateway, pipeline_name: str) -> None:
+        self.gateway = gateway
+        self.pipeline_name = pipeline_name
+
+    def _run(self, req: falcon.Request, resp: falcon.Response, route: str, admin_only: bool,
+             act: Callable[[RequestContext], dict[str, Any]]) -> None:
+        def authorized(ctx: RequestContext) -> Response:
+            if ctx.principal is None:
+                raise PermissionDeniedError("This endpoint needs an authenticated caller; "
+                                            "admin_pipeline has no auth plugin.")
+            if admin_only and ctx.principal.role != "admin":
+                raise PermissionDeniedError("This endpoint needs an admin key.", code="admin_required")
+            return Response(body=act(ctx))
+
+        exchange.serve_locally(self.gateway, req, resp, route, self.pipeline_name, authorized)
+
+    def on_get_status(self, req: falcon.Request, resp: falcon.Response) -> None:
+        gateway = self.gateway
+
+        def status(ctx: RequestContext) -> dict[str, Any]:
+            return {"pid": os.getpid(), "draining": gateway.draining, "in_flight": len(gateway.in_flight),
+                    "stats": gateway.stats.snapshot(),
+                    "backends": {name: b.status() for name, b in gateway.upstreams.backends.items()},
+                    "pipelines": {name: p.describe() for name, p in gateway.pipelines.items()}}
+
+        self._run(req, resp, "/admin/status", True, status)
+
+    def on_post_backend_cancel(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        def cancel(ctx: RequestContext) -> dict[str, Any]:
+            if name not in self.gateway.upstreams.backends:
+                raise NotFoundError(f"No backend named {name!r}.", code="backend_not_found")
+            return {"backend": name, "cancelled": self.gateway.cancel_backend(name)}
+
+        self._run(req, resp, "/admin/backends/{name}/cancel", True, cancel)
+
+    def on_post_request_cancel(self, req: falcon.Request, resp: falcon.Response, request_id: str) -> None:
+        def cancel(ctx: RequestContext) -> dict[str, Any]:
+            if not self.gateway.cancel(request_id, ctx.principal):
+                raise NotFoundError(f"No request {request_id!r} of yours is in flight on this worker.",
+                                    code="request_not_found")
+            return {"id": request_id, "object": "request.cancelled", "cancelled": True}
+
+        self._run(req, resp, "/v1/requests/{request_id}/cancel", False, cancel)
+
+
+class PluginRouteResource:
+    """A path a plugin answers from its hooks (say ``/v1/usage``); 404 when none does."""
+
+    def __init__(self, gateway: Gateway, route: str, pipeline_name: str) -> None:
+        self.gateway = gateway
+        self.route = route
+        self.pipeline_name = pipeline_name
+
+    def on_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        def unanswered(ctx: RequestContext) -> Response:
+            raise NotFoundError(f"Invalid URL ({req.method} {req.path}): no plugin of pipeline "
+                                f"{self.pipeline_name} answers it.", code="unknown_url")
+
+        exchange.serve_locally(self.gateway, req, resp, self.route, self.pipeline_name, unanswered, read_body=True)
+
+    on_get = on_post = on_put = on_patch = on_delete = on_options = on_request
+
+
+class HealthResource:
+    """``GET /health``: 200 when every model has a ready replica, else 503."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        gateway = self.gateway
+        backends = {name: backend.status() for name, backend in gateway.upstreams.backends.items()}
+        models = {m.id: backends[m.backend]["ready"] for m in gateway.config.models.values()}
+        healthy = all(models.values()) and not gateway.draining
+        resp.status = 200 if healthy else 503
+        if not healthy:
+            resp.set_header("Retry-After", gateway.upstreams.retry_after())
+        status = "draining" if gateway.draining else "ok" if healthy else "unavailable"
+        resp.media = {"status": status, "models": models}
+        if gateway.config.health_detail:
+            resp.media["backends"] = backends
+
+
+class OpenAPIResource:
+    """``GET /openapi.json``: the OpenAPI 3.1 document of this gateway's API."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.data = json.dumps(openapi.document(gateway.config)).encode()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = exchange.JSON_TYPE
+        resp.data = self.data
+
+
+class StatusPageResource:
+    """``GET /admin/``: the operator's live status page. The page holds no data: its script
+    fetches ``/admin/status`` with the admin key given in the URL's fragment
+    (``/admin/#key=...``, never sent to the server) or typed into the page."""
+
+    PAGE = (Path(__file__).resolve().parent / "static" / "status.html").read_bytes()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = "text/html; charset=utf-8"
+        resp.set_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                                   "style-src 'unsafe-inline'; connect-src 'self'")
+        resp.data = self.PAGE

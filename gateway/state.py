@@ -1,0 +1,101 @@
+"""What a worker holds: the configuration in force, its pipelines and backends, the
+requests in flight, and the figures of the status page. No request flow lives here
+(that is :mod:`gateway.exchange`); only the operations on this state.
+"""
+
+from __future__ import annotations
+
+from . import lifecycle
+from .config import Config
+from .context import Principal, RequestContext
+from .pipeline import Pipeline, build_pipelines
+from .stats import Stats
+from .upstream import InFlight, Lease, Upstreams
+
+
+def may_touch(caller: Principal | None, owner: Principal | None) -> bool:
+    """Whether ``caller`` may act on a request made by ``owner``: its owner or an admin."""
+    if caller is None:
+        return False
+    return caller.role == "admin" or (owner is not None and owner.client_id == caller.client_id)
+
+
+class Gateway:
+    """The configuration in force and the state of one worker.
+
+    Args:
+        config: A checked config.
+        pipelines: Built pipelines by name; built from ``config`` when None.
+        previous: The gateway a reload replaces: unchanged backends, every backend's
+            admission and the requests in flight carry over.
+
+    Attributes:
+        config: The :class:`Config`.
+        pipelines: :class:`Pipeline` by name.
+        upstreams: The backends (:class:`Upstreams`).
+        in_flight: Requests with an open (or opening) backend connection, tracked by
+            the gateway's own handle: a client's ``x-request-id`` may be reused or
+            collide. Shared with the gateway a reload replaces.
+        active: Requests begun on this gateway and not completed.
+        stats: Recent completions, for the status page.
+        pending_counters: Counted on the next request's context, for events outside
+            any request (a reload).
+    """
+
+    def __init__(self, config: Config, pipelines: dict[str, Pipeline] | None = None,
+                 previous: Gateway | None = None) -> None:
+        self.config = config
+        self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
+        self.upstreams = Upstreams(config.backends, config.health_interval,
+                                   previous.upstreams if previous is not None else None)
+        self.in_flight: set[InFlight] = previous.in_flight if previous is not None else set()
+        self.active = 0
+        self.stats = Stats()
+        self.pending_counters: dict[str, int] = {}
+        self._shut_down = False
+
+    @property
+    def draining(self) -> bool:
+        return lifecycle.draining
+
+    def track(self, ctx: RequestContext) -> InFlight:
+        """A handle for a request about to be sent to a backend, for cancel."""
+        entry = InFlight(ctx)
+        self.in_flight.add(entry)
+        return entry
+
+    def finish(self, lease: Lease) -> None:
+        """Give the backend connection and the admission slot back; idempotent."""
+        lease.close()
+        self.in_flight.discard(lease.in_flight)
+
+    def cancel(self, request_id: str, caller: Principal | None) -> int:
+        """Cancel the requests in flight with this ``x-request-id`` that ``caller``
+        owns (an admin: any); returns how many."""
+        entries = [e for e in list(self.in_flight)
+                   if e.ctx.request_id == request_id and may_touch(caller, e.ctx.principal)]
+        for entry in entries:
+            entry.cancel()
+        return len(entries)
+
+    def cancel_backend(self, backend: str) -> int:
+        """Cancel every request in flight on ``backend``; returns how many."""
+        entries = [e for e in list(self.in_flight) if e.ctx.backend == backend]
+        for entry in entries:
+            entry.cancel()
+        return len(entries)
+
+    def client_gone(self, ctx: RequestContext) -> None:
+        """The client of ``ctx`` hung up before its answer was ready: stop the work."""
+        ctx.client_gone = True
+        for entry in list(self.in_flight):
+            if entry.ctx is ctx:
+                entry.interrupt()
+
+    def shutdown(self) -> None:
+        """Run every plugin's ``shutdown`` hook, once."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        for pipeline in self.pipelines.values():
+            pipeline.shutdown()
