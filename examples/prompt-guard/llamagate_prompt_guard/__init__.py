@@ -62,9 +62,10 @@ class Plugin:
         self.roles = {role.lower() for role in config["roles"]}
         self.replacement = config["replacement"]
         self.redact = config["redact"]
-        if not self.redact:
-            # Not registered: the pipeline keeps relaying streams without decoding them.
-            self.response = self.response_event = None
+
+    def wants_events(self, ctx) -> bool:
+        # Only redaction needs to see a stream's events: otherwise they stay undecoded.
+        return self.redact
 
     def _matches(self, text: str) -> bool:
         return any(pattern.search(text) for pattern in self.patterns)
@@ -132,8 +133,10 @@ class Plugin:
 
     @hookimpl
     def response(self, ctx, body):
-        self._redact_choices(body.get("choices"), "message")
+        if self.redact:
+            self._redact_choices(body.get("choices"), "message")
 
     @hookimpl
     def response_event(self, ctx, event):
-        self._redact_choices(event.get("choices"), "delta")
+        if self.redact:  # another plugin may have wanted this stream's events
+            self._redact_choices(event.get("choices"), "delta")
