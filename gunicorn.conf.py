@@ -1,30 +1,31 @@
-"""gunicorn settings for Llamagate, each read from the environment.
+"""gunicorn settings for Llamagate, from the environment through ``gateway.settings``
+(``llamagate settings`` lists them; docs/configuration-environment.md describes them):
+GATEWAY_BIND, GATEWAY_WORKERS, GATEWAY_WORKER_CONNECTIONS, GATEWAY_TIMEOUT,
+GATEWAY_GRACEFUL_TIMEOUT, GATEWAY_KEEPALIVE, GATEWAY_CONFIG and LLAMAGATE_LOG_LEVEL.
 
-GATEWAY_BIND                 address to listen on            (127.0.0.1:8000)
-GATEWAY_WORKERS              worker processes                (1)
-GATEWAY_WORKER_CONNECTIONS   concurrent connections a worker (1000)
-GATEWAY_TIMEOUT              worker heartbeat timeout, s     (30)
-GATEWAY_GRACEFUL_TIMEOUT     how long streams survive a stop or reload, s (30)
-GATEWAY_KEEPALIVE            idle keep-alive, s              (5)
-GATEWAY_CONFIG               pipelines file the workers load (pipelines.yaml)
-LLAMAGATE_LOG_LEVEL          debug, info, warning, error or critical, any case (info)
+Bad values stop the start before any worker, with one line per problem on stderr.
 """
 
-import os
 import sys
 
-from gateway.logs import env_log_level
+from gateway import settings as gateway_settings
+
+try:
+    _settings = gateway_settings.current()
+except gateway_settings.SettingsError as exc:
+    sys.stderr.write("".join(f"llamagate: {line}\n" for line in exc.problems))
+    raise SystemExit(1) from None
 
 wsgi_app = "gateway.wsgi:get_app()"
-bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("GATEWAY_WORKERS", "1"))
+bind = _settings.bind
+workers = _settings.workers
 # gunicorn's gevent worker with JSON errors, client timeouts and draining (gateway/worker.py)
 worker_class = "gateway.worker.Worker"
-worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "1000"))
+worker_connections = _settings.worker_connections
 # With gevent workers the timeout is only a heartbeat: a long stream does not trip it.
-timeout = int(os.environ.get("GATEWAY_TIMEOUT", "30"))
-graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "30"))
-keepalive = int(os.environ.get("GATEWAY_KEEPALIVE", "5"))
+timeout = _settings.timeout
+graceful_timeout = _settings.graceful_timeout
+keepalive = _settings.keepalive
 # Each worker builds its own app: backends' connection pools and health checks must
 # not be shared across a fork.
 preload_app = False
@@ -32,11 +33,7 @@ preload_app = False
 control_socket_disable = True
 accesslog = None
 errorlog = "-"
-try:  # any case; a value that names no level stops the start with one line, before any worker
-    loglevel = env_log_level().lower()
-except ValueError as exc:
-    sys.stderr.write(f"llamagate: {exc}\n")
-    raise SystemExit(1) from None
+loglevel = _settings.log_level  # lower case, as gunicorn takes it
 
 
 def _check_config(server) -> bool:
@@ -44,11 +41,10 @@ def _check_config(server) -> bool:
     for the workers to fall back on. A subprocess, because the master must not import
     requests (and ssl) before the workers patch the standard library for gevent."""
     import subprocess
-    import sys
 
     from gateway import lifecycle
 
-    path = os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")
+    path = _settings.config
     result = subprocess.run([sys.executable, "-m", "gateway.cli", "check", path], capture_output=True, text=True)
     if result.returncode != 0:
         server.log.error("%s is not valid:\n%s", path, result.stderr.strip())

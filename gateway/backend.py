@@ -9,6 +9,8 @@ import signal
 import threading
 from dataclasses import dataclass
 
+from . import settings
+
 
 @dataclass(frozen=True)
 class BackendOptions:
@@ -63,7 +65,7 @@ def binary_env(opts: BackendOptions) -> dict[str, str]:
 
 
 def find_binary(opts: BackendOptions) -> str | None:
-    return opts.binary or os.environ.get("LLAMA_SERVER_BIN") or shutil.which("llama-server")
+    return opts.binary or settings.current().llama_server_bin or shutil.which("llama-server")
 
 
 def run(opts: BackendOptions) -> None:

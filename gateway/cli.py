@@ -11,6 +11,10 @@
     llamagate routes [FILE]           which model goes to which backend replicas
     llamagate status [--url URL]      a running gateway's /admin/status as a table
     llamagate keys add|list|revoke    the API keys file
+    llamagate settings                every setting from the environment: value, default, description
+
+Every command but ``settings`` first checks the settings (``gateway/settings.py``) and
+refuses bad values with one line each.
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import backend, keys
+from . import backend, keys, settings
 from .config import Config, ConfigError, load_config
-from .logs import env_log_level
 from .pipeline import build_pipelines, discover
 from .redact import key_hint, redact_url
 from .upstream import wait_until_ready
@@ -104,7 +107,7 @@ def status_table(status: dict) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import requests
 
-    key = args.key or os.environ.get("LLAMAGATE_API_KEY") or (
+    key = args.key or settings.current().api_key or (
         OPERATOR_KEY_FILE.read_text().strip() if OPERATOR_KEY_FILE.exists() else "")
     try:
         resp = requests.get(args.url.rstrip("/") + "/admin/status", headers={"Authorization": f"Bearer {key}"},
@@ -126,19 +129,7 @@ def gunicorn_command(config: str, bind: str | None) -> tuple[list[str], dict[str
     return [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)], env
 
 
-def log_level_ok() -> bool:
-    """Whether LLAMAGATE_LOG_LEVEL names a level; if not, says so in one line on stderr."""
-    try:
-        env_log_level()
-    except ValueError as exc:
-        print(f"llamagate: {exc}", file=sys.stderr)
-        return False
-    return True
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    if not log_level_ok():
-        return 1
     try:
         build_pipelines(load_config(args.config))
     except ConfigError as exc:
@@ -153,7 +144,7 @@ def cmd_backend(args: argparse.Namespace) -> int:
     backend.run(backend.BackendOptions(model=args.model, host=args.host, port=args.port,
                                        embeddings=args.embeddings, parallel=args.parallel,
                                        ctx=args.ctx, binary=args.binary, threads=args.threads,
-                                       api_key=args.api_key or os.environ.get("LLAMA_API_KEY")))
+                                       api_key=args.api_key or settings.current().llama_api_key or None))
     return 0
 
 
@@ -165,8 +156,8 @@ def operator_key() -> str:
 def operator_key_source() -> tuple[str, str]:
     """The operator key and where it came from: ``env`` (LLAMAGATE_API_KEY), ``file``
     (OPERATOR_KEY_FILE, made by an earlier run) or ``new`` (made now, kept in the file)."""
-    if os.environ.get("LLAMAGATE_API_KEY"):
-        return os.environ["LLAMAGATE_API_KEY"], "env"
+    if settings.current().api_key:
+        return settings.current().api_key, "env"
     if OPERATOR_KEY_FILE.exists():
         return OPERATOR_KEY_FILE.read_text().strip(), "file"
     key = keys.new_key()
@@ -193,8 +184,6 @@ def banner_authorization(key: str, source: str) -> tuple[str, str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start two backends and the gateway; stop them all on Ctrl-C or when one dies."""
-    if not log_level_ok():
-        return 1
     api_key, key_source = operator_key_source()
     chat_url = f"http://127.0.0.1:{args.chat_port}"
     embeddings_url = f"http://127.0.0.1:{args.embeddings_port}"
@@ -232,7 +221,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             stop()
         command, genv = gunicorn_command(args.config, args.bind)
         children.append(subprocess.Popen(command, env=genv))
-        bind = genv.get("GATEWAY_BIND", "127.0.0.1:8000")
+        bind = args.bind or settings.current().bind
         if not wait_until_ready([f"http://{bind}"], timeout=60):
             print("llamagate up: the gateway did not become ready", file=sys.stderr)
             stop()
@@ -290,10 +279,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    return settings.print_settings()
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        env, problems = settings.current(), []
+    except settings.SettingsError as exc:  # refused below, unless the command is `settings`
+        env, problems = settings.Settings(), exc.problems
     parser = argparse.ArgumentParser(prog="llamagate", description="An OpenAI-compatible gateway for llama-server.")
     sub = parser.add_subparsers(dest="command", required=True)
-    default_config = os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")
+    default_config = env.config
 
     p = sub.add_parser("check", help="check a pipelines file and print the resolved chains")
     p.add_argument("file", nargs="?", default=default_config)
@@ -320,14 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--config", default=default_config)
     p.add_argument("--bind", default=None)
-    p.add_argument("--chat-port", type=int, default=int(os.environ.get("LLAMAGATE_CHAT_PORT", "8081")))
-    p.add_argument("--embeddings-port", type=int, default=int(os.environ.get("LLAMAGATE_EMBEDDINGS_PORT", "8082")))
+    p.add_argument("--chat-port", type=int, default=env.chat_port, help="default LLAMAGATE_CHAT_PORT or 8081")
+    p.add_argument("--embeddings-port", type=int, default=env.embeddings_port,
+                   help="default LLAMAGATE_EMBEDDINGS_PORT or 8082")
     p.add_argument("--parallel", type=int, default=4)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("keys", help="manage the API keys file (hashes only)")
     keys_sub = p.add_subparsers(dest="action", required=True)
-    default_keys = os.environ.get("LLAMAGATE_KEYS_FILE", "keys.yaml")
+    default_keys = env.keys_file
     k = keys_sub.add_parser("add", help="make a key, print it once, store its hash")
     k.add_argument("--client", required=True)
     k.add_argument("--role", choices=["user", "admin"], default="user")
@@ -346,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_routes)
 
     p = sub.add_parser("status", help="a running gateway's /admin/status as a table")
-    p.add_argument("--url", default="http://" + os.environ.get("GATEWAY_BIND", "127.0.0.1:8000"))
+    p.add_argument("--url", default="http://" + env.bind, help="default http:// and GATEWAY_BIND")
     p.add_argument("--key", default=None, help="an admin key (default: LLAMAGATE_API_KEY, then .llamagate-api-key)")
     p.set_defaults(func=cmd_status)
 
@@ -354,7 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="also the drop-ins of this file's plugin_dirs")
     p.set_defaults(func=cmd_plugins)
 
+    p = sub.add_parser("settings", help="every setting from the environment: value, default, description")
+    p.set_defaults(func=cmd_settings)
+
     args = parser.parse_args(argv)
+    if problems and args.func is not cmd_settings:
+        for line in problems:
+            print(f"llamagate: {line}", file=sys.stderr)
+        return 1
     return args.func(args)
 
 

@@ -1,9 +1,10 @@
-"""Logging set-up: the level from ``LLAMAGATE_LOG_LEVEL``, and bounded log lines.
+"""Logging set-up: the level from the settings (``LLAMAGATE_LOG_LEVEL``), and bounded
+log lines.
 
 ``LLAMAGATE_LOG_LEVEL`` takes ``debug``, ``info``, ``warning``, ``error`` or
-``critical`` in any case (gunicorn takes them in lower case, Python's logging in
-upper case). ``llamagate serve``/``up`` and gunicorn's config refuse any other value
-with one line on stderr before a worker starts.
+``critical`` in any case (``gateway.settings`` reads and checks it: gunicorn's config
+and the ``llamagate`` commands refuse any other value with one line on stderr before a
+worker starts).
 
 Every record of the ``llamagate`` logger (and, once :func:`setup_logging` ran, of
 every logger writing through the root handlers) passes :class:`BoundedRecords`: the
@@ -18,35 +19,15 @@ It imports only the standard library: gunicorn's master imports it.
 from __future__ import annotations
 
 import logging
-import os
 import traceback
 
+from . import settings
 from .redact import clip, redact_url
 
-LEVEL_ENV = "LLAMAGATE_LOG_LEVEL"
-LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 MESSAGE_CHARS = 8192
 TRACEBACK_CHARS = 8192
 TRACEBACK_LINE_CHARS = 1024
-
-
-def log_level(value: str | None) -> str:
-    """The level name (upper case) for a ``LLAMAGATE_LOG_LEVEL`` value, in any case;
-    None or empty means ``INFO``.
-
-    Raises:
-        ValueError: a value that names no level, with a message fit for the operator.
-    """
-    name = (value or "info").strip().lower()
-    if name not in LEVELS:
-        raise ValueError(f"{LEVEL_ENV}={value!r} is not a log level; use one of {', '.join(LEVELS)} (any case)")
-    return name.upper()
-
-
-def env_log_level() -> str:
-    """:func:`log_level` of ``LLAMAGATE_LOG_LEVEL``."""
-    return log_level(os.environ.get(LEVEL_ENV))
 
 
 class BoundedRecords(logging.Filter):
@@ -82,19 +63,21 @@ def bound_logger(logger: logging.Logger | logging.Handler) -> None:
         logger.addFilter(_BOUNDS)
 
 
-def setup_logging() -> None:
-    """What a worker runs first: the root logger at ``LLAMAGATE_LOG_LEVEL`` (``INFO``,
-    with a warning, when the value names no level: gunicorn's config already refused
-    it when the gateway runs under it), every handler of it bounded."""
-    try:
-        level, problem = env_log_level(), None
-    except ValueError as exc:
-        level, problem = "INFO", str(exc)
-    logging.basicConfig(level=level, format=FORMAT)
+def setup_logging(level: str | None = None) -> None:
+    """What a worker runs first: the root logger at ``level`` (a level name in any case;
+    default the settings' ``log_level``), every handler of it bounded.
+
+    Raises:
+        ValueError: ``level`` names no level.
+        settings.SettingsError: ``level`` not given and the environment has bad settings
+            (under gunicorn, its config refused them before any worker started).
+    """
+    name = (level or settings.current().log_level).strip().lower()
+    if name not in settings.LOG_LEVELS:
+        raise ValueError(f"{level!r} is not one of {', '.join(settings.LOG_LEVELS)} (any case)")
+    logging.basicConfig(level=name.upper(), format=FORMAT)
     for handler in logging.getLogger().handlers:
         bound_logger(handler)
-    if problem:
-        logging.getLogger("llamagate").warning("%s; logging at INFO", problem)
 
 
 bound_logger(logging.getLogger("llamagate"))

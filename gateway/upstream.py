@@ -28,7 +28,6 @@ import heapq
 import itertools
 import logging
 import math
-import os
 import random
 import socket
 import sys
@@ -42,6 +41,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from . import settings
 from .config import BackendConfig, Timeouts
 from .context import BackendView, ReplicaView, RequestContext
 from .redact import redact_url  # a URL's userinfo is a credential: never shown
@@ -57,7 +57,6 @@ from .errors import (
 log = logging.getLogger("llamagate")
 
 DEFAULT_SLOTS = 4  # a replica's slots until /props has told us
-WORKERS = int(os.environ.get("GATEWAY_WORKERS", "1"))
 RETRIED_STATUSES = (502, 503)
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
@@ -367,7 +366,7 @@ class Backend:
         if self.config.max_in_flight is not None:
             return self.config.max_in_flight
         slots = sum(r.slots or DEFAULT_SLOTS for r in self.replicas)
-        return max(1, math.ceil(slots / WORKERS))
+        return max(1, math.ceil(slots / settings.current().workers))
 
     def candidates(self, first: Replica | None = None) -> list[Replica]:
         """Replicas in the order to try them: ``first``, then the ones not known to be

@@ -28,12 +28,10 @@ from gunicorn import util
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
-from . import lifecycle
+from . import lifecycle, settings
 
 # gunicorn's name for the header the app reads as body.INVITE_HEADER.
 INVITE_HEADER = "LLAMAGATE-EXPECT-CONTINUE"
-
-CLIENT_TIMEOUT = float(os.environ.get("GATEWAY_CLIENT_TIMEOUT", "30"))
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -57,7 +55,7 @@ class Worker(GeventWorker):
     def handle(self, listener, client, addr) -> None:
         # GeventWorker.handle makes the socket blocking without a timeout; give it one.
         client.setblocking(1)
-        client.settimeout(CLIENT_TIMEOUT)
+        client.settimeout(settings.current().client_timeout)
         AsyncWorker.handle(self, listener, client, addr)
 
     def handle_request(self, listener_name, req, sock, addr):

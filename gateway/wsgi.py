@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import yaml
 
-from . import lifecycle
+from . import lifecycle, settings
 from .config import ConfigError, load_config, parse_config
 from .logs import setup_logging  # (importing it also bounds the llamagate logger's lines)
 from .pipeline import build_pipelines
@@ -25,8 +24,9 @@ def get_app() -> Any:
     When the file is not valid (a bad edit before a restart), the worker serves the
     last configuration the master found good, and logs why.
     """
-    setup_logging()
-    path = os.environ.get("GATEWAY_CONFIG", "pipelines.yaml")
+    current = settings.current()  # gunicorn.conf.py already refused bad values
+    setup_logging(current.log_level)
+    path = current.config
     try:
         config = load_config(path)
         pipelines = build_pipelines(config)
@@ -39,7 +39,6 @@ def get_app() -> Any:
     gateway = Gateway(config, pipelines)
     gateway.upstreams.start_health_checks()
     app = ReloadingApp(gateway)
-    interval = float(os.environ.get("GATEWAY_RELOAD_INTERVAL", "1"))
-    if interval > 0:
-        app.watch(interval)
+    if current.reload_interval > 0:
+        app.watch(current.reload_interval)
     return app

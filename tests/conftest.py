@@ -7,6 +7,7 @@ from typing import Any, Callable
 import falcon.testing
 import pytest
 
+from gateway import settings
 from gateway.app import build_app
 from gateway.state import Gateway
 from gateway.config import Config, parse_config
@@ -19,6 +20,15 @@ from gateway.testing import canned_llama_app, free_port, serve_in_thread
 def fresh_memory_stores() -> None:
     """Each test starts with empty memory stores, as a new worker process would."""
     reset_memory_stores()
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """Each test reads the settings from its own environment (monkeypatch.setenv before
+    the first ``settings.current()``; call ``settings.reset()`` after a later change)."""
+    settings.reset()
+    yield
+    settings.reset()
 
 
 @pytest.fixture(scope="session")

@@ -145,20 +145,24 @@ def test_validate_param_through_client_keys_is_bounded(make_client):
 
 # --- 4. the log level, in any case -------------------------------------------------------
 
-@pytest.mark.parametrize("value, level", [(None, "INFO"), ("", "INFO"), ("info", "INFO"), ("Warning", "WARNING"),
-                                          ("DEBUG", "DEBUG"), (" error ", "ERROR"), ("critical", "CRITICAL")])
+@pytest.mark.parametrize("value, level", [(None, "info"), ("", "info"), ("info", "info"), ("Warning", "warning"),
+                                          ("DEBUG", "debug"), (" error ", "error"), ("critical", "critical")])
 def test_log_level_in_any_case(value, level):
-    from gateway.logs import log_level
+    from gateway.settings import Settings
 
-    assert log_level(value) == level
+    environ = {} if value is None else {"LLAMAGATE_LOG_LEVEL": value}
+    assert Settings.from_environ(environ).log_level == level
+    assert Settings.from_environ(environ).logging_level == level.upper()
 
 
 @pytest.mark.parametrize("value", ["loud", "warn", "10", "info,debug"])
 def test_a_bad_log_level_is_one_clear_error(value):
-    from gateway.logs import log_level
+    from gateway.settings import Settings, SettingsError
 
-    with pytest.raises(ValueError, match="LLAMAGATE_LOG_LEVEL=.* is not a log level; use one of debug, info"):
-        log_level(value)
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_environ({"LLAMAGATE_LOG_LEVEL": value})
+    assert caught.value.problems == [f"LLAMAGATE_LOG_LEVEL: {value!r} is not one of debug, info, warning, error, "
+                                     "critical (any case)"]
 
 
 def test_llamagate_serve_refuses_a_bad_log_level_in_one_line(monkeypatch, capsys, tmp_path):
@@ -168,7 +172,7 @@ def test_llamagate_serve_refuses_a_bad_log_level_in_one_line(monkeypatch, capsys
     monkeypatch.setattr(cli.os, "execve", lambda *a: pytest.fail("gunicorn started"))
     assert cli.main(["serve", "--config", str(ROOT / "pipelines.yaml")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "LLAMAGATE_LOG_LEVEL='loud' is not a log level" in err
+    assert err.count("\n") == 1 and "LLAMAGATE_LOG_LEVEL: 'loud' is not one of debug, info" in err
 
 
 def test_get_app_logging_set_up_accepts_lower_case(monkeypatch):

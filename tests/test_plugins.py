@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway import keys
+from gateway import keys, settings
 from gateway.config import parse_config
 from gateway.pipeline import build_pipelines, discover
 from gateway.stores import MemoryStore, RedisStore, StoreUnavailable, gcra
@@ -477,4 +477,5 @@ def test_operator_key_is_made_once_and_private(tmp_path, monkeypatch):
     assert key.startswith("sk-lg-") and cli.operator_key() == key
     assert (tmp_path / ".llamagate-api-key").stat().st_mode & 0o077 == 0
     monkeypatch.setenv("LLAMAGATE_API_KEY", "sk-from-env")
+    settings.reset()  # settings are read once per process
     assert cli.operator_key() == "sk-from-env"

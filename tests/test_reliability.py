@@ -319,9 +319,7 @@ def test_draining_gateway_refuses_new_requests_but_answers_health(client):
 
 
 def test_default_limit_is_split_between_workers(monkeypatch):
-    import gateway.upstream as upstream
-
-    monkeypatch.setattr(upstream, "WORKERS", 3)
+    monkeypatch.setenv("GATEWAY_WORKERS", "3")  # read through gateway.settings
     backend = Backend(BackendConfig("b", ("http://x", "http://y")))
     backend.replicas[0].slots = backend.replicas[1].slots = 2
     assert backend.limit == 2  # 4 slots over 3 workers, rounded up

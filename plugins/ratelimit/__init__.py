@@ -22,10 +22,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
-import os
 from typing import Any
 
-from gateway import RateLimitError, ServiceUnavailableError, hookimpl
+from gateway import RateLimitError, ServiceUnavailableError, hookimpl, settings
 from gateway.stores import Decision, StoreUnavailable, make_store
 
 log = logging.getLogger("llamagate")
@@ -67,7 +66,7 @@ def duration(seconds: float) -> str:
 
 class Plugin:
     def __init__(self, config: dict[str, Any]) -> None:
-        workers = int(os.environ.get("GATEWAY_WORKERS", "1"))
+        workers = settings.current().workers
         if config["store"] == "memory" and workers > 1 and not config["per_worker"]:
             raise ValueError(f"store: memory keeps limits per worker process, and GATEWAY_WORKERS={workers}: "
                              "use store: redis, or set per_worker: true to accept per-worker limits")

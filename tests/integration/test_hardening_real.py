@@ -168,5 +168,5 @@ def test_a_bad_log_level_stops_gunicorn_with_one_clear_line(tmp_path):
         assert proc.popen.wait(timeout=60) == 1
     finally:
         proc.stop()
-    assert proc.output() == ("llamagate: LLAMAGATE_LOG_LEVEL='loud' is not a log level; use one of debug, info, "
+    assert proc.output() == ("llamagate: LLAMAGATE_LOG_LEVEL: 'loud' is not one of debug, info, "
                              "warning, error, critical (any case)\n")
