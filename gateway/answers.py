@@ -484,16 +484,24 @@ class Tally:
     every chunk when asked: the usage of an answer that ended before its usage chunk.
 
     It keeps a reference to the last chunk of each choice; nothing is decoded until
-    :meth:`usage` is asked, once, at the end.
+    :meth:`usage` is asked, once, at the end. With one choice (the usual case) seeing
+    a chunk is one byte search and one assignment.
+
+    Args:
+        choices: How many choices the request asked for (``n``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, choices: int = 1) -> None:
+        self.several = choices > 1
         self.last: dict[bytes, bytes] = {}
 
     def see(self, raw: bytes) -> None:
         if b'"timings"' in raw:
-            index = _INDEX.search(raw)
-            self.last[index.group(1) if index else b"0"] = raw
+            if self.several:
+                index = _INDEX.search(raw)
+                self.last[index.group(1) if index else b"0"] = raw
+            else:
+                self.last[b"0"] = raw
 
     def usage(self) -> dict[str, int] | None:
         """Prompt tokens (cached and processed) and the tokens generated, all choices."""
@@ -513,6 +521,14 @@ class Tally:
 def _count(value: Any) -> int:
     """A token count from a backend's JSON: a non-negative int, else 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def choices_asked(body: dict[str, Any] | None) -> int:
+    """How many choices a request body asks for (``n``; llama-server's ``n_cmpl`` too)."""
+    if not body:
+        return 1
+    n = body.get("n") or body.get("n_cmpl") or 1
+    return n if isinstance(n, int) and n > 1 else 1
 
 
 def _json(data: bytes) -> Any:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import requests
 
-from .answers import Tally, merge_usage, normalize_event
+from .answers import Tally, choices_asked, merge_usage, normalize_event
 from .config import Timeouts
 from .context import RequestContext
 from .upstream import Lease
@@ -42,6 +42,8 @@ from .errors import (
 DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
 _TIMINGS_FIELD = re.compile(rb',"timings":\{[^{}]*\}|"timings":\{[^{}]*\},?')
+_MODEL_KEY = b'"model":"'
+_TIMINGS_KEY = b',"timings":{'
 _COMPACT = (",", ":")
 
 
@@ -162,7 +164,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
             ran past the route's total timeout; ``ctx.usage`` then holds what
             llama-server generated until then.
     """
-    tally = Tally()
+    tally = Tally(choices_asked(ctx.body))
     deadline = ctx.started + timeouts.total
     try:
         for events in frames(lease, timeouts):
@@ -251,7 +253,7 @@ class Relay:
         self.timeouts = timeouts
         self.deadline = ctx.started + timeouts.total
         self.done = False
-        self.tally = Tally()
+        self.tally = Tally(choices_asked(ctx.body))
         self.usage: dict[str, Any] | None = None  # every choice's, merged
         self.usage_event: dict[str, Any] | None = None  # the usage chunk to send before [DONE]
         # on when the request asked for logprobs: llama-server's need reshaping (answers.normalize_event)
@@ -296,8 +298,7 @@ class Relay:
             return _stream_error(self.ctx, error)
         self.tally.see(raw)
         if self.on_event is None and not self.normalize and b'"usage"' not in raw:
-            # the per-chunk timings were asked for the gateway's accounting, not the client
-            return _TIMINGS_FIELD.sub(b"", _MODEL_FIELD.sub(self.model_field, raw, count=1), count=1) + b"\n\n"
+            return self._rewrite(raw) + b"\n\n"
         event = _decode(raw[5:]) if raw.startswith(b"data:") else None
         if not isinstance(event, dict):
             return raw + b"\n\n"
@@ -324,6 +325,24 @@ class Relay:
         if self.on_event is not None and not self.on_event(event):
             return b""
         return sse(event)
+
+    def _rewrite(self, raw: bytes) -> bytes:
+        """The event as the client gets it, without decoding it: the public model id, and
+        no per-chunk timings (asked for the gateway's accounting, not the client's).
+        Byte searches in the compact JSON llama-server writes; a regex where it is not."""
+        start = raw.find(_MODEL_KEY)
+        end = raw.find(b'"', start + len(_MODEL_KEY)) if start >= 0 else -1
+        if end > 0 and raw[end - 1] != 0x5C:  # no escaped quote in the value
+            raw = raw[:start] + self.model_field + raw[end + 1:]
+        else:
+            raw = _MODEL_FIELD.sub(self.model_field, raw, count=1)
+        start = raw.rfind(_TIMINGS_KEY)
+        if start >= 0:
+            end = raw.find(b"}", start)  # timings hold numbers only: the first } closes them
+            return raw[:start] + raw[end + 1:]
+        if b'"timings"' in raw:
+            return _TIMINGS_FIELD.sub(b"", raw, count=1)
+        return raw
 
     def _usage_event(self) -> bytes:
         event = self.usage_event

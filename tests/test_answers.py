@@ -346,3 +346,21 @@ def test_completion_usage_on_each_choices_last_chunk_is_merged_into_one_usage_ch
             with_usage = [e for e in result.events if e.get("usage")]
             assert with_usage == ([dict(base, model=harness.model, choices=[], usage=result.ctx.usage)]
                                   if wants_usage else [])
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'data: {"choices":[],"model":"m.gguf","timings":{"predicted_n":3}}', b'data: {"choices":[],"model":"pub"}'),
+    (b'data: {"model":"a\\"b","choices":[]}', b'data: {"model":"pub","choices":[]}'),  # an escaped quote
+    (b'data: {"model": "spaced","timings":{"a":1},"x":2}', b'data: {"model":"pub","x":2}'),  # not compact
+    (b'data: {"choices":[{"delta":{"content":"\\"model\\":\\"x\\""}}],"model":"m"}',
+     b'data: {"choices":[{"delta":{"content":"\\"model\\":\\"x\\""}}],"model":"pub"}'),  # look-alikes in text
+])
+def test_the_relay_rewrites_events_without_decoding_them(raw, expected):
+    from gateway.config import Timeouts
+    from gateway.context import RequestContext
+    from gateway.streaming import Relay
+
+    relay = Relay(RequestContext(request_id="r", method="POST", route="/v1/chat/completions"), None, "pub", None,
+                  Timeouts())
+    assert relay._rewrite(raw) == expected
+    assert json.loads(relay._rewrite(raw)[6:])["model"] == "pub"
