@@ -148,6 +148,17 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
         yield [raw for raw in events if raw]
 
 
+def read_to_the_end(batches: Iterator[list[bytes]]) -> None:
+    """Read what follows ``[DONE]`` (the chunked body's last, empty chunk): a response
+    read to its end gives its connection back to the pool; one left unread is closed,
+    and the next request pays a new connection."""
+    try:
+        for _ in batches:
+            pass
+    except requests.RequestException:
+        pass  # the answer is complete; only the connection is lost
+
+
 def _upstream_error(raw: bytes) -> GatewayError | None:
     """The error an event reports (llama-server's ``error:`` or ``data: {"error"...``)."""
     if raw.startswith(b"error:") or raw.startswith(b'data: {"error"'):
@@ -167,9 +178,11 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
     tally = Tally(choices_asked(ctx.body))
     deadline = ctx.started + timeouts.total
     try:
-        for events in frames(lease, timeouts):
+        batches = frames(lease, timeouts)
+        for events in batches:
             for raw in events:
                 if raw.startswith(b"data: [DONE]"):
+                    read_to_the_end(batches)
                     return
                 error = _upstream_error(raw)
                 if error is not None:
@@ -269,11 +282,15 @@ class Relay:
 
     def _relay(self) -> Iterator[bytes]:
         try:
-            for events in frames(self.lease, self.timeouts):
+            batches = frames(self.lease, self.timeouts)
+            for events in batches:
                 out = b"".join(self._event(raw) for raw in events)
                 if out:
                     yield out
-                if self.done or self.ctx.error is not None:
+                if self.done:  # the client has its [DONE]
+                    read_to_the_end(batches)
+                    return
+                if self.ctx.error is not None:
                     return
                 if time.monotonic() > self.deadline:
                     yield _stream_error(self.ctx, GatewayTimeoutError(

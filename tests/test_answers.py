@@ -364,3 +364,17 @@ def test_the_relay_rewrites_events_without_decoding_them(raw, expected):
                   Timeouts())
     assert relay._rewrite(raw) == expected
     assert json.loads(relay._rewrite(raw)[6:])["model"] == "pub"
+
+
+def test_streams_give_their_backend_connection_back_to_the_pool():
+    """The relay stopped reading at [DONE], so the chunked body's last chunk was never
+    read and every stream closed its connection: the next paid a connect (and a name
+    lookup in gevent's threadpool), a third of a stream's CPU."""
+    with Harness([]) as harness:
+        server = harness.backend._server
+        accepted = []
+        accept = server.get_request
+        server.get_request = lambda: (accepted.append(1), accept())[1]
+        for stream in (True, False, True, True, False):
+            assert harness.chat("Hi", stream=stream).status == 200
+        assert len(accepted) == 1
