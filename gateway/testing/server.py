@@ -17,6 +17,7 @@ class _ChunkedWSGIHandler(BaseHTTPRequestHandler):
     so each yielded piece leaves as its own chunk."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # like llama-server: each write leaves at once
     app: Callable[..., Iterable[bytes]]
 
     def log_message(self, format: str, *args: Any) -> None:
