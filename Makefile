@@ -55,8 +55,9 @@ unit: venv
 check: venv
 	$(BIN)/llamagate check pipelines.yaml
 
+# The gateway against the floor (bench/floor.py), ~3 min; BENCH_ARGS=--quick for a short run.
 bench: venv
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 loadtest: venv model
 	$(BIN)/python bench/loadtest.py
