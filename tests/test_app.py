@@ -184,26 +184,6 @@ def test_health_reports_each_backend(make_client, canned_url, dead_url):
     assert resp.json["status"] == "ok"
 
 
-def echo_app(environ, start_response):
-    """An 'image server' that answers with what it received."""
-    length = int(environ.get("CONTENT_LENGTH") or 0)
-    seen = {"method": environ["REQUEST_METHOD"], "path": environ["PATH_INFO"], "query": environ.get("QUERY_STRING"),
-            "body": environ["wsgi.input"].read(length).decode(), "request_id": environ.get("HTTP_X_REQUEST_ID"),
-            "authorization": environ.get("HTTP_AUTHORIZATION")}
-    data = json.dumps(seen).encode()
-    start_response("201 Created", [("Content-Type", "application/x-echo"), ("Content-Length", str(len(data)))])
-    return [data]
-
-
-@pytest.fixture(scope="module")
-def echo_url():
-    from gateway.testing import serve_in_thread
-
-    server, url = serve_in_thread(echo_app)
-    yield url
-    server.shutdown()
-
-
 def test_prefix_route_relays_any_method_and_path_with_the_pipeline_in_front(make_client, canned_url, echo_url):
     from gateway import AuthenticationError, hookimpl
 

@@ -1,4 +1,5 @@
-"""Real parts: llama-server backends (xllamacpp + SmolLM2) and gunicorn gevent workers."""
+"""Real parts: llama-server backends (xllamacpp + SmolLM2) and gunicorn gevent workers.
+Everything collected here is marked ``integration``."""
 
 from __future__ import annotations
 
@@ -25,6 +26,16 @@ MODEL = Path(os.environ.get("LLAMAGATE_TEST_MODEL", ROOT / "models" / "SmolLM2-1
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 # OpenAI's response schemas, trimmed from its OpenAPI spec (tests/openai/README.md says from where)
 OPENAI_SCHEMAS = ROOT / "tests" / "openai" / "schemas.json"
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration is marked ``integration``: ``make unit``
+    (``pytest -m "not integration"``) leaves them out."""
+    for item in items:
+        if HERE in item.path.resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 class Proc:

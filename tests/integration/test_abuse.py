@@ -15,7 +15,6 @@ import pytest
 import requests
 
 from gateway import keys
-from gateway.testing import canned_llama_app, serve_in_thread
 
 from .conftest import ROUTES
 
@@ -190,30 +189,26 @@ def test_api_keys_never_reach_any_log(guarded, logs, full_run_marker=None):
             assert secret not in text, f"{secret[:8]}... found in {path.name}"
 
 
-def test_schemathesis_finds_no_server_error(start_gateway, logs):
+def test_schemathesis_finds_no_server_error(start_gateway, canned_url, logs):
     """A bounded property-based run of the gateway's own /openapi.json (canned backend,
     so every generated body is answered fast and deterministically)."""
-    server, canned = serve_in_thread(canned_llama_app)
     keys_file = logs / "fuzz-keys.yaml"
     key = keys.add_key(keys_file, "fuzzer", "admin")
     doc = {
         "admin_pipeline": "default",
-        "backends": {"chat": {"urls": [canned]}},
+        "backends": {"chat": {"urls": [canned_url]}},
         "models": {"smollm2": {"backend": "chat"}},
         "pipelines": {"default": [{"auth": {"keys_file": str(keys_file), "env_keys": {}}},
                                   {"validate": {"max_tokens_limit": 64}}, "cache", "router"]},
         "routes": {route: "default" for route in ROUTES},
     }
     gw = start_gateway(doc)
-    try:
-        result = subprocess.run(
-            [str(Path(sys.executable).parent / "schemathesis"), "run", gw.url + "/openapi.json",
-             "--checks", "not_a_server_error", "--max-examples", "25",
-             "--header", f"Authorization: Bearer {key}", "--phases", "examples,coverage,fuzzing",
-             "--suppress-health-check", "all", "--no-color"],
-            capture_output=True, text=True, timeout=240)
-    finally:
-        server.shutdown()
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "schemathesis"), "run", gw.url + "/openapi.json",
+         "--checks", "not_a_server_error", "--max-examples", "25",
+         "--header", f"Authorization: Bearer {key}", "--phases", "examples,coverage,fuzzing",
+         "--suppress-health-check", "all", "--no-color"],
+        capture_output=True, text=True, timeout=240)
     summary = result.stdout[-3000:]
     assert result.returncode == 0, summary
     generated = re.search(r"(\d+) generated, (\d+) passed", summary)

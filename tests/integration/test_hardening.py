@@ -15,22 +15,13 @@ import pytest
 import requests
 
 from gateway import keys
-from gateway.testing import canned_llama_app, serve_in_thread
-
 from .conftest import ROUTES
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
-def canned():
-    server, url = serve_in_thread(canned_llama_app)
-    yield url
-    server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def guarded(start_gateway, canned, logs):
+def guarded(start_gateway, canned_url, logs):
     keys_file = logs / "hardening-keys.yaml"
     gw_keys = {name: keys.add_key(keys_file, name, role) for name, role in
                (("alice", "user"), ("mallory", "user"), ("ops", "admin"))}
@@ -38,7 +29,7 @@ def guarded(start_gateway, canned, logs):
         "health_interval": 1,
         "admin_pipeline": "default",
         "max_body_bytes": 4 * 1024 * 1024,
-        "backends": {"chat": {"urls": [canned], "max_in_flight": 4, "queue_timeout": 2}},
+        "backends": {"chat": {"urls": [canned_url], "max_in_flight": 4, "queue_timeout": 2}},
         "models": {"smollm2": {"backend": "chat"}},
         "pipelines": {"default": [
             {"auth": {"keys_file": str(keys_file), "env_keys": {}}},

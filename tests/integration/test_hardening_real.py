@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from gateway.testing import canned_llama_app, serve_in_thread
+from gateway.testing import serve_in_thread
 
 from .conftest import ROOT, Proc
 
@@ -50,8 +50,8 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def setup(start_gateway, logs):
-    chat_server, chat_url = serve_in_thread(canned_llama_app)
+def setup(start_gateway, canned_url, logs):
+    chat_url = canned_url
     recorder = Recorder()
     images_server, images_url = serve_in_thread(recorder)
     access_log = logs / "hardening-access.log"
@@ -68,7 +68,6 @@ def setup(start_gateway, logs):
     gw = start_gateway(doc, LLAMAGATE_LOG_LEVEL="info", HARDENING_KEYS="sk-hardening-key:alice")
     gw.recorder, gw.access_log, gw.chat_url = recorder, access_log, chat_url
     yield gw
-    chat_server.shutdown()
     images_server.shutdown()
 
 

@@ -363,26 +363,18 @@ def test_memory_store_refuses_two_workers_without_per_worker(tmp_path):
 
 
 def test_prefix_route_to_another_upstream_with_the_pipeline_in_front(start_gateway, chat_backend,
-                                                                     embeddings_backend, api_keys, logs):
-    from gateway.testing import serve_in_thread
-
-    from ..test_app import echo_app
-
-    server, images = serve_in_thread(echo_app)
+                                                                     embeddings_backend, api_keys, logs, echo_url):
     keys_file, made = api_keys
     doc = full_doc([chat_backend], embeddings_backend, full_pipeline(keys_file, logs / "prefix.log", free_port()))
-    doc["backends"]["images"] = {"urls": [images]}
+    doc["backends"]["images"] = {"urls": [echo_url]}
     doc["routes"]["/sdapi/*"] = {"pipeline": "default", "backend": "images"}
     gw = start_gateway(doc)
-    try:
-        resp = requests.post(gw.url + "/sdapi/v1/txt2img", data=b'{"prompt": "a llama"}',
-                             headers={"Authorization": f"Bearer {made['alice']}", "Content-Type": "application/json"})
-        assert resp.status_code == 201
-        assert resp.json()["path"] == "/sdapi/v1/txt2img" and resp.json()["body"] == '{"prompt": "a llama"}'
-        assert resp.json()["authorization"] is None
-        assert requests.get(gw.url + "/sdapi/v1/options").status_code == 401
-    finally:
-        server.shutdown()
+    resp = requests.post(gw.url + "/sdapi/v1/txt2img", data=b'{"prompt": "a llama"}',
+                         headers={"Authorization": f"Bearer {made['alice']}", "Content-Type": "application/json"})
+    assert resp.status_code == 201
+    assert resp.json()["path"] == "/sdapi/v1/txt2img" and resp.json()["body"] == '{"prompt": "a llama"}'
+    assert resp.json()["authorization"] is None
+    assert requests.get(gw.url + "/sdapi/v1/options").status_code == 401
 
 
 def test_redis_cache_is_shared_by_two_workers(start_gateway, chat_backend, embeddings_backend, redis_url):

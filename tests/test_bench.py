@@ -1,0 +1,67 @@
+"""The benchmark's own parts, so that they cannot break unnoticed (make bench is not
+part of make test): the floor relays plain and streamed answers, and the load
+generator counts complete answers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import falcon.testing
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def load_floor():
+    spec = importlib.util.spec_from_file_location("bench_floor", BENCH / "floor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_floor_relays_a_plain_answer(canned_url):
+    client = falcon.testing.TestClient(load_floor().create_app(canned_url, connections=4))
+    resp = client.simulate_post("/v1/chat/completions", json=CHAT)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == "application/json"
+    assert resp.json["choices"][0]["message"]["content"] == "Hello from the canned backend"
+    assert resp.json["model"] == "canned-model.gguf"  # relayed as it is, nothing rewritten
+
+
+def test_the_floor_relays_a_stream_event_by_event(canned_url):
+    client = falcon.testing.TestClient(load_floor().create_app(canned_url, connections=4))
+    resp = client.simulate_post("/v1/chat/completions", json=dict(CHAT, stream=True, canned={"text": "a b c"}))
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    blocks = [b[len("data: "):] for b in resp.text.split("\n\n") if b]
+    assert blocks[-1] == "[DONE]"
+    events = [json.loads(b) for b in blocks[:-1]]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == "a b c"
+
+
+def test_the_floor_relays_the_upstreams_error_status(canned_url):
+    client = falcon.testing.TestClient(load_floor().create_app(canned_url, connections=4))
+    resp = client.simulate_post("/v1/chat/completions", json=dict(CHAT, canned={"status": 503}))
+    assert resp.status_code == 503 and resp.json["error"]["code"] == 503
+
+
+def test_the_load_generator_counts_complete_answers(canned_url):
+    def run(**spec):
+        done = subprocess.run([sys.executable, str(BENCH / "client.py"), json.dumps(dict(url=canned_url, **spec))],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    plain = run(body=CHAT, concurrency=2, requests=6)
+    assert (plain["n"], plain["complete"], plain["errors"]) == (6, 6, 0)
+    stream = run(body=dict(CHAT, stream=True, canned={"text": "a b c d"}), concurrency=3, requests=3, together=True)
+    assert (stream["n"], stream["complete"], stream["errors"]) == (3, 3, 0)
+    assert 1 <= stream["max_open"] <= 3  # how many overlap depends on timing
+    assert stream["events"] == 3 * 6  # 4 words, the last chunk, [DONE]
+    assert stream["ttfe_p50"] is not None
+    cut = run(body=dict(CHAT, stream=True, canned={"cut_after": 2}), concurrency=1, requests=1)
+    assert (cut["n"], cut["complete"]) == (1, 0)
