@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import select
 import socket
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -203,10 +202,13 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
 
 
 def client_departed(sock: Any) -> bool:
-    """Whether the client closed its connection (its socket reads end-of-file)."""
+    """Whether the client closed its connection (its socket reads end-of-file), asked
+    without blocking or switching: on the real socket under gevent's wrapper."""
+    raw = getattr(sock, "_sock", sock)
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
     except OSError:
         return True
 
@@ -215,29 +217,26 @@ def watch_departure(env: dict[str, Any], on_departure: Callable[[], None]) -> Ca
     """Call ``on_departure`` if the client hangs up while its plain answer is still
     being generated (nothing is written to it until then, so gunicorn cannot tell).
 
-    Returns a function that stops watching. Under gevent only: a greenlet waits for
-    the client's socket to become readable; elsewhere nothing is watched.
+    Returns a function that stops watching. Under gevent only: an I/O watcher on the
+    client's socket runs a callback in the hub when it becomes readable (no greenlet
+    per request); elsewhere nothing is watched.
     """
     sock = env.get("gunicorn.socket")
     try:
-        import gevent
-        from gevent import monkey
-        from gevent.socket import wait_read
+        from gevent import get_hub, monkey
     except ImportError:  # pragma: no cover - gevent is a dependency
         return lambda: None
     if sock is None or not monkey.is_module_patched("socket"):
         return lambda: None
+    watcher = get_hub().loop.io(sock.fileno(), 1)
 
-    def watch() -> None:
-        try:
-            wait_read(sock.fileno())
-        except OSError:
-            return
+    def readable() -> None:  # in the hub: must not block, and does not
+        watcher.stop()
         if client_departed(sock):  # readable with data is a pipelined request: not gone
             on_departure()
 
-    watcher = gevent.spawn(watch)
-    return lambda: watcher.kill(block=False)
+    watcher.start(readable)
+    return watcher.close
 
 
 class Relay:
