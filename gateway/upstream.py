@@ -30,7 +30,6 @@ import logging
 import math
 import random
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, field

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import threading
 import time
 
@@ -85,7 +84,7 @@ def read_response(sock: socket.socket) -> bytes:
 
 def request_head(gw, length: int, headers: dict[str, str] | None = None) -> bytes:
     host, port = address(gw)
-    lines = [f"POST /v1/chat/completions HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+    lines = ["POST /v1/chat/completions HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
              f"Content-Length: {length}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
