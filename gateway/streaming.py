@@ -147,15 +147,18 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
         yield [raw for raw in events if raw]
 
 
-def read_to_the_end(batches: Iterator[list[bytes]]) -> None:
+def read_to_the_end(batches: Iterator[list[bytes]], lease: Lease) -> None:
     """Read what follows ``[DONE]`` (the chunked body's last, empty chunk): a response
     read to its end gives its connection back to the pool; one left unread is closed,
-    and the next request pays a new connection."""
+    and the next request pays a new connection. From then on the connection is not
+    this request's: a late cancel must not cut it under another request."""
     try:
         for _ in batches:
             pass
     except requests.RequestException:
         pass  # the answer is complete; only the connection is lost
+    finally:
+        lease.release_socket()
 
 
 def _upstream_error(raw: bytes) -> GatewayError | None:
@@ -181,7 +184,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
         for events in batches:
             for raw in events:
                 if raw.startswith(b"data: [DONE]"):
-                    read_to_the_end(batches)
+                    read_to_the_end(batches, lease)
                     return
                 error = _upstream_error(raw)
                 if error is not None:
@@ -287,7 +290,7 @@ class Relay:
                 if out:
                     yield out
                 if self.done:  # the client has its [DONE]
-                    read_to_the_end(batches)
+                    read_to_the_end(batches, self.lease)
                     return
                 if self.ctx.error is not None:
                     return

@@ -94,6 +94,11 @@ class InFlight:
         if self.socket is not None:
             _shut(self.socket)
 
+    def release_socket(self) -> None:
+        """The connection is (about to be) given back to the pool, where another request
+        may take it: from now on a cancel must not touch it."""
+        self.socket = None
+
     @property
     def stopped(self) -> GatewayError | None:
         """The error that ends a cancelled or abandoned request, else None."""
@@ -407,6 +412,12 @@ class Lease:
         if self.socket is not None:
             self.socket.settimeout(seconds)
 
+    def release_socket(self) -> None:
+        """The answer was read to its end and its connection returned to the pool: it is
+        no longer this request's to cut or time out."""
+        self.socket = None
+        self.in_flight.release_socket()
+
     def abort(self) -> None:
         """Cut the connection now: llama-server stops generating, and a reader
         blocked on it wakes up with an error."""
@@ -524,6 +535,7 @@ class Upstreams:
             else:
                 if in_flight.stopped is not None:
                     replica.in_flight -= 1
+                    in_flight.release_socket()
                     resp.close()
                     raise in_flight.stopped
                 if resp.status_code not in RETRIED_STATUSES:
@@ -535,8 +547,12 @@ class Upstreams:
                     lease.set_read_timeout(max(0.001, first_byte - (time.monotonic() - now)))
                     return lease
                 error = from_backend_response(resp, self.retry_after())
+                # The connection goes back to the pool: another request may take it while
+                # this one pauses, so a cancel now must not reach its socket.
+                in_flight.release_socket()
                 resp.close()
                 self._failed(replica, f"HTTP {resp.status_code}")
+            in_flight.release_socket()
             pause = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
             if time.monotonic() + pause > deadline:
                 ctx.log(logging.WARNING, "giving up on backend %s after %d attempt(s): %s",

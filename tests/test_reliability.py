@@ -324,3 +324,25 @@ def test_default_limit_is_split_between_workers(monkeypatch):
     backend.replicas[0].slots = backend.replicas[1].slots = 2
     assert backend.limit == 2  # 4 slots over 3 workers, rounded up
     assert Backend(BackendConfig("b", ("http://x",), max_in_flight=7)).limit == 7
+
+
+def test_a_request_pausing_to_retry_holds_no_socket_a_cancel_could_cut(monkeypatch):
+    """After a 503 the connection goes back to the pool, where another request may take
+    it during the retry pause; the paused request's handle still pointed at that socket,
+    so cancelling it (or its client hanging up) cut the other request's stream."""
+    from gateway import upstream
+    from gateway.testing import Harness
+
+    held = []
+    real_sleep = upstream.time.sleep
+
+    def pause(seconds):
+        held.extend(entry.socket for entry in harness.gateway.in_flight)
+        real_sleep(0)
+
+    monkeypatch.setattr(upstream.time, "sleep", pause)
+    with Harness([], config={"timeouts": {"retry_deadline": 5}}) as harness:
+        harness.backend.script({"status": 503, "json": {"error": {"code": 503, "message": "loading"}}})
+        assert harness.chat("hi").status == 200
+    assert held == [None]
+
