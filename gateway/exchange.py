@@ -72,21 +72,24 @@ def serve_model(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     timeouts = config.timeouts_for(route)
     # A plain answer is written only when whole: until then only a watch on the
     # client's socket can tell that it hung up, and stop the generation.
+    on_event = events_for(ctx, pipeline) if ctx.stream else None  # plugin code: before a lease exists
     stop_watching = watch_departure(req.env, lambda: gateway.client_gone(ctx)) if not ctx.stream else None
     try:
         lease = send(gateway, ctx, replica, route, json.dumps(payload).encode(),
                      {"Content-Type": JSON_TYPE, "X-Request-Id": ctx.request_id})
-        if ctx.stream:
-            relay = Relay(ctx, lease, ctx.model, events_for(ctx, pipeline), timeouts,
-                          normalize=bool(payload.get("logprobs")))
-            resp.content_type = "text/event-stream"
-            resp.set_headers(STREAM_HEADERS)
-            respond(gateway, ctx, pipeline, resp, relay, lambda: gateway.finish(lease))
-            return
+        relaying = False  # from respond() on, the body's close() gives the lease back
         try:
+            if ctx.stream:
+                relay = Relay(ctx, lease, ctx.model, on_event, timeouts, normalize=bool(payload.get("logprobs")))
+                resp.content_type = "text/event-stream"
+                resp.set_headers(STREAM_HEADERS)
+                respond(gateway, ctx, pipeline, resp, relay, lambda: gateway.finish(lease))
+                relaying = True
+                return
             answer = whole_answer(ctx, lease, timeouts)
         finally:
-            gateway.finish(lease)
+            if not relaying:
+                gateway.finish(lease)
     finally:
         if stop_watching is not None:
             stop_watching()

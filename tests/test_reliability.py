@@ -346,3 +346,26 @@ def test_a_request_pausing_to_retry_holds_no_socket_a_cancel_could_cut(monkeypat
         assert harness.chat("hi").status == 200
     assert held == [None]
 
+
+
+def test_a_plugin_crashing_as_a_stream_begins_returns_its_slot():
+    """A plugin's wants_events that raised after the backend answered left the lease
+    unreturned: two such requests filled a 2-slot backend for good."""
+    from gateway.testing import Harness
+
+    class Broken:
+        @hookimpl
+        def response_event(self, ctx, event):
+            pass
+
+        def wants_events(self, ctx):
+            if ctx.body["messages"][0]["content"] == "boom":
+                raise RuntimeError("boom")
+            return False
+
+    with Harness([Broken()]) as harness:
+        for _ in range(3):
+            assert harness.chat("boom", stream=True).status == 500
+        admission = harness.gateway.upstreams.backends["test"].admission
+        assert admission.in_flight == 0 and harness.gateway.in_flight == set()
+        assert harness.chat("fine", stream=True).status == 200
