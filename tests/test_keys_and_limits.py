@@ -296,3 +296,24 @@ def test_the_memory_stores_rate_limit_state_stays_bounded_with_many_clients():
     for i in range(1000, 1300):
         store.throttle(f"requests:client-{i}", 10, 60.0)
     assert not store.throttle("requests:heavy", 10, 60.0).allowed
+
+
+def test_each_pipeline_keeps_its_own_budget_for_a_client(monkeypatch, canned_url):
+    """Memory stores are one per process, shared by pipelines; the keys did not name the
+    pipeline, so a strict pipeline's debt refused the same client on a loose one."""
+    import falcon.testing
+
+    from gateway.app import build_app
+    from gateway.state import Gateway
+
+    monkeypatch.setenv("BUDGET_KEYS", "sk-alice:alice")
+    doc = config_doc(canned_url, pipelines={
+        "strict": [{"auth": {"env_keys": {"BUDGET_KEYS": "user"}}}, {"ratelimit": {"requests_per_minute": 2}}],
+        "loose": [{"auth": {"env_keys": {"BUDGET_KEYS": "user"}}}, {"ratelimit": {"requests_per_minute": 1000}}]})
+    doc["routes"] = {"/v1/chat/completions": "strict", "/v1/completions": "loose", "/v1/models": "loose"}
+    client = falcon.testing.TestClient(build_app(Gateway(parse_config(doc))))
+    headers = {"Authorization": "Bearer sk-alice"}
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+    assert [client.simulate_post("/v1/chat/completions", json=chat, headers=headers).status_code
+            for _ in range(3)] == [200, 200, 429]
+    assert [client.simulate_get("/v1/models", headers=headers).status_code for _ in range(5)] == [200] * 5

@@ -3,7 +3,9 @@
 Requests are charged when they arrive. Tokens are charged from the answer's real
 ``usage`` when the request completes (the gateway asks llama-server for usage on
 streams too); a client over its token budget is refused until the budget refills.
-Limits come from the config, then the caller's role (``roles``), then the key's own
+Budgets are per pipeline: a client on two pipelines has each one's (the store is
+shared, so its keys name the pipeline). Limits come from the config, then the
+caller's role (``roles``), then the key's own
 ``limits`` (only integers >= 1 count there: a key's null, zero or malformed limit
 leaves the role's in force, never lifts it). The OpenAI ``x-ratelimit-*`` headers go
 on every answer; a refusal is a 429 ``rate_limit_exceeded`` with ``Retry-After``.
@@ -123,7 +125,10 @@ class Plugin:
 
     @hookimpl
     def request(self, ctx):
-        client = ctx.principal.client_id if ctx.principal else f"addr:{self.client_address(ctx)}"
+        # Limits are a pipeline's: the same client on two pipelines has each one's budget
+        # (memory and Redis stores are shared by every pipeline, so the key says which).
+        client = (f"{ctx.pipeline}:" + (ctx.principal.client_id if ctx.principal
+                                        else f"addr:{self.client_address(ctx)}"))
         limits = self.limits(ctx.principal)
         ctx.state["ratelimit"] = (client, limits["tokens_per_minute"])
         refused = None
