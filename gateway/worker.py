@@ -10,9 +10,9 @@
   request was authenticated and its size accepted (``gateway.body``), so a
   refused request never invites its body;
 * a connection whose request body the app left unread (a 401 before the body,
-  a 413 from Content-Length) is closed instead of drained: draining would let a
-  client that trickles a body hold the connection, and the worker's attention,
-  after its answer;
+  a 413 from Content-Length) is closed after its answer, which says
+  ``Connection: close``, instead of drained: draining would let a client that
+  trickles a body hold the connection, and the worker's attention, after its answer;
 * on SIGTERM from a stopping master the gateway drains: new requests get 503 with
   ``Retry-After`` while the ones in flight finish within ``graceful_timeout``; a
   worker replaced by a reload (HUP) finishes its requests and keeps serving
@@ -64,10 +64,11 @@ class Worker(GeventWorker):
         if getattr(req, "_expected_100_continue", False):
             req._expected_100_continue = False  # the app sends it when it wants the body
             req.headers.append((INVITE_HEADER, "1"))
-        keepalive = super().handle_request(listener_name, req, sock, addr)
-        if body_left_unread(req):
-            raise StopIteration("closing: the request body was not read")
-        return keepalive
+        return super().handle_request(listener_name, req, sock, addr)
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi = ClosingUnreadBodies(self.wsgi)
 
     def handle_exit(self, sig, frame) -> None:
         # SIGTERM comes when the master stops (it closed its listening sockets just
@@ -87,9 +88,31 @@ class Worker(GeventWorker):
             return False
 
 
-def body_left_unread(req) -> bool:
-    """Whether some of the request's body is still on the wire (gunicorn's readers)."""
-    reader = getattr(getattr(req, "body", None), "reader", None)
+class ClosingUnreadBodies:
+    """The app as the worker calls it: when the app answers without having read the
+    request's body, gunicorn is told to close the connection (``must_close``) before the
+    headers go out, so they say ``Connection: close`` and no pipelined request is lost.
+    gunicorn ignores a ``Connection`` header the app sets itself."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    def __getattr__(self, name):  # the app's own attributes (shutdown, gateway)
+        return getattr(self.app, name)
+
+    def __call__(self, environ, start_response):
+        def start(status, headers, exc_info=None):
+            response = getattr(start_response, "__self__", None)  # gunicorn's Response
+            if response is not None and body_left_unread(environ.get("wsgi.input")):
+                response.force_close()
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start)
+
+
+def body_left_unread(body) -> bool:
+    """Whether some of a request's body (gunicorn's ``wsgi.input``) is still on the wire."""
+    reader = getattr(body, "reader", None)
     if reader is None:
         return False
     if hasattr(reader, "length"):  # Content-Length

@@ -297,3 +297,23 @@ def test_a_client_cannot_forge_the_invitation_header(guarded):
                      + body)
         answer = read_response(sock)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_an_answer_that_leaves_the_body_unread_says_it_closes(guarded):
+    """The connection of a request whose body was left unread is closed, not drained; the
+    answer used to say keep-alive all the same, so a pipelined next request was lost
+    without a word."""
+    host, port = address(guarded)
+    key = guarded.keys["alice"]
+    unread = (f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+              f"Content-Length: 2\r\n\r\n{{}}").encode()
+    plain = f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
+    for first in (unread, request_head(guarded, 1000)):  # a body nobody reads; a 401 before the body
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(first + plain)
+            head = read_response(sock).partition(b"\r\n\r\n")[0].lower()
+        assert b"connection: close" in head, head
+    with socket.create_connection((host, port), timeout=10) as sock:  # read bodies keep the connection
+        sock.sendall(plain + plain)
+        first = read_response(sock)
+        assert b"connection: keep-alive" in first.lower() and read_response(sock).startswith(b"HTTP/1.1 200")
