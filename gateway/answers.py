@@ -488,11 +488,14 @@ class Tally:
     a chunk is one byte search and one assignment.
 
     Args:
-        choices: How many choices the request asked for (``n``).
+        choices: How many choices the request makes (see :func:`choices_asked`).
+        prompts: How many prompts they answer (a completions prompt list): each
+            prompt's tokens count once, however many choices share it.
     """
 
-    def __init__(self, choices: int = 1) -> None:
+    def __init__(self, choices: int = 1, prompts: int = 1) -> None:
         self.several = choices > 1
+        self.per_prompt = max(1, choices // max(1, prompts))  # choices sharing one prompt
         self.last: dict[bytes, bytes] = {}
 
     def see(self, raw: bytes) -> None:
@@ -511,8 +514,9 @@ class Tally:
             timings = _json(found.group(1)) if found else None
             if not isinstance(timings, dict):
                 continue
-            prompt = max(prompt, _count(timings.get("cache_n")) + _count(timings.get("prompt_n")))
+            prompt += _count(timings.get("cache_n")) + _count(timings.get("prompt_n"))
             completion += _count(timings.get("predicted_n"))
+        prompt //= self.per_prompt
         if not prompt and not completion:
             return None
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -523,12 +527,17 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def choices_asked(body: dict[str, Any] | None) -> int:
-    """How many choices a request body asks for (``n``; llama-server's ``n_cmpl`` too)."""
+def choices_asked(body: dict[str, Any] | None) -> tuple[int, int]:
+    """How many choices a request makes, and for how many prompts: llama-server's
+    ``n_cmpl`` wins over ``n``, and a completions prompt list gets that many per prompt."""
     if not body:
-        return 1
-    n = body.get("n") or body.get("n_cmpl") or 1
-    return n if isinstance(n, int) and n > 1 else 1
+        return 1, 1
+    n = body.get("n_cmpl") or body.get("n") or 1
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    prompt = body.get("prompt")
+    several = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
+    prompts = len(prompt) if several else 1
+    return n * prompts, prompts
 
 
 def _json(data: bytes) -> Any:

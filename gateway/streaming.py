@@ -177,7 +177,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
             ran past the route's total timeout; ``ctx.usage`` then holds what
             llama-server generated until then.
     """
-    tally = Tally(choices_asked(ctx.body))
+    tally = Tally(*choices_asked(ctx.body))
     deadline = ctx.started + timeouts.total
     try:
         batches = frames(lease, timeouts)
@@ -268,7 +268,7 @@ class Relay:
         self.timeouts = timeouts
         self.deadline = ctx.started + timeouts.total
         self.done = False
-        self.tally = Tally(choices_asked(ctx.body))
+        self.tally = Tally(*choices_asked(ctx.body))
         self.usage: dict[str, Any] | None = None  # every choice's, merged
         self.usage_event: dict[str, Any] | None = None  # the usage chunk to send before [DONE]
         # on when the request asked for logprobs: llama-server's need reshaping (answers.normalize_event)

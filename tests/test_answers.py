@@ -378,3 +378,19 @@ def test_streams_give_their_backend_connection_back_to_the_pool():
         for stream in (True, False, True, True, False):
             assert harness.chat("Hi", stream=stream).status == 200
         assert len(accepted) == 1
+
+
+@pytest.mark.parametrize("body, usage", [
+    ({"n": 3}, {"prompt_tokens": 4, "completion_tokens": 30, "total_tokens": 34}),  # one prompt, three choices
+    ({"n": 1, "n_cmpl": 3}, {"prompt_tokens": 4, "completion_tokens": 30, "total_tokens": 34}),  # n_cmpl wins
+    ({"prompt": ["a", "b", "c"]}, {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}),  # 3 prompts
+])
+def test_the_tally_counts_every_choice_of_an_answer_cut_short(body, usage):
+    from gateway.answers import Tally, choices_asked
+
+    tally = Tally(*choices_asked(body))
+    for step in range(1, 11):
+        for index in range(3):
+            tally.see(b'data: {"choices":[{"index":%d,"delta":{}}],"timings":{"cache_n":1,"prompt_n":3,'
+                      b'"predicted_n":%d}}' % (index, step))
+    assert tally.usage() == usage
