@@ -30,14 +30,19 @@ GRACE = 2.0  # seconds before the minimum rate applies
 INVITE_HEADER = "HTTP_LLAMAGATE_EXPECT_CONTINUE"
 
 
-def _gevent_timeout() -> Any:
-    """``gevent.Timeout`` when the standard library is patched (a gunicorn gevent
-    worker), else None: a plain thread has no hub to interrupt its reads."""
+def gevent_timeout(seconds: float) -> Any:
+    """A started ``gevent.Timeout`` when the standard library is patched (a gunicorn
+    gevent worker), else None: a plain thread has no hub to interrupt its reads. The
+    caller closes it, and recognises it by identity when it fires."""
     try:
         from gevent import Timeout, monkey
     except ImportError:  # pragma: no cover - gevent is a dependency
         return None
-    return Timeout if monkey.is_module_patched("socket") else None
+    if not monkey.is_module_patched("socket"):
+        return None
+    timer = Timeout(max(0.001, seconds))
+    timer.start()
+    return timer
 
 
 def _invite(req: falcon.Request) -> None:
@@ -67,7 +72,6 @@ def read_body(req: falcon.Request, ctx: RequestContext, config: Config) -> bytes
     # Without Content-Length (chunked upload) read one byte past the limit to see it.
     stream = req.bounded_stream if length is not None else req.stream
     wanted = length if length is not None else max_bytes + 1
-    timeout_cls = _gevent_timeout()
     start = time.monotonic()
     parts: list[bytes] = []
     received = 0
@@ -75,10 +79,8 @@ def read_body(req: falcon.Request, ctx: RequestContext, config: Config) -> bytes
         size = min(CHUNK, wanted - received)
         # This chunk must arrive by the time the minimum rate says, and within the total.
         due = start + min(config.body_timeout, GRACE + (received + size) / config.body_min_rate)
-        timer = timeout_cls(max(0.001, due - time.monotonic())) if timeout_cls is not None else None
+        timer = gevent_timeout(due - time.monotonic())
         try:
-            if timer is not None:
-                timer.start()
             data = stream.read(size)
         except TimeoutError:
             raise _too_slow(received) from None

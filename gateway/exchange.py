@@ -107,10 +107,10 @@ def serve_prefix(gateway: Gateway, req: falcon.Request, resp: falcon.Response, p
     bodies untouched, with the pipeline in front."""
     route = prefix + "/*"
     ctx, pipeline = begin(gateway, req, route, target.pipeline)
-    # The raw target, checked: never req.path (decoded) nor anything outside the prefix.
-    path = check_relay_target(raw_target(req.env, req.path, req.query_string), prefix)
     if answered(gateway, ctx, pipeline, resp, pipeline.request_start(ctx)):
         return
+    # The raw target, checked: never req.path (decoded) nor anything outside the prefix.
+    path = check_relay_target(raw_target(req.env, req.path, req.query_string), prefix)
     body = read_body(req, ctx, gateway.config)
     if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx)):
         return

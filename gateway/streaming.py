@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import requests
 
+from .body import gevent_timeout
 from .answers import Tally, choices_asked, merge_usage, normalize_event
 from .config import Timeouts
 from .context import RequestContext
@@ -139,6 +140,9 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
             raise
         buffer += chunk
         if b"\n\n" not in buffer:
+            if len(buffer) > MAX_EVENT_BYTES:
+                raise UpstreamError(f"The backend sent an event of more than {MAX_EVENT_BYTES} bytes; "
+                                    "the answer was abandoned.")
             continue
         if not started:
             started = True
@@ -147,17 +151,34 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
         yield [raw for raw in events if raw]
 
 
+AFTER_DONE_SECONDS = 1.0
+AFTER_DONE_BYTES = 65536
+MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event; a backend that never ends one is cut
+
+
 def read_to_the_end(batches: Iterator[list[bytes]], lease: Lease) -> None:
     """Read what follows ``[DONE]`` (the chunked body's last, empty chunk): a response
     read to its end gives its connection back to the pool; one left unread is closed,
     and the next request pays a new connection. From then on the connection is not
     this request's: a late cancel must not cut it under another request."""
+    # A backend that sends more after [DONE], or never ends the body, is not waited for.
+    lease.set_read_timeout(AFTER_DONE_SECONDS)
+    timer = gevent_timeout(AFTER_DONE_SECONDS)
+    read = 0
     try:
-        for _ in batches:
-            pass
-    except requests.RequestException:
-        pass  # the answer is complete; only the connection is lost
+        for events in batches:
+            read += sum(len(raw) for raw in events)
+            if read > AFTER_DONE_BYTES:
+                lease.abort()
+                break
+    except BaseException as exc:  # the answer is complete: only the connection is lost
+        if exc is timer:
+            lease.abort()
+        elif not isinstance(exc, (requests.RequestException, GatewayError)):
+            raise
     finally:
+        if timer is not None:
+            timer.close()
         lease.release_socket()
 
 

@@ -369,3 +369,35 @@ def test_a_plugin_crashing_as_a_stream_begins_returns_its_slot():
         admission = harness.gateway.upstreams.backends["test"].admission
         assert admission.in_flight == 0 and harness.gateway.in_flight == set()
         assert harness.chat("fine", stream=True).status == 200
+
+
+def test_a_backend_that_never_ends_its_body_after_done_is_not_waited_for():
+    """After [DONE] the relay reads on to give the connection back to the pool; a backend
+    that then never ends its chunked body held the request until the idle timeout."""
+    import time as clock
+
+    from gateway.testing import Harness, serve_in_thread
+
+    def never_ends(environ, start_response):
+        if environ["PATH_INFO"] == "/health":
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [b'{"status":"ok"}']
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+
+        def body():
+            yield b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n'
+            yield b"data: [DONE]\n\n"
+            clock.sleep(10)
+
+        return body()
+
+    server, url = serve_in_thread(never_ends)
+    try:
+        with Harness([], backend_url=url, config={"timeouts": {"idle": 30}}) as harness:
+            started = clock.monotonic()
+            result = harness.chat("hi", stream=True)
+            assert result.done and result.outcome == "ok"
+            assert clock.monotonic() - started < 8  # not the backend's 10 s, nor the 30 s idle timeout
+    finally:
+        server.shutdown()
