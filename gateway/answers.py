@@ -511,7 +511,7 @@ class Tally:
         prompt, completion = 0, 0
         for raw in self.last.values():
             found = _TIMINGS.search(raw)
-            timings = _json(found.group(1)) if found else None
+            timings = decode_json(found.group(1)) if found else None
             if not isinstance(timings, dict):
                 continue
             prompt += _count(timings.get("cache_n")) + _count(timings.get("prompt_n"))
@@ -540,7 +540,8 @@ def choices_asked(body: dict[str, Any] | None) -> tuple[int, int]:
     return n * prompts, prompts
 
 
-def _json(data: bytes) -> Any:
+def decode_json(data: bytes) -> Any:
+    """JSON from a backend, or None when it is not JSON."""
     try:
         return json.loads(data)
     except ValueError:

@@ -30,16 +30,21 @@ GRACE = 2.0  # seconds before the minimum rate applies
 INVITE_HEADER = "HTTP_LLAMAGATE_EXPECT_CONTINUE"
 
 
+def gevent_patched() -> bool:
+    """Whether gevent patched the standard library (a gunicorn gevent worker): only then
+    is there a hub to interrupt a blocked read or to watch a socket."""
+    from gevent import monkey
+
+    return monkey.is_module_patched("socket")
+
+
 def gevent_timeout(seconds: float) -> Any:
-    """A started ``gevent.Timeout`` when the standard library is patched (a gunicorn
-    gevent worker), else None: a plain thread has no hub to interrupt its reads. The
-    caller closes it, and recognises it by identity when it fires."""
-    try:
-        from gevent import Timeout, monkey
-    except ImportError:  # pragma: no cover - gevent is a dependency
+    """A started ``gevent.Timeout`` under gevent, else None (a plain thread has no hub to
+    interrupt its reads). The caller closes it, and recognises it by identity when it fires."""
+    if not gevent_patched():
         return None
-    if not monkey.is_module_patched("socket"):
-        return None
+    from gevent import Timeout
+
     timer = Timeout(max(0.001, seconds))
     timer.start()
     return timer

@@ -230,7 +230,7 @@ def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, bod
         lease = gateway.upstreams.open(ctx, gateway.upstreams.backends[ctx.backend], replica, path, body, headers,
                                        gateway.config.timeouts_for(ctx.route), entry, method)
     except BaseException:
-        gateway.in_flight.discard(entry)
+        gateway.untrack(entry)
         raise
     ctx.upstream_ms = (time.monotonic() - sent_at) * 1000.0
     try:

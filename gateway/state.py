@@ -64,10 +64,14 @@ class Gateway:
         self.in_flight.add(entry)
         return entry
 
+    def untrack(self, entry: InFlight) -> None:
+        """The request no longer has a backend connection to cancel."""
+        self.in_flight.discard(entry)
+
     def finish(self, lease: Lease) -> None:
         """Give the backend connection and the admission slot back; idempotent."""
         lease.close()
-        self.in_flight.discard(lease.in_flight)
+        self.untrack(lease.in_flight)
 
     def cancel(self, request_id: str, caller: Principal | None) -> int:
         """Cancel the requests in flight with this ``x-request-id`` that ``caller``

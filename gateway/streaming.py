@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import requests
 
-from .body import gevent_timeout
-from .answers import Tally, choices_asked, merge_usage, normalize_event
+from .body import gevent_patched, gevent_timeout
+from .answers import Tally, choices_asked, decode_json, merge_usage, normalize_event
 from .config import Timeouts
 from .context import RequestContext
 from .upstream import Lease
@@ -185,7 +185,7 @@ def read_to_the_end(batches: Iterator[list[bytes]], lease: Lease) -> None:
 def _upstream_error(raw: bytes) -> GatewayError | None:
     """The error an event reports (llama-server's ``error:`` or ``data: {"error"...``)."""
     if raw.startswith(b"error:") or raw.startswith(b'data: {"error"'):
-        return from_upstream(502, _decode(raw.split(b":", 1)[1]))
+        return from_upstream(502, decode_json(raw.split(b":", 1)[1]))
     return None
 
 
@@ -211,7 +211,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
                 if error is not None:
                     raise error
                 tally.see(raw)
-                event = _decode(raw[5:]) if raw.startswith(b"data:") else None
+                event = decode_json(raw[5:]) if raw.startswith(b"data:") else None
                 if isinstance(event, dict):
                     add(event)
             if time.monotonic() > deadline:
@@ -246,12 +246,10 @@ def watch_departure(env: dict[str, Any], on_departure: Callable[[], None]) -> Ca
     per request); elsewhere nothing is watched.
     """
     sock = env.get("gunicorn.socket")
-    try:
-        from gevent import get_hub, monkey
-    except ImportError:  # pragma: no cover - gevent is a dependency
+    if sock is None or not gevent_patched():
         return lambda: None
-    if sock is None or not monkey.is_module_patched("socket"):
-        return lambda: None
+    from gevent import get_hub
+
     watcher = get_hub().loop.io(sock.fileno(), 1)
 
     def readable() -> None:  # in the hub: must not block, and does not
@@ -339,7 +337,7 @@ class Relay:
         self.tally.see(raw)
         if self.on_event is None and not self.normalize and b'"usage"' not in raw:
             return self._rewrite(raw) + b"\n\n"
-        event = _decode(raw[5:]) if raw.startswith(b"data:") else None
+        event = decode_json(raw[5:]) if raw.startswith(b"data:") else None
         if not isinstance(event, dict):
             return raw + b"\n\n"
         if "model" in event:
@@ -393,9 +391,3 @@ class Relay:
             return b""
         return sse(event)
 
-
-def _decode(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
