@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -235,3 +236,21 @@ def allow_nullable(node):
     elif isinstance(node, list):
         for value in node:
             allow_nullable(value)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """Everything up to the end of one response with Content-Length (or the close)."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep and head.startswith(b"HTTP/1.1 100"):
+            data = body
+            continue
+        if sep:
+            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+            if length and len(body) >= length[0]:
+                return data

@@ -16,7 +16,7 @@ import requests
 
 from gateway import keys
 
-from .conftest import ROUTES
+from .conftest import ROUTES, read_response
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
@@ -63,18 +63,7 @@ def raw(gw, data: bytes, read_timeout: float = 10) -> bytes:
     host, port = gw.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=read_timeout) as sock:
         sock.sendall(data)
-        answer = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return answer
-            answer += chunk
-            if b"\r\n\r\n" in answer:
-                head, _, body = answer.partition(b"\r\n\r\n")
-                length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:")]
-                if length and len(body) >= length[0]:
-                    return answer
+        return read_response(sock)
 
 
 @pytest.mark.parametrize("body, fragment", [

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from gateway import keys
-from .conftest import ROUTES
+from .conftest import ROUTES, read_response
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
@@ -62,24 +62,6 @@ def idle(gw, timeout: float = 5) -> dict:
 def address(gw) -> tuple[str, int]:
     host, port = gw.url.removeprefix("http://").split(":")
     return host, int(port)
-
-
-def read_response(sock: socket.socket) -> bytes:
-    """Everything up to the end of one response with Content-Length (or the close)."""
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-        head, sep, body = data.partition(b"\r\n\r\n")
-        if sep and head.startswith(b"HTTP/1.1 100"):
-            data = body
-            continue
-        if sep:
-            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
-            if length and len(body) >= length[0]:
-                return data
 
 
 def request_head(gw, length: int, headers: dict[str, str] | None = None) -> bytes:
