@@ -48,12 +48,14 @@ def gcra(tat: float | None, now: float, limit: int, period: float, cost: int, fo
     the cost is charged even over the limit (tokens known only after the answer).
     """
     interval = period / limit
-    tat = max(tat if tat is not None else now, now)
-    new_tat = tat + cost * interval
-    allow_at = new_tat - period
-    if now < allow_at and not force:
-        return Decision(False, _remaining(tat - now, period, interval), tat - now, allow_at - now), None
-    return Decision(True, _remaining(new_tat - now, period, interval), new_tat - now, 0.0), new_tat
+    # Decide on the debt relative to now: (now + period) - period can round above now,
+    # which refused a first request at random clock readings.
+    debt = max(0.0, tat - now) if tat is not None else 0.0
+    new_debt = debt + cost * interval
+    wait = new_debt - period
+    if wait > 1e-9 and not force:
+        return Decision(False, _remaining(debt, period, interval), debt, wait), None
+    return Decision(True, _remaining(new_debt, period, interval), new_debt, 0.0), now + new_debt
 
 
 def _remaining(debt: float, period: float, interval: float) -> int:
@@ -137,7 +139,8 @@ class MemoryStore:
 
 
 # The same step as gcra(), atomically in Redis, on Redis's clock so that every
-# gateway instance agrees. Times in microseconds.
+# gateway instance agrees. Times in microseconds; decided on the debt relative to now
+# (within 1 µs), as gcra() is, so that rounding never refuses a request that fits.
 _GCRA_LUA = """
 local limit = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
@@ -147,14 +150,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = period / limit
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + cost * interval
-local allow_at = new_tat - period
-if now < allow_at and not force then
-  return {0, tostring(tat - now), tostring(allow_at - now)}
+local debt = math.max(0, tat - now)
+local new_debt = debt + cost * interval
+local wait = new_debt - period
+if wait > 1 and not force then
+  return {0, tostring(debt), tostring(wait)}
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
-return {1, tostring(new_tat - now), '0'}
+redis.call('SET', KEYS[1], tostring(now + new_debt), 'PX', math.max(1, math.ceil(new_debt / 1000)))
+return {1, tostring(new_debt), '0'}
 """
 
 

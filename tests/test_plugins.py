@@ -479,3 +479,14 @@ def test_operator_key_is_made_once_and_private(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMAGATE_API_KEY", "sk-from-env")
     settings.reset()  # settings are read once per process
     assert cli.operator_key() == "sk-from-env"
+
+
+def test_gcra_admits_a_first_request_whatever_the_clock_reads():
+    """(now + 60) - 60 can round above now: a client's first request under a limit of one
+    a minute was refused at about one clock reading in a thousand (a flaky test found it)."""
+    import random
+
+    readings = [8140.272520665515] + [random.uniform(1, 1e6) for _ in range(20000)]
+    assert all(gcra(None, now, 1, 60.0, 1, False)[0].allowed for now in readings)
+    assert all(not gcra(gcra(None, now, 1, 60.0, 1, False)[1], now, 1, 60.0, 1, False)[0].allowed
+               for now in readings[:2000])  # and the second one still waits

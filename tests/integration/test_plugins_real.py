@@ -391,3 +391,19 @@ def test_redis_cache_is_shared_by_two_workers(start_gateway, chat_backend, embed
     with ThreadPoolExecutor(max_workers=8) as pool:
         later = list(pool.map(call, range(16)))
     assert all(state == "HIT" and vector == first[1] for state, vector in later)
+
+
+def test_redis_gcra_admits_exactly_the_burst_it_allows(redis_url):
+    """The Lua GCRA on Redis's clock: a full burst fits and one more does not, for limits
+    that divide the period and limits that do not (whose interval rounds)."""
+    import uuid
+
+    from gateway.stores import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"gcra-test-{uuid.uuid4().hex}:")
+    for limit in (1, 3, 7, 13, 60):  # intervals of 1 s and more: no refill during a burst
+        for client in range(20):
+            key = f"{limit}:{client}"
+            assert all(store.throttle(key, limit, 60.0).allowed for _ in range(limit)), (limit, client)
+            refused = store.throttle(key, limit, 60.0)
+            assert not refused.allowed and refused.remaining == 0 and refused.retry_after > 0
