@@ -29,7 +29,7 @@ $(MODEL): | $(BIN)/.installed
 	rm -rf build/model
 
 serve: venv model
-	$(BIN)/llamagate up --model $(MODEL)
+	$(BIN)/llamagate up
 
 # The tests start their own redis-server on a free port.
 redis-server:

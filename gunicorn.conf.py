@@ -65,6 +65,17 @@ def on_starting(server) -> None:
     # A bad config stops the start, with the reason.
     if not _check_config(server):
         raise SystemExit(1)
+    # One fleet supervisor for every worker, present and future (docs/fleet.md).
+    from gateway.fleet import master
+
+    master.start(_settings.config, server.log)
+
+
+def on_exit(server) -> None:
+    # After the last worker: the supervisor stops every llama-server it launched.
+    from gateway.fleet import master
+
+    master.stop()
 
 
 def on_reload(server) -> None:

@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from run import ROOT, load, stop_all  # first: it puts the checkout's gateway on sys.path
 
 from gateway.testing import free_port  # noqa: E402
@@ -39,9 +41,10 @@ def main():
                GATEWAY_BIND=f"127.0.0.1:{gateway_port}", GATEWAY_CONFIG=str(config),
                LLAMAGATE_API_KEY=key, LLAMAGATE_LOG_LEVEL="WARNING", LLAMAGATE_ACCESS_LOG=os.devnull)
     # the shipped pipelines.yaml, with the chat backend's two replicas
-    text = (ROOT / "pipelines.yaml").read_text().replace(
-        'urls: ["${CHAT_BACKEND_URL:-http://127.0.0.1:8081}"]', f"urls: {backends}")
-    config.write_text(text)
+    doc = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    doc["backends"]["chat"] = {k: v for k, v in doc["backends"]["chat"].items() if k != "launch"} | {"urls": backends}
+    doc["backends"]["embeddings"] = {"urls": ["${EMBEDDINGS_BACKEND_URL}"]}
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
     children = [subprocess.Popen([sys.executable, "-m", "gateway.cli", "backend", "--model", str(MODEL),
                                   "--port", str(port), "--parallel", str(args.parallel), "--threads", "1",
                                   "--ctx", str(1024 * args.parallel)],

@@ -170,6 +170,9 @@ def bench_configs(source: Path, directory: Path) -> tuple[Path, Path, list[str]]
     chat backend's limits sized to the bench's connections, and rate limits out of reach
     (the bench key is a user key, so it is counted, but never refused)."""
     doc = yaml.safe_load(source.read_text())
+    for name, url in (("chat", "${CHAT_BACKEND_URL}"), ("embeddings", "${EMBEDDINGS_BACKEND_URL}")):
+        if "launch" in doc["backends"].get(name, {}):  # the bench's own upstream instead of the fleet's
+            doc["backends"][name] = {k: v for k, v in doc["backends"][name].items() if k != "launch"} | {"urls": [url]}
     backend = doc["backends"][doc["models"][MODEL]["backend"]]
     backend.update(max_connections=CONNECTIONS, max_in_flight=CONNECTIONS, max_queue=CONNECTIONS)
     notes = [f"backend `{doc['models'][MODEL]['backend']}`: max_connections, max_in_flight and max_queue "

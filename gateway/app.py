@@ -104,6 +104,9 @@ def build_app(gateway: Gateway) -> falcon.App:
         app.add_route("/admin", StatusPageResource())  # also /admin/: trailing slashes are stripped
         app.add_route("/admin/backends/{name}/cancel", control, suffix="backend_cancel")
         app.add_route("/v1/requests/{request_id}/cancel", control, suffix="request_cancel")
+        app.add_route("/admin/models", control, suffix="models")
+        app.add_route("/admin/models/{model_id}/load", control, suffix="model_load")
+        app.add_route("/admin/models/{model_id}/unload", control, suffix="model_unload")
     if "/v1/models" in config.routes:
         models = ModelsResource(gateway)
         app.add_route("/v1/models", models)

@@ -40,6 +40,7 @@ class BackendOptions:
     binary: str | None = None
     threads: int | None = None
     api_key: str | None = None
+    extra_args: tuple[str, ...] = ()
 
 
 def binary_args(opts: BackendOptions, binary: str) -> list[str]:
@@ -51,7 +52,7 @@ def binary_args(opts: BackendOptions, binary: str) -> list[str]:
     if opts.threads:
         args += ["--threads", str(opts.threads), "--threads-batch", str(opts.threads)]
     # No --api-key: a command line is readable by every local user (ps); see binary_env.
-    return args
+    return args + list(opts.extra_args)
 
 
 def binary_env(opts: BackendOptions) -> dict[str, str]:
@@ -65,7 +66,12 @@ def binary_env(opts: BackendOptions) -> dict[str, str]:
 
 
 def find_binary(opts: BackendOptions) -> str | None:
-    return opts.binary or settings.current().llama_server_bin or shutil.which("llama-server")
+    return find_binary_path(opts.binary)
+
+
+def find_binary_path(explicit: str | None) -> str | None:
+    """``explicit``, else LLAMA_SERVER_BIN, else ``llama-server`` on PATH, else None (xllamacpp)."""
+    return explicit or settings.current().llama_server_bin or shutil.which("llama-server")
 
 
 def run(opts: BackendOptions) -> None:
@@ -75,6 +81,9 @@ def run(opts: BackendOptions) -> None:
     binary = find_binary(opts)
     if binary:
         os.execve(binary, binary_args(opts, binary), binary_env(opts))
+    if opts.extra_args:
+        raise SystemExit("llamagate backend: extra llama-server arguments need the llama-server binary "
+                         "(LLAMA_SERVER_BIN or on PATH); xllamacpp takes none")
     try:
         import xllamacpp
     except ImportError:

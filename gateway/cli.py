@@ -5,11 +5,12 @@
                                       run the gateway under gunicorn (gevent)
     llamagate backend --model PATH [--port N] [--embeddings] [--parallel N] [--ctx N]
                                       run one llama-server
-    llamagate up --model PATH         a chat backend, an embeddings backend and the
-                                      gateway, until Ctrl-C
+    llamagate up [--config FILE]      the gateway, whose fleet launches the config's
+                                      llama-servers, with a curl line; until Ctrl-C
     llamagate plugins                 list the plugins that can be used, their hooks and fields
     llamagate routes [FILE]           which model goes to which backend replicas
     llamagate status [--url URL]      a running gateway's /admin/status as a table
+    llamagate models [load|unload ID] the fleet's launched models (/admin/models); load or unload one
     llamagate keys add|list|revoke    the API keys file
     llamagate settings                every setting from the environment: value, default, description
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from . import backend, keys, settings
 from .config import Config, ConfigError, load_config
+from .fleet.spec import fleet_problems
 from .pipeline import build_pipelines, discover
 from .redact import key_hint, redact_url
 from .upstream import wait_until_ready
@@ -47,6 +49,9 @@ def replica_urls(config: Config, backend_name: str) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
+        problems = fleet_problems(config)
+        if problems:
+            raise ConfigError(args.file, problems)
         build_pipelines(config)
     except ConfigError as exc:
         print(redact_url(str(exc)), file=sys.stderr)
@@ -104,22 +109,62 @@ def status_table(status: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def admin_call(args: argparse.Namespace, method: str, path: str, timeout: float = 5) -> dict | None:
+    """An admin endpoint of a running gateway, with the operator's key; None (and a line
+    on stderr) when it fails."""
     import requests
 
     key = args.key or settings.current().api_key or (
         OPERATOR_KEY_FILE.read_text().strip() if OPERATOR_KEY_FILE.exists() else "")
     try:
-        resp = requests.get(args.url.rstrip("/") + "/admin/status", headers={"Authorization": f"Bearer {key}"},
-                            timeout=5)
+        resp = requests.request(method, args.url.rstrip("/") + path, headers={"Authorization": f"Bearer {key}"},
+                                timeout=timeout)
     except requests.RequestException as exc:
-        print(f"llamagate status: {args.url} did not answer: {type(exc).__name__}", file=sys.stderr)
-        return 1
+        print(f"llamagate {args.command}: {args.url} did not answer: {type(exc).__name__}", file=sys.stderr)
+        return None
     if resp.status_code != 200:
-        print(f"llamagate status: HTTP {resp.status_code}: {resp.text[:300]}", file=sys.stderr)
+        print(f"llamagate {args.command}: HTTP {resp.status_code}: {resp.text[:300]}", file=sys.stderr)
+        return None
+    return resp.json()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = admin_call(args, "GET", "/admin/status")
+    if status is None:
         return 1
-    print(status_table(resp.json()))
+    print(status_table(status))
     return 0
+
+
+def models_table(fleet: dict) -> str:
+    lines = [f"{'backend':<16} {'state':<9} {'pids':<14} {'ports':<12} {'rss MiB':>8} {'in flight':>9} "
+             f"{'queued':>6} {'idle s':>7} {'restarts':>8}  models"]
+    for name, m in fleet["models"].items():
+        lines.append(f"{name:<16} {m['state']:<9} {','.join(map(str, m['pids'])) or '-':<14} "
+                     f"{','.join(map(str, m['ports'])):<12} {m['resident_bytes'] / 2**20:>8.0f} {m['in_flight']:>9} "
+                     f"{m['queued']:>6} {m['idle_for']:>7} {m['restarts']:>8}  {', '.join(m['models'])}")
+        if m.get("reason"):
+            lines.append(f"  {m['reason']}")
+    lines.append(f"swaps: {fleet['swaps']}  resident: {fleet['resident']}  max_resident: {fleet['max_resident']}  "
+                 f"memory_budget: {fleet['memory_budget']}")
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.action is None:
+        fleet = admin_call(args, "GET", "/admin/models")
+        if fleet is None:
+            return 1
+        print(models_table(fleet))
+        return 0
+    if not args.id:
+        print(f"llamagate models {args.action}: name a model (or launched backend)", file=sys.stderr)
+        return 2
+    model = admin_call(args, "POST", f"/admin/models/{args.id}/{args.action}", timeout=600)
+    if model is None:
+        return 1
+    print(f"{model['backend']}: {model['state']}" + (f" ({model['reason']})" if model.get("reason") else ""))
+    return 0 if model["state"] == ("ready" if args.action == "load" else "stopped") else 1
 
 
 def gunicorn_command(config: str, bind: str | None) -> tuple[list[str], dict[str, str]]:
@@ -144,7 +189,8 @@ def cmd_backend(args: argparse.Namespace) -> int:
     backend.run(backend.BackendOptions(model=args.model, host=args.host, port=args.port,
                                        embeddings=args.embeddings, parallel=args.parallel,
                                        ctx=args.ctx, binary=args.binary, threads=args.threads,
-                                       api_key=args.api_key or settings.current().llama_api_key or None))
+                                       api_key=args.api_key or settings.current().llama_api_key or None,
+                                       extra_args=tuple(a for a in args.extra if a != "--")))
     return 0
 
 
@@ -183,46 +229,35 @@ def banner_authorization(key: str, source: str) -> tuple[str, str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Start two backends and the gateway; stop them all on Ctrl-C or when one dies."""
+    """``make serve``: the gateway, whose fleet launches the config's llama-servers, with
+    a curl line to try; until Ctrl-C (which stops the gateway and every llama-server)."""
     api_key, key_source = operator_key_source()
-    chat_url = f"http://127.0.0.1:{args.chat_port}"
-    embeddings_url = f"http://127.0.0.1:{args.embeddings_port}"
-    env = dict(os.environ, CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url, LLAMAGATE_API_KEY=api_key)
-    # Split the cores between the two backends: llama.cpp's threads spin while they
-    # wait, so two backends that each take every core stall each other.
-    threads = str(max(1, (os.cpu_count() or 2) // 2))
-    me = [sys.executable, "-m", "gateway.cli", "backend", "--model", args.model, "--threads", threads]
-    children = [
-        subprocess.Popen(me + ["--port", str(args.chat_port), "--parallel", str(args.parallel)], env=env),
-        subprocess.Popen(me + ["--port", str(args.embeddings_port), "--embeddings"], env=env),
-    ]
+    os.environ["LLAMAGATE_API_KEY"] = api_key
+    try:
+        config = load_config(args.config)
+        problems = fleet_problems(config)
+        if problems:
+            raise ConfigError(args.config, problems)
+        build_pipelines(config)
+    except ConfigError as exc:
+        print(redact_url(str(exc)), file=sys.stderr)
+        return 1
+    command, env = gunicorn_command(args.config, args.bind)
+    gateway = subprocess.Popen(command, env=env)
 
     def stop(*_: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        if gateway.poll() is None:
+            gateway.terminate()
+        try:
+            gateway.wait(timeout=40)  # the master stops the fleet, which stops the llama-servers
+        except subprocess.TimeoutExpired:
+            gateway.kill()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        if not wait_until_ready([chat_url, embeddings_url], timeout=120):
-            print("llamagate up: the backends did not become ready", file=sys.stderr)
-            stop()
-        os.environ.update(CHAT_BACKEND_URL=chat_url, EMBEDDINGS_BACKEND_URL=embeddings_url, LLAMAGATE_API_KEY=api_key)
-        try:
-            build_pipelines(load_config(args.config))
-        except ConfigError as exc:
-            print(redact_url(str(exc)), file=sys.stderr)
-            stop()
-        command, genv = gunicorn_command(args.config, args.bind)
-        children.append(subprocess.Popen(command, env=genv))
         bind = args.bind or settings.current().bind
-        if not wait_until_ready([f"http://{bind}"], timeout=60):
+        if not wait_until_ready([f"http://{bind}"], timeout=120):
             print("llamagate up: the gateway did not become ready", file=sys.stderr)
             stop()
         body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Say hello"}]})
@@ -230,10 +265,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("\nLlamagate is up. Try:\n", flush=True)
         print(f"  curl -s http://{bind}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -H {authorization} -d '{body}'\n  {key_note}\n", flush=True)
-        print("Ctrl-C stops the gateway and both backends.", flush=True)
-        while all(child.poll() is None for child in children):
-            signal.sigtimedwait([signal.SIGCHLD], 1.0)
-        print("llamagate up: a process exited; stopping the rest", file=sys.stderr)
+        print("`llamagate models` shows the llama-servers the gateway runs. Ctrl-C stops it all.", flush=True)
+        gateway.wait()
+        print("llamagate up: the gateway exited", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     stop()
@@ -311,16 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--binary", default=None, help="llama-server executable (default: LLAMA_SERVER_BIN, PATH)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--api-key", default=None, help="a key callers must send (default: LLAMA_API_KEY, else none)")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-server arguments (binary only)")
     p.set_defaults(func=cmd_backend)
 
-    p = sub.add_parser("up", help="a chat backend, an embeddings backend and the gateway, until Ctrl-C")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("up", help="the gateway and the llama-servers it launches, until Ctrl-C (make serve)")
     p.add_argument("--config", default=default_config)
     p.add_argument("--bind", default=None)
-    p.add_argument("--chat-port", type=int, default=env.chat_port, help="default LLAMAGATE_CHAT_PORT or 8081")
-    p.add_argument("--embeddings-port", type=int, default=env.embeddings_port,
-                   help="default LLAMAGATE_EMBEDDINGS_PORT or 8082")
-    p.add_argument("--parallel", type=int, default=4)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("keys", help="manage the API keys file (hashes only)")
@@ -347,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://" + env.bind, help="default http:// and GATEWAY_BIND")
     p.add_argument("--key", default=None, help="an admin key (default: LLAMAGATE_API_KEY, then .llamagate-api-key)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("models", help="the fleet's launched models; load or unload one")
+    p.add_argument("action", nargs="?", choices=["load", "unload"], default=None)
+    p.add_argument("id", nargs="?", help="a model id or alias, or a launched backend's name")
+    p.add_argument("--url", default="http://" + env.bind, help="default http:// and GATEWAY_BIND")
+    p.add_argument("--key", default=None, help="an admin key (default: LLAMAGATE_API_KEY, then .llamagate-api-key)")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("plugins", help="list the plugins that can be used")
     p.add_argument("--config", default=None, help="also the drop-ins of this file's plugin_dirs")

@@ -76,6 +76,52 @@ def _expand(value: Any, path: list[Any], environ: Mapping[str, str], problems: l
     return expanded
 
 
+_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?$")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def parse_size(value: int | str | None) -> int | None:
+    """Bytes from an integer or a text like ``600MiB`` / ``2GB`` (the schema checked its form)."""
+    if value is None or isinstance(value, int):
+        return value
+    match = _SIZE.match(value.strip())
+    assert match is not None, value
+    return int(float(match.group(1)) * _UNITS[match.group(2) or "B"])
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the fleet supervisor launches a backend's llama-servers (docs/fleet.md)."""
+
+    model: str  # an absolute path
+    ports: tuple[int, ...]  # one per replica
+    ctx: int = 4096
+    parallel: int = 2
+    threads: int | None = None
+    embeddings: bool = False
+    extra_args: tuple[str, ...] = ()
+    start: str = "on_demand"
+    idle_ttl: float | None = None
+    memory: int | None = None  # per replica; None: estimated (gateway.fleet.spec)
+    load_timeout: float = 120
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The fleet's limits: at most ``max_resident`` launched backends and ``memory_budget``
+    bytes resident at once."""
+
+    memory_budget: int | None = None
+    max_resident: int | None = None
+    first_port: int = 8100
+    last_port: int = 8199
+    group_wait: float = 5
+    max_restarts: int = 3
+    log_dir: str | None = None
+    log_bytes: int = 1048576
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     name: str
@@ -88,6 +134,7 @@ class BackendConfig:
     breaker_failures: int = 5
     breaker_cooldown: float = 10
     api_key: str | None = field(default=None, repr=False)
+    launch: LaunchConfig | None = None  # the fleet launches its replicas (their urls follow from the ports)
 
 
 @dataclass(frozen=True)
@@ -148,6 +195,12 @@ class Config:
     model_ids: dict[str, str] = field(default_factory=dict)
     timeouts: Timeouts = Timeouts()
     route_timeouts: dict[str, Timeouts] = field(default_factory=dict)
+    fleet: FleetConfig = FleetConfig()
+
+    @property
+    def launched(self) -> dict[str, BackendConfig]:
+        """The backends the fleet supervisor launches, in file order."""
+        return {name: b for name, b in self.backends.items() if b.launch is not None}
 
     def timeouts_for(self, route: str) -> Timeouts:
         return self.route_timeouts.get(route, self.timeouts)
@@ -202,10 +255,33 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
 
     schema = _validator().schema
     data = apply_defaults(schema, data)
-    backends = {
-        name: BackendConfig(name=name, **{**apply_defaults(schema["$defs"]["backend"], spec), "urls": tuple(u.rstrip("/") for u in spec["urls"])})
-        for name, spec in data["backends"].items()
-    }
+    base = Path(file).resolve().parent
+    fleet_spec = apply_defaults(schema["properties"]["fleet"], data["fleet"])
+    ports = apply_defaults(schema["properties"]["fleet"]["properties"]["ports"], fleet_spec.pop("ports"))
+    fleet = FleetConfig(**{**fleet_spec, "memory_budget": parse_size(fleet_spec["memory_budget"]),
+                           "first_port": ports["first"], "last_port": ports["last"],
+                           "log_dir": fleet_spec["log_dir"] and str(base / fleet_spec["log_dir"])})
+    next_port = fleet.first_port
+    backends = {}
+    for name, spec in data["backends"].items():
+        spec = apply_defaults(schema["$defs"]["backend"], spec)
+        launch = None
+        if "launch" in spec:
+            # Launched replicas get the next ports of the fleet's range, in file order:
+            # every worker and the supervisor derive the same URLs from the same file.
+            launch_spec = apply_defaults(schema["$defs"]["launch"], spec.pop("launch"))
+            count = launch_spec.pop("replicas")
+            replica_ports = tuple(range(next_port, next_port + count))
+            next_port += count
+            if replica_ports[-1] > fleet.last_port:
+                problems.append((f"backends.{name}.launch.replicas", f"the fleet's ports {fleet.first_port}-"
+                                 f"{fleet.last_port} run out (more launched replicas than ports)"))
+            launch = LaunchConfig(**{**launch_spec, "model": str(base / launch_spec["model"]),
+                                     "extra_args": tuple(launch_spec["extra_args"]),
+                                     "memory": parse_size(launch_spec["memory"]), "ports": replica_ports})
+            spec["urls"] = [f"http://127.0.0.1:{port}" for port in replica_ports]
+        backends[name] = BackendConfig(name=name, **{**spec, "launch": launch,
+                                                     "urls": tuple(u.rstrip("/") for u in spec["urls"])})
     models: dict[str, ModelConfig] = {}
     model_ids: dict[str, str] = {}
     for model_id, spec in data["models"].items():
@@ -259,8 +335,8 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
     timeouts_spec = apply_defaults(schema["properties"]["timeouts"], data["timeouts"])
     per_route = timeouts_spec.pop("routes")
     timeouts = Timeouts(**timeouts_spec)
-    base = Path(file).resolve().parent
     return Config(
+        fleet=fleet,
         timeouts=timeouts,
         route_timeouts={route: replace(timeouts, **spec) for route, spec in per_route.items()},
         file=file,

@@ -23,6 +23,7 @@ The tree (HTTP status in brackets)::
     ├── InternalError [500]
     ├── UpstreamError [502]            a backend answered with nonsense
     ├── ServiceUnavailableError [503]  no backend reachable (Retry-After)
+    │   └── ModelUnavailableError [503] model_unavailable: a launched model that cannot start
     └── GatewayTimeoutError [504]
 """
 
@@ -166,6 +167,12 @@ class ServiceUnavailableError(GatewayError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class ModelUnavailableError(ServiceUnavailableError):
+    """A launched model that cannot start (it failed, or no fleet supervisor runs)."""
+
+    code = "model_unavailable"
 
 
 class GatewayTimeoutError(GatewayError):

@@ -12,7 +12,8 @@ import falcon
 from . import exchange, openapi
 from .config import PrefixRoute
 from .context import RequestContext, Response
-from .errors import NotFoundError, PermissionDeniedError
+from .errors import GatewayError, NotFoundError, PermissionDeniedError
+from .fleet import client as fleet
 from .state import Gateway
 
 
@@ -102,7 +103,9 @@ class ControlResource:
       per replica readiness, slots and breaker; per pipeline its plugin chain;
     * ``POST /admin/backends/{name}/cancel`` (admin): cancel every request in flight
       on a backend;
-    * ``POST /v1/requests/{request_id}/cancel`` (the request's owner or an admin).
+    * ``POST /v1/requests/{request_id}/cancel`` (the request's owner or an admin);
+    * ``GET /admin/models``, ``POST /admin/models/{id}/load|unload`` (admin): the fleet's
+      launched models, from the supervisor (docs/fleet.md).
 
     State is per gunicorn worker: each worker reports and cancels its own requests.
     """
@@ -130,9 +133,19 @@ class ControlResource:
             return {"pid": os.getpid(), "draining": gateway.draining, "in_flight": len(gateway.in_flight),
                     "stats": gateway.stats.snapshot(),
                     "backends": {name: b.status() for name, b in gateway.upstreams.backends.items()},
-                    "pipelines": {name: p.describe() for name, p in gateway.pipelines.items()}}
+                    "pipelines": {name: p.describe() for name, p in gateway.pipelines.items()},
+                    "fleet": self._fleet()}
 
         self._run(req, resp, "/admin/status", True, status)
+
+    def _fleet(self) -> dict[str, Any] | None:
+        """The supervisor's view of the launched models (None: the config launches none)."""
+        if not self.gateway.config.launched:
+            return None
+        try:
+            return fleet.call("status", timeout=5)
+        except GatewayError as exc:
+            return {"error": exc.message}
 
     def on_post_backend_cancel(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         def cancel(ctx: RequestContext) -> dict[str, Any]:
@@ -150,6 +163,26 @@ class ControlResource:
             return {"id": request_id, "object": "request.cancelled", "cancelled": True}
 
         self._run(req, resp, "/v1/requests/{request_id}/cancel", False, cancel)
+
+    def on_get_models(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._run(req, resp, "/admin/models", True, lambda ctx: fleet.call("status"))
+
+    def on_post_model_load(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
+        self._run(req, resp, "/admin/models/{id}/load", True,
+                  lambda ctx: fleet.call("load", self._launched_backend(model_id)))
+
+    def on_post_model_unload(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
+        self._run(req, resp, "/admin/models/{id}/unload", True,
+                  lambda ctx: fleet.call("unload", self._launched_backend(model_id)))
+
+    def _launched_backend(self, name: str) -> str:
+        """A model id or alias, or a backend's name, to the launched backend it means."""
+        config = self.gateway.config
+        public = config.resolve_model(name)
+        backend = config.models[public].backend if public is not None else name
+        if backend not in config.launched:
+            raise NotFoundError(f"No model or backend {name!r} that the gateway launches.", code="model_not_found")
+        return backend
 
 
 class PluginRouteResource:

@@ -175,7 +175,7 @@ class Settings:
 
     bind: str = setting(
         "GATEWAY_BIND", "127.0.0.1:8000", bind_address,
-        "address the gateway listens on", read_by="gunicorn, `llamagate status`, `up`")
+        "address the gateway listens on", read_by="gunicorn, `llamagate status`, `models`, `up`")
     workers: int = setting(
         "GATEWAY_WORKERS", 1, integer(1),
         "gunicorn worker processes; each admits its share of a backend's slots",
@@ -206,16 +206,14 @@ class Settings:
         "GATEWAY_RELOAD_INTERVAL", 1.0, number(0),
         "seconds between looks at the pipelines file and its watched files for changes (0: never)",
         read_by="workers")
-    chat_port: int = setting(
-        "LLAMAGATE_CHAT_PORT", 8081, integer(1, 65535),
-        "port of the chat backend `llamagate up` starts", read_by="`llamagate up`")
-    embeddings_port: int = setting(
-        "LLAMAGATE_EMBEDDINGS_PORT", 8082, integer(1, 65535),
-        "port of the embeddings backend `llamagate up` starts", read_by="`llamagate up`")
     keys_file: str = setting(
         "LLAMAGATE_KEYS_FILE", "keys.yaml", text("path"),
         "the API keys file `llamagate keys` manages (the shipped pipelines.yaml names it too)",
         read_by="`llamagate keys`")
+    fleet_socket: str = setting(
+        "LLAMAGATE_FLEET_SOCKET", "", text("path"),
+        "the fleet supervisor's Unix socket (gunicorn's master sets it for its workers; not set: no fleet)",
+        read_by="workers, `llamagate models`")
     llama_server_bin: str = setting(
         "LLAMA_SERVER_BIN", "", text("path"),
         "llama-server executable (not set: llama-server on PATH, else xllamacpp)", read_by="`llamagate backend`")

@@ -32,7 +32,7 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 import requests
@@ -44,6 +44,7 @@ from . import settings
 from .config import BackendConfig, Timeouts
 from .context import BackendView, ReplicaView, RequestContext
 from .redact import redact_url  # a URL's userinfo is a credential: never shown
+from .fleet import client as fleet
 from .errors import (
     ClientGoneError,
     GatewayError,
@@ -223,7 +224,7 @@ class Replica:
             self.session.headers["Authorization"] = f"Bearer {config.api_key}"
         self.ready: bool | None = None
         self.in_flight = 0
-        self.slots: int | None = None
+        self.slots: int | None = config.launch.parallel if config.launch is not None else None
         self.breaker = Breaker(config.breaker_failures, config.breaker_cooldown)
         self.detail = "not checked yet"
         self.view = ReplicaView(self, redact_url(url))
@@ -357,10 +358,13 @@ class Backend:
         else:
             self.admission = Admission(self, config.max_queue, config.queue_timeout)
         self._turn = itertools.count()
+        self.fleet_state: str | None = None  # a launched backend's state, from the health loop
         self.view = BackendView(self, tuple(r.view for r in self.replicas))
 
     @property
     def ready(self) -> bool:
+        if self.config.launch is not None:  # the fleet starts it on demand unless it failed
+            return self.fleet_state != "failed"
         return any(r.ready for r in self.replicas)
 
     @property
@@ -386,7 +390,7 @@ class Backend:
         return ordered
 
     def status(self) -> dict[str, Any]:
-        return {"ready": self.ready, "limit": self.limit, "in_flight": self.admission.in_flight,
+        return {"ready": self.ready, "fleet_state": self.fleet_state, "limit": self.limit, "in_flight": self.admission.in_flight,
                 "queued": self.admission.queued, "replicas": [r.status() for r in self.replicas]}
 
 
@@ -405,6 +409,7 @@ class Lease:
         self.response = response
         self.in_flight = in_flight
         self.socket = in_flight.socket
+        self.hold: fleet.Hold | None = None  # a launched backend's lease
         self._closed = False
 
     def set_read_timeout(self, seconds: float) -> None:
@@ -431,6 +436,8 @@ class Lease:
         self.response.close()
         self.replica.in_flight -= 1
         self.backend.admission.release()
+        if self.hold is not None:
+            self.hold.release()
 
 
 class Upstreams:
@@ -455,6 +462,14 @@ class Upstreams:
     def check_all(self) -> None:
         for replica in self.replicas():
             replica.check()
+        launched = [b for b in self.backends.values() if b.config.launch is not None]
+        if launched:
+            try:
+                states = fleet.call("status", timeout=5)["models"]
+            except (GatewayError, OSError, ValueError, KeyError):
+                states = {}
+            for backend in launched:
+                backend.fleet_state = states.get(backend.name, {}).get("state")
 
     def start_health_checks(self) -> None:
         """Poll every replica now and then every ``health_interval`` seconds.
@@ -495,14 +510,43 @@ class Upstreams:
         ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
         waited = backend.admission.acquire(priority, in_flight)
         ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
-        _attempt.in_flight = in_flight
+        hold = None
         try:
-            return self._send(ctx, backend, first, path, body, headers, timeouts, in_flight, method)
+            if backend.config.launch is not None:
+                hold, timeouts = self._hold(ctx, backend, timeouts, in_flight)
+            _attempt.in_flight = in_flight
+            lease = self._send(ctx, backend, first, path, body, headers, timeouts, in_flight, method)
+            lease.hold = hold
+            return lease
         except BaseException:
+            if hold is not None:
+                hold.release()
             backend.admission.release()
             raise
         finally:
             _attempt.in_flight = None
+
+    @staticmethod
+    def _hold(ctx: RequestContext, backend: Backend, timeouts: Timeouts,
+              in_flight: InFlight) -> tuple[fleet.Hold, Timeouts]:
+        """Lease a launched backend from the fleet, waiting while it loads; the load
+        comes out of the first-byte budget. Counts ``fleet.swaps`` and ``fleet.restarts``
+        and times ``fleet.load.<backend>`` on the request that waited for a load."""
+        start = time.monotonic()
+        budget = min(timeouts.first_byte, max(0.001, ctx.started + timeouts.total - start))
+
+        def set_wake(wake: Any) -> None:
+            in_flight.wake = wake
+
+        hold = fleet.acquire(backend.name, budget, set_wake, lambda: in_flight.stopped)
+        waited = time.monotonic() - start
+        if hold.report.get("load_seconds") is not None:
+            ctx.timings[f"fleet.load.{backend.name}"] = hold.report["load_seconds"] * 1000.0
+            if hold.report.get("swap"):
+                ctx.incr("fleet.swaps")
+            if hold.report.get("restart"):
+                ctx.incr("fleet.restarts")
+        return hold, replace(timeouts, first_byte=max(0.001, timeouts.first_byte - waited))
 
     def _send(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str, body: bytes,
               headers: Mapping[str, str], timeouts: Timeouts, in_flight: InFlight, method: str) -> Lease:

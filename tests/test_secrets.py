@@ -123,12 +123,10 @@ def run_up(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(cli.subprocess, "Popen", FakeChild)
     monkeypatch.setattr(cli, "wait_until_ready", lambda urls, timeout: True)
     monkeypatch.setattr(cli, "load_config", lambda path: None)
+    monkeypatch.setattr(cli, "fleet_problems", lambda config: [])
     monkeypatch.setattr(cli, "build_pipelines", lambda config: None)
     monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
-    for name in ("CHAT_BACKEND_URL", "EMBEDDINGS_BACKEND_URL"):
-        monkeypatch.delenv(name, raising=False)
-    args = SimpleNamespace(model="m.gguf", config="pipelines.yaml", bind="127.0.0.1:1", chat_port=2,
-                           embeddings_port=3, parallel=1)
+    args = SimpleNamespace(config="pipelines.yaml", bind="127.0.0.1:1")
     with pytest.raises(SystemExit):
         cli.cmd_up(args)
     monkeypatch.delenv("LLAMAGATE_API_KEY", raising=False)  # cmd_up exported it

@@ -37,8 +37,8 @@ def test_defaults_when_nothing_is_set():
         ("127.0.0.1:8000", 1, 1000, 30, 30, 5)
     assert (s.config, s.log_level, s.logging_level, s.client_timeout, s.reload_interval) == \
         ("pipelines.yaml", "info", "INFO", 30.0, 1.0)
-    assert (s.chat_port, s.embeddings_port, s.keys_file, s.llama_server_bin, s.api_key, s.llama_api_key) == \
-        (8081, 8082, "keys.yaml", "", "", "")
+    assert (s.fleet_socket, s.keys_file, s.llama_server_bin, s.api_key, s.llama_api_key) == \
+        ("", "keys.yaml", "", "", "")
 
 
 def test_every_setting_from_the_environment():
@@ -46,12 +46,12 @@ def test_every_setting_from_the_environment():
         "GATEWAY_BIND": "0.0.0.0:9000", "GATEWAY_WORKERS": " 4 ", "GATEWAY_WORKER_CONNECTIONS": "50",
         "GATEWAY_TIMEOUT": "0", "GATEWAY_GRACEFUL_TIMEOUT": "7", "GATEWAY_KEEPALIVE": "2",
         "LLAMAGATE_LOG_LEVEL": "WaRnInG", "GATEWAY_CONFIG": "/etc/llamagate/p.yaml",
-        "GATEWAY_CLIENT_TIMEOUT": "2.5", "GATEWAY_RELOAD_INTERVAL": "0", "LLAMAGATE_CHAT_PORT": "9081",
-        "LLAMAGATE_EMBEDDINGS_PORT": "9082", "LLAMAGATE_KEYS_FILE": "k.yaml", "LLAMA_SERVER_BIN": "/opt/ls",
+        "GATEWAY_CLIENT_TIMEOUT": "2.5", "GATEWAY_RELOAD_INTERVAL": "0",
+        "LLAMAGATE_FLEET_SOCKET": "/run/fleet.sock", "LLAMAGATE_KEYS_FILE": "k.yaml", "LLAMA_SERVER_BIN": "/opt/ls",
         "LLAMAGATE_API_KEY": "sk-operator", "LLAMA_API_KEY": "sk-backend", "UNRELATED": "x"})
     assert s == Settings(bind="0.0.0.0:9000", workers=4, worker_connections=50, timeout=0, graceful_timeout=7,
                          keepalive=2, log_level="warning", config="/etc/llamagate/p.yaml", client_timeout=2.5,
-                         reload_interval=0.0, chat_port=9081, embeddings_port=9082, keys_file="k.yaml",
+                         reload_interval=0.0, fleet_socket="/run/fleet.sock", keys_file="k.yaml",
                          llama_server_bin="/opt/ls", api_key="sk-operator", llama_api_key="sk-backend")
     assert s.logging_level == "WARNING"
 
@@ -74,8 +74,6 @@ def test_an_empty_variable_takes_the_default():
     ("GATEWAY_RELOAD_INTERVAL", "-1", "GATEWAY_RELOAD_INTERVAL: '-1' must be at least 0"),
     ("GATEWAY_RELOAD_INTERVAL", "inf", "GATEWAY_RELOAD_INTERVAL: 'inf' is not a finite number"),
     ("LLAMAGATE_LOG_LEVEL", "loud", f"LLAMAGATE_LOG_LEVEL: 'loud' is not one of {LEVELS}"),
-    ("LLAMAGATE_CHAT_PORT", "70000", "LLAMAGATE_CHAT_PORT: '70000' must be at most 65535"),
-    ("LLAMAGATE_EMBEDDINGS_PORT", "0", "LLAMAGATE_EMBEDDINGS_PORT: '0' must be at least 1"),
     ("GATEWAY_BIND", "8000", "GATEWAY_BIND: '8000' is not HOST:PORT (port 1-65535), unix:PATH or fd://N"),
     ("GATEWAY_BIND", "localhost:99999",
      "GATEWAY_BIND: 'localhost:99999' is not HOST:PORT (port 1-65535), unix:PATH or fd://N"),
@@ -301,12 +299,12 @@ def test_every_other_command_refuses_bad_settings(monkeypatch, capsys):
     from gateway import cli
 
     monkeypatch.setenv("GATEWAY_WORKERS", "x")
-    monkeypatch.setenv("LLAMAGATE_CHAT_PORT", "http")
+    monkeypatch.setenv("GATEWAY_CLIENT_TIMEOUT", "http")
     assert cli.main(["check", str(ROOT / "pipelines.yaml")]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == ("llamagate: GATEWAY_WORKERS: 'x' is not an integer\n"
-                            "llamagate: LLAMAGATE_CHAT_PORT: 'http' is not an integer\n")
+                            "llamagate: GATEWAY_CLIENT_TIMEOUT: 'http' is not a number\n")
 
 
 def test_command_defaults_come_from_the_settings(monkeypatch):
@@ -319,12 +317,11 @@ def test_command_defaults_come_from_the_settings(monkeypatch):
     monkeypatch.setattr(cli, "cmd_check", lambda args: seen.setdefault("check", args.file) and 0)
     monkeypatch.setattr(cli, "cmd_status", lambda args: seen.setdefault("status", args.url) and 0)
     monkeypatch.setattr(cli, "cmd_keys", lambda args: seen.setdefault("keys", args.file) and 0)
-    monkeypatch.setattr(cli, "cmd_up", lambda args: seen.setdefault("up", (args.chat_port, args.config)) and 0)
-    monkeypatch.setenv("LLAMAGATE_CHAT_PORT", "9081")
-    for argv in (["check"], ["status"], ["keys", "list"], ["up", "--model", "m.gguf"]):
+    monkeypatch.setattr(cli, "cmd_up", lambda args: seen.setdefault("up", args.config) and 0)
+    for argv in (["check"], ["status"], ["keys", "list"], ["up"]):
         assert cli.main(argv) == 0
     assert seen == {"check": "/tmp/elsewhere.yaml", "status": "http://127.0.0.1:9123", "keys": "/tmp/k.yaml",
-                    "up": (9081, "/tmp/elsewhere.yaml")}
+                    "up": "/tmp/elsewhere.yaml"}
 
 
 def test_backend_binary_from_the_settings(monkeypatch):
