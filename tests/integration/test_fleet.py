@@ -1,0 +1,291 @@
+"""The fleet through the real parts: gunicorn with 2 gevent workers, its fleet supervisor,
+and llama-servers (xllamacpp + SmolLM2) that the supervisor launches. The same GGUF file
+under two backends counts as two models."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import requests
+
+from gateway import keys
+
+from .conftest import ROOT, ROUTES
+
+LAUNCH = {"ctx": 512, "parallel": 2, "threads": 1}
+
+
+def port_range(count: int) -> dict[str, int]:
+    """``count`` consecutive free ports on 127.0.0.1."""
+    for _ in range(200):
+        first = random.randrange(20000, 60000 - count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return {"first": first, "last": first + count - 1}
+    raise AssertionError("no free port range")
+
+
+def fleet_doc(logs: Path, launched: dict[str, dict[str, Any]], **fleet: Any) -> dict[str, Any]:
+    keys_file = logs / f"fleet-keys-{random.getrandbits(32)}.yaml"
+    admin, user = keys.add_key(keys_file, "ops", "admin"), keys.add_key(keys_file, "alice")
+    return {
+        "health_interval": 0.5,
+        "admin_pipeline": "default",
+        "fleet": {"ports": port_range(len(launched)), "log_dir": str(logs / "fleet"), **fleet},
+        "backends": {name: {"launch": {**LAUNCH, **spec}} for name, spec in launched.items()},
+        "models": {name: {"backend": name} for name in launched},
+        "pipelines": {"default": [{"auth": {"keys_file": str(keys_file), "env_keys": {}}}]},
+        "routes": {route: "default" for route in ROUTES},
+        "_keys": (admin, user),
+    }
+
+
+def start_fleet(start_gateway: Callable[..., Any], doc: dict[str, Any]) -> Any:
+    admin, user = doc.pop("_keys")
+    gw = start_gateway(doc, workers=2)
+    gw.admin, gw.user = admin, user
+    return gw
+
+
+def chat(gw: Any, model: str, max_tokens: int = 4, **extra: Any) -> requests.Response:
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hello."}], **extra}
+    return requests.post(gw.url + "/v1/chat/completions", json=body, timeout=120,
+                         headers={"Authorization": f"Bearer {gw.user}"}, stream=bool(extra.get("stream")))
+
+
+def fleet_status(gw: Any) -> dict[str, Any]:
+    resp = requests.get(gw.url + "/admin/models", headers={"Authorization": f"Bearer {gw.admin}"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def model(gw: Any, name: str) -> dict[str, Any]:
+    return fleet_status(gw)["models"][name]
+
+
+def wait_for(what: Callable[[], Any], timeout: float = 60, message: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting: {message}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in handle)
+    except FileNotFoundError:
+        return False
+
+
+def listeners(port: int) -> list[int]:
+    """Pids of the processes whose command line says ``--port <port>`` (llama-servers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                args = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"--port" in args and args[args.index(b"--port") + 1:][:1] == [str(port).encode()] and alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="module")
+def fleet(start_gateway, model_path, logs):
+    """One gateway with three launched backends: ``a`` (on demand), ``ttl`` (idle_ttl 2 s)
+    and ``broken`` (a GGUF file llama.cpp cannot load)."""
+    broken = logs / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 4096)
+    doc = fleet_doc(logs, {"a": {"model": str(model_path.resolve())},
+                           "ttl": {"model": str(model_path.resolve()), "idle_ttl": 2, "parallel": 1},
+                           "broken": {"model": str(broken)}}, max_restarts=1)
+    return start_fleet(start_gateway, doc)
+
+
+def test_concurrent_first_requests_from_both_workers_start_one_process(fleet):
+    assert model(fleet, "a")["state"] == "stopped"
+    models = requests.get(fleet.url + "/v1/models", headers={"Authorization": f"Bearer {fleet.user}"}).json()
+    assert {m["id"] for m in models["data"]} == {"a", "ttl", "broken"}  # every declared model, running or not
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: chat(fleet, "a"), range(10)))
+    assert [r.status_code for r in answers] == [200] * 10, [r.text for r in answers if r.status_code != 200]
+    assert all(r.json()["choices"][0]["message"]["content"] for r in answers)
+    status = model(fleet, "a")
+    assert status["state"] == "ready" and status["loads"] == 1 and status["restarts"] == 0
+    assert len(status["pids"]) == 1 and listeners(status["ports"][0]) == status["pids"]
+
+
+def test_idle_ttl_stops_the_process_and_the_next_request_starts_it_again(fleet):
+    assert chat(fleet, "ttl").status_code == 200
+    first = model(fleet, "ttl")
+    assert first["state"] == "ready"
+    [pid] = first["pids"]
+    wait_for(lambda: not alive(pid) and model(fleet, "ttl")["state"] == "stopped", timeout=30,
+             message="the idle llama-server to stop")
+    assert chat(fleet, "ttl").status_code == 200
+    again = model(fleet, "ttl")
+    assert again["loads"] == 2 and again["pids"] and again["pids"] != [pid]
+
+
+def test_a_llama_server_killed_mid_stream_ends_the_stream_and_restarts(fleet):
+    assert chat(fleet, "a").status_code == 200
+    [pid] = model(fleet, "a")["pids"]
+    with chat(fleet, "a", max_tokens=400, stream=True,
+              messages=[{"role": "user", "content": "Write a very long story about a llama."}]) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(3):
+            next(line for line in lines if line)
+        os.kill(pid, signal.SIGKILL)
+        rest = [line for line in lines if line]
+    last = json.loads(rest[-1][6:])
+    assert last["error"]["type"] == "server_error"
+    assert b"[DONE]" not in b"".join(rest)
+    restarted = wait_for(lambda: (m := model(fleet, "a"))["state"] == "ready" and m["restarts"] == 1 and m,
+                         message="the model to restart")
+    assert restarted["pids"] != [pid] and "killed by signal 9" in restarted["last_error"]
+    assert chat(fleet, "a").status_code == 200
+
+
+def test_a_model_that_cannot_start_is_failed_with_its_reason(fleet):
+    resp = chat(fleet, "broken")
+    assert resp.status_code == 503, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "model_unavailable" and "failed 2 time(s) in a row" in error["message"]
+    assert "Traceback" not in error["message"]  # the log tail is for the operator only
+    status = model(fleet, "broken")
+    assert status["state"] == "failed" and status["pids"] == []
+    assert "Failed to init server" in status["last_error"]
+    # It stays failed (no loop) and answers at once, until an operator loads it again.
+    again = chat(fleet, "broken")
+    assert again.status_code == 503 and again.json()["error"]["code"] == "model_unavailable"
+    assert model(fleet, "broken")["state"] == "failed"
+    wait_for(lambda: requests.get(fleet.url + "/health").json()["models"]["broken"] is False,
+             message="/health to show the failed model")
+
+
+def test_load_and_unload_through_the_admin_endpoints_and_the_cli(fleet):
+    user = {"Authorization": f"Bearer {fleet.user}"}
+    admin = {"Authorization": f"Bearer {fleet.admin}"}
+    for method, path in (("GET", "/admin/models"), ("POST", "/admin/models/a/unload"), ("POST", "/admin/models/a/load")):
+        resp = requests.request(method, fleet.url + path, headers=user, timeout=30)
+        assert resp.status_code == 403, (path, resp.text)
+    assert requests.get(fleet.url + "/admin/models", timeout=30).status_code == 401
+    assert requests.post(fleet.url + "/admin/models/nope/load", headers=admin, timeout=30).status_code == 404
+
+    loaded = requests.post(fleet.url + "/admin/models/ttl/load", headers=admin, timeout=120).json()
+    assert loaded["state"] == "ready" and loaded["pids"]
+    unloaded = requests.post(fleet.url + "/admin/models/ttl/unload", headers=admin, timeout=120).json()
+    assert unloaded["state"] == "stopped" and not any(alive(pid) for pid in loaded["pids"])
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        return subprocess.run([sys.executable, "-m", "gateway.cli", "models", *args, "--url", fleet.url,
+                               "--key", fleet.admin], capture_output=True, text=True, env=env, timeout=180)
+
+    out = cli("load", "ttl")
+    assert out.returncode == 0 and out.stdout.strip() == "ttl: ready", out.stderr
+    table = cli()
+    assert table.returncode == 0 and "ttl" in table.stdout and "ready" in table.stdout
+    out = cli("unload", "ttl")
+    assert out.returncode == 0 and out.stdout.strip() == "ttl: stopped", out.stderr
+    assert model(fleet, "ttl")["state"] == "stopped"
+    refused = subprocess.run([sys.executable, "-m", "gateway.cli", "models", "unload", "a", "--url", fleet.url,
+                              "--key", fleet.user], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert refused.returncode == 1 and "HTTP 403" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def switching(start_gateway, model_path, logs):
+    """Two models, room for one: runtime model switching."""
+    doc = fleet_doc(logs, {"one": {"model": str(model_path.resolve())}, "two": {"model": str(model_path.resolve())}},
+                    max_resident=1, group_wait=2)
+    return start_fleet(start_gateway, doc)
+
+
+def test_a_swap_waits_for_the_stream_in_flight_to_end(switching):
+    assert chat(switching, "one").status_code == 200
+    events: list[str] = []
+    answer: dict[str, Any] = {}
+
+    def other() -> None:
+        resp = chat(switching, "two")
+        events.append("two answered")
+        answer["status"] = resp.status_code
+
+    with chat(switching, "one", max_tokens=60, stream=True, stream_options={"include_usage": True}) as resp:
+        lines = resp.iter_lines()
+        next(line for line in lines if line)
+        waiting = threading.Thread(target=other)
+        waiting.start()
+        wait_for(lambda: model(switching, "two")["queued"] == 1, message="the request for two to queue")
+        assert model(switching, "one")["state"] in ("ready", "draining")
+        rest = [line for line in lines if line]
+        events.append("one ended")
+    waiting.join(120)
+    assert events == ["one ended", "two answered"] and answer["status"] == 200
+    assert rest[-1] == b"data: [DONE]"
+    finish = [json.loads(line[6:])["choices"][0].get("finish_reason") for line in rest[:-1]
+              if json.loads(line[6:])["choices"]]
+    assert finish[-1] in ("length", "stop")  # the stream of one came whole
+    status = fleet_status(switching)
+    assert status["models"]["one"]["state"] == "stopped" and status["models"]["two"]["state"] == "ready"
+    assert status["swaps"] == 1 and status["resident"] == 1
+
+
+def test_alternating_requests_are_served_in_groups_not_thrashed(switching):
+    before = fleet_status(switching)["swaps"]
+    per_model = 8
+    results: dict[str, list[int]] = {"one": [], "two": []}
+
+    def client(name: str) -> None:
+        for _ in range(per_model):
+            results[name].append(chat(switching, name).status_code)
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in ("one", "two")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert results == {"one": [200] * per_model, "two": [200] * per_model}  # neither starved
+    swaps = fleet_status(switching)["swaps"] - before
+    # Swapping per request would take about 2 * per_model - 1 swaps; groups take a few.
+    assert 1 <= swaps <= per_model // 2, swaps
+
+
+def test_no_llama_server_survives_a_kill_9_of_the_gunicorn_master(start_gateway, model_path, logs):
+    doc = fleet_doc(logs, {"eager": {"model": str(model_path.resolve()), "start": "eager", "parallel": 1}})
+    gw = start_fleet(start_gateway, doc)
+    status = wait_for(lambda: (s := fleet_status(gw))["models"]["eager"]["state"] == "ready" and s,
+                      message="the eager model to start")
+    [server] = status["models"]["eager"]["pids"]
+    supervisor = status["supervisor_pid"]
+    assert alive(server) and alive(supervisor)
+    os.kill(gw.proc.popen.pid, signal.SIGKILL)
+    gw.proc.popen.wait()
+    wait_for(lambda: not alive(supervisor) and not alive(server), timeout=30,
+             message="the supervisor and its llama-server to go")
+    assert listeners(status["models"]["eager"]["ports"][0]) == []
