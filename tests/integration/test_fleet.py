@@ -41,6 +41,27 @@ def port_range(count: int) -> dict[str, int]:
     raise AssertionError("no free port range")
 
 
+class StatsdSink:
+    """A UDP socket that collects the statsd plugin's metric lines."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[str] = []
+
+    def lines(self) -> list[str]:
+        while True:
+            try:
+                self.seen += self.sock.recv(65536).decode().splitlines()
+            except BlockingIOError:
+                return self.seen
+
+    def named(self, name: str) -> list[str]:
+        return [line for line in self.lines() if line.startswith(f"fleet-test.{name}:")]
+
+
 def fleet_doc(logs: Path, launched: dict[str, dict[str, Any]], **fleet: Any) -> dict[str, Any]:
     keys_file = logs / f"fleet-keys-{random.getrandbits(32)}.yaml"
     admin, user = keys.add_key(keys_file, "ops", "admin"), keys.add_key(keys_file, "alice")
@@ -50,7 +71,8 @@ def fleet_doc(logs: Path, launched: dict[str, dict[str, Any]], **fleet: Any) -> 
         "fleet": {"ports": port_range(len(launched)), "log_dir": str(logs / "fleet"), **fleet},
         "backends": {name: {"launch": {**LAUNCH, **spec}} for name, spec in launched.items()},
         "models": {name: {"backend": name} for name in launched},
-        "pipelines": {"default": [{"auth": {"keys_file": str(keys_file), "env_keys": {}}}]},
+        "pipelines": {"default": [{"statsd": {"host": "127.0.0.1", "port": 9, "prefix": "fleet-test"}},
+                                  {"auth": {"keys_file": str(keys_file), "env_keys": {}}}]},
         "routes": {route: "default" for route in ROUTES},
         "_keys": (admin, user),
     }
@@ -58,8 +80,10 @@ def fleet_doc(logs: Path, launched: dict[str, dict[str, Any]], **fleet: Any) -> 
 
 def start_fleet(start_gateway: Callable[..., Any], doc: dict[str, Any]) -> Any:
     admin, user = doc.pop("_keys")
+    statsd = StatsdSink()
+    doc["pipelines"]["default"][0]["statsd"]["port"] = statsd.port
     gw = start_gateway(doc, workers=2)
-    gw.admin, gw.user = admin, user
+    gw.admin, gw.user, gw.statsd = admin, user, statsd
     return gw
 
 
@@ -135,6 +159,9 @@ def test_concurrent_first_requests_from_both_workers_start_one_process(fleet):
     status = model(fleet, "a")
     assert status["state"] == "ready" and status["loads"] == 1 and status["restarts"] == 0
     assert len(status["pids"]) == 1 and listeners(status["ports"][0]) == status["pids"]
+    # The request that waited for the load reports it to statsd, once.
+    [load] = wait_for(lambda: fleet.statsd.named("fleet.load.a"), message="the load time in statsd")
+    assert load.endswith("|ms") and float(load.split(":")[1].split("|")[0]) > 0
 
 
 def test_idle_ttl_stops_the_process_and_the_next_request_starts_it_again(fleet):
@@ -167,6 +194,7 @@ def test_a_llama_server_killed_mid_stream_ends_the_stream_and_restarts(fleet):
                          message="the model to restart")
     assert restarted["pids"] != [pid] and "killed by signal 9" in restarted["last_error"]
     assert chat(fleet, "a").status_code == 200
+    wait_for(lambda: fleet.statsd.named("fleet.restarts"), message="the restart counted in statsd")
 
 
 def test_a_model_that_cannot_start_is_failed_with_its_reason(fleet):
@@ -254,6 +282,8 @@ def test_a_swap_waits_for_the_stream_in_flight_to_end(switching):
     status = fleet_status(switching)
     assert status["models"]["one"]["state"] == "stopped" and status["models"]["two"]["state"] == "ready"
     assert status["swaps"] == 1 and status["resident"] == 1
+    assert wait_for(lambda: switching.statsd.named("fleet.swaps"), message="the swap in statsd") == \
+        ["fleet-test.fleet.swaps:1|c"]
 
 
 def test_alternating_requests_are_served_in_groups_not_thrashed(switching):
