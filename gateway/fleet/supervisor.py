@@ -54,6 +54,7 @@ LINGER = 0.5  # an idle model used this recently is not swapped out for a newcom
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 LOG_TAIL_CHARS = 2000
 MAX_LINE = 65536
+RELOAD_EVERY = 1.0  # seconds between looks at the pipelines file
 
 
 @dataclass(eq=False)
@@ -108,6 +109,7 @@ class Unit:
         self.report_swap = False  # the start in progress followed a swap
         self.restarting = False  # the start in progress follows a crash
         self.report_pending = False  # the next granted waiter carries the load figures
+        self.retired = False  # no longer in the configuration: stops once its requests end
 
     @property
     def oldest_wait(self) -> float | None:
@@ -150,13 +152,16 @@ class Fleet:
         for model in config.models.values():
             models.setdefault(model.backend, []).append(model.id)
         self.units = {name: Unit(b, models.get(name, []), log_dir) for name, b in config.launched.items()}
+        self.retired: list[Unit] = []  # changed or removed by a reload, still stopping
         self.lock = threading.Condition()
         self.swaps = 0
         self.stopping = False
 
     # --- what connections ask (any thread) -----------------------------------------------------
 
-    def enqueue(self, name: str) -> Waiter:
+    def enqueue(self, name: str) -> tuple[Unit | None, Waiter]:
+        """Queue a request for the model of backend ``name``; its waiter's event is set
+        once it is granted (a lease on the unit returned) or refused (``error``)."""
         waiter = Waiter(time.monotonic())
         with self.lock:
             unit = self.units.get(name)
@@ -171,23 +176,22 @@ class Fleet:
                 if unit.state == "ready":  # the common case, without waiting for the main thread
                     self._grant(unit)
                 self.lock.notify_all()
-                return waiter
+                return unit, waiter
         waiter.event.set()
-        return waiter
+        return None, waiter
 
-    def abandon(self, name: str, waiter: Waiter) -> None:
+    def abandon(self, unit: Unit, waiter: Waiter) -> None:
         """The waiting request left: out of the queue, or, granted meanwhile, its lease back."""
         with self.lock:
-            unit = self.units[name]
             if waiter in unit.waiters:
                 unit.waiters.remove(waiter)
-            elif waiter.error is None:
+            elif waiter.error is None and waiter.event.is_set():
                 self._release(unit)
             self.lock.notify_all()
 
-    def release(self, name: str) -> None:
+    def release(self, unit: Unit) -> None:
         with self.lock:
-            self._release(self.units[name])
+            self._release(unit)
             self.lock.notify_all()
 
     def _release(self, unit: Unit) -> None:
@@ -243,12 +247,53 @@ class Fleet:
     def step(self) -> None:
         with self.lock:
             now = time.monotonic()
-            for unit in self.units.values():
+            for unit in self._every():
                 self._watch(unit, now)
-            for unit in self.units.values():
+            for unit in self._every():
                 self._advance(unit, now)
+            self.retired = [u for u in self.retired if u.state != "stopped"]
             self._schedule(now)
             self.lock.notify_all()
+
+    def _every(self) -> list[Unit]:
+        return [*self.units.values(), *self.retired]
+
+    def reconfigure(self, config: Config) -> None:
+        """A new configuration: unchanged launched backends carry on; a changed or removed
+        one drains and stops (a changed one's queued requests wait for its replacement)."""
+        with self.lock:
+            models: dict[str, list[str]] = {}
+            for model in config.models.values():
+                models.setdefault(model.backend, []).append(model.id)
+            units: dict[str, Unit] = {}
+            for name, backend in config.launched.items():
+                old = self.units.get(name)
+                if old is not None and old.backend == backend:
+                    units[name] = old
+                else:
+                    units[name] = Unit(backend, [], self.log_dir)
+                    if old is not None:
+                        units[name].waiters, old.waiters = old.waiters, []
+                units[name].models = models.get(name, [])
+            for name, old in self.units.items():
+                if units.get(name) is not old:
+                    self._retire(old)
+            self.units, self.config, self.fleet = units, config, config.fleet
+            self.lock.notify_all()
+
+    def _retire(self, unit: Unit) -> None:
+        log.info("fleet: %s left the configuration, stopping it once idle", unit.name)
+        unit.retired = True
+        for waiter in unit.waiters:
+            waiter.error = f"The model's backend {unit.name} was removed from the configuration."
+            waiter.event.set()
+        unit.waiters.clear()
+        if unit.state == "ready":
+            unit.state = "draining"
+        elif unit.state == "starting":
+            self._stop(unit)
+        if unit.state not in ("stopped", "failed"):
+            self.retired.append(unit)
 
     def _watch(self, unit: Unit, now: float) -> None:
         """Reap exited llama-servers, see which became healthy, bound the logs."""
@@ -308,7 +353,8 @@ class Fleet:
                 self._ready(unit, now)
         elif state in ("ready", "draining"):
             for replica in unit.replicas:  # a crashed replica of a model still up
-                if replica.popen is None and not replica.expected_exit and now >= replica.relaunch_at:
+                if replica.popen is None and not replica.expected_exit and not unit.retired and \
+                        now >= replica.relaunch_at:
                     self._launch(unit, replica, now)
             if state == "ready":
                 self._grant(unit)
@@ -329,14 +375,16 @@ class Fleet:
     def _schedule(self, now: float) -> None:
         """Start the waited-for stopped models, oldest waiter first, swapping out the least
         recently used models when they do not fit; eager ones start when they fit."""
-        wanted = sorted((u for u in self.units.values() if u.state == "stopped" and u.oldest_wait is not None),
+        held = {r.port for u in self.retired for r in u.replicas if r.popen is not None}
+        wanted = sorted((u for u in self.units.values() if u.state == "stopped" and u.oldest_wait is not None
+                         and not held & set(u.launch.ports)),
                         key=lambda u: u.oldest_wait)  # type: ignore[arg-type, return-value]
         for unit in wanted:
             if self._fits(unit, set()):
                 self._start(unit, now)
                 continue
             unit.swap = True
-            leaving = {u.name for u in self.units.values() if u.state in ("draining", "stopping")}
+            leaving = {u.name for u in self._every() if u.state in ("draining", "stopping") and not u.retired}
             if not self._fits(unit, leaving):  # not even once the models on their way out are gone
                 for victim in self._victims(unit, now, leaving):
                     log.info("fleet: draining %s to make room for %s", victim.name, unit.name)
@@ -346,16 +394,16 @@ class Fleet:
             return  # first come, first served: a later model does not overtake this one
         for unit in self.units.values():
             if unit.launch.start == "eager" and unit.state == "stopped" and unit.failures == 0 \
-                    and unit.loads == 0 and self._fits(unit, set()):
+                    and unit.loads == 0 and not held & set(unit.launch.ports) and self._fits(unit, set()):
                 self._start(unit, now)
 
     def _resident_memory(self) -> int:
-        return sum(u.memory for u in self.units.values() if u.state in RESIDENT)
+        return sum(u.memory for u in self._every() if u.state in RESIDENT)
 
     def _fits(self, unit: Unit, leaving: set[str]) -> bool:
         """Would ``unit`` fit, were the models named in ``leaving`` gone? (Models draining
         or stopping still hold their memory until they have exited.)"""
-        resident = [u for u in self.units.values() if u.state in RESIDENT and u.name not in leaving]
+        resident = [u for u in self._every() if u.state in RESIDENT and (u.name not in leaving or u.retired)]
         if self.fleet.max_resident is not None and len(resident) + 1 > self.fleet.max_resident:
             return False
         budget = self.fleet.memory_budget
@@ -457,13 +505,13 @@ class Fleet:
         """Stop every llama-server: SIGTERM, then SIGKILL after STOP_GRACE."""
         with self.lock:
             self.stopping = True
-            for unit in self.units.values():
+            for unit in self._every():
                 for waiter in unit.waiters:
                     waiter.error = "the gateway is shutting down"
                     waiter.event.set()
                 unit.waiters.clear()
                 self._stop(unit)
-            popens = [r.popen for u in self.units.values() for r in u.replicas if r.popen is not None]
+            popens = [r.popen for u in self._every() for r in u.replicas if r.popen is not None]
         deadline = time.monotonic() + STOP_GRACE
         for popen in popens:
             try:
@@ -550,12 +598,13 @@ class _Handler(socketserver.StreamRequestHandler):
             pass
 
     def _lease(self, fleet: Fleet, name: str) -> None:
-        waiter = fleet.enqueue(name)
+        unit, waiter = fleet.enqueue(name)
         while not waiter.event.wait(0.5):
             if _closed(self.connection):
-                fleet.abandon(name, waiter)
+                assert unit is not None
+                fleet.abandon(unit, waiter)
                 return
-        if waiter.error is not None:
+        if waiter.error is not None or unit is None:
             self._send({"ok": False, "reason": waiter.error})
             return
         try:
@@ -565,7 +614,7 @@ class _Handler(socketserver.StreamRequestHandler):
         except OSError:
             pass
         finally:
-            fleet.release(name)
+            fleet.release(unit)
 
 
 def _closed(sock: socket.socket) -> bool:
@@ -595,11 +644,18 @@ def serve(config: Config, socket_path: str, log_dir: str) -> None:
     server.fleet = fleet
     threading.Thread(target=server.serve_forever, name="fleet-server", daemon=True).start()
     log.info("fleet: supervisor %d on %s, %d launched backend(s)", os.getpid(), socket_path, len(fleet.units))
+    watched, next_look = _mtime(config.file), time.monotonic() + RELOAD_EVERY
     try:
         while not stop.is_set():
             fleet.step()
             with fleet.lock:
                 fleet.lock.wait(TICK)
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + RELOAD_EVERY
+                mtime = _mtime(config.file)
+                if mtime != watched:
+                    watched = mtime
+                    _reload(fleet, config.file)
     finally:
         server.shutdown()
         fleet.shutdown()
@@ -607,6 +663,24 @@ def serve(config: Config, socket_path: str, log_dir: str) -> None:
             os.unlink(socket_path)
         except OSError:
             pass
+
+
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _reload(fleet: Fleet, path: str) -> None:
+    """The pipelines file changed: the fleet follows it, unless it does not load."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error("fleet: %s is not valid; the fleet keeps its configuration:\n%s", path, exc)
+        return
+    fleet.reconfigure(config)
+    log.info("fleet: reloaded %s", path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import pytest
 import requests
+import yaml
 
 from gateway import keys
 
@@ -68,7 +69,8 @@ def fleet_doc(logs: Path, launched: dict[str, dict[str, Any]], **fleet: Any) -> 
     return {
         "health_interval": 0.5,
         "admin_pipeline": "default",
-        "fleet": {"ports": port_range(len(launched)), "log_dir": str(logs / "fleet"), **fleet},
+        # one spare port, for a model a reload adds
+        "fleet": {"ports": port_range(len(launched) + 1), "log_dir": str(logs / "fleet"), **fleet},
         "backends": {name: {"launch": {**LAUNCH, **spec}} for name, spec in launched.items()},
         "models": {name: {"backend": name} for name in launched},
         "pipelines": {"default": [{"statsd": {"host": "127.0.0.1", "port": 9, "prefix": "fleet-test"}},
@@ -244,6 +246,20 @@ def test_load_and_unload_through_the_admin_endpoints_and_the_cli(fleet):
                               "--key", fleet.user], capture_output=True, text=True, timeout=60,
                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert refused.returncode == 1 and "HTTP 403" in refused.stderr
+
+
+def test_a_reload_adds_a_launched_model_and_keeps_the_others_running(fleet, model_path):
+    assert chat(fleet, "a").status_code == 200
+    [pid] = model(fleet, "a")["pids"]
+    doc = yaml.safe_load(fleet.config.read_text())
+    doc["backends"]["late"] = {"launch": {**LAUNCH, "model": str(model_path.resolve()), "parallel": 1}}
+    doc["models"]["late"] = {"backend": "late"}
+    fleet.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    # Each worker and the supervisor see the change within a second or so.
+    wait_for(lambda: chat(fleet, "late").status_code == 200 and chat(fleet, "late").status_code == 200,
+             message="the new model to answer on both workers")
+    assert model(fleet, "late")["state"] == "ready"
+    assert model(fleet, "a")["pids"] == [pid]  # unchanged: not restarted
 
 
 @pytest.fixture(scope="module")
