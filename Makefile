@@ -58,6 +58,7 @@ check: venv
 # The gateway against the floor (bench/floor.py), ~3 min; BENCH_ARGS=--quick for a short run.
 bench: venv
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/fleet.py
 
 loadtest: venv model
 	$(BIN)/python bench/loadtest.py

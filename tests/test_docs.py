@@ -95,3 +95,23 @@ def test_the_link_checker_finds_links():
     assert LINK.findall(prose(text)) == ["docs/a.md#x", "b.md", "i.png"]
     assert slug("The shipped `pipelines.yaml`") == "the-shipped-pipelinesyaml"
     assert slug("Admin endpoints and the status page") == "admin-endpoints-and-the-status-page"
+
+
+def _pipelines_fields() -> list[str]:
+    """Every field of pipelines.yaml as configuration.md names it (``backends.<name>.launch.ctx``)."""
+    schema = json.loads((ROOT / "schemas" / "pipelines.schema.json").read_text())
+    defs = schema["$defs"]
+    fields = [name for name in schema["properties"]]
+    fields += [f"backends.<name>.{name}" for name in defs["backend"]["properties"]]
+    fields += [f"backends.<name>.launch.{name}" for name in defs["launch"]["properties"]]
+    fields += [f"models.<id>.{name}" for name in defs["model"]["properties"]]
+    fleet = schema["properties"]["fleet"]["properties"]
+    fields += [f"fleet.{name}" for name in fleet if name != "ports"]
+    fields += [f"fleet.ports.{name}" for name in fleet["ports"]["properties"]]
+    return fields
+
+
+@pytest.mark.parametrize("field", _pipelines_fields())
+def test_every_pipelines_field_is_documented(field):
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert f"`{field}`" in text, f"docs/configuration.md does not describe `{field}`"
