@@ -23,6 +23,7 @@ SIGKILL when the supervisor dies.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import http.client
 import json
 import logging
@@ -512,6 +513,7 @@ class Fleet:
                 unit.waiters.clear()
                 self._stop(unit)
             popens = [r.popen for u in self._every() for r in u.replicas if r.popen is not None]
+        log.info("fleet: stopping %d llama-server(s)", len(popens))
         deadline = time.monotonic() + STOP_GRACE
         for popen in popens:
             try:
@@ -690,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, default=None, help="exit when this pid is no longer our parent")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: where is every thread?
     # The parent may have died between our fork and the prctl call.
     if args.parent is not None and os.getppid() != args.parent:
         return 0
