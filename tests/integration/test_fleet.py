@@ -66,6 +66,7 @@ class StatsdSink:
 def fleet_doc(logs: Path, launched: dict[str, dict[str, Any]], **fleet: Any) -> dict[str, Any]:
     keys_file = logs / f"fleet-keys-{random.getrandbits(32)}.yaml"
     admin, user = keys.add_key(keys_file, "ops", "admin"), keys.add_key(keys_file, "alice")
+    limited = keys.add_key(keys_file, "bob", models=[next(iter(launched))])
     return {
         "health_interval": 0.5,
         "admin_pipeline": "default",
@@ -76,16 +77,16 @@ def fleet_doc(logs: Path, launched: dict[str, dict[str, Any]], **fleet: Any) -> 
         "pipelines": {"default": [{"statsd": {"host": "127.0.0.1", "port": 9, "prefix": "fleet-test"}},
                                   {"auth": {"keys_file": str(keys_file), "env_keys": {}}}]},
         "routes": {route: "default" for route in ROUTES},
-        "_keys": (admin, user),
+        "_keys": (admin, user, limited),
     }
 
 
 def start_fleet(start_gateway: Callable[..., Any], doc: dict[str, Any]) -> Any:
-    admin, user = doc.pop("_keys")
+    admin, user, limited = doc.pop("_keys")
     statsd = StatsdSink()
     doc["pipelines"]["default"][0]["statsd"]["port"] = statsd.port
     gw = start_gateway(doc, workers=2)
-    gw.admin, gw.user, gw.statsd = admin, user, statsd
+    gw.admin, gw.user, gw.limited, gw.statsd = admin, user, limited, statsd
     return gw
 
 
@@ -148,6 +149,17 @@ def fleet(start_gateway, model_path, logs):
                            "ttl": {"model": str(model_path.resolve()), "idle_ttl": 2, "parallel": 1},
                            "broken": {"model": str(broken)}}, max_restarts=1)
     return start_fleet(start_gateway, doc)
+
+
+def test_no_key_or_a_key_without_the_model_cannot_start_it(fleet):
+    body = {"model": "ttl", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    anonymous = requests.post(fleet.url + "/v1/chat/completions", json=body, timeout=30)
+    assert anonymous.status_code == 401
+    limited = requests.post(fleet.url + "/v1/chat/completions", json=body, timeout=30,
+                            headers={"Authorization": f"Bearer {fleet.limited}"})  # a key for model a only
+    assert limited.status_code in (403, 404), limited.text
+    status = model(fleet, "ttl")
+    assert status["state"] == "stopped" and status["loads"] == 0  # refused before the fleet heard of it
 
 
 def test_concurrent_first_requests_from_both_workers_start_one_process(fleet):
