@@ -46,15 +46,24 @@ def replica_urls(config: Config, backend_name: str) -> str:
     return ", ".join(redact_url(url) for url in config.backends[backend_name].urls)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def checked_config(path: str) -> Config | None:
+    """The config at ``path`` with its plugins built and its launched backends checked, or
+    None after printing every problem (``file: path: reason``) on stderr."""
     try:
-        config = load_config(args.file)
+        config = load_config(path)
         problems = fleet_problems(config)
         if problems:
-            raise ConfigError(args.file, problems)
+            raise ConfigError(path, problems)
         build_pipelines(config)
     except ConfigError as exc:
         print(redact_url(str(exc)), file=sys.stderr)
+        return None
+    return config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = checked_config(args.file)
+    if config is None:
         return 1
     print(f"{args.file}: OK")
     for route, name in config.routes.items():
@@ -175,10 +184,7 @@ def gunicorn_command(config: str, bind: str | None) -> tuple[list[str], dict[str
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        build_pipelines(load_config(args.config))
-    except ConfigError as exc:
-        print(redact_url(str(exc)), file=sys.stderr)
+    if checked_config(args.config) is None:
         return 1
     command, env = gunicorn_command(args.config, args.bind)
     os.execve(command[0], command, env)
@@ -233,14 +239,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     a curl line to try; until Ctrl-C (which stops the gateway and every llama-server)."""
     api_key, key_source = operator_key_source()
     os.environ["LLAMAGATE_API_KEY"] = api_key
-    try:
-        config = load_config(args.config)
-        problems = fleet_problems(config)
-        if problems:
-            raise ConfigError(args.config, problems)
-        build_pipelines(config)
-    except ConfigError as exc:
-        print(redact_url(str(exc)), file=sys.stderr)
+    if checked_config(args.config) is None:
         return 1
     command, env = gunicorn_command(args.config, args.bind)
     gateway = subprocess.Popen(command, env=env)

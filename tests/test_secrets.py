@@ -122,9 +122,7 @@ def run_up(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(cli, "OPERATOR_KEY_FILE", tmp_path / ".llamagate-api-key")
     monkeypatch.setattr(cli.subprocess, "Popen", FakeChild)
     monkeypatch.setattr(cli, "wait_until_ready", lambda urls, timeout: True)
-    monkeypatch.setattr(cli, "load_config", lambda path: None)
-    monkeypatch.setattr(cli, "fleet_problems", lambda config: [])
-    monkeypatch.setattr(cli, "build_pipelines", lambda config: None)
+    monkeypatch.setattr(cli, "checked_config", lambda path: object())
     monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
     args = SimpleNamespace(config="pipelines.yaml", bind="127.0.0.1:1")
     with pytest.raises(SystemExit):
