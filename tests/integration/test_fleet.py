@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -274,6 +276,56 @@ def test_a_reload_adds_a_launched_model_and_keeps_the_others_running(fleet, mode
     assert model(fleet, "a")["pids"] == [pid]  # unchanged: not restarted
 
 
+def test_the_status_page_shows_the_fleet(fleet, tmp_path):
+    from .test_status_page import CHROMIUM_FLAGS  # noqa: F401  (the same headless Chromium)
+    from .test_status_page import render
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is not on PATH: `make test` installs Debian's package")
+    assert chat(fleet, "a").status_code == 200
+    [pid] = model(fleet, "a")["pids"]
+    dom = render(chromium, f"{fleet.url}/admin/#key={fleet.admin}", tmp_path, "--dump-dom")
+    table = dom[dom.index('id="fleet-table"'):]
+    assert "hidden" not in table[:table.index(">")]
+    body = table[table.index('id="fleet"'):table.index("</tbody>")]
+    rows = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+    cells = {row[0]: row for row in rows}
+    assert cells["a"][1] == "ready" and cells["a"][2] == str(pid)
+    assert cells["broken"][1] == "failed" and "failed 2 time(s)" in cells["broken"][10]
+
+
+def test_worker_deaths_and_a_hup_reload_keep_the_supervisor_and_its_models(fleet):
+    assert chat(fleet, "a").status_code == 200
+    before = fleet_status(fleet)
+    [pid] = before["models"]["a"]["pids"]
+    master = fleet.proc.popen.pid
+    with chat(fleet, "a", max_tokens=400, stream=True,
+              messages=[{"role": "user", "content": "Write a very long story about a llama."}]) as resp:
+        next(line for line in resp.iter_lines() if line)
+        assert model(fleet, "a")["in_flight"] >= 1
+        for worker in workers(master, before["supervisor_pid"]):
+            os.kill(worker, signal.SIGKILL)  # the one holding the lease dies with it
+    # gunicorn starts new workers; the dead one's lease came back with its connection.
+    wait_for(lambda: (m := model_or_none(fleet, "a")) and m["in_flight"] == 0, message="the lease to come back")
+    os.kill(master, signal.SIGHUP)
+    wait_for(lambda: chat(fleet, "a").status_code == 200, message="requests after the HUP")
+    after = fleet_status(fleet)
+    assert after["supervisor_pid"] == before["supervisor_pid"] and after["models"]["a"]["pids"] == [pid]
+
+
+def workers(master: int, supervisor_pid: int) -> list[int]:
+    with open(f"/proc/{master}/task/{master}/children") as handle:
+        return [int(p) for p in handle.read().split() if int(p) != supervisor_pid]
+
+
+def model_or_none(gw: Any, name: str) -> dict[str, Any] | None:
+    try:
+        return model(gw, name)
+    except (requests.RequestException, AssertionError):
+        return None
+
+
 @pytest.fixture(scope="module")
 def switching(start_gateway, model_path, logs):
     """Two models, room for one: runtime model switching."""
@@ -332,6 +384,19 @@ def test_alternating_requests_are_served_in_groups_not_thrashed(switching):
     swaps = fleet_status(switching)["swaps"] - before
     # Swapping per request would take about 2 * per_model - 1 swaps; groups take a few.
     assert 1 <= swaps <= per_model // 2, swaps
+
+
+def test_no_llama_server_survives_a_kill_9_of_the_supervisor(start_gateway, model_path, logs):
+    doc = fleet_doc(logs, {"eager": {"model": str(model_path.resolve()), "start": "eager", "parallel": 1}})
+    gw = start_fleet(start_gateway, doc)
+    status = wait_for(lambda: (s := fleet_status(gw))["models"]["eager"]["state"] == "ready" and s,
+                      message="the eager model to start")
+    [server] = status["models"]["eager"]["pids"]
+    os.kill(status["supervisor_pid"], signal.SIGKILL)
+    wait_for(lambda: not alive(server), timeout=30, message="the llama-server to go with its supervisor")
+    # Without a supervisor, launched models answer 503 model_unavailable (the gateway keeps serving).
+    resp = chat(gw, "eager")
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "model_unavailable"
 
 
 def test_no_llama_server_survives_a_kill_9_of_the_gunicorn_master(start_gateway, model_path, logs):
