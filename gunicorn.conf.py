@@ -83,3 +83,9 @@ def on_reload(server) -> None:
     # last good configuration (the one checked here before), and say why.
     if not _check_config(server):
         server.log.error("keeping the last good configuration")
+        return
+    # The fleet supervisor follows the file itself; this starts one if the file now
+    # launches a backend and none runs yet.
+    from gateway.fleet import master
+
+    master.start(_settings.config, server.log)

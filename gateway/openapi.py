@@ -101,6 +101,19 @@ def document(config: Config) -> dict[str, Any]:
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "Cancelled.", "content": {"application/json": {"schema": JSON_OBJECT}}},
                           **_errors(401, 403, 404)}}}
+        paths["/admin/models"] = {"get": {
+            "summary": "The fleet's launched models: state, pids, ports, memory, leases, restarts (admin key)",
+            "operationId": "adminModels",
+            "responses": {"200": {"description": "The fleet.", "content": {"application/json": {"schema": JSON_OBJECT}}},
+                          **_errors(401, 403, 503)}}}
+        for action, summary in (("load", "Start a launched model and wait until it is ready (admin key)"),
+                                ("unload", "Drain a launched model and stop it (admin key)")):
+            paths[f"/admin/models/{{model_id}}/{action}"] = {"post": {
+                "summary": summary, "operationId": f"{action}Model",
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The model's state.",
+                                      "content": {"application/json": {"schema": JSON_OBJECT}}},
+                              **_errors(401, 403, 404, 503)}}}
     paths["/health"] = {"get": {
         "summary": "Readiness of every model's backend", "operationId": "health", "security": [],
         "responses": {"200": {"description": "Every model has a ready backend.",

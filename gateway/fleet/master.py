@@ -2,8 +2,8 @@
 (gunicorn.conf.py: ``on_starting``, ``on_exit``). Workers find it through
 ``LLAMAGATE_FLEET_SOCKET``, which they inherit.
 
-It imports only the standard library (and ``gateway.settings``): the master must not
-import requests before the workers patch the standard library for gevent.
+It imports only the standard library, ``gateway.settings`` and PyYAML: the master must
+not import requests before the workers patch the standard library for gevent.
 """
 
 from __future__ import annotations
@@ -23,9 +23,22 @@ STOP_WAIT = 20.0  # the supervisor gives its llama-servers 10 s, then kills them
 _supervisor: subprocess.Popen[bytes] | None = None
 
 
+def launches(config_path: str) -> bool:
+    """Does the (already checked) pipelines file declare a launched backend?"""
+    import yaml
+
+    with open(config_path) as handle:
+        doc = yaml.safe_load(handle)
+    return any(isinstance(b, dict) and "launch" in b for b in (doc.get("backends") or {}).values())
+
+
 def start(config_path: str, log: Any) -> None:
-    """Start the supervisor for ``config_path``, its socket in a new private folder."""
+    """Start the supervisor for ``config_path``, its socket in a new private folder, when
+    the file launches a backend and none runs yet (a gateway that launches nothing does
+    not pay for one; a HUP after the first launched backend was added starts it)."""
     global _supervisor
+    if _supervisor is not None and _supervisor.poll() is None or not launches(config_path):
+        return
     folder = tempfile.mkdtemp(prefix="llamagate-fleet-")  # mode 0700: only this user connects
     path = os.path.join(folder, "fleet.sock")
     parent = os.getpid()

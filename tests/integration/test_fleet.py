@@ -314,6 +314,13 @@ def test_worker_deaths_and_a_hup_reload_keep_the_supervisor_and_its_models(fleet
     assert after["supervisor_pid"] == before["supervisor_pid"] and after["models"]["a"]["pids"] == [pid]
 
 
+def test_a_gateway_that_launches_nothing_runs_no_supervisor(gateway):
+    master = gateway.proc.popen.pid
+    with open(f"/proc/{master}/task/{master}/children") as handle:
+        children = [open(f"/proc/{pid}/cmdline", "rb").read() for pid in handle.read().split()]
+    assert children and not any(b"gateway.fleet.supervisor" in cmdline for cmdline in children)
+
+
 def workers(master: int, supervisor_pid: int) -> list[int]:
     with open(f"/proc/{master}/task/{master}/children") as handle:
         return [int(p) for p in handle.read().split() if int(p) != supervisor_pid]
