@@ -44,7 +44,6 @@ from . import settings
 from .config import BackendConfig, Timeouts
 from .context import BackendView, ReplicaView, RequestContext
 from .redact import redact_url  # a URL's userinfo is a credential: never shown
-from .fleet import client as fleet
 from .errors import (
     ClientGoneError,
     GatewayError,
@@ -53,6 +52,7 @@ from .errors import (
     ServiceUnavailableError,
     from_backend_response,
 )
+from .fleet import client as fleet
 
 log = logging.getLogger("llamagate")
 
@@ -390,8 +390,9 @@ class Backend:
         return ordered
 
     def status(self) -> dict[str, Any]:
-        return {"ready": self.ready, "fleet_state": self.fleet_state, "limit": self.limit, "in_flight": self.admission.in_flight,
-                "queued": self.admission.queued, "replicas": [r.status() for r in self.replicas]}
+        return {"ready": self.ready, "fleet_state": self.fleet_state, "limit": self.limit,
+                "in_flight": self.admission.in_flight, "queued": self.admission.queued,
+                "replicas": [r.status() for r in self.replicas]}
 
 
 class Lease:

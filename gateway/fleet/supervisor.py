@@ -92,7 +92,8 @@ class Unit:
         self.launch = backend.launch
         self.models = models
         self.memory = backend_memory(backend)
-        self.replicas = [Replica(port, os.path.join(log_dir, f"{backend.name}-{port}.log")) for port in backend.launch.ports]
+        self.replicas = [Replica(port, os.path.join(log_dir, f"{backend.name}-{port}.log"))
+                         for port in backend.launch.ports]
         self.state = "stopped"
         self.leases = 0
         self.waiters: list[Waiter] = []

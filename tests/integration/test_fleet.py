@@ -233,7 +233,8 @@ def test_a_model_that_cannot_start_is_failed_with_its_reason(fleet):
 def test_load_and_unload_through_the_admin_endpoints_and_the_cli(fleet):
     user = {"Authorization": f"Bearer {fleet.user}"}
     admin = {"Authorization": f"Bearer {fleet.admin}"}
-    for method, path in (("GET", "/admin/models"), ("POST", "/admin/models/a/unload"), ("POST", "/admin/models/a/load")):
+    for method, path in (("GET", "/admin/models"), ("POST", "/admin/models/a/unload"),
+                         ("POST", "/admin/models/a/load")):
         resp = requests.request(method, fleet.url + path, headers=user, timeout=30)
         assert resp.status_code == 403, (path, resp.text)
     assert requests.get(fleet.url + "/admin/models", timeout=30).status_code == 401
@@ -277,7 +278,6 @@ def test_a_reload_adds_a_launched_model_and_keeps_the_others_running(fleet, mode
 
 
 def test_the_status_page_shows_the_fleet(fleet, tmp_path):
-    from .test_status_page import CHROMIUM_FLAGS  # noqa: F401  (the same headless Chromium)
     from .test_status_page import render
 
     chromium = shutil.which("chromium")
