@@ -203,3 +203,16 @@ def test_check_refuses_a_missing_file_a_non_gguf_and_a_budget_no_model_fits(tmp_
     assert problems["backends.junk.launch.model"] == f"{junk} is not a GGUF file"
     assert "more than the whole fleet.memory_budget" in problems["backends.big.launch"]
     assert "slots leave under 64 tokens" in problems["backends.big.launch.parallel"]
+
+
+def test_a_llama_server_that_never_answers_health_is_killed_after_load_timeout(clock, tmp_path, monkeypatch):
+    monkeypatch.setattr(supervisor, "_healthy", lambda port: False)
+    fleet = make_fleet(tmp_path, max_restarts=0)
+    fleet.units["one"].launch = fleet.units["one"].launch.__class__(
+        **{**fleet.units["one"].launch.__dict__, "load_timeout": 1})
+    _, waiter = fleet.enqueue("one")
+    settle(fleet, clock, 5)
+    assert state(fleet, "one") == "starting" and FakePopen.launched[0].code is None
+    settle(fleet, clock, 10)
+    assert FakePopen.launched[0].code == -9 and state(fleet, "one") == "failed"
+    assert "not ready after 1 s" in waiter.error

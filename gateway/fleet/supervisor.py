@@ -77,6 +77,7 @@ class Replica:
     popen: subprocess.Popen[bytes] | None = None
     launched_at: float = 0.0
     healthy_since: float | None = None
+    polled_at: float = 0.0  # the last /health poll while it starts
     relaunch_at: float = 0.0
     term_sent_at: float | None = None
     expected_exit: bool = False
@@ -306,15 +307,19 @@ class Fleet:
             _bound_log(replica.log_path, self.fleet.log_bytes)
             code = popen.poll()
             if code is None:
-                if replica.healthy_since is None and _healthy(replica.port):
-                    replica.healthy_since = now
-                elif replica.healthy_since is not None and now - replica.healthy_since >= STABLE:
+                if replica.healthy_since is None:
+                    # About one /health poll per tick, however often requests wake the loop.
+                    if now - replica.polled_at >= TICK / 2:
+                        replica.polled_at = now
+                        if _healthy(replica.port):
+                            replica.healthy_since = now
+                    if replica.healthy_since is None and now - replica.launched_at > unit.launch.load_timeout:
+                        replica.popen = None
+                        popen.kill()
+                        popen.wait()
+                        self._failed_replica(unit, replica, now, f"not ready after {unit.launch.load_timeout:g} s")
+                elif now - replica.healthy_since >= STABLE:
                     unit.failures = 0
-                elif replica.healthy_since is None and now - replica.launched_at > unit.launch.load_timeout:
-                    replica.popen = None
-                    popen.kill()
-                    popen.wait()
-                    self._failed_replica(unit, replica, now, f"not ready after {unit.launch.load_timeout:g} s")
                 continue
             replica.popen = None
             if replica.expected_exit:
