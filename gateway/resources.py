@@ -165,7 +165,14 @@ class ControlResource:
         self._run(req, resp, "/v1/requests/{request_id}/cancel", False, cancel)
 
     def on_get_models(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._run(req, resp, "/admin/models", True, lambda ctx: fleet.call("status"))
+        def models(ctx: RequestContext) -> dict[str, Any]:
+            config = self.gateway.config
+            if not config.launched:  # no supervisor runs: nothing to ask
+                return {"models": {}, "swaps": 0, "resident": 0, "memory_budget": config.fleet.memory_budget,
+                        "max_resident": config.fleet.max_resident}
+            return fleet.call("status")
+
+        self._run(req, resp, "/admin/models", True, models)
 
     def on_post_model_load(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
         self._run(req, resp, "/admin/models/{id}/load", True,
