@@ -29,12 +29,12 @@ import time
 from typing import Any, Callable, Iterable
 
 import falcon
-import requests
 
 from .answers import Assembler, normalize_answer, stream_request
 from .body import read_body, read_json_body
 from .config import ModelConfig, PrefixRoute, Timeouts
 from .context import RequestContext, Response
+from .httpclient import HTTPFailure
 from .errors import (
     InternalError,
     InvalidRequestError,
@@ -125,13 +125,13 @@ def serve_prefix(gateway: Gateway, req: falcon.Request, resp: falcon.Response, p
 
     def relay() -> Any:
         try:
-            yield from lease.response.iter_content(chunk_size=None)
-        except requests.RequestException as exc:
+            yield from lease.response.chunks()
+        except HTTPFailure as exc:
             ctx.error = read_error(ctx, exc, timeouts)  # the body is cut: nothing else to say
 
-    resp.status = lease.response.status_code
-    if lease.response.headers.get("Content-Type"):
-        resp.content_type = lease.response.headers["Content-Type"]
+    resp.status = lease.response.status
+    if lease.response.content_type:
+        resp.content_type = lease.response.content_type
     respond(gateway, ctx, pipeline, resp, relay(), lambda: gateway.finish(lease))
 
 
@@ -236,7 +236,7 @@ def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, bod
     try:
         if ctx.cancelled:  # cancelled as the answer began
             raise RequestCancelledError()
-        if lease.response.status_code >= 400 and not relay_errors:
+        if lease.response.status >= 400 and not relay_errors:
             raise from_backend_response(lease.response, gateway.upstreams.retry_after())
     except BaseException:
         gateway.finish(lease)
@@ -257,7 +257,7 @@ def whole_answer(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> dict[
     when the backend answered in one piece (embeddings, or a backend that does not stream)."""
     assert ctx.model is not None
     upstream = lease.response
-    if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+    if upstream.content_type.startswith("text/event-stream"):
         assembler = Assembler()
         collect(ctx, lease, timeouts, assembler.add)
         answer = assembler.answer()
@@ -265,10 +265,10 @@ def whole_answer(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> dict[
             raise UpstreamError("The backend's streamed answer could not be assembled; it is incomplete.")
     else:
         try:
-            answer = json.loads(upstream.content)
+            answer = json.loads(upstream.read())
         except ValueError:
             answer = None
-        except requests.RequestException as exc:
+        except HTTPFailure as exc:
             raise read_error(ctx, exc, timeouts) from exc
         if not isinstance(answer, dict):
             raise UpstreamError("The backend's answer was not a JSON object.")

@@ -23,8 +23,6 @@ import socket
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-import requests
-
 from .body import gevent_patched, gevent_timeout
 from .answers import Tally, choices_asked, decode_json, merge_usage, normalize_event
 from .config import Timeouts
@@ -36,8 +34,8 @@ from .errors import (
     UpstreamError,
     from_read_failure,
     from_upstream,
-    is_read_timeout,
 )
+from .httpclient import HTTPFailure, ReadTimedOut
 
 DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
@@ -104,7 +102,7 @@ class ResponseBody:
             self._on_close(self._sent_all)
 
 
-def read_error(ctx: RequestContext, exc: requests.RequestException, timeouts: Timeouts) -> GatewayError:
+def read_error(ctx: RequestContext, exc: HTTPFailure, timeouts: Timeouts) -> GatewayError:
     """:func:`errors.from_read_failure` for this request."""
     return from_read_failure(exc, cancelled=ctx.cancelled, client_gone=ctx.client_gone, idle=timeouts.idle)
 
@@ -123,18 +121,18 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
 
     Raises:
         GatewayTimeoutError: no event within ``first_byte``.
-        requests.RequestException: the connection failed later.
+        HTTPFailure: the connection failed later.
     """
     buffer = b""
     started = False
-    chunks = lease.response.iter_content(chunk_size=None)
+    chunks = lease.response.chunks()
     while True:
         try:
             chunk = next(chunks)
         except StopIteration:
             return
-        except requests.RequestException as exc:
-            if not started and is_read_timeout(exc):
+        except HTTPFailure as exc:
+            if not started and isinstance(exc, ReadTimedOut):
                 raise GatewayTimeoutError(f"The backend {lease.backend.name} did not start answering within "
                                           f"{timeouts.first_byte:g} s.") from None
             raise
@@ -174,7 +172,7 @@ def read_to_the_end(batches: Iterator[list[bytes]], lease: Lease) -> None:
     except BaseException as exc:  # the answer is complete: only the connection is lost
         if exc is timer:
             lease.abort()
-        elif not isinstance(exc, (requests.RequestException, GatewayError)):
+        elif not isinstance(exc, (HTTPFailure, GatewayError)):
             raise
     finally:
         if timer is not None:
@@ -217,7 +215,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
             if time.monotonic() > deadline:
                 raise GatewayTimeoutError(f"The answer took longer than {timeouts.total:g} s in all.")
         raise UpstreamError("The backend ended the answer before it finished; the answer is incomplete.")
-    except requests.RequestException as exc:
+    except HTTPFailure as exc:
         ctx.usage = tally.usage()
         raise read_error(ctx, exc, timeouts) from None
     except GatewayError:
@@ -317,7 +315,7 @@ class Relay:
                     yield _stream_error(self.ctx, GatewayTimeoutError(
                         f"The answer took longer than {self.timeouts.total:g} s in all; the stream was ended."))
                     return
-        except requests.RequestException as exc:
+        except HTTPFailure as exc:
             yield _stream_error(self.ctx, read_error(self.ctx, exc, self.timeouts))
             return
         except GatewayError as exc:

@@ -82,13 +82,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import jsonschema
 import requests
 
 from gateway import InvalidRequestError, hookimpl
-from gateway.schemas import SCHEMA_DIR, compile_schema, format_path
+from gateway.schemas import SCHEMA_DIR, compile_check, compile_schema, format_path
 from gateway.redact import clip
 
 SCHEMA_FILES = {
@@ -125,8 +125,12 @@ REFUSED_PREFIXES = ("speculative.",)
 DROPPED_FIELDS = ("timings_per_token", "return_progress", "response_fields", "return_tokens", "post_sampling_probs")
 
 
-def first_error(validator: jsonschema.protocols.Validator, body: dict[str, Any]) -> InvalidRequestError | None:
-    """The most relevant schema violation as a client error, or None."""
+def first_error(validator: jsonschema.protocols.Validator, body: dict[str, Any],
+                check: Callable[[Any], bool] | None = None) -> InvalidRequestError | None:
+    """The most relevant schema violation as a client error, or None; ``check`` (a
+    :func:`gateway.schemas.compile_check`) answers the common case, a valid body, first."""
+    if check is not None and check(body):
+        return None
     error = jsonschema.exceptions.best_match(validator.iter_errors(body))
     if error is None:
         return None
@@ -187,8 +191,9 @@ class Plugin:
         if unknown:
             raise ValueError(f"allow_backend_fields: {', '.join(unknown)}: not a field this plugin refuses "
                              f"(those are {', '.join(REFUSED_FIELDS)}, speculative.*)")
-        self.validators = {route: compile_schema(json.loads((SCHEMA_DIR / name).read_text()))
-                           for route, name in SCHEMA_FILES.items()}
+        schemas = {route: json.loads((SCHEMA_DIR / name).read_text()) for route, name in SCHEMA_FILES.items()}
+        self.validators = {route: compile_schema(schema) for route, schema in schemas.items()}
+        self.checks = {route: compile_check(schema) for route, schema in schemas.items()}  # the fast yes/no
         self.context_sizes: dict[str, int] = {}
 
     # --- 1. sizes, before the schema ------------------------------------------------
@@ -347,7 +352,7 @@ class Plugin:
         if validator is None or ctx.body is None:
             return None
         body = ctx.body
-        error = first_error(validator, self._check_sizes(ctx.route, body))
+        error = first_error(validator, self._check_sizes(ctx.route, body), self.checks[ctx.route])
         if error is not None:
             raise error
         self._check_backend_fields(ctx.route, body)
