@@ -138,6 +138,8 @@ class RequestContext:
         started: ``time.monotonic()`` when the request arrived.
         first_byte_at: ``time.monotonic()`` when the first body byte went out.
         upstream_ms: Milliseconds the backend took to start answering (headers).
+        sent: Set when the request left the admission queue for a backend: from then
+            on the backend may be working on it.
         bytes_in: Request body size.
         bytes_out: Response body bytes sent so far.
         state: Scratch space, one key per plugin.
@@ -173,6 +175,7 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
     upstream_ms: float | None = None
+    sent: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
     state: dict[str, Any] = field(default_factory=dict)

@@ -16,7 +16,9 @@ A model request (:func:`serve_model`), in order:
 7. **complete**: when the body iterable closes, the lease goes back and every
    plugin's ``complete`` runs, whatever happened (:func:`respond`).
 
-Prefix routes (:func:`serve_prefix`) and answers made without a backend
+llama-server's other model endpoints (:func:`serve_relay`: Anthropic's messages,
+OpenAI's Responses, the native API) take the same steps, their answers relayed in
+their own shapes. Prefix routes (:func:`serve_prefix`) and answers made without a backend
 (:func:`serve_locally`: models, admin, plugin routes, preflights) take the same
 steps, fewer of them. Errors raised anywhere are rendered by the app's error
 handlers through :func:`respond` too, so ``complete`` never misses a request.
@@ -30,11 +32,10 @@ from typing import Any, Callable, Iterable
 
 import falcon
 
-from .answers import Assembler, normalize_answer, stream_request
+from .answers import Assembler, decode_json, normalize_answer, stream_request, usage_of
 from .body import read_body, read_json_body
 from .config import ModelConfig, PrefixRoute, Timeouts
 from .context import RequestContext, Response
-from .httpclient import HTTPFailure
 from .errors import (
     InternalError,
     InvalidRequestError,
@@ -43,10 +44,11 @@ from .errors import (
     UpstreamError,
     from_backend_response,
 )
+from .httpclient import HTTPFailure
 from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline
 from .state import Gateway
-from .streaming import Relay, ResponseBody, collect, read_error, replay, watch_departure
+from .streaming import Relay, ResponseBody, collect, read_error, relay_as_is, replay, watch_departure
 from .upstream import Lease, Replica
 
 JSON_TYPE = "application/json"
@@ -97,6 +99,61 @@ def serve_model(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     pipeline.response(ctx, answer)
     data = json.dumps(answer).encode()
     resp.content_type = JSON_TYPE
+    resp.content_length = len(data)
+    respond(gateway, ctx, pipeline, resp, [data])
+
+
+def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str) -> None:
+    """``POST`` to one of llama-server's other model endpoints (``/v1/messages``,
+    ``/v1/responses``, ``/tokenize``...): routed by the body's model like
+    :func:`serve_model`, the answer relayed in its own shape, its usage read as it
+    passes (``response`` and ``response_event`` hooks do not run: they take OpenAI's
+    shapes)."""
+    config = gateway.config
+    ctx, pipeline = begin(gateway, req, route, config.routes[route])
+    if answered(gateway, ctx, pipeline, resp, pipeline.request_start(ctx)):
+        return
+    ctx.body = read_json_body(req, ctx, config)
+    resolve_model(gateway, ctx)
+    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx)):
+        return
+    model = served_model(gateway, ctx)
+    replica = choose_replica(gateway, ctx, pipeline)
+    payload = dict(ctx.body, model=model.upstream_model or ctx.model)
+    pipeline.upstream_request(ctx, payload)
+    timeouts = config.timeouts_for(route)
+    stop_watching = watch_departure(req.env, lambda: gateway.client_gone(ctx)) if not ctx.stream else None
+    try:
+        lease = send(gateway, ctx, replica, route, json.dumps(payload).encode(),
+                     {"Content-Type": JSON_TYPE, "X-Request-Id": ctx.request_id})
+        relaying = False
+        try:
+            upstream = lease.response
+            if upstream.content_type.startswith("text/event-stream"):
+                resp.content_type = upstream.content_type
+                resp.set_headers(STREAM_HEADERS)
+                respond(gateway, ctx, pipeline, resp, relay_as_is(ctx, lease, ctx.model, timeouts),
+                        lambda: gateway.finish(lease))
+                relaying = True
+                return
+            try:
+                data = upstream.read()
+            except HTTPFailure as exc:
+                raise read_error(ctx, exc, timeouts) from exc
+            content_type = upstream.content_type or JSON_TYPE
+        finally:
+            if not relaying:
+                gateway.finish(lease)
+    finally:
+        if stop_watching is not None:
+            stop_watching()
+    answer = decode_json(data) if content_type.startswith(JSON_TYPE) else None
+    if isinstance(answer, dict):
+        ctx.usage = usage_of(answer)
+        if "model" in answer:
+            answer["model"] = ctx.model
+            data = json.dumps(answer).encode()
+    resp.content_type = content_type
     resp.content_length = len(data)
     respond(gateway, ctx, pipeline, resp, [data])
 

@@ -448,6 +448,7 @@ class Upstreams:
         ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
         waited = backend.admission.acquire(priority, in_flight)
         ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
+        ctx.sent = True
         try:
             return self._send(ctx, backend, first, path, body, headers, timeouts, in_flight, method)
         except BaseException:
