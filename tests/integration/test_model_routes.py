@@ -27,6 +27,7 @@ def relaying(start_gateway, chat_backend, embeddings_backend, logs):
     keys_file = logs / "relay-keys.yaml"
     user = keys.add_key(keys_file, "alice", "user")
     thrifty = keys.add_key(keys_file, "carol", "user", limits={"tokens_per_minute": 600})
+    embed_only = keys.add_key(keys_file, "bob", "user", models=["smollm2-embeddings"])
     access_log = logs / "relay-access.log"
     doc = {
         "health_interval": 1,
@@ -42,7 +43,7 @@ def relaying(start_gateway, chat_backend, embeddings_backend, logs):
         "routes": {route: "default" for route in ROUTES + RELAYED},
     }
     gw = start_gateway(doc)
-    gw.user, gw.thrifty, gw.access_log, gw.backend = user, thrifty, access_log, chat_backend
+    gw.user, gw.thrifty, gw.embed_only, gw.access_log = user, thrifty, embed_only, access_log
     return gw
 
 
@@ -125,10 +126,13 @@ def test_bad_requests_get_openai_shaped_errors_and_never_reach_the_model(relayin
         assert error["code"] == code
 
 
-def test_no_key_no_answer(relaying):
+def test_no_key_no_answer_and_a_key_keeps_to_its_models(relaying):
     for route in RELAYED:
         resp = requests.post(relaying.url + route, json={"model": "smollm2"}, timeout=10)
         assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+        narrow = post(relaying, route, {"model": "smollm2", "max_tokens": 5, "messages": MESSAGES},
+                      key=relaying.embed_only)
+        assert narrow.status_code == 403 and narrow.json()["error"]["code"] == "model_not_allowed"
 
 
 def test_the_generation_budget_defaults_to_the_limit(relaying):
