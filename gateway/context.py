@@ -23,12 +23,17 @@ class Response:
             followed by ``data: [DONE]``. When None, ``body`` is sent as plain JSON.
         status: HTTP status.
         headers: Extra response headers.
+        content: A body that is not JSON (Prometheus' text format, say), sent as it
+            is with ``content_type``; it wins over ``body`` and ``events``.
+        content_type: The media type of ``content``.
     """
 
     body: dict[str, Any] | None = None
     events: list[dict[str, Any]] | None = None
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+    content: bytes | None = None
+    content_type: str = "text/plain; charset=utf-8"
 
 
 class ReplicaView:
@@ -56,6 +61,16 @@ class ReplicaView:
     slots = property(lambda self: self._replica.slots)
     breaker = property(lambda self: self._replica.breaker.state)
 
+    def fetch(self, path: str, timeout: float = 2.0) -> Any:
+        """``GET path`` on the replica with the gateway's credentials for it (its
+        ``/metrics``, ``/slots``...), off the request path's pool.
+
+        Returns:
+            The ``requests.Response``. Raises ``requests.RequestException`` as requests does.
+        """
+        replica = self._replica
+        return replica.session.get(replica.url + path, timeout=(replica.connect_timeout, timeout))
+
     def __repr__(self) -> str:
         return f"ReplicaView({self.url!r})"
 
@@ -66,9 +81,16 @@ class BackendView:
     Attributes:
         name: The backend's name in ``pipelines.yaml``.
         replicas: Its replicas (:class:`ReplicaView`), in configured order.
+        in_flight: Requests this worker has admitted to it, now.
+        queued: Requests of this worker waiting for a slot, now.
+        limit: The most requests this worker admits at once.
     """
 
     __slots__ = ("_backend", "name", "replicas")
+
+    in_flight = property(lambda self: self._backend.admission.in_flight)
+    queued = property(lambda self: self._backend.admission.queued)
+    limit = property(lambda self: self._backend.limit)
 
     def __init__(self, backend: Any, replicas: tuple[ReplicaView, ...]) -> None:
         self._backend = backend

@@ -63,7 +63,7 @@ def serve_model(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
         return
     ctx.body = read_json_body(req, ctx, config)
     resolve_model(gateway, ctx)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx)):
+    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
         return
     model = served_model(gateway, ctx)
     replica = choose_replica(gateway, ctx, pipeline)
@@ -115,7 +115,7 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
         return
     ctx.body = read_json_body(req, ctx, config)
     resolve_model(gateway, ctx)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx)):
+    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
         return
     model = served_model(gateway, ctx)
     replica = choose_replica(gateway, ctx, pipeline)
@@ -169,7 +169,7 @@ def serve_prefix(gateway: Gateway, req: falcon.Request, resp: falcon.Response, p
     # The raw target, checked: never req.path (decoded) nor anything outside the prefix.
     path = check_relay_target(raw_target(req.env, req.path, req.query_string), prefix)
     body = read_body(req, ctx, gateway.config)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx)):
+    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
         return
     ctx.backend = target.backend
     replica = choose_replica(gateway, ctx, pipeline)
@@ -202,7 +202,7 @@ def serve_locally(gateway: Gateway, req: falcon.Request, resp: falcon.Response, 
     if answer is None:
         if read_body and req.method in ("POST", "PUT", "PATCH") and req.content_length:
             ctx.body = read_json_body(req, ctx, gateway.config)
-        answer = pipeline.request(ctx)
+        answer = pipeline.request(ctx, gateway.upstreams.views)
     deliver(gateway, ctx, pipeline, resp, answer if answer is not None else otherwise(ctx))
 
 
@@ -339,7 +339,10 @@ def deliver(gateway: Gateway, ctx: RequestContext, pipeline: Pipeline, resp: fal
     resp.status = answer.status
     for name, value in answer.headers.items():
         resp.set_header(name, value)
-    if answer.body is None and answer.events is None:
+    if answer.content is not None:
+        data = answer.content
+        resp.content_type = answer.content_type
+    elif answer.body is None and answer.events is None:
         data = b""
     elif ctx.stream and answer.events is not None:
         data = replay(answer.events)
@@ -363,7 +366,7 @@ def respond(gateway: Gateway, ctx: RequestContext, pipeline: Pipeline, resp: fal
             if cleanup is not None:
                 cleanup()
         finally:
-            pipeline.complete(ctx, outcome_of(ctx, sent_all))
+            pipeline.complete(ctx, outcome_of(ctx, sent_all), gateway.upstreams.views)
             gateway.stats.record(ctx)
 
     resp.stream = ResponseBody(ctx, chunks, on_close)

@@ -185,8 +185,8 @@ class Pipeline:
     def request_start(self, ctx: RequestContext) -> Response | None:
         return self._call("request_start", ctx)
 
-    def request(self, ctx: RequestContext) -> Response | None:
-        return self._call("request", ctx)
+    def request(self, ctx: RequestContext, backends: Mapping[str, BackendView]) -> Response | None:
+        return self._call("request", ctx, backends=backends)
 
     def route(self, ctx: RequestContext, backends: Mapping[str, BackendView]) -> ReplicaView | None:
         return self._call("route", ctx, backends=backends)
@@ -215,9 +215,9 @@ class Pipeline:
         """True when the event is kept."""
         return self._call("response_event", ctx, event=event) is not False
 
-    def complete(self, ctx: RequestContext, outcome: str) -> None:
+    def complete(self, ctx: RequestContext, outcome: str, backends: Mapping[str, BackendView]) -> None:
         """Call every plugin's ``complete``; one that raises is logged and skipped."""
-        kwargs = {"ctx": ctx, "outcome": outcome}
+        kwargs = {"ctx": ctx, "outcome": outcome, "backends": backends}
         for impl in self._complete_impls:
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})

@@ -227,6 +227,12 @@ class Settings:
         "LLAMA_API_KEY", "", text("secret"),
         "the key the backend's llama-server requires (not set: none)", read_by="`llamagate backend`", secret=True)
 
+    metrics_dir: str = setting(
+        "PROMETHEUS_MULTIPROC_DIR", "", text("path"),
+        "where the workers keep the prometheus plugin's numbers, summed at each scrape (not set: gunicorn.conf.py "
+        "makes one per run of the gateway; outside gunicorn, each process counts alone)",
+        read_by="gunicorn, the prometheus plugin")
+
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Every setting from ``environ`` (default ``os.environ``).

@@ -267,10 +267,10 @@ def test_hooks_are_called_as_pluggy_calls_them_wrappers_and_tryfirst_included():
 
     plain = Pipeline("p", [("late", Late()), ("early", Early()), ("a", Recorder("a", calls))])
     ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
-    assert plain.request(ctx).body == {"from": "late"}
+    assert plain.request(ctx, {}).body == {"from": "late"}
     assert calls == ["early", ("a", "request"), "late"]
-    assert plain.request(ctx).body == plain.pm.hook.request(ctx=ctx).body  # pluggy agrees
+    assert plain.request(ctx, {}).body == plain.pm.hook.request(ctx=ctx, backends={}).body  # pluggy agrees
     calls.clear()
     wrapped = Pipeline("p", [("late", Late()), ("wrapper", Wrapper()), ("early", Early())])
-    assert wrapped.request(ctx).body == {"from": "late"}
+    assert wrapped.request(ctx, {}).body == {"from": "late"}
     assert calls == ["wrapper in", "early", "late", "wrapper out"]
