@@ -16,6 +16,8 @@ A model request (:func:`serve_model`), in order:
 7. **complete**: when the body iterable closes, the lease goes back and every
    plugin's ``complete`` runs, whatever happened (:func:`respond`).
 
+Steps 1 to 5's hooks are :func:`prepare_model_request`, shared with :func:`serve_relay`.
+
 llama-server's other model endpoints (:func:`serve_relay`: Anthropic's messages,
 OpenAI's Responses, the native API) take the same steps, their answers relayed in
 their own shapes. Prefix routes (:func:`serve_prefix`) and answers made without a backend
@@ -57,21 +59,13 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def serve_model(gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str) -> None:
     """``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``."""
-    config = gateway.config
-    ctx, pipeline = begin(gateway, req, route, config.routes[route])
-    if answered(gateway, ctx, pipeline, resp, pipeline.request_start(ctx)):
+    prepared = prepare_model_request(gateway, req, resp, route)
+    if prepared is None:
         return
-    ctx.body = read_json_body(req, ctx, config)
-    resolve_model(gateway, ctx)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
-        return
-    model = served_model(gateway, ctx)
-    replica = choose_replica(gateway, ctx, pipeline)
-    payload = dict(ctx.body, model=model.upstream_model or ctx.model)
-    pipeline.upstream_request(ctx, payload)
+    ctx, pipeline, replica, payload = prepared
     if route != "/v1/embeddings":
         stream_request(payload)
-    timeouts = config.timeouts_for(route)
+    timeouts = gateway.config.timeouts_for(route)
     # A plain answer is written only when whole: until then only a watch on the
     # client's socket can tell that it hung up, and stop the generation.
     on_event = events_for(ctx, pipeline) if ctx.stream else None  # plugin code: before a lease exists
@@ -109,19 +103,11 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     :func:`serve_model`, the answer relayed in its own shape, its usage read as it
     passes (``response`` and ``response_event`` hooks do not run: they take OpenAI's
     shapes)."""
-    config = gateway.config
-    ctx, pipeline = begin(gateway, req, route, config.routes[route])
-    if answered(gateway, ctx, pipeline, resp, pipeline.request_start(ctx)):
+    prepared = prepare_model_request(gateway, req, resp, route)
+    if prepared is None:
         return
-    ctx.body = read_json_body(req, ctx, config)
-    resolve_model(gateway, ctx)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
-        return
-    model = served_model(gateway, ctx)
-    replica = choose_replica(gateway, ctx, pipeline)
-    payload = dict(ctx.body, model=model.upstream_model or ctx.model)
-    pipeline.upstream_request(ctx, payload)
-    timeouts = config.timeouts_for(route)
+    ctx, pipeline, replica, payload = prepared
+    timeouts = gateway.config.timeouts_for(route)
     stop_watching = watch_departure(req.env, lambda: gateway.client_gone(ctx)) if not ctx.stream else None
     try:
         lease = send(gateway, ctx, replica, route, json.dumps(payload).encode(),
@@ -207,6 +193,25 @@ def serve_locally(gateway: Gateway, req: falcon.Request, resp: falcon.Response, 
 
 
 # --- the steps ---------------------------------------------------------------------------
+
+def prepare_model_request(gateway: Gateway, req: falcon.Request, resp: falcon.Response,
+                          route: str) -> tuple[RequestContext, Pipeline, Replica, dict[str, Any]] | None:
+    """A model request up to what goes to the backend: begin, ``request_start``, read,
+    resolve, ``request``, route, ``upstream_request``. None when a hook answered it."""
+    config = gateway.config
+    ctx, pipeline = begin(gateway, req, route, config.routes[route])
+    if answered(gateway, ctx, pipeline, resp, pipeline.request_start(ctx)):
+        return None
+    ctx.body = read_json_body(req, ctx, config)
+    resolve_model(gateway, ctx)
+    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
+        return None
+    model = served_model(gateway, ctx)
+    replica = choose_replica(gateway, ctx, pipeline)
+    payload = dict(ctx.body, model=model.upstream_model or ctx.model)
+    pipeline.upstream_request(ctx, payload)
+    return ctx, pipeline, replica, payload
+
 
 def begin(gateway: Gateway, req: falcon.Request, route: str, pipeline_name: str) -> tuple[RequestContext, Pipeline]:
     """The request's context and pipeline; from here on :func:`respond` must end it."""

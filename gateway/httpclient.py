@@ -265,17 +265,16 @@ class Response:
         if self._conn is not None:
             self._conn.sock.settimeout(seconds)
 
-    def _recv(self) -> bytes:
-        conn = self._conn
+    def _recv(self, conn: Connection | None = None) -> bytes:
+        conn = conn or self._conn
         if conn is None:
             raise ConnectionBroken("the answer was closed")
         try:
-            data = conn.sock.recv(RECV_BYTES)
+            return conn.sock.recv(RECV_BYTES)
         except TimeoutError:
             raise ReadTimedOut("the backend sent nothing for the read timeout") from None
         except OSError as exc:
             raise ConnectionBroken(f"the connection broke: {exc.strerror or exc}") from None
-        return data
 
     def _read_head(self, conn: Connection) -> tuple[int, dict[str, str]]:
         buffer = self._buffer
@@ -286,13 +285,11 @@ class Response:
             if len(buffer) > MAX_HEAD_BYTES:
                 raise ConnectionBroken("the answer's headers were too long")
             try:
-                data = conn.sock.recv(RECV_BYTES)
-            except TimeoutError:
-                raise ReadTimedOut("the backend did not answer within the read timeout") from None
-            except OSError as exc:
+                data = self._recv(conn)
+            except ConnectionBroken:
                 if conn.reused and not buffer:
                     raise _StaleConnection() from None
-                raise ConnectionBroken(f"the connection broke: {exc.strerror or exc}") from None
+                raise
             if not data:
                 if conn.reused and not buffer:
                     raise _StaleConnection()
