@@ -240,17 +240,28 @@ def allow_nullable(node):
 
 def read_response(sock: socket.socket) -> bytes:
     """Everything up to the end of one response with Content-Length (or the close)."""
+    return read_responses(sock, 1)[0]
+
+
+def read_responses(sock: socket.socket, count: int) -> list[bytes]:
+    """``count`` responses read in turn (pipelined ones may arrive in one read), each up to
+    its Content-Length; the last may end at the close instead (then fewer come back)."""
+    answers: list[bytes] = []
     data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
+    while len(answers) < count:
         head, sep, body = data.partition(b"\r\n\r\n")
         if sep and head.startswith(b"HTTP/1.1 100"):
             data = body
             continue
-        if sep:
-            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
-            if length and len(body) >= length[0]:
-                return data
+        length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:")] if sep else []
+        if length and len(body) >= length[0]:
+            end = len(head) + len(sep) + length[0]
+            answers.append(data[:end])
+            data = data[end:]
+            continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            return answers + [data]
+        data += chunk
+    return answers
