@@ -16,6 +16,16 @@ except gateway_settings.SettingsError as exc:
     sys.stderr.write("".join(f"llamagate: {line}\n" for line in exc.problems))
     raise SystemExit(1) from None
 
+if not _settings.metrics_dir:
+    # prometheus_client's multiprocess mode: one directory per run of the gateway, shared
+    # by its workers (a HUP re-reads this file: the variable is set by then, so it stays)
+    import os
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llamagate-metrics-")
+    gateway_settings.reset()
+    _settings = gateway_settings.current()
+
 wsgi_app = "gateway.wsgi:get_app()"
 bind = _settings.bind
 workers = _settings.workers
@@ -59,6 +69,23 @@ def worker_exit(server, worker) -> None:
     app = getattr(worker, "wsgi", None)
     if hasattr(app, "shutdown"):
         app.shutdown()
+
+
+def child_exit(server, worker) -> None:
+    # A worker gone: its live gauges leave the prometheus plugin's sums (its counters stay).
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:
+        return
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    import os
+    import shutil
+
+    if os.path.basename(_settings.metrics_dir).startswith("llamagate-metrics-"):  # made above; an operator's own stays
+        shutil.rmtree(_settings.metrics_dir, ignore_errors=True)
 
 
 def on_starting(server) -> None:

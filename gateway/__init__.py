@@ -5,6 +5,7 @@ The public plugin API is what ``__all__`` lists, plus the modules of
 Plugins import nothing else (a test checks the built-in and example plugins).
 """
 
+from .config import LLAMA_SERVER_ROUTES
 from .context import BackendView, Principal, ReplicaView, RequestContext, Response
 from .errors import (
     AuthenticationError,
@@ -40,6 +41,7 @@ __all__ = [
     "GatewayTimeoutError",
     "InternalError",
     "InvalidRequestError",
+    "LLAMA_SERVER_ROUTES",
     "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",

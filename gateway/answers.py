@@ -546,3 +546,64 @@ def decode_json(data: bytes) -> Any:
         return json.loads(data)
     except ValueError:
         return None
+
+
+# --- answers in other shapes (Anthropic's messages, OpenAI's Responses, llama-server's own) ---
+
+def usage_of(answer: Any) -> dict[str, int] | None:
+    """The token counts of an answer or stream event in any shape llama-server speaks, as
+    OpenAI's ``usage`` (``prompt_tokens``, ``completion_tokens``, ``total_tokens``), or None:
+
+    - OpenAI's (``usage.prompt_tokens``), Responses' (``usage.input_tokens``, also inside
+      a ``response.completed`` event's ``response``) and Anthropic's (``usage.input_tokens``
+      plus ``cache_read_input_tokens``: Anthropic counts cached input apart; also inside a
+      ``message_start`` event's ``message``);
+    - llama-server's native ``/completion`` and ``/infill``: ``tokens_evaluated`` and
+      ``tokens_predicted``.
+    """
+    if not isinstance(answer, dict):
+        return None
+    usage = answer.get("usage")
+    for wrapper in ("response", "message"):  # a Responses or an Anthropic stream event's whole answer
+        if not isinstance(usage, dict) and isinstance(answer.get(wrapper), dict):
+            usage = answer[wrapper].get("usage")
+    if isinstance(usage, dict):
+        if "prompt_tokens" in usage or "completion_tokens" in usage:
+            prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        else:
+            prompt = _count(usage.get("input_tokens")) + _count(usage.get("cache_read_input_tokens"))
+            completion = _count(usage.get("output_tokens"))
+    elif "tokens_predicted" in answer or "tokens_evaluated" in answer:
+        prompt, completion = _count(answer.get("tokens_evaluated")), _count(answer.get("tokens_predicted"))
+    else:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class EventCount:
+    """The usage of a stream in another shape: the largest counts its events report
+    (Anthropic's ``message_start`` tells the input, ``message_delta`` the output so far,
+    Responses' ``response.completed`` both), and until one reports output, one
+    completion token per event seen (llama-server sends about a token an event), so
+    that a stream left early is still charged about what was generated."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.prompt = 0
+        self.completion = 0
+
+    def see(self, raw: bytes) -> None:
+        self.events += 1
+        if b'"usage"' not in raw and b'"tokens_predicted"' not in raw:
+            return
+        start = raw.find(b"data:")
+        usage = usage_of(decode_json(raw[start + 5:])) if start >= 0 else None
+        if usage is not None:
+            self.prompt = max(self.prompt, usage["prompt_tokens"])
+            self.completion = max(self.completion, usage["completion_tokens"])
+
+    def usage(self) -> dict[str, int] | None:
+        completion = self.completion or self.events
+        if not self.prompt and not completion:
+            return None
+        return {"prompt_tokens": self.prompt, "completion_tokens": completion, "total_tokens": self.prompt + completion}

@@ -13,7 +13,8 @@ from typing import Any
 
 import falcon
 
-from . import lifecycle
+from . import exchange, lifecycle
+from .config import LLAMA_SERVER_ROUTES
 from .context import RequestContext
 from .errors import (
     GatewayError,
@@ -93,7 +94,9 @@ def build_app(gateway: Gateway) -> falcon.App:
     app.add_route("/openapi.json", OpenAPIResource(gateway))
     for route in config.routes:
         if route in MODEL_ROUTES:
-            app.add_route(route, ModelResource(gateway, route))
+            app.add_route(route, ModelResource(gateway, route, exchange.serve_model))
+        elif route in LLAMA_SERVER_ROUTES:
+            app.add_route(route, ModelResource(gateway, route, exchange.serve_relay))
     for route, pipeline_name in config.plugin_routes.items():
         app.add_route(route, PluginRouteResource(gateway, route, pipeline_name))
     for prefix, target in config.prefix_routes.items():

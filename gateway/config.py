@@ -22,6 +22,25 @@ import yaml
 from .schemas import SCHEMA_DIR, apply_defaults, compile_schema, format_path, schema_errors
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+# llama-server's other endpoints that a client names a model for: routed by that model to
+# its backend through the pipeline, the answer relayed in its own shape (Anthropic's
+# messages, OpenAI's Responses, llama-server's native API). Each maps to the body field
+# that bounds its generation, or None when it generates nothing.
+LLAMA_SERVER_ROUTES: dict[str, str | None] = {
+    "/v1/responses": "max_output_tokens",
+    "/v1/messages": "max_tokens",
+    "/v1/messages/count_tokens": None,
+    "/v1/rerank": None,
+    "/v1/reranking": None,
+    "/rerank": None,
+    "/reranking": None,
+    "/completion": "n_predict",
+    "/infill": "n_predict",
+    "/embedding": None,
+    "/tokenize": None,
+    "/detokenize": None,
+    "/apply-template": None,
+}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -306,12 +325,13 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
     prefix_routes: dict[str, PrefixRoute] = {}
     plugin_routes: dict[str, str] = {}
     for route, target in data["routes"].items():
-        openai_route = route in OPENAI_ROUTES
+        openai_route = route in OPENAI_ROUTES or route in LLAMA_SERVER_ROUTES
         prefix = route.endswith("/*")
         if openai_route == isinstance(target, dict) or (prefix and "backend" not in target) or \
                 (not prefix and not openai_route and "backend" in target):
-            problems.append((f"routes.{route}", "an OpenAI route takes a pipeline name, a prefix route (ending in /*) "
-                                                "{pipeline, backend}, any other path {pipeline}"))
+            problems.append((f"routes.{route}", "an OpenAI or llama-server model route takes a pipeline name, a "
+                                                "prefix route (ending in /*) {pipeline, backend}, any other path "
+                                                "{pipeline}"))
             continue
         pipeline_name = target if openai_route else target["pipeline"]
         if pipeline_name not in pipelines:

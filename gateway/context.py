@@ -23,12 +23,17 @@ class Response:
             followed by ``data: [DONE]``. When None, ``body`` is sent as plain JSON.
         status: HTTP status.
         headers: Extra response headers.
+        content: A body that is not JSON (Prometheus' text format, say), sent as it
+            is with ``content_type``; it wins over ``body`` and ``events``.
+        content_type: The media type of ``content``.
     """
 
     body: dict[str, Any] | None = None
     events: list[dict[str, Any]] | None = None
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+    content: bytes | None = None
+    content_type: str = "text/plain; charset=utf-8"
 
 
 class ReplicaView:
@@ -56,6 +61,16 @@ class ReplicaView:
     slots = property(lambda self: self._replica.slots)
     breaker = property(lambda self: self._replica.breaker.state)
 
+    def fetch(self, path: str, timeout: float = 2.0) -> Any:
+        """``GET path`` on the replica with the gateway's credentials for it (its
+        ``/metrics``, ``/slots``...), off the request path's pool.
+
+        Returns:
+            The ``requests.Response``. Raises ``requests.RequestException`` as requests does.
+        """
+        replica = self._replica
+        return replica.session.get(replica.url + path, timeout=(replica.connect_timeout, timeout))
+
     def __repr__(self) -> str:
         return f"ReplicaView({self.url!r})"
 
@@ -66,9 +81,16 @@ class BackendView:
     Attributes:
         name: The backend's name in ``pipelines.yaml``.
         replicas: Its replicas (:class:`ReplicaView`), in configured order.
+        in_flight: Requests this worker has admitted to it, now.
+        queued: Requests of this worker waiting for a slot, now.
+        limit: The most requests this worker admits at once.
     """
 
     __slots__ = ("_backend", "name", "replicas")
+
+    in_flight = property(lambda self: self._backend.admission.in_flight)
+    queued = property(lambda self: self._backend.admission.queued)
+    limit = property(lambda self: self._backend.limit)
 
     def __init__(self, backend: Any, replicas: tuple[ReplicaView, ...]) -> None:
         self._backend = backend
@@ -138,6 +160,8 @@ class RequestContext:
         started: ``time.monotonic()`` when the request arrived.
         first_byte_at: ``time.monotonic()`` when the first body byte went out.
         upstream_ms: Milliseconds the backend took to start answering (headers).
+        sent: Set when the request left the admission queue for a backend: from then
+            on the backend may be working on it.
         bytes_in: Request body size.
         bytes_out: Response body bytes sent so far.
         state: Scratch space, one key per plugin.
@@ -173,6 +197,7 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
     upstream_ms: float | None = None
+    sent: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
     state: dict[str, Any] = field(default_factory=dict)

@@ -32,8 +32,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import requests
-from urllib3.exceptions import ReadTimeoutError
+from .httpclient import HTTPFailure, ReadTimedOut, Response
 
 
 class GatewayError(Exception):
@@ -214,30 +213,24 @@ def from_upstream(status: int, payload: Any) -> GatewayError:
 
 # --- the one mapping: what backends say and do, as the client's errors ---------------------
 
-def from_backend_response(resp: requests.Response, retry_after: str) -> GatewayError:
+def from_backend_response(resp: Response, retry_after: str) -> GatewayError:
     """A backend's error answer (status >= 400) as the client's error."""
     try:
         payload = resp.json()
-    except (ValueError, requests.RequestException):
+    except (ValueError, HTTPFailure):
         payload = None
-    if resp.status_code in (401, 403):
+    if resp.status in (401, 403):
         # The backend refused the gateway's own credentials (backends.<name>.api_key),
         # not the client's: a gateway fault.
         return UpstreamError("The backend refused the gateway's credentials; check the backend's api_key.",
                              code="backend_auth_failed")
-    error = from_upstream(resp.status_code, payload)
+    error = from_upstream(resp.status, payload)
     if error.status == 503:
         error.headers["Retry-After"] = retry_after
     return error
 
 
-def is_read_timeout(exc: requests.RequestException) -> bool:
-    """Whether a backend connection failed because it sent nothing for too long."""
-    # requests wraps urllib3's read timeout in a ConnectionError mid-body.
-    return bool(exc.args and isinstance(exc.args[0], ReadTimeoutError)) or isinstance(exc, requests.Timeout)
-
-
-def from_read_failure(exc: requests.RequestException, *, cancelled: bool, client_gone: bool,
+def from_read_failure(exc: HTTPFailure, *, cancelled: bool, client_gone: bool,
                       idle: float) -> GatewayError:
     """The client's error for a backend connection that failed while its answer was
     read: the gateway cut it (a cancel, a client that left), it went quiet for ``idle``
@@ -246,6 +239,6 @@ def from_read_failure(exc: requests.RequestException, *, cancelled: bool, client
         return RequestCancelledError()
     if client_gone:
         return ClientGoneError()
-    if is_read_timeout(exc):
+    if isinstance(exc, ReadTimedOut):
         return GatewayTimeoutError(f"The backend sent nothing for {idle:g} s; the answer was abandoned.")
     return UpstreamError("The connection to the backend broke mid-answer; the answer is incomplete.")

@@ -16,7 +16,11 @@ A model request (:func:`serve_model`), in order:
 7. **complete**: when the body iterable closes, the lease goes back and every
    plugin's ``complete`` runs, whatever happened (:func:`respond`).
 
-Prefix routes (:func:`serve_prefix`) and answers made without a backend
+Steps 1 to 5's hooks are :func:`prepare_model_request`, shared with :func:`serve_relay`.
+
+llama-server's other model endpoints (:func:`serve_relay`: Anthropic's messages,
+OpenAI's Responses, the native API) take the same steps, their answers relayed in
+their own shapes. Prefix routes (:func:`serve_prefix`) and answers made without a backend
 (:func:`serve_locally`: models, admin, plugin routes, preflights) take the same
 steps, fewer of them. Errors raised anywhere are rendered by the app's error
 handlers through :func:`respond` too, so ``complete`` never misses a request.
@@ -29,9 +33,8 @@ import time
 from typing import Any, Callable, Iterable
 
 import falcon
-import requests
 
-from .answers import Assembler, normalize_answer, stream_request
+from .answers import Assembler, decode_json, normalize_answer, stream_request, usage_of
 from .body import read_body, read_json_body
 from .config import ModelConfig, PrefixRoute, Timeouts
 from .context import RequestContext, Response
@@ -43,10 +46,11 @@ from .errors import (
     UpstreamError,
     from_backend_response,
 )
+from .httpclient import HTTPFailure
 from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline
 from .state import Gateway
-from .streaming import Relay, ResponseBody, collect, read_error, replay, watch_departure
+from .streaming import Relay, ResponseBody, collect, read_error, relay_as_is, replay, watch_departure
 from .upstream import Lease, Replica
 
 JSON_TYPE = "application/json"
@@ -55,21 +59,13 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def serve_model(gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str) -> None:
     """``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``."""
-    config = gateway.config
-    ctx, pipeline = begin(gateway, req, route, config.routes[route])
-    if answered(gateway, ctx, pipeline, resp, pipeline.request_start(ctx)):
+    prepared = prepare_model_request(gateway, req, resp, route)
+    if prepared is None:
         return
-    ctx.body = read_json_body(req, ctx, config)
-    resolve_model(gateway, ctx)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx)):
-        return
-    model = served_model(gateway, ctx)
-    replica = choose_replica(gateway, ctx, pipeline)
-    payload = dict(ctx.body, model=model.upstream_model or ctx.model)
-    pipeline.upstream_request(ctx, payload)
+    ctx, pipeline, replica, payload = prepared
     if route != "/v1/embeddings":
         stream_request(payload)
-    timeouts = config.timeouts_for(route)
+    timeouts = gateway.config.timeouts_for(route)
     # A plain answer is written only when whole: until then only a watch on the
     # client's socket can tell that it hung up, and stop the generation.
     on_event = events_for(ctx, pipeline) if ctx.stream else None  # plugin code: before a lease exists
@@ -101,6 +97,53 @@ def serve_model(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     respond(gateway, ctx, pipeline, resp, [data])
 
 
+def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str) -> None:
+    """``POST`` to one of llama-server's other model endpoints (``/v1/messages``,
+    ``/v1/responses``, ``/tokenize``...): routed by the body's model like
+    :func:`serve_model`, the answer relayed in its own shape, its usage read as it
+    passes (``response`` and ``response_event`` hooks do not run: they take OpenAI's
+    shapes)."""
+    prepared = prepare_model_request(gateway, req, resp, route)
+    if prepared is None:
+        return
+    ctx, pipeline, replica, payload = prepared
+    timeouts = gateway.config.timeouts_for(route)
+    stop_watching = watch_departure(req.env, lambda: gateway.client_gone(ctx)) if not ctx.stream else None
+    try:
+        lease = send(gateway, ctx, replica, route, json.dumps(payload).encode(),
+                     {"Content-Type": JSON_TYPE, "X-Request-Id": ctx.request_id})
+        relaying = False
+        try:
+            upstream = lease.response
+            if upstream.content_type.startswith("text/event-stream"):
+                resp.content_type = upstream.content_type
+                resp.set_headers(STREAM_HEADERS)
+                respond(gateway, ctx, pipeline, resp, relay_as_is(ctx, lease, ctx.model, timeouts),
+                        lambda: gateway.finish(lease))
+                relaying = True
+                return
+            try:
+                data = upstream.read()
+            except HTTPFailure as exc:
+                raise read_error(ctx, exc, timeouts) from exc
+            content_type = upstream.content_type or JSON_TYPE
+        finally:
+            if not relaying:
+                gateway.finish(lease)
+    finally:
+        if stop_watching is not None:
+            stop_watching()
+    answer = decode_json(data) if content_type.startswith(JSON_TYPE) else None
+    if isinstance(answer, dict):
+        ctx.usage = usage_of(answer)
+        if "model" in answer:
+            answer["model"] = ctx.model
+            data = json.dumps(answer).encode()
+    resp.content_type = content_type
+    resp.content_length = len(data)
+    respond(gateway, ctx, pipeline, resp, [data])
+
+
 def serve_prefix(gateway: Gateway, req: falcon.Request, resp: falcon.Response, prefix: str,
                  target: PrefixRoute) -> None:
     """Any method under a prefix route (``/sdapi/*``): relayed to its HTTP backend,
@@ -112,7 +155,7 @@ def serve_prefix(gateway: Gateway, req: falcon.Request, resp: falcon.Response, p
     # The raw target, checked: never req.path (decoded) nor anything outside the prefix.
     path = check_relay_target(raw_target(req.env, req.path, req.query_string), prefix)
     body = read_body(req, ctx, gateway.config)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx)):
+    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
         return
     ctx.backend = target.backend
     replica = choose_replica(gateway, ctx, pipeline)
@@ -125,13 +168,13 @@ def serve_prefix(gateway: Gateway, req: falcon.Request, resp: falcon.Response, p
 
     def relay() -> Any:
         try:
-            yield from lease.response.iter_content(chunk_size=None)
-        except requests.RequestException as exc:
+            yield from lease.response.chunks()
+        except HTTPFailure as exc:
             ctx.error = read_error(ctx, exc, timeouts)  # the body is cut: nothing else to say
 
-    resp.status = lease.response.status_code
-    if lease.response.headers.get("Content-Type"):
-        resp.content_type = lease.response.headers["Content-Type"]
+    resp.status = lease.response.status
+    if lease.response.content_type:
+        resp.content_type = lease.response.content_type
     respond(gateway, ctx, pipeline, resp, relay(), lambda: gateway.finish(lease))
 
 
@@ -145,11 +188,30 @@ def serve_locally(gateway: Gateway, req: falcon.Request, resp: falcon.Response, 
     if answer is None:
         if read_body and req.method in ("POST", "PUT", "PATCH") and req.content_length:
             ctx.body = read_json_body(req, ctx, gateway.config)
-        answer = pipeline.request(ctx)
+        answer = pipeline.request(ctx, gateway.upstreams.views)
     deliver(gateway, ctx, pipeline, resp, answer if answer is not None else otherwise(ctx))
 
 
 # --- the steps ---------------------------------------------------------------------------
+
+def prepare_model_request(gateway: Gateway, req: falcon.Request, resp: falcon.Response,
+                          route: str) -> tuple[RequestContext, Pipeline, Replica, dict[str, Any]] | None:
+    """A model request up to what goes to the backend: begin, ``request_start``, read,
+    resolve, ``request``, route, ``upstream_request``. None when a hook answered it."""
+    config = gateway.config
+    ctx, pipeline = begin(gateway, req, route, config.routes[route])
+    if answered(gateway, ctx, pipeline, resp, pipeline.request_start(ctx)):
+        return None
+    ctx.body = read_json_body(req, ctx, config)
+    resolve_model(gateway, ctx)
+    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
+        return None
+    model = served_model(gateway, ctx)
+    replica = choose_replica(gateway, ctx, pipeline)
+    payload = dict(ctx.body, model=model.upstream_model or ctx.model)
+    pipeline.upstream_request(ctx, payload)
+    return ctx, pipeline, replica, payload
+
 
 def begin(gateway: Gateway, req: falcon.Request, route: str, pipeline_name: str) -> tuple[RequestContext, Pipeline]:
     """The request's context and pipeline; from here on :func:`respond` must end it."""
@@ -236,7 +298,7 @@ def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, bod
     try:
         if ctx.cancelled:  # cancelled as the answer began
             raise RequestCancelledError()
-        if lease.response.status_code >= 400 and not relay_errors:
+        if lease.response.status >= 400 and not relay_errors:
             raise from_backend_response(lease.response, gateway.upstreams.retry_after())
     except BaseException:
         gateway.finish(lease)
@@ -257,7 +319,7 @@ def whole_answer(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> dict[
     when the backend answered in one piece (embeddings, or a backend that does not stream)."""
     assert ctx.model is not None
     upstream = lease.response
-    if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+    if upstream.content_type.startswith("text/event-stream"):
         assembler = Assembler()
         collect(ctx, lease, timeouts, assembler.add)
         answer = assembler.answer()
@@ -265,10 +327,10 @@ def whole_answer(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> dict[
             raise UpstreamError("The backend's streamed answer could not be assembled; it is incomplete.")
     else:
         try:
-            answer = json.loads(upstream.content)
+            answer = json.loads(upstream.read())
         except ValueError:
             answer = None
-        except requests.RequestException as exc:
+        except HTTPFailure as exc:
             raise read_error(ctx, exc, timeouts) from exc
         if not isinstance(answer, dict):
             raise UpstreamError("The backend's answer was not a JSON object.")
@@ -282,7 +344,10 @@ def deliver(gateway: Gateway, ctx: RequestContext, pipeline: Pipeline, resp: fal
     resp.status = answer.status
     for name, value in answer.headers.items():
         resp.set_header(name, value)
-    if answer.body is None and answer.events is None:
+    if answer.content is not None:
+        data = answer.content
+        resp.content_type = answer.content_type
+    elif answer.body is None and answer.events is None:
         data = b""
     elif ctx.stream and answer.events is not None:
         data = replay(answer.events)
@@ -306,7 +371,7 @@ def respond(gateway: Gateway, ctx: RequestContext, pipeline: Pipeline, resp: fal
             if cleanup is not None:
                 cleanup()
         finally:
-            pipeline.complete(ctx, outcome_of(ctx, sent_all))
+            pipeline.complete(ctx, outcome_of(ctx, sent_all), gateway.upstreams.views)
             gateway.stats.record(ctx)
 
     resp.stream = ResponseBody(ctx, chunks, on_close)

@@ -81,7 +81,7 @@ class GatewaySpec:
         """
 
     @hookspec(firstresult=True)
-    def request(self, ctx: RequestContext) -> Response | None:
+    def request(self, ctx: RequestContext, backends: Mapping[str, BackendView]) -> Response | None:
         """Runs for every request on the route once its body is read, before any
         backend is chosen: model permissions, validation, rate limits, cache lookups.
 
@@ -89,6 +89,8 @@ class GatewaySpec:
             ctx: The request. ``ctx.body`` is the decoded JSON body (None for GET),
                 ``ctx.model`` the resolved public model id (None when the body names
                 no model the gateway serves).
+            backends: Every backend by name, read-only and live, as ``route`` gets
+                them (for a plugin route that reports on them).
 
         Returns:
             None to continue, or a :class:`gateway.Response` that answers at once:
@@ -115,10 +117,11 @@ class GatewaySpec:
         Args:
             ctx: The request; ``ctx.backend`` names the backend the model is configured on.
             backends: Every configured backend by name, as read-only
-                :class:`gateway.BackendView` objects: ``name``, ``replicas`` and
-                ``candidates()`` (the available replicas in the gateway's round-robin
-                order; it takes a turn). Each :class:`gateway.ReplicaView` has ``url``,
-                ``ready``, ``available``, ``in_flight``, ``slots`` and ``breaker``.
+                :class:`gateway.BackendView` objects: ``name``, ``replicas``,
+                ``in_flight``, ``queued``, ``limit`` and ``candidates()`` (the available
+                replicas in the gateway's round-robin order; it takes a turn). Each
+                :class:`gateway.ReplicaView` has ``url``, ``ready``, ``available``,
+                ``in_flight``, ``slots``, ``breaker`` and ``fetch(path)``.
 
         Returns:
             One of the replica views, or None to leave the choice to the next plugin
@@ -193,7 +196,7 @@ class GatewaySpec:
         """
 
     @hookspec
-    def complete(self, ctx: RequestContext, outcome: str) -> None:
+    def complete(self, ctx: RequestContext, outcome: str, backends: Mapping[str, BackendView]) -> None:
         """Runs exactly once per request, after the last byte went out or the client
         went away: logging, metrics, accounting. Every plugin's ``complete`` runs even
         if another one raises, and even when this plugin's own ``request_start`` or
@@ -206,6 +209,8 @@ class GatewaySpec:
             outcome: ``ok``, ``error`` (the client got an error; ``ctx.error`` says
                 which), ``client_gone`` (the client disconnected first) or
                 ``cancelled`` (someone cancelled it through the cancel endpoints).
+            backends: Every backend by name, read-only and live (this worker's requests
+                in flight and queued, replicas' breakers), e.g. for gauges.
 
         Example::
 

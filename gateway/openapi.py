@@ -7,9 +7,10 @@ Built from the config (only the routes it serves) and the request schemas in
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from .config import Config
+from .config import LLAMA_SERVER_ROUTES, Config
 from .schemas import SCHEMA_DIR
 
 REQUEST_SCHEMAS = {
@@ -66,6 +67,22 @@ def document(config: Config) -> dict[str, Any]:
                             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}},
             "responses": {
                 "200": {"description": "The answer; a stream of server-sent events when `stream` is true.",
+                        "content": {"application/json": {"schema": JSON_OBJECT},
+                                    "text/event-stream": {"schema": {"type": "string"}}}},
+                **common_errors,
+            },
+        }}
+    for route in config.routes:
+        if route not in LLAMA_SERVER_ROUTES:
+            continue
+        paths[route] = {"post": {
+            "summary": f"llama-server's {route}, routed by the body's model, answered in llama-server's own shape",
+            "operationId": "llamaServer" + "".join(part.capitalize() for part in re.split(r"[/_-]", route)),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["model"],
+                "properties": {"model": {"type": "string", "enum": sorted(config.model_ids)}}}}}},
+            "responses": {
+                "200": {"description": "llama-server's answer; a stream of server-sent events when it streams.",
                         "content": {"application/json": {"schema": JSON_OBJECT},
                                     "text/event-stream": {"schema": {"type": "string"}}}},
                 **common_errors,

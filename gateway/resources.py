@@ -25,14 +25,18 @@ def preflight(gateway: Gateway, req: falcon.Request, resp: falcon.Response, rout
 
 
 class ModelResource:
-    """``POST`` to an OpenAI route a backend serves (chat, completions, embeddings)."""
+    """``POST`` to a route a model's backend serves: OpenAI's chat, completions and
+    embeddings (``exchange.serve_model``), llama-server's other endpoints
+    (``exchange.serve_relay``)."""
 
-    def __init__(self, gateway: Gateway, route: str) -> None:
+    def __init__(self, gateway: Gateway, route: str,
+                 serve: Callable[[Gateway, falcon.Request, falcon.Response, str], None]) -> None:
         self.gateway = gateway
         self.route = route
+        self.serve = serve
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        exchange.serve_model(self.gateway, req, resp, self.route)
+        self.serve(self.gateway, req, resp, self.route)
 
     def on_options(self, req: falcon.Request, resp: falcon.Response) -> None:
         preflight(self.gateway, req, resp, self.route, self.gateway.config.routes[self.route], "POST, OPTIONS")

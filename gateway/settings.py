@@ -225,6 +225,12 @@ class Settings:
         "LLAMA_API_KEY", "", text("secret"),
         "the key the backend's llama-server requires (not set: none)", read_by="`llamagate backend`", secret=True)
 
+    metrics_dir: str = setting(
+        "PROMETHEUS_MULTIPROC_DIR", "", text("path"),
+        "where the workers keep the prometheus plugin's numbers, summed at each scrape (not set: gunicorn.conf.py "
+        "makes one per run of the gateway; outside gunicorn, each process counts alone)",
+        read_by="gunicorn, the prometheus plugin")
+
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Every setting from ``environ`` (default ``os.environ``).
@@ -357,7 +363,7 @@ llamagate: LLAMAGATE_LOG_LEVEL: 'loud' is not one of debug, info, warning, error
 current environment, its default and its description. Keys are shown only as a hint.
 
 The variables a pipelines file names as `${VAR}` or `${VAR:-default}` (the shipped
-`pipelines.yaml` reads `CHAT_BACKEND_URL`, `EMBEDDINGS_BACKEND_URL`, `LLAMAGATE_ACCESS_LOG`,
+`pipelines.yaml` reads `LLAMAGATE_ACCESS_LOG`, `STATSD_HOST`,
 `RATELIMIT_STORE`, `REDIS_URL`, ...) and the key variables listed in the auth plugin's
 `env_keys` belong to the file, not to the settings (`llamagate check` reports those);
 `LLAMAGATE_API_KEY` is both: the shipped file lists it in `env_keys`.

@@ -23,10 +23,8 @@ import socket
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-import requests
-
 from .body import gevent_patched, gevent_timeout
-from .answers import Tally, choices_asked, decode_json, merge_usage, normalize_event
+from .answers import EventCount, Tally, choices_asked, decode_json, merge_usage, normalize_event
 from .config import Timeouts
 from .context import RequestContext
 from .upstream import Lease
@@ -36,8 +34,8 @@ from .errors import (
     UpstreamError,
     from_read_failure,
     from_upstream,
-    is_read_timeout,
 )
+from .httpclient import HTTPFailure, ReadTimedOut
 
 DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
@@ -104,7 +102,7 @@ class ResponseBody:
             self._on_close(self._sent_all)
 
 
-def read_error(ctx: RequestContext, exc: requests.RequestException, timeouts: Timeouts) -> GatewayError:
+def read_error(ctx: RequestContext, exc: HTTPFailure, timeouts: Timeouts) -> GatewayError:
     """:func:`errors.from_read_failure` for this request."""
     return from_read_failure(exc, cancelled=ctx.cancelled, client_gone=ctx.client_gone, idle=timeouts.idle)
 
@@ -123,18 +121,18 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
 
     Raises:
         GatewayTimeoutError: no event within ``first_byte``.
-        requests.RequestException: the connection failed later.
+        HTTPFailure: the connection failed later.
     """
     buffer = b""
     started = False
-    chunks = lease.response.iter_content(chunk_size=None)
+    chunks = lease.response.chunks()
     while True:
         try:
             chunk = next(chunks)
         except StopIteration:
             return
-        except requests.RequestException as exc:
-            if not started and is_read_timeout(exc):
+        except HTTPFailure as exc:
+            if not started and isinstance(exc, ReadTimedOut):
                 raise GatewayTimeoutError(f"The backend {lease.backend.name} did not start answering within "
                                           f"{timeouts.first_byte:g} s.") from None
             raise
@@ -174,7 +172,7 @@ def read_to_the_end(batches: Iterator[list[bytes]], lease: Lease) -> None:
     except BaseException as exc:  # the answer is complete: only the connection is lost
         if exc is timer:
             lease.abort()
-        elif not isinstance(exc, (requests.RequestException, GatewayError)):
+        elif not isinstance(exc, (HTTPFailure, GatewayError)):
             raise
     finally:
         if timer is not None:
@@ -217,7 +215,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
             if time.monotonic() > deadline:
                 raise GatewayTimeoutError(f"The answer took longer than {timeouts.total:g} s in all.")
         raise UpstreamError("The backend ended the answer before it finished; the answer is incomplete.")
-    except requests.RequestException as exc:
+    except HTTPFailure as exc:
         ctx.usage = tally.usage()
         raise read_error(ctx, exc, timeouts) from None
     except GatewayError:
@@ -282,7 +280,7 @@ class Relay:
         self.ctx = ctx
         self.lease = lease
         self.public_model = public_model
-        self.model_field = b'"model":' + json.dumps(public_model).encode()
+        self.model_field = model_field(public_model)
         self.on_event = on_event
         self.timeouts = timeouts
         self.deadline = ctx.started + timeouts.total
@@ -317,7 +315,7 @@ class Relay:
                     yield _stream_error(self.ctx, GatewayTimeoutError(
                         f"The answer took longer than {self.timeouts.total:g} s in all; the stream was ended."))
                     return
-        except requests.RequestException as exc:
+        except HTTPFailure as exc:
             yield _stream_error(self.ctx, read_error(self.ctx, exc, self.timeouts))
             return
         except GatewayError as exc:
@@ -336,7 +334,7 @@ class Relay:
             return _stream_error(self.ctx, error)
         self.tally.see(raw)
         if self.on_event is None and not self.normalize and b'"usage"' not in raw:
-            return self._rewrite(raw) + b"\n\n"
+            return rewrite_event(raw, self.model_field) + b"\n\n"
         event = decode_json(raw[5:]) if raw.startswith(b"data:") else None
         if not isinstance(event, dict):
             return raw + b"\n\n"
@@ -364,24 +362,6 @@ class Relay:
             return b""
         return sse(event)
 
-    def _rewrite(self, raw: bytes) -> bytes:
-        """The event as the client gets it, without decoding it: the public model id, and
-        no per-chunk timings (asked for the gateway's accounting, not the client's).
-        Byte searches in the compact JSON llama-server writes; a regex where it is not."""
-        start = raw.find(_MODEL_KEY)
-        end = raw.find(b'"', start + len(_MODEL_KEY)) if start >= 0 else -1
-        if end > 0 and raw[end - 1] != 0x5C:  # no escaped quote in the value
-            raw = raw[:start] + self.model_field + raw[end + 1:]
-        else:
-            raw = _MODEL_FIELD.sub(self.model_field, raw, count=1)
-        start = raw.rfind(_TIMINGS_KEY)
-        if start >= 0:
-            end = raw.find(b"}", start)  # timings hold numbers only: the first } closes them
-            return raw[:start] + raw[end + 1:]
-        if b'"timings"' in raw:
-            return _TIMINGS_FIELD.sub(b"", raw, count=1)
-        return raw
-
     def _usage_event(self) -> bytes:
         event = self.usage_event
         if event is None or not self.ctx.client_wants_usage:
@@ -391,3 +371,55 @@ class Relay:
             return b""
         return sse(event)
 
+
+
+def model_field(public_model: str) -> bytes:
+    """The ``"model":"<id>"`` bytes that :func:`rewrite_event` puts in events."""
+    return b'"model":' + json.dumps(public_model).encode()
+
+
+def rewrite_event(raw: bytes, model: bytes) -> bytes:
+    """The event as the client gets it, without decoding it: the public model id
+    (``model``, from :func:`model_field`), and no per-chunk timings (asked for the
+    gateway's accounting, not the client's). Byte searches in the compact JSON
+    llama-server writes; a regex where it is not."""
+    start = raw.find(_MODEL_KEY)
+    end = raw.find(b'"', start + len(_MODEL_KEY)) if start >= 0 else -1
+    if end > 0 and raw[end - 1] != 0x5C:  # no escaped quote in the value
+        raw = raw[:start] + model + raw[end + 1:]
+    else:
+        raw = _MODEL_FIELD.sub(model, raw, count=1)
+    start = raw.rfind(_TIMINGS_KEY)
+    if start >= 0:
+        end = raw.find(b"}", start)  # timings hold numbers only: the first } closes them
+        return raw[:start] + raw[end + 1:]
+    if b'"timings"' in raw:
+        return _TIMINGS_FIELD.sub(b"", raw, count=1)
+    return raw
+
+
+def relay_as_is(ctx: RequestContext, lease: Lease, public_model: str, timeouts: Timeouts) -> Iterator[bytes]:
+    """A stream in another shape than OpenAI's chat chunks (Anthropic's messages, OpenAI's
+    Responses, llama-server's native API), relayed event by event: the model id
+    rewritten and per-event timings dropped, nothing else touched; usage counted as it
+    passes (:class:`gateway.answers.EventCount`). A failure ends the stream where it
+    is (these protocols have no error event in OpenAI's shape) and is kept in
+    ``ctx.error`` for the ``complete`` hooks."""
+    count = EventCount()
+    field = model_field(public_model)
+    deadline = ctx.started + timeouts.total
+    try:
+        for events in frames(lease, timeouts):
+            for raw in events:
+                count.see(raw)
+            yield b"".join(rewrite_event(raw, field) + b"\n\n" for raw in events)
+            if time.monotonic() > deadline:
+                ctx.error = GatewayTimeoutError(f"The answer took longer than {timeouts.total:g} s in all; "
+                                                "the stream was ended.")
+                return
+    except HTTPFailure as exc:
+        ctx.error = read_error(ctx, exc, timeouts)
+    except GatewayError as exc:
+        ctx.error = exc
+    finally:
+        ctx.usage = count.usage()

@@ -1,9 +1,7 @@
 """Backends: pooled connections, admission, retries, circuit breakers, health.
 
-Each replica has its own ``requests.Session`` whose pool holds ``max_connections``
-connections (the default pool keeps 10, so a busier worker would reconnect per
-request) and ignores proxy settings from the environment (``trust_env = False``:
-scanning the environment costs ~20% of a pass-through).
+Each replica has its own keep-alive pool (:mod:`gateway.httpclient`) that keeps up to
+``max_connections`` connections, so a busy worker does not reconnect per request.
 
 A request to a backend (:meth:`Upstreams.open`):
 
@@ -36,13 +34,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import settings
 from .config import BackendConfig, Timeouts
 from .context import BackendView, ReplicaView, RequestContext
+from .httpclient import ConnectFailed, ConnectTimedOut, HTTPFailure, Pool, ReadTimedOut, Response
 from .redact import redact_url  # a URL's userinfo is a credential: never shown
 from .errors import (
     ClientGoneError,
@@ -117,48 +113,6 @@ def _shut(sock: socket.socket) -> None:
         pass
 
 
-class _Attempt(threading.local):
-    """The request whose attempt this thread (greenlet, under gevent) is sending."""
-
-    in_flight: InFlight | None = None
-
-
-_attempt = _Attempt()
-
-
-class _Reporting:
-    """Tells the request being sent which socket carries it, when it connects and
-    when a pooled connection is reused."""
-
-    sock: socket.socket | None
-
-    def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
-        if _attempt.in_flight is not None and self.sock is not None:
-            _attempt.in_flight.attach(self.sock)
-
-    def request(self, *args: Any, **kwargs: Any) -> Any:
-        if _attempt.in_flight is not None and self.sock is not None:
-            _attempt.in_flight.attach(self.sock)
-        return super().request(*args, **kwargs)  # type: ignore[misc]
-
-
-class _ReportingHTTPConnection(_Reporting, HTTPConnection):
-    pass
-
-
-class _ReportingHTTPSConnection(_Reporting, HTTPSConnection):
-    pass
-
-
-class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _ReportingHTTPConnection
-
-
-class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _ReportingHTTPSConnection
-
-
 class Breaker:
     """A replica's circuit breaker: closed, open (skipped for ``cooldown``), half_open
     (one probe request in flight decides)."""
@@ -214,14 +168,12 @@ class Replica:
         self.url = url
         self.backend = config.name
         self.connect_timeout = config.connect_timeout
+        credentials = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self.pool = Pool(url, config.max_connections, config.connect_timeout, credentials)  # the request path's
+        # health checks and plugins' ctx.call_backend: requests, off the request path's pool
         self.session = requests.Session()
-        self.session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=config.max_connections)
-        adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        if config.api_key:
-            self.session.headers["Authorization"] = f"Bearer {config.api_key}"
+        self.session.trust_env = False  # proxies are not for loopback backends; scanning costs
+        self.session.headers.update(credentials)
         self.ready: bool | None = None
         self.in_flight = 0
         self.slots: int | None = config.launch.parallel if config.launch is not None else None
@@ -400,11 +352,12 @@ class Lease:
 
     Attributes:
         replica: The replica that answered.
-        response: Its streamed ``requests`` response.
+        response: Its answer, status and headers read, body not yet
+            (:class:`gateway.httpclient.Response`).
         in_flight: The request's :class:`InFlight` entry.
     """
 
-    def __init__(self, backend: Backend, replica: Replica, response: requests.Response, in_flight: InFlight) -> None:
+    def __init__(self, backend: Backend, replica: Replica, response: Response, in_flight: InFlight) -> None:
         self.backend = backend
         self.replica = replica
         self.response = response
@@ -511,11 +464,11 @@ class Upstreams:
         ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
         waited = backend.admission.acquire(priority, in_flight)
         ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
+        ctx.sent = True
         hold = None
         try:
             if backend.config.launch is not None:
                 hold, timeouts = self._hold(ctx, backend, timeouts, in_flight)
-            _attempt.in_flight = in_flight
             lease = self._send(ctx, backend, first, path, body, headers, timeouts, in_flight, method)
             lease.hold = hold
             return lease
@@ -524,8 +477,6 @@ class Upstreams:
                 hold.release()
             backend.admission.release()
             raise
-        finally:
-            _attempt.in_flight = None
 
     @staticmethod
     def _hold(ctx: RequestContext, backend: Backend, timeouts: Timeouts,
@@ -567,9 +518,8 @@ class Upstreams:
             replica.in_flight += 1
             in_flight.socket = None
             try:
-                resp = replica.session.request(method, replica.url + path, data=body, headers=headers,
-                                               stream=True, timeout=(replica.connect_timeout, first_byte))
-            except requests.RequestException as exc:
+                resp = replica.pool.request(method, path, body, headers, first_byte, on_socket=in_flight.attach)
+            except HTTPFailure as exc:
                 if in_flight.stopped is not None:  # we cut the connection: not the replica's fault
                     replica.in_flight -= 1
                     raise in_flight.stopped from None
@@ -583,7 +533,7 @@ class Upstreams:
                     in_flight.release_socket()
                     resp.close()
                     raise in_flight.stopped
-                if resp.status_code not in RETRIED_STATUSES:
+                if resp.status not in RETRIED_STATUSES:
                     replica.breaker.success()
                     replica.ready = True
                     lease = Lease(backend, replica, resp, in_flight)
@@ -596,7 +546,7 @@ class Upstreams:
                 # this one pauses, so a cancel now must not reach its socket.
                 in_flight.release_socket()
                 resp.close()
-                self._failed(replica, f"HTTP {resp.status_code}")
+                self._failed(replica, f"HTTP {resp.status}")
             in_flight.release_socket()
             pause = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
             if time.monotonic() + pause > deadline:
@@ -607,16 +557,16 @@ class Upstreams:
             time.sleep(pause)
         raise AssertionError("unreachable")
 
-    def _attempt_failed(self, replica: Replica, backend: Backend, exc: requests.RequestException,
+    def _attempt_failed(self, replica: Replica, backend: Backend, exc: HTTPFailure,
                         first_byte: float) -> GatewayError:
         """The error of an attempt that raised; a first-byte timeout is not retried."""
-        if isinstance(exc, requests.ConnectTimeout):
+        if isinstance(exc, ConnectTimedOut):
             return self._failed(replica, "connect timeout")
-        if isinstance(exc, requests.ConnectionError):
-            reason = "connection refused" if _never_connected(exc) else "connection reset"
-            if reason == "connection refused":
-                replica.ready = False
-            return self._failed(replica, reason)
+        if isinstance(exc, ConnectFailed):
+            replica.ready = False
+            return self._failed(replica, "connection refused" if exc.refused else "unreachable")
+        if not isinstance(exc, ReadTimedOut):
+            return self._failed(replica, "connection reset")
         self._failed(replica, "first byte timeout")
         raise GatewayTimeoutError(f"The backend {backend.name} did not start answering within "
                                   f"{first_byte:g} s.") from exc
@@ -645,12 +595,6 @@ class Upstreams:
         return ServiceUnavailableError(
             f"No replica of backend {backend.name} can take requests now; try again shortly.",
             headers={"Retry-After": str(max(1, round(wait)) if wait else self.retry_after())})
-
-
-def _never_connected(exc: requests.ConnectionError) -> bool:
-    """True when the TCP connection was never made (so the request never left)."""
-    text = repr(exc.args[0] if exc.args else None)
-    return "NewConnectionError" in text or "ConnectionRefused" in text or "Failed to establish" in text
 
 
 def wait_until_ready(urls: Iterable[str], timeout: float) -> bool:

@@ -356,14 +356,10 @@ def test_completion_usage_on_each_choices_last_chunk_is_merged_into_one_usage_ch
      b'data: {"choices":[{"delta":{"content":"\\"model\\":\\"x\\""}}],"model":"pub"}'),  # look-alikes in text
 ])
 def test_the_relay_rewrites_events_without_decoding_them(raw, expected):
-    from gateway.config import Timeouts
-    from gateway.context import RequestContext
-    from gateway.streaming import Relay
+    from gateway.streaming import model_field, rewrite_event
 
-    relay = Relay(RequestContext(request_id="r", method="POST", route="/v1/chat/completions"), None, "pub", None,
-                  Timeouts())
-    assert relay._rewrite(raw) == expected
-    assert json.loads(relay._rewrite(raw)[6:])["model"] == "pub"
+    assert rewrite_event(raw, model_field("pub")) == expected
+    assert json.loads(rewrite_event(raw, model_field("pub"))[6:])["model"] == "pub"
 
 
 def test_streams_give_their_backend_connection_back_to_the_pool():
@@ -394,3 +390,38 @@ def test_the_tally_counts_every_choice_of_an_answer_cut_short(body, usage):
             tally.see(b'data: {"choices":[{"index":%d,"delta":{}}],"timings":{"cache_n":1,"prompt_n":3,'
                       b'"predicted_n":%d}}' % (index, step))
     assert tally.usage() == usage
+
+
+@pytest.mark.parametrize("answer, usage", [
+    ({"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}, (3, 4)),
+    ({"type": "message", "usage": {"input_tokens": 1, "cache_read_input_tokens": 30, "output_tokens": 8}}, (31, 8)),
+    ({"type": "message_start", "message": {"usage": {"input_tokens": 31, "output_tokens": 0}}}, (31, 0)),
+    ({"type": "message_delta", "usage": {"output_tokens": 9}}, (0, 9)),
+    ({"type": "response.completed", "response": {"usage": {"input_tokens": 5, "output_tokens": 6}}}, (5, 6)),
+    ({"content": "x", "tokens_evaluated": 12, "tokens_predicted": 4}, (12, 4)),
+    ({"usage": {"input_tokens": -3, "output_tokens": "many"}}, (0, 0)),
+    ({"tokens": [1, 2]}, None), ([1], None), (None, None),
+])
+def test_usage_is_read_from_every_shape_llama_server_answers_in(answer, usage):
+    from gateway.answers import usage_of
+
+    found = usage_of(answer)
+    assert (found and (found["prompt_tokens"], found["completion_tokens"])) == usage or found is usage is None
+    if found:
+        assert found["total_tokens"] == found["prompt_tokens"] + found["completion_tokens"]
+
+
+def test_a_stream_in_another_shape_is_counted_by_its_usage_else_by_its_events():
+    from gateway.answers import EventCount
+
+    start = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":31,"output_tokens":0}}}'
+    delta = b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"a"}}'
+    left = EventCount()
+    for raw in [start] + [delta] * 5:
+        left.see(raw)
+    assert left.usage() == {"prompt_tokens": 31, "completion_tokens": 6, "total_tokens": 37}  # an event a token
+    whole = EventCount()
+    for raw in [start] + [delta] * 5 + [b'event: message_delta\ndata: {"usage":{"output_tokens":5}}']:
+        whole.see(raw)
+    assert whole.usage() == {"prompt_tokens": 31, "completion_tokens": 5, "total_tokens": 36}  # as reported
+    assert EventCount().usage() is None

@@ -52,7 +52,9 @@ def test_the_shipped_pipelines_yaml_is_valid():
     config = load_config(ROOT / "pipelines.yaml", environ={})
     build_pipelines(config)
     assert config.backends["chat"].urls == ("http://127.0.0.1:8081",)
-    assert set(config.routes) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+    assert set(config.routes) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+                                  "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/tokenize",
+                                  "/detokenize", "/apply-template"}
 
 
 def test_env_expansion_with_defaults_and_types():

@@ -228,7 +228,7 @@ def charge(limiter, usage, tokens_per_minute=100, outcome="ok", body=None):
     ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", body=body)
     ctx.state["ratelimit"] = ("c", tokens_per_minute)
     ctx.usage = usage
-    ctx.upstream_ms = 5.0
+    ctx.sent = True  # admitted and sent to a backend
     limiter.complete(ctx=ctx, outcome=outcome)
     return limiter.store._arrivals.get("tokens:c")
 

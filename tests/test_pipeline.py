@@ -239,3 +239,38 @@ def test_gateway_asks_for_usage_on_streams_and_hides_it_unless_asked(make_client
     assert resp.text.endswith("data: [DONE]\n\n")
     client.simulate_post("/v1/embeddings", json={"model": "smollm2", "input": "x"})
     assert "stream_options" not in seen.payload
+
+
+def test_hooks_are_called_as_pluggy_calls_them_wrappers_and_tryfirst_included():
+    """The pipeline calls hooks without pluggy's per-call machinery, except when an
+    implementation wraps the others: the results must be pluggy's either way."""
+    calls: list = []
+
+    class Late:
+        @hookimpl(trylast=True)
+        def request(self, ctx):
+            calls.append("late")
+            return Response(body={"from": "late"})
+
+    class Early:
+        @hookimpl(tryfirst=True)
+        def request(self, ctx):
+            calls.append("early")
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def request(self, ctx):
+            calls.append("wrapper in")
+            answer = yield
+            calls.append("wrapper out")
+            return answer
+
+    plain = Pipeline("p", [("late", Late()), ("early", Early()), ("a", Recorder("a", calls))])
+    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
+    assert plain.request(ctx, {}).body == {"from": "late"}
+    assert calls == ["early", ("a", "request"), "late"]
+    assert plain.request(ctx, {}).body == plain.pm.hook.request(ctx=ctx, backends={}).body  # pluggy agrees
+    calls.clear()
+    wrapped = Pipeline("p", [("late", Late()), ("wrapper", Wrapper()), ("early", Early())])
+    assert wrapped.request(ctx, {}).body == {"from": "late"}
+    assert calls == ["wrapper in", "early", "late", "wrapper out"]

@@ -442,11 +442,11 @@ def test_cache_decodes_only_the_streams_it_may_store(make_client):
     pipeline = Pipeline("p", [plugin("cache")])
     hot = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", stream=True,
                          model="smollm2", body={"model": "smollm2", "messages": [], "temperature": 0.7})
-    pipeline.request(hot)  # not deterministic: not cacheable
+    pipeline.request(hot, {})  # not deterministic: not cacheable
     assert not pipeline.wants_events(hot)
     cold = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", stream=True,
                           model="smollm2", body={"model": "smollm2", "messages": [], "temperature": 0})
-    pipeline.request(cold)  # a miss that may be stored
+    pipeline.request(cold, {})  # a miss that may be stored
     assert pipeline.wants_events(cold)
 
 

@@ -200,9 +200,9 @@ def schema_calls(monkeypatch):
     calls = []
     real = validate_module.first_error
 
-    def spy(validator, body):
+    def spy(validator, body, *check):
         calls.append(body)
-        return real(validator, body)
+        return real(validator, body, *check)
 
     monkeypatch.setattr(validate_module, "first_error", spy)
     return calls

@@ -39,7 +39,12 @@ def deterministic(body: dict[str, Any]) -> bool:
     return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < RANDOM_SEED
 
 
+CACHED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")  # answers in OpenAI's shapes
+
+
 def cacheable(route: str, body: dict[str, Any], only_deterministic: bool) -> bool:
+    if route not in CACHED_ROUTES:
+        return False
     if route == "/v1/embeddings" or not only_deterministic:
         return True
     return deterministic(body)

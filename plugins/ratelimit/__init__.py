@@ -41,7 +41,7 @@ def valid_limit(value: Any) -> bool:
 
 def budget(body: Any) -> int | None:
     """The completion tokens a request may generate, as llama-server reads them."""
-    for name in ("n_predict", "max_completion_tokens", "max_tokens"):
+    for name in ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(name) if isinstance(body, dict) else None
         if type(value) is int and value >= 0:
             return value
@@ -164,9 +164,10 @@ class Plugin:
             if total is None:
                 ctx.log(logging.WARNING, "ratelimit: the backend's usage has no sane total_tokens; nothing charged")
                 return
-        elif outcome in ("client_gone", "cancelled") and ctx.upstream_ms is not None:
+        elif outcome in ("client_gone", "cancelled") and ctx.sent:
             # The backend was generating when the client left (or cancelled): the usage
-            # chunk never came. Charge the request's token budget, else leaving just
+            # never came (a plain answer in another shape than OpenAI's is not streamed
+            # from llama-server, which generates it to its end for nobody). Charge the request's token budget, else leaving just
             # before the end would make every generation free of the token limit.
             total = budget(ctx.body) or tokens_per_minute
         else:

@@ -82,13 +82,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import jsonschema
 import requests
 
-from gateway import InvalidRequestError, hookimpl
-from gateway.schemas import SCHEMA_DIR, compile_schema, format_path
+from gateway import LLAMA_SERVER_ROUTES, InvalidRequestError, hookimpl
+from gateway.schemas import SCHEMA_DIR, compile_check, compile_schema, format_path
 from gateway.redact import clip
 
 SCHEMA_FILES = {
@@ -104,7 +104,7 @@ INT32_MAX = 2**31 - 1
 MAX_BREAKER_CHARS = 64
 
 # llama-server reads n_predict first, then max_completion_tokens, then max_tokens.
-BUDGET_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens")
+BUDGET_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens")
 REFUSED_FIELDS = {
     "id_slot": "it picks the backend slot, which evicts another client's cached prompt",
     "lora": "per-request adapters are not offered by this gateway",
@@ -125,8 +125,12 @@ REFUSED_PREFIXES = ("speculative.",)
 DROPPED_FIELDS = ("timings_per_token", "return_progress", "response_fields", "return_tokens", "post_sampling_probs")
 
 
-def first_error(validator: jsonschema.protocols.Validator, body: dict[str, Any]) -> InvalidRequestError | None:
-    """The most relevant schema violation as a client error, or None."""
+def first_error(validator: jsonschema.protocols.Validator, body: dict[str, Any],
+                check: Callable[[Any], bool] | None = None) -> InvalidRequestError | None:
+    """The most relevant schema violation as a client error, or None; ``check`` (a
+    :func:`gateway.schemas.compile_check`) answers the common case, a valid body, first."""
+    if check is not None and check(body):
+        return None
     error = jsonschema.exceptions.best_match(validator.iter_errors(body))
     if error is None:
         return None
@@ -187,8 +191,9 @@ class Plugin:
         if unknown:
             raise ValueError(f"allow_backend_fields: {', '.join(unknown)}: not a field this plugin refuses "
                              f"(those are {', '.join(REFUSED_FIELDS)}, speculative.*)")
-        self.validators = {route: compile_schema(json.loads((SCHEMA_DIR / name).read_text()))
-                           for route, name in SCHEMA_FILES.items()}
+        schemas = {route: json.loads((SCHEMA_DIR / name).read_text()) for route, name in SCHEMA_FILES.items()}
+        self.validators = {route: compile_schema(schema) for route, schema in schemas.items()}
+        self.checks = {route: compile_check(schema) for route, schema in schemas.items()}  # the fast yes/no
         self.context_sizes: dict[str, int] = {}
 
     # --- 1. sizes, before the schema ------------------------------------------------
@@ -298,7 +303,7 @@ class Plugin:
                         raise refuse("Images must be sent inline as data: URLs; this gateway does not let the "
                                      "backend fetch URLs.", f"messages[{i}].content[{j}].image_url")
 
-    def _check_generation(self, body: dict[str, Any]) -> None:
+    def _check_generation(self, body: dict[str, Any], budget_field: str = "max_tokens") -> None:
         config = self.config
         limit = config["max_tokens_limit"]
         given = {}
@@ -321,7 +326,7 @@ class Plugin:
             for name in given:  # whichever llama-server reads, it reads the smallest
                 body[name] = budget
         elif config["default_max_tokens"] or limit:
-            body["max_tokens"] = budget = config["default_max_tokens"] or limit
+            body[budget_field] = budget = config["default_max_tokens"] or limit
         else:
             budget = None
         if body.get("ignore_eos") and budget is None:
@@ -343,11 +348,18 @@ class Plugin:
 
     @hookimpl
     def request(self, ctx):
+        if ctx.body is None:
+            return None
+        if ctx.route in LLAMA_SERVER_ROUTES:  # no OpenAI schema; llama-server's fields and budget still
+            self._check_backend_fields(ctx.route, ctx.body)
+            if LLAMA_SERVER_ROUTES[ctx.route]:
+                self._check_generation(ctx.body, LLAMA_SERVER_ROUTES[ctx.route])
+            return None
         validator = self.validators.get(ctx.route)
-        if validator is None or ctx.body is None:
+        if validator is None:
             return None
         body = ctx.body
-        error = first_error(validator, self._check_sizes(ctx.route, body))
+        error = first_error(validator, self._check_sizes(ctx.route, body), self.checks[ctx.route])
         if error is not None:
             raise error
         self._check_backend_fields(ctx.route, body)

@@ -152,7 +152,7 @@ def start_gateway(logs: Path) -> Iterator[Callable[..., Gateway]]:
                 status = requests.get(url + "/health", timeout=2).status_code
                 if status == 200 or not wait_healthy:
                     return Gateway(url, proc, config)
-            except (requests.ConnectionError, requests.Timeout):  # no worker yet, or one still booting
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or its workers still booting
                 pass
             if proc.popen.poll() is not None:
                 break
@@ -240,17 +240,28 @@ def allow_nullable(node):
 
 def read_response(sock: socket.socket) -> bytes:
     """Everything up to the end of one response with Content-Length (or the close)."""
+    return read_responses(sock, 1)[0]
+
+
+def read_responses(sock: socket.socket, count: int) -> list[bytes]:
+    """``count`` responses read in turn (pipelined ones may arrive in one read), each up to
+    its Content-Length; the last may end at the close instead (then fewer come back)."""
+    answers: list[bytes] = []
     data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
+    while len(answers) < count:
         head, sep, body = data.partition(b"\r\n\r\n")
         if sep and head.startswith(b"HTTP/1.1 100"):
             data = body
             continue
-        if sep:
-            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
-            if length and len(body) >= length[0]:
-                return data
+        length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:")] if sep else []
+        if length and len(body) >= length[0]:
+            end = len(head) + len(sep) + length[0]
+            answers.append(data[:end])
+            data = data[end:]
+            continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            return answers + [data]
+        data += chunk
+    return answers

@@ -112,7 +112,9 @@ def test_slow_backend_hits_the_configured_timeout(chat_backend, start_gateway):
 
 
 def test_200_concurrent_streams_all_complete_and_match_the_plain_answers(pair, start_gateway):
-    gw = start_gateway(doc(pair, ["router"], queue_timeout=120))
+    config = doc(pair, ["router"], queue_timeout=120)
+    config["timeouts"]["idle"] = 60  # a prompt's prefill stalls the other slots' tokens, seconds on a busy machine
+    gw = start_gateway(config)
     ask = {prompt: chat(prompt=prompt, max_tokens=12, temperature=0, seed=42) for prompt in PROMPTS}
     plain = {}
     for prompt, body in ask.items():
@@ -250,7 +252,9 @@ def test_hup_reload_drops_nothing_and_a_bad_file_keeps_the_old_config(chat_backe
     config["backends"]["chat"]["max_connections"] = 0  # invalid
     gw.config.write_text(yaml.safe_dump(config))
     gw.proc.popen.send_signal(signal.SIGHUP)
-    time.sleep(2.5)
+    deadline = time.monotonic() + 30  # until the new workers have booted on the bad file (a loaded machine is slow)
+    while "serving the last good configuration" not in gw.proc.output() and time.monotonic() < deadline:
+        time.sleep(0.2)
     still = requests.post(gw.url + "/v1/chat/completions", json=chat(model="reloaded-alias", max_tokens=4), timeout=30)
     assert still.status_code == 200
     assert "backends.chat.max_connections: 0 is less than the minimum of 1" in gw.proc.output()
