@@ -393,11 +393,17 @@ def test_alternating_requests_are_served_in_groups_not_thrashed(switching):
     assert 1 <= swaps <= per_model // 2, swaps
 
 
-def test_no_llama_server_survives_a_kill_9_of_the_supervisor(start_gateway, model_path, logs):
+def eager_gateway(start_gateway, model_path, logs) -> tuple[Any, dict[str, Any]]:
+    """A gateway with one model started with it; and the fleet once that model is ready."""
     doc = fleet_doc(logs, {"eager": {"model": str(model_path.resolve()), "start": "eager", "parallel": 1}})
     gw = start_fleet(start_gateway, doc)
     status = wait_for(lambda: (s := fleet_status(gw))["models"]["eager"]["state"] == "ready" and s,
                       message="the eager model to start")
+    return gw, status
+
+
+def test_no_llama_server_survives_a_kill_9_of_the_supervisor(start_gateway, model_path, logs):
+    gw, status = eager_gateway(start_gateway, model_path, logs)
     [server] = status["models"]["eager"]["pids"]
     os.kill(status["supervisor_pid"], signal.SIGKILL)
     wait_for(lambda: not alive(server), timeout=30, message="the llama-server to go with its supervisor")
@@ -407,10 +413,7 @@ def test_no_llama_server_survives_a_kill_9_of_the_supervisor(start_gateway, mode
 
 
 def test_no_llama_server_survives_a_kill_9_of_the_gunicorn_master(start_gateway, model_path, logs):
-    doc = fleet_doc(logs, {"eager": {"model": str(model_path.resolve()), "start": "eager", "parallel": 1}})
-    gw = start_fleet(start_gateway, doc)
-    status = wait_for(lambda: (s := fleet_status(gw))["models"]["eager"]["state"] == "ready" and s,
-                      message="the eager model to start")
+    gw, status = eager_gateway(start_gateway, model_path, logs)
     [server] = status["models"]["eager"]["pids"]
     supervisor = status["supervisor_pid"]
     assert alive(server) and alive(supervisor)
