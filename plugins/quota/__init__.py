@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gateway import RateLimitError, ServiceUnavailableError, hookimpl
+from gateway.answers import completion_budget, total_tokens
 
 log = logging.getLogger("llamagate")
 WINDOWS = (  # (limit name, counted, window)
@@ -91,22 +92,6 @@ def window_of(window: str, now: float) -> tuple[str, float]:
     return label, start.timestamp() + length - now
 
 
-def budget(body: Any) -> int | None:
-    """The completion tokens a request may generate, as llama-server reads them."""
-    for name in ("n_predict", "max_completion_tokens", "max_tokens"):
-        value = body.get(name) if isinstance(body, dict) else None
-        if type(value) is int and value >= 0:
-            return value
-    return None
-
-
-def tokens_used(usage: Any) -> int | None:
-    total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    if type(total) is float and math.isfinite(total):
-        total = int(total)
-    return total if type(total) is int and total >= 0 else None
-
-
 class Plugin:
     def __init__(self, config: dict[str, Any]) -> None:
         import redis
@@ -154,8 +139,8 @@ class Plugin:
         if not limits:
             return  # a key without a quota costs no Redis round trip
         counters = self.counters(principal.client_id, limits, clock())
-        reserved = (budget(ctx.body) if budget(ctx.body) is not None else self.reserve_tokens) \
-            + ctx.bytes_in // BYTES_PER_TOKEN
+        asked = completion_budget(ctx.body)
+        reserved = (self.reserve_tokens if asked is None else asked) + ctx.bytes_in // BYTES_PER_TOKEN
         costs = [reserved if name.startswith("tokens") else 1 for name, _, _, _ in counters]
         args: list[Any] = []
         for (_, _, limit, reset), cost in zip(counters, costs):
@@ -192,7 +177,7 @@ class Plugin:
         if not charge:
             return
         counters, reserved = charge
-        total = tokens_used(ctx.usage) if ctx.usage else None
+        total = total_tokens(ctx.usage) if ctx.usage else None
         if total is None:
             # No usage: left early while the backend generated keeps the reservation
             # (else leaving just before the end would be free); never started: free.
