@@ -8,8 +8,8 @@ are UTC.
 
 Before a request runs it reserves, in one atomic Redis script over all of its
 counters, one request and its token budget: ``max_tokens`` (or ``n_predict``,
-``max_completion_tokens``; ``reserve_tokens`` when it names none) plus an estimate of
-its prompt (a token per 4 bytes of body). When any counter would pass its limit, the
+``max_completion_tokens``; ``reserve_tokens`` when it names none) plus a bound on
+its prompt (a token per byte of body). When any counter would pass its limit, the
 request is refused with 429 ``quota_exceeded``, ``Retry-After`` the seconds to the
 reset, and nothing is reserved. Concurrent requests of one client, on any worker or
 host, reserve in turn, so they cannot race past the limit together. When the request
@@ -42,7 +42,12 @@ WINDOWS = (  # (limit name, counted, window)
     ("tokens_per_month", "tokens", "month"),
     ("requests_per_day", "requests", "day"),
 )
-BYTES_PER_TOKEN = 4  # the prompt estimate of a reservation
+# The prompt's share of a reservation: a token per byte of body. Byte-level tokenizers
+# never make more tokens than bytes, and the JSON around the messages outweighs the
+# chat template's own tokens, so the reservation bounds the real use (a quota is
+# never passed by a request that names its max_tokens), at the price of leaving the
+# last prompt's worth of a quota unused.
+BYTES_PER_TOKEN = 1
 
 # Check every counter, then charge them all, atomically: KEYS the counters, ARGV per
 # counter its limit, cost and time to live (seconds). Returns {1, used...} or

@@ -328,7 +328,10 @@ def test_the_status_page_shows_the_top_clients_of_the_day(stack, postgres, chrom
     key = add_key(postgres, "topper")
     assert poll(lambda: chat(stack.url, key).status_code == 200, timeout=5)
     assert poll(lambda: ledger_rows(postgres, "topper"), timeout=10)
+    top = requests.get(stack.url + "/admin/usage?top=10", headers={"Authorization": f"Bearer {stack.admin}"},
+                       timeout=10).json()["data"]
     dom = render(chromium, f"{stack.url}/admin/#key={stack.admin}", tmp_path, "--dump-dom")
     table = dom.split('id="top-clients"', 1)[1].split("</table>", 1)[0]
     assert "hidden" not in table.split(">", 1)[0]
-    assert "<td>topper</td>" in table
+    assert table.count("<tr>") == 1 + len(top)  # the header and a row per client
+    assert f"<td>{top[0]['client']}</td>" in table  # the day's biggest user
