@@ -335,3 +335,26 @@ def test_the_status_page_shows_the_top_clients_of_the_day(stack, postgres, chrom
     assert "hidden" not in table.split(">", 1)[0]
     assert table.count("<tr>") == 1 + len(top)  # the header and a row per client
     assert f"<td>{top[0]['client']}</td>" in table  # the day's biggest user
+
+
+def test_a_reloading_and_a_stopping_worker_write_their_buffered_rows(start_gateway, chat_backend, embeddings_backend,
+                                                                    postgres):
+    admin = add_key(postgres, "flusher")
+    doc = gateway_doc(chat_backend, embeddings_backend, pipelines={"default": [
+        {"auth": {"keys_db": postgres.url, "env_keys": {}}},
+        # rows would wait a minute: only the flush of a retiring plugin can write them sooner
+        {"ledger": {"database": postgres.url, "flush_interval": 60}},
+    ]})
+    gateway = start_gateway(doc, workers=1)
+    assert poll(lambda: chat(gateway.url, admin).status_code == 200, timeout=5)
+    chat(gateway.url, admin)
+    assert ledger_rows(postgres, "flusher") == []  # still buffered
+    # a reload (the file changed) retires the plugin instance: its buffer is written
+    doc["health_interval"] = 2
+    gateway.config.write_text(json.dumps(doc))
+    assert poll(lambda: len(ledger_rows(postgres, "flusher")) == 2, timeout=30)
+    for _ in range(3):
+        assert chat(gateway.url, admin).status_code == 200
+    assert len(ledger_rows(postgres, "flusher")) == 2
+    gateway.proc.stop()  # SIGTERM: the worker exits, its plugins flush
+    assert len(ledger_rows(postgres, "flusher")) == 5
