@@ -342,6 +342,9 @@ def cmd_keys_db(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    if not args.db:
+        print("llamagate usage: give --db URL or set LLAMAGATE_DATABASE_URL", file=sys.stderr)
+        return 1
     conn = None
     try:
         today = datetime.now(timezone.utc).date()
@@ -418,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("keys", help="manage the API keys file (hashes only)")
     keys_sub = p.add_subparsers(dest="action", required=True)
-    default_keys = env.keys_file
     k = keys_sub.add_parser("add", help="make a key, print it once, store its hash")
     k.add_argument("--client", required=True)
     k.add_argument("--role", choices=["user", "admin"], default="user")
@@ -438,12 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("who", help="client name or key id")
     k.add_argument("--grace", type=float, default=0.0, help="seconds the old key keeps working (default 0)")
     for k in keys_sub.choices.values():
-        k.add_argument("--file", default=default_keys, help="keys file (default LLAMAGATE_KEYS_FILE or keys.yaml)")
-        k.add_argument("--db", default=None, help="the keys database instead of the file: postgresql://...")
+        k.add_argument("--file", default=env.keys_file, help="keys file (default LLAMAGATE_KEYS_FILE or keys.yaml)")
+        k.add_argument("--db", default=env.database_url or None, metavar="URL",
+                       help="the keys database instead of the file: postgresql://... (default "
+                            "LLAMAGATE_DATABASE_URL; when set, the file is not used)")
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("usage", help="usage from the ledger: per day, client and model, or the top clients")
-    p.add_argument("--db", required=True, help="the ledger database: postgresql://...")
+    p.add_argument("--db", default=env.database_url or None, metavar="URL",
+                   help="the ledger database: postgresql://... (default LLAMAGATE_DATABASE_URL)")
     p.add_argument("--client", default=None)
     p.add_argument("--from", dest="start", default=None, help="first UTC day, YYYY-MM-DD (default: 30 days ago)")
     p.add_argument("--to", dest="end", default=None, help="last UTC day, YYYY-MM-DD (default: today)")

@@ -23,9 +23,9 @@ from .test_status_page import chromium, render  # noqa: F401 - the chromium fixt
 CHAT = [{"role": "user", "content": "Say hi."}]
 
 
-def cli(postgres, *args: str) -> subprocess.CompletedProcess:
+def cli(postgres, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), **env))
 
 
 def add_key(postgres, client: str, *extra: str) -> str:
@@ -91,7 +91,8 @@ def test_keys_added_with_the_cli_work_at_once_and_a_revoke_reaches_both_workers_
         assert chat(stack.url, key).status_code == 200
     assert chat(stack.url, key, model="smollm2-embeddings").status_code == 403  # its models only
 
-    result = cli(postgres, "keys", "revoke", "--db", postgres.url, "kim")
+    # the URL from the environment: a password in it stays out of the process list
+    result = cli(postgres, "keys", "revoke", "kim", LLAMAGATE_DATABASE_URL=postgres.url)
     revoked_at = time.monotonic()
     assert result.returncode == 0 and "revoked 1" in result.stdout, result.stderr
     # a second later, every worker refuses it
