@@ -69,7 +69,7 @@ class Plugin:
         if principal is not None or mirror is None:
             return principal
         # Started on the first request, not in __init__: `llamagate check` builds plugins too.
-        mirror.start(wait=FIRST_READ_WAIT)
+        mirror.start(wait=0 if mirror.snapshot is not None else FIRST_READ_WAIT)
         if mirror.stale:
             ctx.incr("auth.keys_db_stale")
         if mirror.snapshot is None:

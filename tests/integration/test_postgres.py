@@ -359,3 +359,34 @@ def test_a_reloading_and_a_stopping_worker_write_their_buffered_rows(start_gatew
     assert len(ledger_rows(postgres, "flusher")) == 2
     gateway.proc.stop()  # SIGTERM: the worker exits, its plugins flush
     assert len(ledger_rows(postgres, "flusher")) == 5
+
+
+def test_migrations_run_once_whoever_starts_at_the_same_time_and_a_newer_schema_is_refused(postgres):
+    from gateway import pg
+
+    migrations = ("CREATE TABLE mig_test (n int);\nINSERT INTO mig_test VALUES (1);",
+                  "INSERT INTO mig_test VALUES (2);")
+    versions: list[int] = []
+
+    def start() -> None:
+        conn = pg.connect(postgres.url)
+        try:
+            versions.append(pg.migrate(conn, "mig_test", migrations))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert versions == [2] * 6
+    assert postgres.query("SELECT n FROM mig_test ORDER BY n") == [[1], [2]]  # each script ran once
+    start()  # and again, later: nothing to do
+    assert postgres.query("SELECT count(*) FROM mig_test") == [[2]]
+    conn = pg.connect(postgres.url)
+    try:
+        with pytest.raises(RuntimeError, match="newer"):
+            pg.migrate(conn, "mig_test", migrations[:1])  # an older gateway against a newer schema
+    finally:
+        conn.close()
