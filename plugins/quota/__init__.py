@@ -17,6 +17,8 @@ completes, the reservation is replaced by the answer's real ``total_tokens``; a
 request that failed before the backend started is charged no tokens, and one left
 early while the backend generated keeps its reservation. ``x-quota-*`` headers
 (limit, remaining, reset of each counter) go on every answer of a client with a quota.
+Only requests for a model count (not ``/v1/models`` or the usage API: a client over
+its quota can still read its usage).
 
 A request without a token budget reserves ``reserve_tokens`` and may use more: its
 real use is charged, and the client's next request is refused; set ``max_tokens``
@@ -138,8 +140,8 @@ class Plugin:
     @hookimpl
     def request(self, ctx):
         principal = ctx.principal
-        if principal is None:
-            return
+        if principal is None or ctx.model is None:
+            return  # only requests for a model count: a client over its quota still reads its usage
         limits = self.limits(principal)
         if not limits:
             return  # a key without a quota costs no Redis round trip

@@ -243,6 +243,9 @@ def test_a_daily_token_quota_refuses_the_request_that_would_exceed_it_on_both_wo
     assert used <= 400
     # refused on every worker, whichever serves it
     assert [chat(stack.url, key).status_code for _ in range(8)] == [429] * 8
+    # and it can still read its usage
+    assert requests.get(stack.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"},
+                        timeout=10).status_code == 200
     # the next day (every worker's clock moved: the offset file), the quota is fresh
     stack.clock_file.write_text(str(86400))
     try:
