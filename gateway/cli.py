@@ -318,7 +318,7 @@ def cmd_keys_db(args: argparse.Namespace) -> int:
                                      expiry(args.expires))
             print(f"New key {row.key_id} for {row.client} ({row.role}); it is shown only this once:\n{key}")
         elif args.action == "list":
-            for row in keydb.list_keys(conn, include_revoked=args.all):
+            for row in keydb.list_keys(conn, client=args.client, include_revoked=args.all):
                 models = ",".join(row.models) or "*"
                 state = f"revoked {row.revoked:%Y-%m-%d %H:%M}" if row.revoked else \
                     f"expires {row.expires:%Y-%m-%d %H:%M}" if row.expires else "live"
@@ -434,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--expires", help="an ISO time or a number of days (--db only)")
     k = keys_sub.add_parser("list", help="list clients, roles and key ids")
     k.add_argument("--all", action="store_true", help="revoked keys too (--db only)")
+    k.add_argument("--client", default=None, help="only this client's keys (--db only)")
     k = keys_sub.add_parser("revoke", help="revoke the keys of a client or one key by its id (sha256 prefix)")
     k.add_argument("who", help="client name or key id (sha256 prefix, 8 digits at least)")
     k = keys_sub.add_parser("rotate", help="a new key in place of a client's one key (--db only)")

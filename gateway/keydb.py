@@ -83,12 +83,6 @@ class KeyRow:
     expires: datetime | None
     revoked: datetime | None
 
-    def as_dict(self) -> dict[str, Any]:
-        stamp = lambda t: t.isoformat() if t is not None else None  # noqa: E731
-        return {"key_id": self.key_id, "client": self.client, "role": self.role, "models": list(self.models),
-                "limits": self.limits, "priority": self.priority, "created": stamp(self.created),
-                "expires": stamp(self.expires), "revoked": stamp(self.revoked)}
-
 
 _COLUMNS = "sha256, client, role, models, limits, priority, created, expires, revoked"
 

@@ -26,7 +26,6 @@ import pg8000.native
 ERRORS: tuple[type[BaseException], ...] = (pg8000.native.InterfaceError, pg8000.native.DatabaseError, OSError)
 # After these the connection is unusable (the network, not the SQL).
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (pg8000.native.InterfaceError, OSError)
-DatabaseError = pg8000.native.DatabaseError
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,6 @@ class Writer:
         self.batch_rows = batch_rows
         self.flush_interval = flush_interval
         self.dropped = 0
-        self.written = 0
         self.down = False
         self.prepared = False
         self.wake = threading.Event()
@@ -136,7 +135,6 @@ class Writer:
                     return False
                 for _ in batch:
                     self.buffer.popleft()
-                self.written += len(batch)
                 if self.down:
                     log.warning("ledger: the database answers again; buffered rows are being written")
                     self.down = False
