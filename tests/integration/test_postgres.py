@@ -112,6 +112,15 @@ def test_rotate_gives_a_new_key_and_retires_the_old(stack, postgres):
     assert result.returncode == 0, result.stderr
     new = result.stdout.strip().splitlines()[-1]
     assert poll(lambda: chat(stack.url, new).status_code == 200 and chat(stack.url, old).status_code == 401, timeout=5)
+    # with a grace period both work until the old one expires; an expired key is refused
+    result = cli(postgres, "keys", "rotate", "--db", postgres.url, "rita", "--grace", "600")
+    newer = result.stdout.strip().splitlines()[-1]
+    assert poll(lambda: chat(stack.url, newer).status_code == 200, timeout=5)
+    assert chat(stack.url, new).status_code == 200
+    expired = add_key(postgres, "old-timer", "--expires", "2020-01-01T00:00")
+    later = add_key(postgres, "old-timer-2")
+    assert poll(lambda: chat(stack.url, later).status_code == 200, timeout=5)  # the mirrors have both rows
+    assert chat(stack.url, expired).status_code == 401
 
 
 def test_known_keys_keep_working_while_the_database_is_down(stack, postgres):
