@@ -75,8 +75,8 @@ def parse_env_keys(text: str, role: str) -> dict[str, Principal]:
             raise ValueError(f"an item without a key ({item!r}): every item is key or key:client")
         if len(key) > MAX_KEY_CHARS:
             raise ValueError(f"a key longer than {MAX_KEY_CHARS} characters")
-        principal = Principal(client_id=client or derived_client_id(key), role=role)
         digest = key_hash(key)
+        principal = Principal(client_id=client or derived_client_id(key), role=role, key_id=digest[:12])
         if principals.get(digest, principal) != principal:
             raise ValueError(f"the same key is given twice, for {principals[digest].client_id} and "
                              f"{principal.client_id}")
