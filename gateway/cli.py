@@ -12,6 +12,10 @@
     llamagate status [--url URL]      a running gateway's /admin/status as a table
     llamagate models [load|unload ID] the fleet's launched models (/admin/models); load or unload one
     llamagate keys add|list|revoke    the API keys file
+    llamagate keys add|list|revoke|rotate [--db URL]
+                                      the API keys file, or the keys database
+    llamagate usage --db URL [--client C] [--from DAY] [--to DAY] [--top N]
+                                      usage from the ledger, per day, client and model
     llamagate settings                every setting from the environment: value, default, description
 
 Every command but ``settings`` first checks the settings (``gateway/settings.py``) and
@@ -26,9 +30,10 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from . import backend, keys, settings
+from . import backend, keydb, keys, ledger, pg, settings
 from .config import Config, ConfigError, load_config
 from .fleet.spec import fleet_problems
 from .pipeline import build_pipelines, discover
@@ -288,13 +293,22 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def key_limits(args: argparse.Namespace) -> dict[str, int]:
+    return {name: value for name, value in (("requests_per_minute", args.rpm), ("tokens_per_minute", args.tpm),
+                                            ("tokens_per_day", args.tokens_per_day),
+                                            ("tokens_per_month", args.tokens_per_month),
+                                            ("requests_per_day", args.requests_per_day)) if value is not None}
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
+    if args.db:
+        return cmd_keys_db(args)
     try:
         if args.action == "add":
             models = [m for m in (args.models or "").split(",") if m]
-            limits = {name: value for name, value in (("requests_per_minute", args.rpm),
-                                                      ("tokens_per_minute", args.tpm)) if value is not None}
-            key = keys.add_key(args.file, args.client, args.role, models, limits)
+            if args.priority is not None or args.expires is not None:
+                raise ValueError("--priority and --expires need the keys database (--db)")
+            key = keys.add_key(args.file, args.client, args.role, models, key_limits(args))
             print(f"New key for {args.client} ({args.role}); it is shown only this once:\n{key}")
         elif args.action == "list":
             keys.load_keys_file(args.file)  # refuses a malformed file, naming the entry
@@ -302,6 +316,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 models = ",".join(entry.get("models") or []) or "*"
                 print(f"{entry['client']:<20} {entry.get('role', 'user'):<6} models={models:<20} "
                       f"limits={json.dumps(entry.get('limits') or {})} sha256={entry['sha256'][:12]}")
+        elif args.action == "rotate":
+            raise ValueError("rotate needs the keys database (--db); with a file, add a key then revoke the old one")
         else:
             removed = keys.revoke(args.file, args.who)
             print(f"revoked {removed} key(s)")
@@ -309,6 +325,87 @@ def cmd_keys(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"llamagate keys: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def expiry(text: str | None) -> datetime | None:
+    """``--expires``: an ISO time (UTC when it names no zone) or a number of days."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return datetime.now(timezone.utc) + timedelta(days=int(text))
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("--expires takes an ISO time (2027-01-31T00:00) or a number of days") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def cmd_keys_db(args: argparse.Namespace) -> int:
+    conn = None
+    try:
+        conn = pg.connect(args.db)
+        keydb.prepare(conn)
+        if args.action == "add":
+            models = [m for m in (args.models or "").split(",") if m]
+            key, row = keydb.add_key(conn, args.client, args.role, models, key_limits(args), args.priority,
+                                     expiry(args.expires))
+            print(f"New key {row.key_id} for {row.client} ({row.role}); it is shown only this once:\n{key}")
+        elif args.action == "list":
+            for row in keydb.list_keys(conn, client=args.client, include_revoked=args.all):
+                models = ",".join(row.models) or "*"
+                state = f"revoked {row.revoked:%Y-%m-%d %H:%M}" if row.revoked else \
+                    f"expires {row.expires:%Y-%m-%d %H:%M}" if row.expires else "live"
+                print(f"{row.key_id}  {row.client:<20} {row.role:<6} models={models:<20} "
+                      f"limits={json.dumps(row.limits)} priority={row.priority if row.priority is not None else '-'} "
+                      f"{state}")
+        elif args.action == "rotate":
+            key, row = keydb.rotate(conn, args.who, args.grace)
+            old = f"expires in {args.grace:g} s" if args.grace > 0 else "is revoked"
+            print(f"New key {row.key_id} for {row.client}; the old one {old}. Shown only this once:\n{key}")
+        else:
+            revoked = keydb.revoke(conn, args.who)
+            print(f"revoked {revoked} key(s)")
+            return 0 if revoked else 1
+    except (ValueError, RuntimeError, *pg.ERRORS) as exc:
+        print(f"llamagate keys: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        pg.close_quietly(conn)
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    if not args.db:
+        print("llamagate usage: give --db URL or set LLAMAGATE_DATABASE_URL", file=sys.stderr)
+        return 1
+    conn = None
+    try:
+        today = datetime.now(timezone.utc).date()
+        first, last = ledger.day_range(args.start, args.end, today)
+        conn = pg.connect(args.db)
+        ledger.prepare(conn)
+        if args.top:
+            rows = ledger.top_clients(conn, last, args.top)
+        else:
+            rows = ledger.usage(conn, first, last, client=args.client)
+    except (ValueError, RuntimeError, *pg.ERRORS) as exc:
+        print(f"llamagate usage: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        pg.close_quietly(conn)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if args.top:
+        print(f"{'client':<24} {'requests':>9} {'tokens':>12}   ({last})")
+        for row in rows:
+            print(f"{row['client']:<24} {row['requests']:>9} {row['total_tokens']:>12}")
+        return 0
+    print(f"{'day':<10} {'client':<20} {'model':<20} {'requests':>9} {'prompt':>10} {'completion':>10} {'total':>10}")
+    for row in rows:
+        print(f"{row['day']:<10} {row['client']:<20} {str(row['model']):<20} {row['requests']:>9} "
+              f"{row['prompt_tokens']:>10} {row['completion_tokens']:>10} {row['total_tokens']:>10}")
     return 0
 
 
@@ -354,19 +451,41 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("keys", help="manage the API keys file (hashes only)")
     keys_sub = p.add_subparsers(dest="action", required=True)
-    default_keys = env.keys_file
     k = keys_sub.add_parser("add", help="make a key, print it once, store its hash")
     k.add_argument("--client", required=True)
     k.add_argument("--role", choices=["user", "admin"], default="user")
     k.add_argument("--models", help="comma-separated model ids the key may use (default: all)")
     k.add_argument("--rpm", type=int, help="requests per minute for this key")
     k.add_argument("--tpm", type=int, help="tokens per minute for this key")
-    k = keys_sub.add_parser("list", help="list clients, roles and hash prefixes")
-    k = keys_sub.add_parser("revoke", help="remove the keys of a client or a hash prefix")
-    k.add_argument("who", help="client name or sha256 prefix")
+    k.add_argument("--tokens-per-day", type=int, help="quota: tokens per UTC day")
+    k.add_argument("--tokens-per-month", type=int, help="quota: tokens per UTC month")
+    k.add_argument("--requests-per-day", type=int, help="quota: requests per UTC day")
+    k.add_argument("--priority", type=int, help="admission priority, 0 (first) to 1000 (--db only)")
+    k.add_argument("--expires", help="an ISO time or a number of days (--db only)")
+    k = keys_sub.add_parser("list", help="list clients, roles and key ids")
+    k.add_argument("--all", action="store_true", help="revoked keys too (--db only)")
+    k.add_argument("--client", default=None, help="only this client's keys (--db only)")
+    k = keys_sub.add_parser("revoke", help="revoke the keys of a client or one key by its id (sha256 prefix)")
+    k.add_argument("who", help="client name or key id (sha256 prefix, 8 digits at least)")
+    k = keys_sub.add_parser("rotate", help="a new key in place of a client's one key (--db only)")
+    k.add_argument("who", help="client name or key id")
+    k.add_argument("--grace", type=float, default=0.0, help="seconds the old key keeps working (default 0)")
     for k in keys_sub.choices.values():
-        k.add_argument("--file", default=default_keys, help="keys file (default LLAMAGATE_KEYS_FILE or keys.yaml)")
+        k.add_argument("--file", default=env.keys_file, help="keys file (default LLAMAGATE_KEYS_FILE or keys.yaml)")
+        k.add_argument("--db", default=env.database_url or None, metavar="URL",
+                       help="the keys database instead of the file: postgresql://... (default "
+                            "LLAMAGATE_DATABASE_URL; when set, the file is not used)")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("usage", help="usage from the ledger: per day, client and model, or the top clients")
+    p.add_argument("--db", default=env.database_url or None, metavar="URL",
+                   help="the ledger database: postgresql://... (default LLAMAGATE_DATABASE_URL)")
+    p.add_argument("--client", default=None)
+    p.add_argument("--from", dest="start", default=None, help="first UTC day, YYYY-MM-DD (default: 30 days ago)")
+    p.add_argument("--to", dest="end", default=None, help="last UTC day, YYYY-MM-DD (default: today)")
+    p.add_argument("--top", type=int, default=None, help="the N clients that used the most tokens on the last day")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("routes", help="which model goes to which backend replicas")
     p.add_argument("file", nargs="?", default=default_config)

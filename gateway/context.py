@@ -116,12 +116,17 @@ class Principal:
         role: ``user`` or ``admin``.
         models: Public model ids the client may use; empty means every model.
         limits: Per-client limit overrides, e.g. ``{"requests_per_minute": 10}``.
+        key_id: The public id of the key used (the first hex digits of its hash), for
+            ledgers and logs; None when the auth plugin has none.
+        priority: The key's admission priority (0 first); None: by role (admins 0, others 1).
     """
 
     client_id: str
     role: str = "user"
     models: frozenset[str] = frozenset()
     limits: Mapping[str, Any] = field(default_factory=dict)
+    key_id: str | None = None
+    priority: int | None = None
 
 
 @dataclass(eq=False)

@@ -12,7 +12,8 @@ The file the ``auth`` plugin reads and ``llamagate keys`` writes::
 Every entry is checked when the file is loaded: ``sha256`` 64 hex digits, once in the
 file; ``client`` a non-empty string; ``role`` ``user`` or ``admin``; ``models`` a list
 of model ids; ``limits`` only ``requests_per_minute``/``tokens_per_minute``, each an
-integer >= 1 (a key cannot lift its role's limits; an admin role can). A file that
+integer >= 1 (a key cannot lift its role's limits; an admin role can); the quota plugin's
+``tokens_per_day``, ``tokens_per_month`` and ``requests_per_day`` may be there too. A file that
 breaks any of this is refused whole, naming the entry.
 
 The file is written with mode 0600 (a fresh temporary file, then renamed over it); a
@@ -36,7 +37,8 @@ import yaml
 from .context import Principal
 
 KEY_PREFIX = "sk-lg-"
-LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute")
+# Rate limits (the ratelimit plugin) and quotas (the quota plugin).
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "requests_per_day")
 ROLES = ("user", "admin")
 MAX_KEY_CHARS = 512  # longer presented keys are refused before hashing
 MIN_REVOKE_PREFIX = 8  # hex digits of a sha256 prefix that `revoke` accepts
@@ -73,8 +75,8 @@ def parse_env_keys(text: str, role: str) -> dict[str, Principal]:
             raise ValueError(f"an item without a key ({item!r}): every item is key or key:client")
         if len(key) > MAX_KEY_CHARS:
             raise ValueError(f"a key longer than {MAX_KEY_CHARS} characters")
-        principal = Principal(client_id=client or derived_client_id(key), role=role)
         digest = key_hash(key)
+        principal = Principal(client_id=client or derived_client_id(key), role=role, key_id=digest[:12])
         if principals.get(digest, principal) != principal:
             raise ValueError(f"the same key is given twice, for {principals[digest].client_id} and "
                              f"{principal.client_id}")
@@ -181,7 +183,7 @@ def principal_of(entry: Any, where: str) -> tuple[str, Principal]:
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
         raise ValueError(f"{where}: models must be a list of model ids")
     principal = Principal(client_id=client.strip(), role=role, models=frozenset(models),
-                          limits=check_limits(entry.get("limits"), where))
+                          limits=check_limits(entry.get("limits"), where), key_id=digest.lower()[:12])
     return digest.lower(), principal
 
 

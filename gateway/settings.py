@@ -224,6 +224,10 @@ class Settings:
     llama_api_key: str = setting(
         "LLAMA_API_KEY", "", text("secret"),
         "the key the backend's llama-server requires (not set: none)", read_by="`llamagate backend`", secret=True)
+    database_url: str = setting(
+        "LLAMAGATE_DATABASE_URL", "", text("secret"),
+        "the PostgreSQL URL `llamagate keys --db` (without a URL) and `llamagate usage` use, so that its password "
+        "stays out of the process list (not set: give --db URL)", read_by="`llamagate keys`, `usage`", secret=True)
 
     metrics_dir: str = setting(
         "PROMETHEUS_MULTIPROC_DIR", "", text("path"),

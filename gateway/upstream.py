@@ -460,7 +460,9 @@ class Upstreams:
             GatewayTimeoutError: the replica did not start answering in time.
             GatewayError: the last replica's 502/503 once the retry deadline passed.
         """
-        priority = 0 if ctx.principal is not None and ctx.principal.role == "admin" else 1
+        principal = ctx.principal
+        priority = principal.priority if principal is not None and principal.priority is not None else \
+            0 if principal is not None and principal.role == "admin" else 1
         ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
         waited = backend.admission.acquire(priority, in_flight)
         ctx.timings[f"queue.{backend.name}"] = waited * 1000.0

@@ -199,6 +199,10 @@ def test_one_key_for_two_principals_refuses_the_config(monkeypatch, tmp_path):
     # the same principal twice is fine
     monkeypatch.setenv("ADMIN_KEYS", "sk-same:alice")
     plugin("auth", env_keys={"USER_KEYS": "user", "ADMIN_KEYS": "user"})
+    # also in the environment and the file (both give it the same key id)
+    same = write_keys(tmp_path / "same.yaml", [{"sha256": keys.key_hash("sk-same"), "client": "alice"}])
+    _, auth = plugin("auth", env_keys={"USER_KEYS": "user"}, keys_file=str(same))
+    assert auth.principals[keys.key_hash("sk-same")].key_id == keys.key_hash("sk-same")[:12]
 
 
 def test_an_empty_key_in_the_environment_refuses_the_config(monkeypatch):

@@ -7,8 +7,13 @@ in ``request_start``, before the body is read. A missing or wrong key gets 401
 the key may not use gets 403 (in ``request``, once the body named the model). The
 caller's :class:`gateway.Principal` goes on ``ctx.principal`` for later plugins.
 
-Keys come from the env variables of ``env_keys`` and the keys file; an item without a
-key (``:alice``) or the same key for two different principals refuses the config.
+Keys come from the env variables of ``env_keys``, the keys file and the keys database
+(``keys_db``, see :mod:`gateway.keydb`); an item without a key (``:alice``) or the
+same key for two different principals refuses the config. The database's keys are
+mirrored in memory and refreshed in the background when they change (a revoke takes
+effect within ``keys_db_poll_interval``); a database that is down leaves the last
+known keys serving. Before the first read from it (a worker just started and the
+database down) a key found nowhere else gets 503, not 401: it may well be valid.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gateway import AuthenticationError, PermissionDeniedError, Principal, hookimpl
+from gateway import AuthenticationError, PermissionDeniedError, Principal, ServiceUnavailableError, hookimpl
+from gateway.keydb import KeyMirror
 from gateway.keys import MAX_KEY_CHARS, key_hash, load_keys_file, parse_env_keys
+
+FIRST_READ_WAIT = 5.0  # seconds the first request of a worker waits for the keys database
 
 
 class Plugin:
@@ -48,6 +56,31 @@ class Plugin:
                                      f"and in {source} (client {principal.client_id})")
                 self.principals[digest] = principal
                 origin[digest] = source
+        self.keys_db: KeyMirror | None = None
+        if config["keys_db"]:
+            try:
+                self.keys_db = KeyMirror(config["keys_db"], config["keys_db_poll_interval"])
+            except ValueError as exc:
+                raise ValueError(f"keys_db: {exc}") from None
+
+    def lookup(self, ctx, digest: str) -> Principal | None:
+        principal = self.principals.get(digest)
+        mirror = self.keys_db
+        if principal is not None or mirror is None:
+            return principal
+        # Started on the first request, not in __init__: `llamagate check` builds plugins too.
+        mirror.start(wait=0 if mirror.snapshot is not None else FIRST_READ_WAIT)
+        if mirror.stale:
+            ctx.incr("auth.keys_db_stale")
+        if mirror.snapshot is None:
+            raise ServiceUnavailableError("The keys database is unreachable; try again shortly.",
+                                          headers={"Retry-After": "5"})
+        return mirror.lookup(digest)
+
+    @hookimpl
+    def shutdown(self):
+        if self.keys_db is not None:
+            self.keys_db.stop()
 
     @staticmethod
     def presented_key(headers: Any) -> str | None:
@@ -75,7 +108,7 @@ class Plugin:
             raise AuthenticationError(
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or `x-api-key`.")
         # No key is that long: refuse it without hashing it.
-        principal = self.principals.get(key_hash(key)) if len(key) <= MAX_KEY_CHARS else None
+        principal = self.lookup(ctx, key_hash(key)) if len(key) <= MAX_KEY_CHARS else None
         if principal is None:
             raise AuthenticationError("Incorrect API key provided.")
         ctx.principal = principal

@@ -27,6 +27,7 @@ import math
 from typing import Any
 
 from gateway import RateLimitError, ServiceUnavailableError, hookimpl, settings
+from gateway.answers import completion_budget, total_tokens
 from gateway.stores import Decision, StoreUnavailable, make_store
 
 log = logging.getLogger("llamagate")
@@ -37,23 +38,6 @@ MAX_CHARGE_MINUTES = 100  # the most debt one answer's usage can put on a client
 
 def valid_limit(value: Any) -> bool:
     return type(value) is int and value >= 1
-
-
-def budget(body: Any) -> int | None:
-    """The completion tokens a request may generate, as llama-server reads them."""
-    for name in ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(name) if isinstance(body, dict) else None
-        if type(value) is int and value >= 0:
-            return value
-    return None
-
-
-def tokens_used(usage: Any) -> int | None:
-    """The answer's total tokens, or None when the backend's usage is not a sane count."""
-    total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    if type(total) is float and math.isfinite(total):
-        total = int(total)
-    return total if type(total) is int and total >= 0 else None
 
 
 def duration(seconds: float) -> str:
@@ -160,16 +144,17 @@ class Plugin:
             return
         client, tokens_per_minute = charge
         if ctx.usage:
-            total = tokens_used(ctx.usage)
+            total = total_tokens(ctx.usage)
             if total is None:
                 ctx.log(logging.WARNING, "ratelimit: the backend's usage has no sane total_tokens; nothing charged")
                 return
         elif outcome in ("client_gone", "cancelled") and ctx.sent:
             # The backend was generating when the client left (or cancelled): the usage
             # never came (a plain answer in another shape than OpenAI's is not streamed
-            # from llama-server, which generates it to its end for nobody). Charge the request's token budget, else leaving just
-            # before the end would make every generation free of the token limit.
-            total = budget(ctx.body) or tokens_per_minute
+            # from llama-server, which generates it to its end for nobody). Charge the
+            # request's token budget, else leaving just before the end would make every
+            # generation free of the token limit.
+            total = completion_budget(ctx.body) or tokens_per_minute
         else:
             return
         total = min(total, MAX_CHARGE_MINUTES * tokens_per_minute)

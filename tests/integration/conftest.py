@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -208,6 +210,94 @@ def redis_url(logs: Path) -> Iterator[str]:
             time.sleep(0.05)
     yield f"redis://127.0.0.1:{port}/0"
     proc.stop()
+
+
+class Postgres:
+    """A PostgreSQL cluster of our own: ``initdb`` into a temporary folder (as the
+    ``postgres`` user when we are root: initdb refuses root), the server on a free port
+    of 127.0.0.1 and its Unix socket in that folder, sharing nothing with any other."""
+
+    def __init__(self, logs: Path) -> None:
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+        found = shutil.which("initdb")
+        if not versions and not found:
+            pytest.fail("make test needs PostgreSQL's initdb (Debian: apt-get install postgresql)")
+        self.bin = versions[-1].parent if versions else Path(found).parent
+        self.folder = Path(tempfile.mkdtemp(prefix="llamagate-pg-"))
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.folder, "postgres", "postgres")
+        self.data = self.folder / "data"
+        self.logs = logs
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        result = subprocess.run([*self.as_user, str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
+                                 "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.fail(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+        self.proc: Proc | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = Proc([*self.as_user, str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                          "-k", str(self.folder), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                          "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+                         self.logs / f"postgres-{self.port}.log")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                from gateway import pg
+
+                pg.connect(self.url, timeout=2).close()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline or self.proc.popen.poll() is not None:
+                    pytest.fail(f"postgres did not start:\n{self.proc.output()}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT): clients are disconnected, the server is gone."""
+        if self.proc is not None and self.proc.popen.poll() is None:
+            os.killpg(self.proc.popen.pid, signal.SIGINT)
+            try:
+                self.proc.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.popen.pid, signal.SIGKILL)
+                self.proc.popen.wait()
+            self.proc.handle.close()
+        self.proc = None
+
+    def pause(self) -> None:
+        """Every process of the server stopped (SIGSTOP): connections stay open and
+        nothing answers, as with a hung database."""
+        os.killpg(self.proc.popen.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.popen.pid, signal.SIGCONT)
+
+    def query(self, sql: str, **params: Any) -> list[list[Any]]:
+        from gateway import pg
+
+        conn = pg.connect(self.url, timeout=10)
+        try:
+            return conn.run(sql, **params)
+        finally:
+            conn.close()
+
+    def remove(self) -> None:
+        if self.proc is not None:
+            self.resume()
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(logs: Path) -> Iterator[Postgres]:
+    """A PostgreSQL server of our own (see :class:`Postgres`)."""
+    server = Postgres(logs)
+    yield server
+    server.remove()
 
 
 @pytest.fixture(scope="session")
