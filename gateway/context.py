@@ -130,6 +130,9 @@ class RequestContext:
             None until then.
         backend: Name of the backend serving the request, once routed.
         replica: Base URL of the backend replica, once routed.
+        routing: How the replica was chosen, as the ``route`` plugin that chose it says
+            (the router: ``affinity``, ``spill``, ``load``, ``turn``); None when no
+            plugin chose (the gateway's round robin).
         status: HTTP status sent to the client, once known.
         error: The error that ended the request, if one did.
         usage: The ``usage`` object of the answer, when the backend sent one.
@@ -165,6 +168,7 @@ class RequestContext:
     principal: Principal | None = None
     backend: str | None = None
     replica: str | None = None
+    routing: str | None = None
     status: int | None = None
     error: GatewayError | None = None
     usage: dict[str, Any] | None = None
