@@ -1,6 +1,6 @@
 """accesslog: one JSON line per request when it completes.
 
-Fields: time, request_id, client, pipeline, route, model, backend, routing, status,
+Fields: time, request_id, client, pipeline, route, model, backend, replica, routing, status,
 latency_ms, ttfb_ms, prompt_tokens, cached_tokens, completion_tokens, cache, bytes_in,
 bytes_out, outcome, error_type. With ``log_bodies: true`` also ``request`` (the body) and
 ``completion`` (the answer's text). API keys are never written.
@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from gateway import hookimpl
 from gateway.answers import choice_text
-from gateway.redact import FIELD_CHARS, clip, clip_json
+from gateway.redact import FIELD_CHARS, clip, clip_json, redact_url
 
 
 def answer_text(ctx) -> str | None:
@@ -78,6 +78,7 @@ class Plugin:
             "route": ctx.route,
             "model": ctx.model or ctx.requested_model,
             "backend": ctx.backend,
+            "replica": redact_url(ctx.replica) if ctx.replica else None,
             "routing": ctx.routing,
             "status": ctx.status,
             "latency_ms": round(ctx.latency_ms, 2),
