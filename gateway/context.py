@@ -107,8 +107,8 @@ class RequestContext:
     """Everything the gateway knows about one request, shared by its plugins.
 
     Plugins may read every field. They may set ``principal``, ``model`` (before
-    routing), ``cache``, add to ``response_headers``, and keep their own state under
-    ``state[<plugin name>]``; the core fills in the rest.
+    routing), ``cache``, ``routing`` (from ``route``), add to ``response_headers``, and
+    keep their own state under ``state[<plugin name>]``; the core fills in the rest.
 
     Attributes:
         request_id: The client's valid ``x-request-id``, or one made for it.

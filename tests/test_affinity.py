@@ -151,33 +151,46 @@ def test_conversations_get_slots_of_their_own_while_there_are_enough():
     conversations = keys(4)
     chosen = {}
     for key in conversations:
-        chosen[key] = table.choose(key, now, 300)
-        table.take(chosen[key], key, now)
+        chosen[key] = table.choose(key, "alice", now, 300)
+        table.take(chosen[key], key, "alice", now)
         table.release(chosen[key], now)
     assert sorted(chosen.values()) == [0, 1, 2, 3]
     for key in conversations:  # later turns come back to the same slot
-        assert table.choose(key, now + 10, 300) == chosen[key]
+        assert table.choose(key, "alice", now + 10, 300) == chosen[key]
 
 
 def test_a_key_without_conflicts_takes_its_first_slot_in_every_worker():
     for key in keys(20):
-        assert SlotTable(4).choose(key, 0.0, 300) == rank(key, ["0", "1", "2", "3"])[0]
+        assert SlotTable(4).choose(key, "", 0.0, 300) == rank(key, ["0", "1", "2", "3"])[0]
 
 
 def test_busy_slots_are_avoided_and_more_conversations_than_slots_evict_the_oldest():
     table = SlotTable(2)
     one, two, three = keys(3)
-    a = table.choose(one, 0.0, 300)
-    table.take(a, one, 0.0)
-    assert table.choose(one, 1.0, 300) == 1 - a  # its own slot is busy (a second request at once)
-    b = table.choose(two, 1.0, 300)
+    a = table.choose(one, "", 0.0, 300)
+    table.take(a, one, "", 0.0)
+    assert table.choose(one, "", 1.0, 300) == 1 - a  # its own slot is busy (a second request at once)
+    b = table.choose(two, "", 1.0, 300)
     assert b == 1 - a
-    table.take(b, two, 1.0)
-    assert table.choose(three, 2.0, 300) is None  # all busy here: llama-server chooses
+    table.take(b, two, "", 1.0)
+    assert table.choose(three, "", 2.0, 300) is None  # all busy here: llama-server chooses
     table.release(a, 5.0)
     table.release(b, 3.0)
-    assert table.choose(three, 6.0, 300) == b  # the least recently used idle slot
-    assert table.choose(three, 400.0, 300) == rank(three, ["0", "1"])[0]  # both stale: its own first choice
+    assert table.choose(three, "", 6.0, 300) == b  # the least recently used idle slot
+    assert table.choose(three, "", 400.0, 300) == rank(three, ["0", "1"])[0]  # both stale: its own first choice
+
+
+def test_a_client_with_more_conversations_than_slots_evicts_its_own_first():
+    table = SlotTable(3)
+    mine, theirs = keys(4)[:3], keys(4)[3]
+    t = table.choose(theirs, "victim", 0.0, 300)
+    table.take(t, theirs, "victim", 0.0)
+    table.release(t, 0.0)  # the victim's conversation is the least recently used of all
+    for n, key in enumerate(mine, start=1):
+        slot = table.choose(key, "flooder", float(n), 300)
+        table.take(slot, key, "flooder", float(n))
+        table.release(slot, float(n))
+        assert table.owners[t] == theirs  # the flooder's third conversation took the flooder's own oldest slot
 
 
 # --- the router's strategy ---------------------------------------------------------------

@@ -48,7 +48,8 @@ class Plugin:
             return None  # let the gateway try them all: one may have come back
         if self.strategy == "round_robin":
             return self._routed(ctx, "turn", ready[0])
-        key = self._key(ctx) if self.strategy == "prefix_affinity" else None
+        scope = self._scope(ctx)
+        key = self._key(ctx, scope) if self.strategy == "prefix_affinity" else None
         if key is None:
             return self._routed(ctx, "load", min(ready, key=lambda replica: replica.in_flight))
         # Ranked over every configured replica, so that a replica going down moves only its
@@ -61,7 +62,7 @@ class Plugin:
                                    [replica in ready for replica in replicas])
         chosen = replicas[index]
         if self.pin_slots and chosen.slots:
-            self._pin(ctx, key, chosen)
+            self._pin(ctx, key, scope, chosen)
         return self._routed(ctx, "affinity" if first_choice else "spill", chosen)
 
     @hookimpl
@@ -79,21 +80,24 @@ class Plugin:
             if table is not None and slot < len(table):
                 table.release(slot, time.monotonic())
 
-    def _key(self, ctx) -> bytes | None:
+    @staticmethod
+    def _scope(ctx) -> str:
+        return ctx.principal.client_id if ctx.principal is not None else ""
+
+    def _key(self, ctx, scope: str) -> bytes | None:
         if ctx.route not in PROMPT_ROUTES:
             return None
-        scope = ctx.principal.client_id if self.per_client and ctx.principal is not None else ""
-        return affinity_key(ctx.body, ctx.route, ctx.model or "", scope, self.prefix_chars)
+        return affinity_key(ctx.body, ctx.route, ctx.model or "", scope if self.per_client else "", self.prefix_chars)
 
-    def _pin(self, ctx, key: bytes, replica) -> None:
+    def _pin(self, ctx, key: bytes, scope: str, replica) -> None:
         """Choose the replica's slot for this conversation; ``upstream_request`` sends it."""
         table = self.tables.get(replica.url)
         if table is None or len(table) != replica.slots:
             table = self.tables[replica.url] = SlotTable(replica.slots)
         now = time.monotonic()
-        slot = table.choose(key, now, self.slot_ttl)
+        slot = table.choose(key, scope, now, self.slot_ttl)
         if slot is not None:
-            table.take(slot, key, now)
+            table.take(slot, key, scope, now)
             ctx.state["router"] = (replica.url, slot)
 
     @staticmethod

@@ -130,12 +130,15 @@ class SlotTable:
 
     llama-server reuses the KV cache of the slot a request runs in; left to choose, it
     puts every conversation that shares a system prompt into the one slot holding it, so
-    they overwrite each other. The table gives a key the first slot, in the key's own
-    rendezvous order over the slot ids, that is neither busy (this worker has a request
-    in it) nor held by another conversation seen within ``ttl`` seconds; else the slot it
-    already holds; else the least recently used idle slot (more live conversations than
-    slots: the oldest loses its cache, keeping at worst the prefix it shares with the
-    newcomer); else None (every slot busy here: llama-server chooses).
+    they overwrite each other. The table gives a key, in order:
+
+    1. an idle slot it already holds;
+    2. the first slot, in the key's own rendezvous order over the slot ids, that is idle
+       and held by no conversation seen within ``ttl`` seconds;
+    3. more live conversations than slots: the least recently used idle slot of the same
+       client (``scope``), else of anyone (the oldest conversation loses its cache, and
+       keeps at worst the prefix it shares with the newcomer);
+    4. None: every slot is busy with this worker's requests; llama-server chooses.
 
     Per worker on purpose: it changes the choice only when this worker knows of a
     conflict. Without one, every worker takes the key's first slot, so workers agree.
@@ -143,17 +146,18 @@ class SlotTable:
     on that turn, not its answer.
     """
 
-    __slots__ = ("owners", "used", "busy")
+    __slots__ = ("owners", "scopes", "used", "busy")
 
     def __init__(self, slots: int) -> None:
         self.owners: list[bytes | None] = [None] * slots
+        self.scopes: list[str | None] = [None] * slots
         self.used = [0.0] * slots
         self.busy = [0] * slots
 
     def __len__(self) -> int:
         return len(self.owners)
 
-    def choose(self, key: bytes, now: float, ttl: float) -> int | None:
+    def choose(self, key: bytes, scope: str, now: float, ttl: float) -> int | None:
         idle = [slot for slot in range(len(self)) if not self.busy[slot]]
         if not idle:
             return None
@@ -163,10 +167,11 @@ class SlotTable:
         for slot in rank(key, [str(slot) for slot in range(len(self))]):
             if not self.busy[slot] and (self.owners[slot] is None or now - self.used[slot] > ttl):
                 return slot
-        return min(idle, key=lambda slot: self.used[slot])
+        own = [slot for slot in idle if self.scopes[slot] == scope]
+        return min(own or idle, key=lambda slot: self.used[slot])
 
-    def take(self, slot: int, key: bytes, now: float) -> None:
-        self.owners[slot], self.used[slot] = key, now
+    def take(self, slot: int, key: bytes, scope: str, now: float) -> None:
+        self.owners[slot], self.scopes[slot], self.used[slot] = key, scope, now
         self.busy[slot] += 1
 
     def release(self, slot: int, now: float) -> None:

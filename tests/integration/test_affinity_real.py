@@ -21,6 +21,7 @@ from .conftest import ROUTES, Backends, Gateway
 SYSTEM = ("You are a patient assistant for a hardware shop. Answer in one short sentence, "
           "name the aisle when you can, and never invent prices. ") * 6
 SLOTS = 4
+ALICE, BOB = "sk-alice-" + "a" * 24, "sk-bob-" + "b" * 24
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,10 @@ def gateway(start_gateway: Callable[..., Gateway], pair: list[str], access_log: 
         "backends": {"chat": {"urls": pair, "connect_timeout": 2}},
         "models": {"smollm2": {"backend": "chat"}},
         "pipelines": {"default": [{"accesslog": {"path": str(access_log)}},
+                                  {"auth": {"env_keys": {"AFFINITY_TEST_KEYS": "user"}}},
                                   {"router": {"strategy": "prefix_affinity"}}]},
         "routes": {route: "default" for route in ROUTES if route != "/v1/embeddings"},
-    })
+    }, AFFINITY_TEST_KEYS=f"{ALICE}:alice,{BOB}:bob")
     gw.access_log = access_log  # type: ignore[attr-defined]
     wait_for(lambda: slots_known(gw))  # the router weighs and pins by them
     return gw
@@ -66,9 +68,9 @@ def opening(n: int) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Customer {n}: where are the {n}mm screws?"}]
 
 
-def home(messages: list[dict[str, str]], pair: list[str]) -> str:
-    """The replica the router must prefer for a conversation (no auth: scope is empty)."""
-    key = affinity_key({"messages": messages}, "/v1/chat/completions", "smollm2", "", 2048)
+def home(messages: list[dict[str, str]], pair: list[str], client: str = "alice") -> str:
+    """The replica the router must prefer for a client's conversation."""
+    key = affinity_key({"messages": messages}, "/v1/chat/completions", "smollm2", client, 2048)
     return pair[rank(key, pair)[0]]
 
 
@@ -88,11 +90,11 @@ def openings_covering(pair: list[str], per_replica: int) -> list[list[dict[str, 
 _ids = itertools.count()
 
 
-def turn(gw: Gateway, messages: list[dict[str, str]], tag: str) -> dict[str, Any]:
+def turn(gw: Gateway, messages: list[dict[str, str]], tag: str, key: str = ALICE) -> dict[str, Any]:
     """One chat turn through the openai client; appends the answer and the next question,
     and returns the access log's line for it."""
     request_id = f"{tag}-{next(_ids)}"
-    answer = gw.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
+    answer = gw.client(api_key=key).chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
                                                   extra_headers={"x-request-id": request_id})
     messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
     messages.append({"role": "user", "content": f"And after that ({len(messages)})?"})
@@ -128,7 +130,7 @@ def test_turns_of_a_conversation_stay_on_one_replica_and_reuse_its_prompt(gatewa
 def test_a_conversation_spills_to_the_other_replica_when_its_own_is_over_its_share(gateway, pair):
     messages = opening(1000)
     own = home(messages, pair)
-    client = gateway.client()
+    client = gateway.client(api_key=ALICE)
     long = dict(model="smollm2", messages=messages, max_tokens=400, temperature=0, stream=True,
                 extra_body={"ignore_eos": True})
     # Two streams held open on its replica: ceil(1.25 * 3 / 2) = 2, so a third one is over the bound.
@@ -147,6 +149,29 @@ def test_a_conversation_spills_to_the_other_replica_when_its_own_is_over_its_sha
     assert {line["replica"] for line in held} == {own} and {line["routing"] for line in held} == {"affinity"}
     # once its replica has room again, the conversation is back home
     wait_for(lambda: turn(gateway, list(messages), "back")["replica"] == own)
+
+
+def test_another_tenant_cannot_time_whether_a_prompt_is_cached(gateway, start_gateway, logs):
+    """Bob sends the prompt Alice sent: were it served from her slot's cache, his first
+    token would come sooner, and he would learn what she asked. Keyed by client, it lands
+    in a slot of his own. Without affinity (llama-server picks the slot most like the
+    prompt) the same request reuses her cache: the attack is real."""
+    secret = [{"role": "system", "content": "Internal memo: the merger with Northwind closes on May 3rd. " * 12},
+              {"role": "user", "content": "Summarise the memo."}]
+    hers = turn(gateway, list(secret), "alice")
+    assert turn(gateway, list(secret), "alice")["cached_tokens"] >= hers["prompt_tokens"] - 1  # she gains
+    his = turn(gateway, list(secret), "bob", key=BOB)
+    assert his["cached_tokens"] < his["prompt_tokens"] // 10, his
+    baseline = start_gateway({
+        "backends": {"chat": {"urls": [hers["replica"]]}},
+        "models": {"smollm2": {"backend": "chat"}},
+        "pipelines": {"default": [{"accesslog": {"path": str(logs / "affinity-baseline.log")}},
+                                  {"router": {"strategy": "least_in_flight"}}]},
+        "routes": {"/v1/chat/completions": "default"},
+    })
+    baseline.access_log = logs / "affinity-baseline.log"  # type: ignore[attr-defined]
+    leaked = turn(baseline, list(secret), "baseline")
+    assert leaked["cached_tokens"] >= leaked["prompt_tokens"] - 1, leaked
 
 
 def test_a_killed_replica_moves_its_conversations_and_they_succeed(gateway, pair, backends):
