@@ -1,21 +1,23 @@
 """The prefix-affinity benchmark: multi-turn conversations through the gateway in front
-of two real llama-server replicas, once per router strategy, on the same workload.
+of two real llama-server replicas, once per router strategy, on the same workloads.
 
-For each strategy (least_in_flight, round_robin, prefix_affinity) it starts two fresh
-replicas (xllamacpp + the SmolLM2 GGUF, ``--parallel`` slots each, one thread each:
-their KV caches start empty) and the gateway under gunicorn (``--workers``), then runs
-each workload: ``--conversations`` clients at once, each holding one conversation of
-``--turns`` turns (a streamed chat request, ``max_tokens`` 24, temperature 0), the
-answer and a new question appended each turn. Workloads:
+For each strategy (least_in_flight, round_robin, prefix_affinity) and each workload it
+starts two fresh replicas (xllamacpp + the SmolLM2 GGUF, ``--slots`` slots each, one
+thread each: their KV caches start empty) and the gateway under gunicorn
+(``--workers``), then runs ``--conversations`` conversations of ``--turns`` turns (a
+streamed chat request, ``max_tokens`` 24, temperature 0), the answer and a new question
+appended each turn. Workloads:
 
-* ``shared system prompt``: every conversation opens with the same long system prompt
-  (about 500 tokens), then its own question: a support bot, a RAG preamble;
-* ``distinct prompts``: every conversation has a system prompt of its own, as long.
+* ``shared``: every conversation opens with the same long system prompt (about 500
+  tokens), then its own question (a support bot, a RAG preamble); the clients all at once;
+* ``shared-sequential``: the same, one request at a time, turn by turn across the
+  conversations (users who pause between turns);
+* ``distinct``: every conversation has a system prompt of its own, as long; all at once.
 
 Measured by the client: time to first token (the first content chunk), p50 and p99, of
 follow-up turns (turn 2 on) and of all turns; from llama-server's usage (its
 ``timings``): prompt tokens processed (``prompt_tokens - cached_tokens``) and the share
-reused from the KV cache on follow-ups; wall time and requests per second.
+reused from the KV cache on follow-ups; wall time, requests and generated tokens per second.
 
     make bench-affinity            # or: python bench/affinity.py [--quick] [--workers N]
 
@@ -29,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,18 +51,13 @@ from run import stop_all  # noqa: E402  (bench/run.py, beside this file)
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 STRATEGIES = ("least_in_flight", "round_robin", "prefix_affinity")
+WORKLOADS = ("shared", "shared-sequential", "distinct")
 RULES = ("You are the support assistant of a hardware shop. Answer in one or two sentences. "
          "Name the aisle when you know it, never invent prices, and suggest a safer tool when the customer "
          "asks about something dangerous. ")
 QUESTIONS = ["Where are the wood screws?", "Do you sell ladders?", "I need a drill for concrete.",
              "What glue works on glass?", "Can I rent a floor sander?", "Which paint dries fastest?",
              "Where do I find hinges?", "Do you cut keys?"]
-
-
-def system_prompt(workload: str, n: int) -> str:
-    if workload == "shared":
-        return RULES * 8
-    return f"Conversation {n}. " + (RULES + f"Customer number {n} prefers short answers. ") * 7
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -75,17 +73,21 @@ def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
                                 start_new_session=True)
 
 
-def converse(base: str, workload: str, n: int, turns: int, results: list[dict], barrier: threading.Barrier) -> None:
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
-    messages = [{"role": "system", "content": system_prompt(workload, n)},
-                {"role": "user", "content": QUESTIONS[n % len(QUESTIONS)]}]
-    barrier.wait()
-    for turn in range(turns):
+class Conversation:
+    """One client's conversation: each :meth:`step` sends the history, streamed, and
+    appends the answer and a new question."""
+
+    def __init__(self, base: str, shared: bool, n: int) -> None:
+        self.client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
+        system = RULES * 8 if shared else f"Conversation {n}. " + (RULES + f"Customer {n} prefers short answers. ") * 7
+        self.messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[n % len(QUESTIONS)]}]
+
+    def step(self, turn: int) -> dict:
         sent = time.monotonic()
         first = None
         text, usage = "", None
-        stream = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0,
-                                                stream=True, stream_options={"include_usage": True})
+        stream = self.client.chat.completions.create(model="smollm2", messages=self.messages, max_tokens=24,
+                                                     temperature=0, stream=True, stream_options={"include_usage": True})
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 if first is None:
@@ -93,24 +95,36 @@ def converse(base: str, workload: str, n: int, turns: int, results: list[dict], 
                 text += chunk.choices[0].delta.content
             if chunk.usage:
                 usage = chunk.usage
-        prompt = usage.prompt_tokens if usage else 0
         details = getattr(usage, "prompt_tokens_details", None) if usage else None
-        cached = (details.cached_tokens or 0) if details else 0
-        results.append({"turn": turn, "ttft": (first or time.monotonic()) - sent, "prompt": prompt, "cached": cached,
-                        "completion": usage.completion_tokens if usage else 0})
-        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": f"Thanks. And what about {turn + 2}?"}]
+        self.messages += [{"role": "assistant", "content": text},
+                          {"role": "user", "content": f"Thanks. And what about {turn + 2}?"}]
+        return {"turn": turn, "ttft": (first or time.monotonic()) - sent, "prompt": usage.prompt_tokens if usage else 0,
+                "cached": (details.cached_tokens or 0) if details else 0,
+                "completion": usage.completion_tokens if usage else 0}
 
 
 def run_workload(base: str, workload: str, conversations: int, turns: int) -> dict:
+    """The workload's conversations: at once, each in a thread of its own, or (``-sequential``)
+    one request at a time, turn by turn across the conversations (users who pause between
+    turns: nobody else's request is in flight when one arrives)."""
     results: list[dict] = []
-    barrier = threading.Barrier(conversations)
-    threads = [threading.Thread(target=converse, args=(base, workload, n, turns, results, barrier))
-               for n in range(conversations)]
+    talks = [Conversation(base, workload.startswith("shared"), n) for n in range(conversations)]
     began = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    if workload.endswith("sequential"):
+        for turn in range(turns):
+            results += [talk.step(turn) for talk in talks]
+    else:
+        barrier = threading.Barrier(conversations)
+
+        def converse(talk: Conversation) -> None:
+            barrier.wait()
+            results.extend(talk.step(turn) for turn in range(turns))
+
+        threads = [threading.Thread(target=converse, args=(talk,)) for talk in talks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     wall = time.monotonic() - began
     follow = [r for r in results if r["turn"] > 0]
     return {
@@ -128,18 +142,18 @@ def run_workload(base: str, workload: str, conversations: int, turns: int) -> di
     }
 
 
-def run_strategy(strategy: str, options: argparse.Namespace, logs: Path) -> dict:
+def run_strategy(strategy: str, workload: str, options: argparse.Namespace, logs: Path) -> dict:
     ports = [free_port(), free_port()]
     backends = [start([sys.executable, "-m", "gateway.cli", "backend", "--model", str(options.model), "--port", str(port),
                        "--parallel", str(options.slots), "--ctx", str(options.slots * 2048), "--threads", "1"],
-                      logs / f"{strategy}-backend-{port}.log") for port in ports]
+                      logs / f"{strategy}-{workload}-backend-{port}.log") for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     procs = list(backends)
     try:
         if not wait_until_ready(urls, timeout=120):
             raise SystemExit(f"bench: the llama-servers did not start (logs in {logs})")
         port = free_port()
-        config = logs / f"{strategy}-pipelines.yaml"
+        config = logs / f"{strategy}-{workload}-pipelines.yaml"
         config.write_text(yaml.safe_dump({
             "health_interval": 1,
             "backends": {"chat": {"urls": urls}},
@@ -150,16 +164,14 @@ def run_strategy(strategy: str, options: argparse.Namespace, logs: Path) -> dict
         env = dict(os.environ, GATEWAY_BIND=f"127.0.0.1:{port}", GATEWAY_CONFIG=str(config),
                    GATEWAY_WORKERS=str(options.workers), PYTHONPATH=str(ROOT))
         procs.append(start([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
-                           logs / f"{strategy}-gateway.log", env))
+                           logs / f"{strategy}-{workload}-gateway.log", env))
         base = f"http://127.0.0.1:{port}"
         if not wait_until_ready([base], timeout=60):
             raise SystemExit(f"bench: the gateway did not start (logs in {logs})")
         time.sleep(2.0)  # two health rounds (health_interval 1 s): every worker has read both replicas' slots (/props)
-        figures = {}
-        for workload in options.workloads:
-            figures[workload] = run_workload(base, workload, options.conversations, options.turns)
-            print(f"{strategy:16} {workload:8} {json.dumps({k: round(v, 3) for k, v in figures[workload].items()})}",
-                  file=sys.stderr, flush=True)
+        figures = run_workload(base, workload, options.conversations, options.turns)
+        print(f"{strategy:16} {workload:18} {json.dumps({k: round(v, 3) for k, v in figures.items()})}",
+              file=sys.stderr, flush=True)
         return figures
     finally:
         stop_all(procs)
@@ -170,7 +182,8 @@ def fmt(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
 
 
 def table(results: dict, options: argparse.Namespace) -> list[str]:
-    names = {"shared": "shared system prompt", "distinct": "distinct prompts"}
+    names = {"shared": "shared system prompt, at once", "shared-sequential": "shared system prompt, one at a time",
+             "distinct": "distinct prompts, at once"}
     lines = ["| workload | strategy | TTFT follow-ups p50 / p99, ms | TTFT all p50 / p99, ms | "
              "prompt tokens processed, follow-ups (all) | cache reuse, follow-ups | wall, s | requests/s | tokens/s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -191,18 +204,22 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--slots", type=int, default=4, help="llama-server slots per replica")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn workers of the gateway")
-    parser.add_argument("--workloads", nargs="+", choices=("shared", "distinct"), default=["shared", "distinct"])
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--model", type=Path, default=MODEL)
-    parser.add_argument("--quick", action="store_true", help="3 conversations, 3 turns, the shared workload only")
+    parser.add_argument("--quick", action="store_true", help="4 conversations, 3 turns, the shared workloads only")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "affinity-results.md")
     options = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     if options.quick:
-        options.conversations, options.turns, options.workloads = 3, 3, ["shared"]
+        options.conversations, options.turns, options.workloads = 4, 3, ["shared", "shared-sequential"]
     if not options.model.is_file():
         raise SystemExit(f"bench: no model at {options.model} (make model)")
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="llamagate-affinity-") as directory:
-        results = {strategy: run_strategy(strategy, options, Path(directory)) for strategy in STRATEGIES}
+        results = {strategy: {} for strategy in STRATEGIES}
+        for workload in options.workloads:  # the strategies one after the other on each workload
+            for strategy in STRATEGIES:
+                results[strategy][workload] = run_strategy(strategy, workload, options, Path(directory))
     head = (f"Run {datetime.date.today()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"load average {load_before:.1f} before it; two replicas x {options.slots} slots, 1 thread each; "
             f"gateway {options.workers} worker(s); {options.conversations} conversations at once x {options.turns} "

@@ -289,3 +289,22 @@ def test_the_pinned_slot_reaches_llama_server_and_the_access_log_says_how(tmp_pa
         assert sent["id_slot"] in (0, 1)
     line = json.loads(log.read_text().splitlines()[-1])
     assert line["routing"] == "affinity" and line["cached_tokens"] == 24
+
+
+def test_a_new_conversation_whose_replica_has_no_free_slot_takes_the_next_and_stays():
+    router = plugin("router", strategy="prefix_affinity")
+    views = {"chat": two_replicas(slots=1).view}
+    homes = {}
+    for n in range(50):  # two conversations that prefer the same replica
+        key = affinity_key(conversation(0, f"c{n}"), CHAT, "m", "alice", 2048)
+        homes.setdefault(rank(key, ["http://a", "http://b"])[0], []).append(f"c{n}")
+    first, second = homes[0][:2]
+    ctx = request(conversation(0, first))
+    assert router.route(ctx=ctx, backends=views).url == "http://a" and ctx.routing == "affinity"
+    router.complete(ctx=ctx, outcome="ok")  # idle now, but its one slot is held by a live conversation
+    for turn in range(3):
+        ctx = request(conversation(turn, second))
+        assert router.route(ctx=ctx, backends=views).url == "http://b" and ctx.routing == "spill"
+        router.complete(ctx=ctx, outcome="ok")
+    ctx = request(conversation(1, first))  # and the first keeps its own
+    assert router.route(ctx=ctx, backends=views).url == "http://a" and ctx.routing == "affinity"

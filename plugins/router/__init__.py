@@ -22,7 +22,7 @@ from typing import Any
 
 from gateway import hookimpl
 
-from .affinity import SlotTable, affinity_key, pick
+from .affinity import SlotTable, affinity_key, within_bounds
 
 # The routes whose prompts llama-server caches in a slot.
 PROMPT_ROUTES = ("/v1/chat/completions", "/v1/completions")
@@ -57,13 +57,14 @@ class Plugin:
         replicas = backend.replicas
         slots = [replica.slots for replica in replicas]
         weights = slots if all(slots) else [1] * len(replicas)  # weigh by slots once every count is known
-        index, first_choice = pick(key, [replica.url for replica in replicas],
-                                   [replica.in_flight for replica in replicas], weights, self.load_factor,
-                                   [replica in ready for replica in replicas])
-        chosen = replicas[index]
+        fitting, first = within_bounds(key, [replica.url for replica in replicas],
+                                       [replica.in_flight for replica in replicas], weights, self.load_factor,
+                                       [replica in ready for replica in replicas])
+        index = self._with_a_slot(key, [replicas[i] for i in fitting]) if self.pin_slots else 0
+        chosen = replicas[fitting[index]]
         if self.pin_slots and chosen.slots:
             self._pin(ctx, key, scope, chosen)
-        return self._routed(ctx, "affinity" if first_choice else "spill", chosen)
+        return self._routed(ctx, "affinity" if fitting[index] == first else "spill", chosen)
 
     @hookimpl
     def upstream_request(self, ctx, payload):
@@ -88,6 +89,21 @@ class Plugin:
         if ctx.route not in PROMPT_ROUTES:
             return None
         return affinity_key(ctx.body, ctx.route, ctx.model or "", scope if self.per_client else "", self.prefix_chars)
+
+    def _with_a_slot(self, key: bytes, fitting: list) -> int:
+        """Of the replicas within their bound, in the key's order: the first where the
+        conversation holds a slot, else the first with a slot no live conversation holds,
+        else the first (more live conversations than slots there). With no conflict
+        known, that is the first: what every worker chooses."""
+        now = time.monotonic()
+        tables = [self.tables.get(replica.url) for replica in fitting]
+        for i, table in enumerate(tables):
+            if table is not None and table.holds(key):
+                return i
+        for i, table in enumerate(tables):
+            if table is None or table.has_room(now, self.slot_ttl):
+                return i
+        return 0
 
     def _pin(self, ctx, key: bytes, scope: str, replica) -> None:
         """Choose the replica's slot for this conversation; ``upstream_request`` sends it."""

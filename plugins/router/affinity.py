@@ -100,28 +100,36 @@ def rank(key: bytes, names: Sequence[str], weights: Sequence[float] | None = Non
     return sorted(range(len(names)), key=lambda i: scores[i], reverse=True)
 
 
-def pick(key: bytes, names: Sequence[str], loads: Sequence[int], weights: Sequence[float],
-         load_factor: float, usable: Sequence[bool] | None = None) -> tuple[int, bool]:
-    """The index of the replica a key goes to under bounded loads, and whether it is the
-    key's first choice (False: it spilled, because the replicas it prefers are full or
-    not ``usable``: down, or their breaker open).
+def within_bounds(key: bytes, names: Sequence[str], loads: Sequence[int], weights: Sequence[float],
+                  load_factor: float, usable: Sequence[bool] | None = None) -> tuple[list[int], int]:
+    """Consistent hashing with bounded loads: the indices of the replicas a key may go
+    to, in the key's order of preference, and the index of its first choice overall
+    (when that is not the first of the list, the key spills: the replicas it prefers are
+    full, or not ``usable``: down, or their breaker open).
 
     A usable replica may take the request while its load, this request included, is at
     most ``ceil(load_factor * (total load + 1) * weight / total weight)``, totals over
     the usable replicas. One with no load always qualifies, so with ``load_factor >= 1``
-    one always does; should none, the least loaded for its weight is taken.
+    the list is never empty while one replica is usable; should it be, it holds the
+    least loaded for its weight.
     """
     if usable is None:
         usable = [True] * len(names)
     order = rank(key, names, weights)
     live = [i for i in order if usable[i]]
+    if not live:
+        return [], order[0]
     total = sum(loads[i] for i in live) + 1
     weight_sum = sum(weights[i] for i in live)
-    for i in live:
-        if loads[i] + 1 <= math.ceil(load_factor * total * weights[i] / weight_sum):
-            return i, i == order[0]
-    best = min(live, key=lambda i: loads[i] / weights[i])
-    return best, best == order[0]
+    fitting = [i for i in live if loads[i] + 1 <= math.ceil(load_factor * total * weights[i] / weight_sum)]
+    return fitting or [min(live, key=lambda i: loads[i] / weights[i])], order[0]
+
+
+def pick(key: bytes, names: Sequence[str], loads: Sequence[int], weights: Sequence[float],
+         load_factor: float, usable: Sequence[bool] | None = None) -> tuple[int, bool]:
+    """The replica :func:`within_bounds` puts first, and whether it is the key's first choice."""
+    fitting, first = within_bounds(key, names, loads, weights, load_factor, usable)
+    return fitting[0], fitting[0] == first
 
 
 class SlotTable:
@@ -157,6 +165,17 @@ class SlotTable:
     def __len__(self) -> int:
         return len(self.owners)
 
+    def holds(self, key: bytes) -> bool:
+        """Whether the key holds an idle slot here."""
+        return any(owner == key and not busy for owner, busy in zip(self.owners, self.busy))
+
+    def has_room(self, now: float, ttl: float) -> bool:
+        """Whether an idle slot is held by no live conversation."""
+        return any(self._free(slot, now, ttl) for slot in range(len(self)))
+
+    def _free(self, slot: int, now: float, ttl: float) -> bool:
+        return not self.busy[slot] and (self.owners[slot] is None or now - self.used[slot] > ttl)
+
     def choose(self, key: bytes, scope: str, now: float, ttl: float) -> int | None:
         idle = [slot for slot in range(len(self)) if not self.busy[slot]]
         if not idle:
@@ -165,7 +184,7 @@ class SlotTable:
             if self.owners[slot] == key:
                 return slot
         for slot in rank(key, [str(slot) for slot in range(len(self))]):
-            if not self.busy[slot] and (self.owners[slot] is None or now - self.used[slot] > ttl):
+            if self._free(slot, now, ttl):
                 return slot
         own = [slot for slot in idle if self.scopes[slot] == scope]
         return min(own or idle, key=lambda slot: self.used[slot])
