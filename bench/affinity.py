@@ -158,7 +158,7 @@ def run_strategy(strategy: str, workload: str, options: argparse.Namespace, logs
             "health_interval": 1,
             "backends": {"chat": {"urls": urls}},
             "models": {"smollm2": {"backend": "chat"}},
-            "pipelines": {"default": [{"router": {"strategy": strategy}}]},
+            "pipelines": {"default": [{"router": {"strategy": strategy, "load_factor": options.load_factor}}]},
             "routes": {"/v1/chat/completions": "default"},
         }))
         env = dict(os.environ, GATEWAY_BIND=f"127.0.0.1:{port}", GATEWAY_CONFIG=str(config),
@@ -188,7 +188,7 @@ def table(results: dict, options: argparse.Namespace) -> list[str]:
              "prompt tokens processed, follow-ups (all) | cache reuse, follow-ups | wall, s | requests/s | tokens/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for workload in options.workloads:
-        for strategy in STRATEGIES:
+        for strategy in results:
             f = results[strategy][workload]
             lines.append(
                 f"| {names[workload]} | {strategy} | {fmt(f['ttft_follow_p50'], 1000)} / {fmt(f['ttft_follow_p99'], 1000)} | "
@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4, help="llama-server slots per replica")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn workers of the gateway")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--load-factor", type=float, default=1.0, help="the router's load_factor (prefix_affinity)")
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--quick", action="store_true", help="4 conversations, 3 turns, the shared workloads only")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "affinity-results.md")
@@ -216,13 +218,13 @@ def main() -> None:
         raise SystemExit(f"bench: no model at {options.model} (make model)")
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="llamagate-affinity-") as directory:
-        results = {strategy: {} for strategy in STRATEGIES}
+        results = {strategy: {} for strategy in options.strategies}
         for workload in options.workloads:  # the strategies one after the other on each workload
-            for strategy in STRATEGIES:
+            for strategy in options.strategies:
                 results[strategy][workload] = run_strategy(strategy, workload, options, Path(directory))
     head = (f"Run {datetime.date.today()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"load average {load_before:.1f} before it; two replicas x {options.slots} slots, 1 thread each; "
-            f"gateway {options.workers} worker(s); {options.conversations} conversations at once x {options.turns} "
+            f"gateway {options.workers} worker(s), load_factor {options.load_factor:g}; {options.conversations} conversations at once x {options.turns} "
             f"turns, 24 tokens an answer.")
     text = "\n".join(["# Prefix-affinity benchmark (bench/affinity.py)", "", head, "", *table(results, options), ""])
     options.output.write_text(text)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.config import BackendConfig
 from gateway.context import Principal, RequestContext
 from gateway.testing import Harness
@@ -119,10 +121,11 @@ def test_the_ranking_is_the_same_in_every_process():
 
 # --- bounded loads ------------------------------------------------------------------------
 
-def test_bounded_loads_keep_every_replica_within_its_share():
+@pytest.mark.parametrize("factor", [1.0, 1.25, 2.0])
+def test_bounded_loads_keep_every_replica_within_its_share(factor):
     """One hot key (a tenant repeating one prompt) and many cold ones arriving while
     nothing finishes: no replica ever goes above ceil(c * total / n)."""
-    names, loads, factor = URLS[:4], [0, 0, 0, 0], 1.25
+    names, loads = URLS[:4], [0, 0, 0, 0]
     hot = keys(1)[0]
     for step, key in enumerate(keys(200)):
         index, _ = pick(hot if step % 2 else key, names, loads, [1] * 4, factor)
@@ -223,7 +226,7 @@ def test_prefix_affinity_keeps_a_conversation_and_spills_when_its_replica_is_ful
     assert len(chosen) == 1 and {ctx.routing for ctx in ctxs} == {"affinity"}
     assert all(ctx.counters == {"router.affinity": 1} for ctx in ctxs)
     home = next(r for r in backend.replicas if r.url in chosen)
-    home.in_flight = 4  # ceil(1.25 * 5 / 2) = 4 < 5: full
+    home.in_flight = 4  # the default load_factor 1: ceil(1 * 5 / 2) = 3 < 5: full
     ctx = request(conversation(3))
     assert router.route(ctx=ctx, backends=views).url != home.url and ctx.routing == "spill"
     home.ready = False  # down: its conversations move, and still count as spilled
