@@ -9,6 +9,7 @@ import collections
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -278,9 +279,14 @@ def test_other_clients_and_embeddings_are_not_keyed_together():
     assert embed.routing == "load" and "router" not in embed.state
 
 
-def test_the_pinned_slot_reaches_llama_server_and_the_access_log_says_how(tmp_path):
+def test_the_pinned_slot_reaches_llama_server_and_the_logs_and_metrics_say_how(tmp_path):
     log = tmp_path / "access.log"
-    with Harness([labelled("accesslog", path=str(log)), labelled("router", strategy="prefix_affinity")]) as harness:
+    metrics = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    metrics.bind(("127.0.0.1", 0))
+    metrics.settimeout(10)
+    pipeline = [labelled("statsd", port=metrics.getsockname()[1], prefix="lg"),
+                labelled("accesslog", path=str(log)), labelled("router", strategy="prefix_affinity")]
+    with Harness(pipeline) as harness:
         harness.gateway.upstreams.backends["test"].replicas[0].slots = 2
         harness.backend.script({"events": [
             {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
@@ -291,7 +297,11 @@ def test_the_pinned_slot_reaches_llama_server_and_the_access_log_says_how(tmp_pa
         sent = harness.backend.requests[-1][2]
         assert sent["id_slot"] in (0, 1)
     line = json.loads(log.read_text().splitlines()[-1])
-    assert line["routing"] == "affinity" and line["cached_tokens"] == 24
+    assert line["routing"] == "affinity" and line["cached_tokens"] == 24 and line["replica"] == harness.backend.url
+    sent_lines: list[str] = []
+    while not any(name.startswith("lg.requests.") for name in sent_lines):  # the request's own packet, when it completes
+        sent_lines += metrics.recv(65536).decode().splitlines()
+    assert "lg.router.affinity:1|c" in sent_lines and "lg.tokens.cached.test-model:24|c" in sent_lines
 
 
 def test_a_new_conversation_whose_replica_has_no_free_slot_takes_the_next_and_stays():
