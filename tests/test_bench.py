@@ -65,3 +65,18 @@ def test_the_load_generator_counts_complete_answers(canned_url):
     assert stream["ttfe_p50"] is not None
     cut = run(body=dict(CHAT, stream=True, canned={"cut_after": 2}), concurrency=1, requests=1)
     assert (cut["n"], cut["complete"]) == (1, 0)
+
+
+def test_the_affinity_benchmark_measures_conversations_and_tabulates_them(canned_url):
+    spec = importlib.util.spec_from_file_location("bench_affinity", BENCH / "affinity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))  # it imports bench/run.py as the script would
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    figures = module.run_workload(canned_url, "shared-sequential", conversations=2, turns=2)
+    assert figures["requests"] == 4 and figures["ttft_follow_p50"] is not None
+    options = type("Options", (), {"workloads": ["shared"]})()
+    lines = module.table({strategy: {"shared": figures} for strategy in module.STRATEGIES}, options)
+    assert len(lines) == 2 + len(module.STRATEGIES) and all(line.count("|") == 10 for line in lines)

@@ -13,6 +13,7 @@ import yaml
 
 from gateway import keys, settings
 from gateway.config import parse_config
+from gateway.context import RequestContext
 from gateway.pipeline import build_pipelines, discover
 from gateway.stores import MemoryStore, RedisStore, StoreUnavailable, gcra
 from plugins.ratelimit import duration
@@ -49,7 +50,7 @@ BAD_CONFIGS = {
     "cache": ({"ttl": 0}, "ttl", "0 is less than or equal to the minimum of 0"),
     "cors": ({"max_age": -1}, "max_age", "-1 is less than the minimum of 0"),
     "ratelimit": ({"requests_per_minute": -1}, "requests_per_minute", "-1 is less than the minimum of 1"),
-    "router": ({"strategy": "random"}, "strategy", "'random' is not one of ['least_in_flight', 'round_robin']"),
+    "router": ({"strategy": "random"}, "strategy", "'random' is not one of ['least_in_flight', 'round_robin', 'prefix_affinity']"),
     "statsd": ({"port": 70000}, "port", "70000 is greater than the maximum of 65535"),
     "validate": ({"max_messages": "many"}, "max_messages", "'many' is not of type 'integer', 'null'"),
 }
@@ -393,8 +394,8 @@ def test_router_prefers_fewest_in_flight_and_skips_failed_health(make_client, ca
     a.in_flight, b.in_flight, c.in_flight = 2, 1, 1
     c.ready = False
 
-    class Ctx:
-        backend = "chat"
+    def Ctx():
+        return RequestContext(request_id="r", method="POST", route="/v1/embeddings", backend="chat")
 
     views = {"chat": backend.view}  # what route hooks get: read-only views
     assert {router.route(ctx=Ctx(), backends=views).url for _ in range(4)} == {"http://b"}

@@ -1,8 +1,8 @@
 """accesslog: one JSON line per request when it completes.
 
-Fields: time, request_id, client, pipeline, route, model, backend, status,
-latency_ms, ttfb_ms, prompt_tokens, completion_tokens, cache, bytes_in, bytes_out,
-outcome, error_type. With ``log_bodies: true`` also ``request`` (the body) and
+Fields: time, request_id, client, pipeline, route, model, backend, replica, routing, status,
+latency_ms, ttfb_ms, prompt_tokens, cached_tokens, completion_tokens, cache, bytes_in,
+bytes_out, outcome, error_type. With ``log_bodies: true`` also ``request`` (the body) and
 ``completion`` (the answer's text). API keys are never written.
 
 The plugin runs before auth, so it logs what unauthenticated clients send: every
@@ -21,12 +21,20 @@ from typing import Any, TextIO
 
 from gateway import hookimpl
 from gateway.answers import choice_text
-from gateway.redact import FIELD_CHARS, clip, clip_json
+from gateway.redact import FIELD_CHARS, clip, clip_json, redact_url
 
 
 def answer_text(ctx) -> str | None:
     """The text of a non-streamed answer, or the text a stream assembled, if any."""
     return ctx.state.get("accesslog.text")
+
+
+def cached_tokens(usage: dict[str, Any]) -> int | None:
+    """Prompt tokens llama-server took from its KV cache (its ``timings.cache_n``, which
+    its usage chunk repeats as ``prompt_tokens_details.cached_tokens``)."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) else None
 
 
 class Plugin:
@@ -70,10 +78,13 @@ class Plugin:
             "route": ctx.route,
             "model": ctx.model or ctx.requested_model,
             "backend": ctx.backend,
+            "replica": redact_url(ctx.replica) if ctx.replica else None,
+            "routing": ctx.routing,
             "status": ctx.status,
             "latency_ms": round(ctx.latency_ms, 2),
             "ttfb_ms": round(ctx.ttfb_ms, 2) if ctx.ttfb_ms is not None else None,
             "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": cached_tokens(usage),
             "completion_tokens": usage.get("completion_tokens"),
             "cache": ctx.cache,
             "bytes_in": ctx.bytes_in,

@@ -127,6 +127,10 @@ class Plugin:
                 batch.incr(f"tokens.prompt.{model}", usage["prompt_tokens"])
             if usage.get("completion_tokens"):
                 batch.incr(f"tokens.completion.{model}", usage["completion_tokens"])
+            details = usage.get("prompt_tokens_details")
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+            if isinstance(cached, int) and cached > 0:
+                batch.incr(f"tokens.cached.{model}", cached)
             for name, count in ctx.counters.items():
                 batch.incr(metric(name), count)
             for name, ms in ctx.timings.items():
