@@ -107,6 +107,18 @@ class BackendConfig:
     breaker_failures: int = 5
     breaker_cooldown: float = 10
     api_key: str | None = field(default=None, repr=False)
+    admission: str = "local"  # or "redis": slots and queue shared through SharedConfig's Redis
+
+
+@dataclass(frozen=True)
+class SharedConfig:
+    """The Redis every worker and host shares (``shared:``)."""
+
+    redis_url: str = field(repr=False)  # may hold a password
+    prefix: str = "llamagate:shared:"
+    admission: str = "local"
+    lease: float = 10
+    status_interval: float = 1
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,7 @@ class Config:
     model_ids: dict[str, str] = field(default_factory=dict)
     timeouts: Timeouts = Timeouts()
     route_timeouts: dict[str, Timeouts] = field(default_factory=dict)
+    shared: SharedConfig | None = None
 
     def timeouts_for(self, route: str) -> Timeouts:
         return self.route_timeouts.get(route, self.timeouts)
@@ -221,10 +234,16 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
 
     schema = _validator().schema
     data = apply_defaults(schema, data)
+    shared = SharedConfig(**apply_defaults(schema["properties"]["shared"], data["shared"])) \
+        if data["shared"] is not None else None
     backends = {
-        name: BackendConfig(name=name, **{**apply_defaults(schema["$defs"]["backend"], spec), "urls": tuple(u.rstrip("/") for u in spec["urls"])})
+        name: BackendConfig(name=name, **{**apply_defaults(schema["$defs"]["backend"], spec), "urls": tuple(u.rstrip("/") for u in spec["urls"]),
+                                          "admission": spec.get("admission") or (shared.admission if shared else "local")})
         for name, spec in data["backends"].items()
     }
+    for name, backend in backends.items():
+        if backend.admission == "redis" and shared is None:
+            problems.append((f"backends.{name}.admission", "redis admission needs shared.redis_url"))
     models: dict[str, ModelConfig] = {}
     model_ids: dict[str, str] = {}
     for model_id, spec in data["models"].items():
@@ -299,4 +318,5 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
         prefix_routes=prefix_routes,
         plugin_routes=plugin_routes,
         model_ids=model_ids,
+        shared=shared,
     )

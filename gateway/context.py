@@ -107,6 +107,9 @@ class BackendView:
         return f"BackendView({self.name!r})"
 
 
+MAX_PRIORITY = 100  # a key's highest queue priority
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is calling, as an auth plugin established it.
@@ -116,12 +119,15 @@ class Principal:
         role: ``user`` or ``admin``.
         models: Public model ids the client may use; empty means every model.
         limits: Per-client limit overrides, e.g. ``{"requests_per_minute": 10}``.
+        priority: 0 to 100; with shared admission a higher priority goes first in a
+            backend's queue (after admins).
     """
 
     client_id: str
     role: str = "user"
     models: frozenset[str] = frozenset()
     limits: Mapping[str, Any] = field(default_factory=dict)
+    priority: int = 0
 
 
 @dataclass(eq=False)

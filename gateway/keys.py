@@ -8,11 +8,14 @@ The file the ``auth`` plugin reads and ``llamagate keys`` writes::
         role: user               # or admin
         models: [smollm2]        # optional; absent or empty: every model
         limits: {requests_per_minute: 30, tokens_per_minute: 20000}   # optional
+        priority: 10             # optional, 0-100 (default 0): with shared admission,
+                                 # higher goes first in a backend's queue (admins before all)
 
 Every entry is checked when the file is loaded: ``sha256`` 64 hex digits, once in the
 file; ``client`` a non-empty string; ``role`` ``user`` or ``admin``; ``models`` a list
 of model ids; ``limits`` only ``requests_per_minute``/``tokens_per_minute``, each an
-integer >= 1 (a key cannot lift its role's limits; an admin role can). A file that
+integer >= 1 (a key cannot lift its role's limits; an admin role can); ``priority`` an
+integer 0 to 100. A file that
 breaks any of this is refused whole, naming the entry.
 
 The file is written with mode 0600 (a fresh temporary file, then renamed over it); a
@@ -33,7 +36,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .context import Principal
+from .context import MAX_PRIORITY, Principal
 
 KEY_PREFIX = "sk-lg-"
 LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute")
@@ -180,8 +183,11 @@ def principal_of(entry: Any, where: str) -> tuple[str, Principal]:
         models = []
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
         raise ValueError(f"{where}: models must be a list of model ids")
+    priority = entry.get("priority", 0)
+    if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"{where}: priority must be an integer from 0 to {MAX_PRIORITY}")
     principal = Principal(client_id=client.strip(), role=role, models=frozenset(models),
-                          limits=check_limits(entry.get("limits"), where))
+                          limits=check_limits(entry.get("limits"), where), priority=priority)
     return digest.lower(), principal
 
 

@@ -84,6 +84,8 @@ class ReloadingApp:
         old.upstreams.stop()
         gateway.upstreams.start_health_checks()
         self.app, self.gateway = build_app(gateway), gateway
+        if gateway.shared is not None:  # the same one unless shared: changed
+            gateway.shared.start(lambda: self.gateway)
         self._stamps = {p: _stamp(p) for p in watched_files(gateway)}
         self._retire(old)
         log.info("reloaded %s", path)

@@ -108,7 +108,9 @@ class ControlResource:
       on a backend;
     * ``POST /v1/requests/{request_id}/cancel`` (the request's owner or an admin).
 
-    State is per gunicorn worker: each worker reports and cancels its own requests.
+    With ``shared:`` (Redis) the status lists every worker of every host, and a cancel
+    reaches the request on whichever worker holds it; without, each worker reports and
+    cancels its own.
     """
 
     def __init__(self, gateway: Gateway, pipeline_name: str) -> None:
@@ -128,28 +130,20 @@ class ControlResource:
         exchange.serve_locally(self.gateway, req, resp, route, self.pipeline_name, authorized)
 
     def on_get_status(self, req: falcon.Request, resp: falcon.Response) -> None:
-        gateway = self.gateway
-
-        def status(ctx: RequestContext) -> dict[str, Any]:
-            return {"pid": os.getpid(), "draining": gateway.draining, "in_flight": len(gateway.in_flight),
-                    "stats": gateway.stats.snapshot(),
-                    "backends": {name: b.status() for name, b in gateway.upstreams.backends.items()},
-                    "pipelines": {name: p.describe() for name, p in gateway.pipelines.items()}}
-
-        self._run(req, resp, "/admin/status", True, status)
+        self._run(req, resp, "/admin/status", True, lambda ctx: self.gateway.status())
 
     def on_post_backend_cancel(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         def cancel(ctx: RequestContext) -> dict[str, Any]:
             if name not in self.gateway.upstreams.backends:
                 raise NotFoundError(f"No backend named {name!r}.", code="backend_not_found")
-            return {"backend": name, "cancelled": self.gateway.cancel_backend(name)}
+            return {"backend": name, "cancelled": self.gateway.cancel_backend_anywhere(name, ctx.principal)}
 
         self._run(req, resp, "/admin/backends/{name}/cancel", True, cancel)
 
     def on_post_request_cancel(self, req: falcon.Request, resp: falcon.Response, request_id: str) -> None:
         def cancel(ctx: RequestContext) -> dict[str, Any]:
-            if not self.gateway.cancel(request_id, ctx.principal):
-                raise NotFoundError(f"No request {request_id!r} of yours is in flight on this worker.",
+            if not self.gateway.cancel_anywhere(request_id, ctx.principal):
+                raise NotFoundError(f"No request {request_id!r} of yours is in flight.",
                                     code="request_not_found")
             return {"id": request_id, "object": "request.cancelled", "cancelled": True}
 
