@@ -63,7 +63,7 @@ def main():
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in ports]
     children.append(subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    headers = {"Authorization": f"Bearer {key}"}  # bench/client.py sends Content-Type itself: twice is a 400
     try:
         if not wait_until_ready(backends + [gateway], timeout=60):
             raise SystemExit("loadtest: the backends or the gateway did not start")
@@ -85,6 +85,8 @@ def main():
                       f"{row['p99']:>8.0f} {row['ttfb_p50']:>8.0f} {row['ttfb_p99']:>8.0f} {row['errors']:>6} "
                       f"{waited:>8.0f} {f'{watch.busy}/{2 * args.parallel}':>8} {watch.deferred:>8.0f}",
                       flush=True)
+                if row["errors"]:
+                    print(f"        answers: {row['statuses']}", flush=True)
     finally:
         config.unlink(missing_ok=True)
         stop_all(children)
