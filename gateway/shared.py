@@ -260,25 +260,43 @@ def connect(config: SharedConfig) -> Shared:
 
 # --- shared admission ----------------------------------------------------------------------------
 #
-# Per backend, in Redis: `slots`, a sorted set of the slot ids taken, scored by when their
-# lease ends; `waiters`, the queued ids scored by when their place lapses unless refreshed;
-# `clients`, the clients with queued requests, scored rank * RANK_SPAN + turn (lowest
-# first: admins rank 0, keys 1 + (100 - priority); a client served goes to the back of its
-# rank, which makes clients of one rank take turns); `queue:<client>`, each client's
-# queued ids, first come first served; `turn`, the counter of turns. Times are Redis's own
-# (TIME), so every host agrees. `pump` hands free slots to the queue's heads and tells
-# their workers on their wake channels.
+# Per backend, in Redis: `slots:<i>`, a sorted set per replica (its index in the backend's
+# urls) of the slot ids taken on it, scored by when their lease ends; `waiters`, the queued
+# ids scored by when their place lapses unless refreshed; `clients`, the clients with queued
+# requests, scored rank * RANK_SPAN + turn (lowest first: admins rank 0, keys 1 + (100 -
+# priority); a client served goes to the back of its rank, which makes clients of one rank
+# take turns); `queue:<client>`, each client's queued ids, first come first served; `turn`,
+# the counter of turns. Times are Redis's own (TIME), so every host agrees. `pump` hands free
+# slots (on the replica with the most free) to the queue's heads and tells their workers on
+# their wake channels. A granted request learns its replica: acquire answers its index + 1.
+# ARGV[1] is always the wake prefix, ARGV[2] the replicas' slot counts ("4,4").
 _PUMP_LUA = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function pump(base, limit, lease, now)
-  local slots, waiters, clients = base .. 'slots', base .. 'waiters', base .. 'clients'
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+local limits = {}
+for n in string.gmatch(ARGV[2], '%%d+') do limits[#limits + 1] = tonumber(n) end
+local function taken(base, id)
+  for i = 1, #limits do
+    if redis.call('ZSCORE', base .. 'slots:' .. (i - 1), id) then return i end
+  end
+  return 0
+end
+local function freest(base)
+  local best, most = 0, 0
+  for i = 1, #limits do
+    local free = limits[i] - redis.call('ZCARD', base .. 'slots:' .. (i - 1))
+    if free > most then best, most = i, free end
+  end
+  return best
+end
+local function pump(base, lease, now)
+  local waiters, clients = base .. 'waiters', base .. 'clients'
+  for i = 1, #limits do redis.call('ZREMRANGEBYSCORE', base .. 'slots:' .. (i - 1), '-inf', now) end
   redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
-  local free = limit - redis.call('ZCARD', slots)
-  while free > 0 do
+  local replica = freest(base)
+  while replica > 0 do
     local head = redis.call('ZRANGE', clients, 0, 0, 'WITHSCORES')
     if #head == 0 then break end
     local client, score = head[1], tonumber(head[2])
@@ -286,10 +304,10 @@ local function pump(base, limit, lease, now)
     local id = redis.call('LPOP', queue)
     local granted = false
     if id and redis.call('ZREM', waiters, id) == 1 then
-      redis.call('ZADD', slots, now + lease, id)
+      redis.call('ZADD', base .. 'slots:' .. (replica - 1), now + lease, id)
       redis.call('PUBLISH', ARGV[1] .. string.match(id, '^(.*)/[^/]*$'), id)
-      free = free - 1
       granted = true
+      replica = freest(base)
     end
     if redis.call('LLEN', queue) == 0 then
       redis.call('ZREM', clients, client)
@@ -302,22 +320,24 @@ end
 """ % {"span": int(RANK_SPAN)}
 
 _SCRIPTS = {
-    # ARGV: wake prefix, id, client, rank, limit, lease ms, max queue, place ms. 1: a slot
-    # (now or granted since), 0: queued (or still), -1: the queue is full.
+    # ARGV: wake prefix, slots, id, client, rank, lease ms, max queue, place ms. The replica's
+    # index + 1: a slot on it (now or granted since), 0: queued (or still), -1: the queue is full.
     "acquire": _PUMP_LUA + """
-local base, id, client = KEYS[1], ARGV[2], ARGV[3]
-local rank, limit, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local base, id, client = KEYS[1], ARGV[3], ARGV[4]
+local rank, lease = tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_queue, place = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = now_ms()
-pump(base, limit, lease, now)
-if redis.call('ZSCORE', base .. 'slots', id) then return 1 end
+pump(base, lease, now)
+local held = taken(base, id)
+if held > 0 then return held end
 if redis.call('ZSCORE', base .. 'waiters', id) then
   redis.call('ZADD', base .. 'waiters', now + place, id)
   return 0
 end
-if redis.call('ZCARD', base .. 'slots') < limit then
-  redis.call('ZADD', base .. 'slots', now + lease, id)
-  return 1
+local replica = freest(base)
+if replica > 0 then
+  redis.call('ZADD', base .. 'slots:' .. (replica - 1), now + lease, id)
+  return replica
 end
 if redis.call('ZCARD', base .. 'waiters') >= max_queue then return -1 end
 redis.call('ZADD', base .. 'waiters', now + place, id)
@@ -327,36 +347,40 @@ if not redis.call('ZSCORE', base .. 'clients', client) then
 end
 return 0
 """ % {"span": int(RANK_SPAN)},
-    # ARGV: wake prefix, id, client, limit, lease ms. Gives up a place or a slot.
+    # ARGV: wake prefix, slots, id, client, lease ms. Gives up a place or a slot.
     "release": _PUMP_LUA + """
-local base, id, client = KEYS[1], ARGV[2], ARGV[3]
+local base, id, client = KEYS[1], ARGV[3], ARGV[4]
 if redis.call('ZREM', base .. 'waiters', id) == 1 then
   redis.call('LREM', base .. 'queue:' .. client, 0, id)
   if redis.call('LLEN', base .. 'queue:' .. client) == 0 then redis.call('ZREM', base .. 'clients', client) end
 end
-redis.call('ZREM', base .. 'slots', id)
-pump(base, tonumber(ARGV[4]), tonumber(ARGV[5]), now_ms())
+for i = 1, #limits do redis.call('ZREM', base .. 'slots:' .. (i - 1), id) end
+pump(base, tonumber(ARGV[5]), now_ms())
 return 1
 """,
-    # ARGV: wake prefix, limit, lease ms, place ms, slot ids..., '', queued ids...
+    # ARGV: wake prefix, slots, lease ms, place ms, slot ids..., '', queued ids...
     "refresh": _PUMP_LUA + """
 local base = KEYS[1]
-local limit, lease, place = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease, place = tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
-local key, expiry = base .. 'slots', now + lease
+local slots = true
 for i = 5, #ARGV do
-  if ARGV[i] == '' then key, expiry = base .. 'waiters', now + place
-  else redis.call('ZADD', key, 'XX', expiry, ARGV[i]) end
+  if ARGV[i] == '' then slots = false
+  elseif slots then
+    for r = 1, #limits do redis.call('ZADD', base .. 'slots:' .. (r - 1), 'XX', now + lease, ARGV[i]) end
+  else redis.call('ZADD', base .. 'waiters', 'XX', now + place, ARGV[i]) end
 end
-pump(base, limit, lease, now)
-return redis.call('ZCARD', base .. 'slots')
+pump(base, lease, now)
+return 1
 """,
 }
 
 
 class SharedAdmission:
     """:class:`gateway.upstream.Admission`'s surface over the slots and queue in Redis:
-    at most ``backend.shared_limit`` requests in flight across every worker and host.
+    at most each replica's slots in flight on it across every worker and host
+    (``backend.replica_slots()``); a request admitted so is sent to the replica its slot
+    is on (``InFlight.replica``).
 
     Each slot is a lease this worker refreshes every heartbeat; a queued request keeps
     its place the same way. While Redis cannot be reached, ``fallback`` (this worker's
@@ -397,7 +421,13 @@ class SharedAdmission:
         return f"{self.shared.prefix}admission:{self.backend.name}:"
 
     def _ask(self, name: str, args: list[Any]) -> Any:
-        return self.shared.script(name, [self._key()], [self.shared.prefix + "wake:", *args])
+        slots = ",".join(str(n) for n in self.backend.replica_slots())
+        return self.shared.script(name, [self._key()], [self.shared.prefix + "wake:", slots, *args])
+
+    def _granted(self, in_flight: InFlight, ident: str, client: str, replica: int) -> None:
+        """A slot on the backend's replica number ``replica`` (from 1): the request goes there."""
+        self.held[in_flight] = (ident, client)
+        in_flight.replica = self.backend.replicas[replica - 1] if replica <= len(self.backend.replicas) else None
 
     def acquire(self, priority: int, in_flight: InFlight | None = None) -> float:
         """Take a slot, waiting in the shared queue if need be; see ``Admission.acquire``."""
@@ -407,15 +437,15 @@ class SharedAdmission:
         client = f"{priority}:{client}"
         ident = self.shared.new_id()
         lease_ms, place_ms = int(self.shared.config.lease * 1000), int(self.shared.config.lease * 1000)
-        args = [ident, client, priority, self.backend.shared_limit, lease_ms, self.max_queue, place_ms]
+        args = [ident, client, priority, lease_ms, self.max_queue, place_ms]
         start = time.monotonic()
         try:
             answer = self._ask("acquire", args)
         except SharedUnavailable:
             in_flight.ctx.incr("shared.unavailable")
             return self.fallback.acquire(priority, in_flight)
-        if answer == 1:
-            self.held[in_flight] = (ident, client)
+        if answer > 0:
+            self._granted(in_flight, ident, client, answer)
             return 0.0
         if answer == -1:
             raise ServiceUnavailableError(f"The backend {self.backend.name} is at capacity and its queue is full; "
@@ -435,8 +465,8 @@ class SharedAdmission:
                 if in_flight.stopped is not None:
                     break
                 answer = self._ask("acquire", args)
-                if answer == 1:
-                    self.held[in_flight] = (ident, client)
+                if answer > 0:
+                    self._granted(in_flight, ident, client, answer)
                     return time.monotonic() - start
         except SharedUnavailable:
             # Our place lapses by itself; wait the rest of the time in this worker's own queue.
@@ -462,7 +492,7 @@ class SharedAdmission:
 
     def _give_back(self, ident: str, client: str) -> None:
         try:
-            self._ask("release", [ident, client, self.backend.shared_limit, int(self.shared.config.lease * 1000)])
+            self._ask("release", [ident, client, int(self.shared.config.lease * 1000)])
         except SharedUnavailable:
             pass  # the lease or the place lapses by itself
 
@@ -478,4 +508,4 @@ class SharedAdmission:
         lapsed meanwhile."""
         lease_ms = int(self.shared.config.lease * 1000)
         ids = [ident for ident, _ in list(self.held.values())] + [""] + list(self.places)
-        self._ask("refresh", [self.backend.shared_limit, lease_ms, lease_ms, *ids])
+        self._ask("refresh", [lease_ms, lease_ms, *ids])

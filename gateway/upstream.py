@@ -73,6 +73,7 @@ class InFlight:
         self.ctx = ctx
         self.socket: socket.socket | None = None
         self.wake: Any = None  # set while queued: wakes the waiting request
+        self.replica: Replica | None = None  # the replica shared admission gave a slot on
 
     def attach(self, sock: socket.socket) -> None:
         """The connection the request is being sent on (called by the connection)."""
@@ -333,11 +334,16 @@ class Backend:
 
     @property
     def shared_limit(self) -> int:
-        """Requests the whole gateway sends the backend at once with shared admission:
-        ``max_in_flight``, else the replicas' slots."""
-        if self.config.max_in_flight is not None:
-            return self.config.max_in_flight
-        return sum(r.slots or DEFAULT_SLOTS for r in self.replicas)
+        """Requests the whole gateway sends the backend at once with shared admission."""
+        return sum(self.replica_slots())
+
+    def replica_slots(self) -> list[int]:
+        """Each replica's share of the gateway-wide limit: its slots, or ``max_in_flight``
+        shared out between the replicas."""
+        if self.config.max_in_flight is None:
+            return [r.slots or DEFAULT_SLOTS for r in self.replicas]
+        share, extra = divmod(self.config.max_in_flight, len(self.replicas))
+        return [share + (i < extra) for i in range(len(self.replicas))]
 
     def candidates(self, first: Replica | None = None) -> list[Replica]:
         """Replicas in the order to try them: ``first``, then the ones not known to be
@@ -468,6 +474,7 @@ class Upstreams:
             1 + MAX_PRIORITY - (principal.priority if principal is not None else 0)
         ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
         waited = backend.admission.acquire(priority, in_flight)
+        first = in_flight.replica or first  # shared admission's slot is on a replica
         ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
         ctx.sent = True
         try:

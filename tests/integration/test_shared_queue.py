@@ -24,20 +24,21 @@ def shared(redis_url) -> Shared:
     return Shared(SharedConfig(redis_url=redis_url, prefix=f"q-{uuid.uuid4().hex[:8]}:"))
 
 
-def ask(shared: Shared, name: str, *args) -> int:
-    return shared.script(name, [shared.prefix + "admission:chat:"], [shared.prefix + "wake:", *args])
+def ask(shared: Shared, name: str, slots: str, *args) -> int:
+    return shared.script(name, [shared.prefix + "admission:chat:"], [shared.prefix + "wake:", slots, *args])
 
 
-def acquire(shared, ident, client, rank, limit=1, lease=60_000, max_queue=100, place=60_000) -> int:
-    return ask(shared, "acquire", ident, f"{rank}:{client}", rank, limit, lease, max_queue, place)
+def acquire(shared, ident, client, rank, slots="1", lease=60_000, max_queue=100, place=60_000) -> int:
+    """The replica's number (from 1) of the slot taken, 0 queued, -1 refused."""
+    return ask(shared, "acquire", slots, ident, f"{rank}:{client}", rank, lease, max_queue, place)
 
 
-def release(shared, ident, client, rank, limit=1) -> None:
-    ask(shared, "release", ident, f"{rank}:{client}", limit, 60_000)
+def release(shared, ident, client, rank, slots="1") -> None:
+    ask(shared, "release", slots, ident, f"{rank}:{client}", 60_000)
 
 
-def slots(shared) -> set[str]:
-    return {m.decode() for m in shared.client.zrange(shared.prefix + "admission:chat:slots", 0, -1)}
+def slots(shared, replica: int = 0) -> set[str]:
+    return {m.decode() for m in shared.client.zrange(shared.prefix + f"admission:chat:slots:{replica}", 0, -1)}
 
 
 def test_freed_slots_go_to_admins_then_priority_then_clients_in_turn(shared):
@@ -86,3 +87,15 @@ def test_unreachable_redis_falls_back_to_the_workers_own_admission():
     assert admission.fallback.in_flight == 1 and admission.in_flight == 1
     admission.release(entry)
     assert admission.in_flight == 0
+
+
+def test_each_replica_keeps_to_its_own_slots(shared):
+    """Two replicas of 1 and 2 slots: three requests take all three, each told its replica;
+    a fourth waits, and a slot freed on replica 1 goes to it on replica 1."""
+    taken = [acquire(shared, f"w/{i}", "alice", RANK_USER, slots="1,2") for i in range(3)]
+    assert sorted(taken) == [1, 2, 2]
+    assert acquire(shared, "w/3", "bob", RANK_USER, slots="1,2") == 0
+    first = taken.index(1)
+    release(shared, f"w/{first}", "alice", RANK_USER, slots="1,2")
+    assert acquire(shared, "w/3", "bob", RANK_USER, slots="1,2") == 1
+    assert slots(shared, 0) == {"w/3"} and len(slots(shared, 1)) == 2

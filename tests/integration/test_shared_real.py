@@ -26,7 +26,7 @@ from .conftest import ROUTES, Proc
 from .test_prometheus_real import total
 
 PREFIX = "t11:"
-SLOTS_KEY = PREFIX + "admission:chat:slots"
+SLOTS_KEY = PREFIX + "admission:chat:slots:0"  # the one replica's
 WAITERS_KEY = PREFIX + "admission:chat:waiters"
 LEASE = 3
 
