@@ -138,13 +138,11 @@ class Shared:
         receivers = self.call(self.client.publish, self.cancel_channel, message)
         cancelled = 0
         deadline = time.monotonic() + REPLY_WAIT
-        for _ in range(receivers):
+        for answered in range(receivers):
             left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            answer = self.call(self.blocking.blpop, [reply], timeout=left)
+            answer = self.call(self.blocking.blpop, [reply], timeout=left) if left > 0 else None
             if answer is None:
-                log.warning("a cancel got %d of %d workers' answers in %g s", _, receivers, REPLY_WAIT)
+                log.warning("a cancel got %d of %d workers' answers in %g s", answered, receivers, REPLY_WAIT)
                 break
             cancelled += int(answer[1])
         return cancelled
