@@ -202,7 +202,12 @@ class Shared:
         threading.Thread(target=self._beat, name="llamagate-shared-beat", daemon=True).start()
 
     def stop(self) -> None:
+        """Stop the greenlets for good (a reload named another Redis): a later
+        :func:`connect` with this config makes a new one."""
         self._stop.set()
+        with _lock:
+            if _connections.get(self.config) is self:
+                del _connections[self.config]
 
     def _listen(self) -> None:
         while not self._stop.is_set():
