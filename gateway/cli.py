@@ -117,10 +117,27 @@ def status_table(status: dict) -> str:
             lines.append(f"{head}  {redact_url(replica['url']):<31} {'yes' if replica['ready'] else 'no':<5} "
                          f"{replica['slots'] if replica['slots'] is not None else '?':>5} {replica['in_flight']:>4}  "
                          f"{replica['breaker']}")
+    lines += workers_table(status)
     lines += ["", "pipelines:"]
     lines += [f"  {name}: {' -> '.join(label.rsplit('.', 1)[-1] for label in chain) or '(no plugins)'}"
               for name, chain in status["pipelines"].items()]
     return "\n".join(lines)
+
+
+def workers_table(status: dict) -> list[str]:
+    """Every worker of every host (one with no shared Redis), and their totals; none
+    from a gateway older than the shared status."""
+    totals = status.get("totals")
+    if totals is None:
+        return []
+    shared = {"off": "", "ok": "  (from the shared redis)", "unreachable": "  (shared redis UNREACHABLE: this worker only)"}
+    lines = ["", f"workers {totals['workers']} on {totals['hosts']} host(s){shared[status['shared']]}",
+             f"{'worker':<40} {'in flight':>9} {'req/s':>7} {'requests':>8} {'errors':>6}  backends (in flight/queued)"]
+    for w in status["workers"] + [dict(totals, worker="total")]:
+        backends = " ".join(f"{name} {b['in_flight']}/{b['queued']}" for name, b in w["backends"].items())
+        lines.append(f"{w['worker'] + (' DRAINING' if w['draining'] is True else ''):<40} {w['in_flight']:>9} "
+                     f"{w['requests_per_s']:>7} {w['requests']:>8} {w['errors']:>6}  {backends}")
+    return lines
 
 
 def admin_call(args: argparse.Namespace, method: str, path: str, timeout: float = 5) -> dict | None:
@@ -460,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--tokens-per-day", type=int, help="quota: tokens per UTC day")
     k.add_argument("--tokens-per-month", type=int, help="quota: tokens per UTC month")
     k.add_argument("--requests-per-day", type=int, help="quota: requests per UTC day")
-    k.add_argument("--priority", type=int, help="admission priority, 0 (first) to 1000 (--db only)")
+    k.add_argument("--priority", type=int, help="queue priority, 0 (default) to 100: higher goes first, after admins (--db only)")
     k.add_argument("--expires", help="an ISO time or a number of days (--db only)")
     k = keys_sub.add_parser("list", help="list clients, roles and key ids")
     k.add_argument("--all", action="store_true", help="revoked keys too (--db only)")

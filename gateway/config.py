@@ -154,6 +154,18 @@ class BackendConfig:
     breaker_cooldown: float = 10
     api_key: str | None = field(default=None, repr=False)
     launch: LaunchConfig | None = None  # the fleet launches its replicas (their urls follow from the ports)
+    admission: str = "local"  # or "redis": slots and queue shared through SharedConfig's Redis
+
+
+@dataclass(frozen=True)
+class SharedConfig:
+    """The Redis every worker and host shares (``shared:``)."""
+
+    redis_url: str = field(repr=False)  # may hold a password
+    prefix: str = "llamagate:shared:"
+    admission: str = "local"
+    lease: float = 10
+    status_interval: float = 1
 
 
 @dataclass(frozen=True)
@@ -220,6 +232,7 @@ class Config:
     def launched(self) -> dict[str, BackendConfig]:
         """The backends the fleet supervisor launches, in file order."""
         return {name: b for name, b in self.backends.items() if b.launch is not None}
+    shared: SharedConfig | None = None
 
     def timeouts_for(self, route: str) -> Timeouts:
         return self.route_timeouts.get(route, self.timeouts)
@@ -274,6 +287,8 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
 
     schema = _validator().schema
     data = apply_defaults(schema, data)
+    shared = SharedConfig(**apply_defaults(schema["properties"]["shared"], data["shared"])) \
+        if data["shared"] is not None else None
     base = Path(file).resolve().parent
     fleet_spec = apply_defaults(schema["properties"]["fleet"], data["fleet"])
     ports = apply_defaults(schema["properties"]["fleet"]["properties"]["ports"], fleet_spec.pop("ports"))
@@ -300,7 +315,12 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
                                      "memory": parse_size(launch_spec["memory"]), "ports": replica_ports})
             spec["urls"] = [f"http://127.0.0.1:{port}" for port in replica_ports]
         backends[name] = BackendConfig(name=name, **{**spec, "launch": launch,
-                                                     "urls": tuple(u.rstrip("/") for u in spec["urls"])})
+                                                     "urls": tuple(u.rstrip("/") for u in spec["urls"]),
+                                                     "admission": spec.get("admission") or
+                                                     (shared.admission if shared else "local")})
+    for name, backend in backends.items():
+        if backend.admission == "redis" and shared is None:
+            problems.append((f"backends.{name}.admission", "redis admission needs shared.redis_url"))
     models: dict[str, ModelConfig] = {}
     model_ids: dict[str, str] = {}
     for model_id, spec in data["models"].items():
@@ -375,4 +395,5 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
         prefix_routes=prefix_routes,
         plugin_routes=plugin_routes,
         model_ids=model_ids,
+        shared=shared,
     )

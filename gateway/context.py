@@ -107,6 +107,9 @@ class BackendView:
         return f"BackendView({self.name!r})"
 
 
+MAX_PRIORITY = 100  # a key's highest queue priority
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is calling, as an auth plugin established it.
@@ -118,7 +121,8 @@ class Principal:
         limits: Per-client limit overrides, e.g. ``{"requests_per_minute": 10}``.
         key_id: The public id of the key used (the first hex digits of its hash), for
             ledgers and logs; None when the auth plugin has none.
-        priority: The key's admission priority (0 first); None: by role (admins 0, others 1).
+        priority: 0 to 100; with shared admission a higher priority goes first in a
+            backend's queue (after admins).
     """
 
     client_id: str
@@ -126,7 +130,7 @@ class Principal:
     models: frozenset[str] = frozenset()
     limits: Mapping[str, Any] = field(default_factory=dict)
     key_id: str | None = None
-    priority: int | None = None
+    priority: int = 0
 
 
 @dataclass(eq=False)

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from . import pg
-from .context import Principal
+from .context import MAX_PRIORITY, Principal
 from .keys import MIN_REVOKE_PREFIX, ROLES, check_limits, key_hash, new_key
 
 log = logging.getLogger("llamagate")
@@ -103,8 +103,8 @@ def check_key(client: str, role: str, models: list[str] | None, limits: dict[str
     if models is not None and not all(isinstance(m, str) and m for m in models):
         raise ValueError("models must be model ids")
     check_limits(limits, "the new key")
-    if priority is not None and (type(priority) is not int or not 0 <= priority <= 1000):
-        raise ValueError("priority must be an integer from 0 (first) to 1000")
+    if priority is not None and (type(priority) is not int or not 0 <= priority <= MAX_PRIORITY):
+        raise ValueError(f"priority must be an integer from 0 to {MAX_PRIORITY} (higher goes first)")
 
 
 def add_key(conn: Any, client: str, role: str = "user", models: list[str] | None = None,
@@ -233,7 +233,7 @@ def load_keys(conn: Any) -> tuple[int, dict[str, Principal], dict[str, float]]:
             log.error("keys_db: key %s is skipped: %s", row.key_id, exc)
             continue
         principals[values[0]] = Principal(client_id=row.client, role=row.role, models=frozenset(row.models),
-                                          limits=row.limits, key_id=row.key_id, priority=row.priority)
+                                          limits=row.limits, key_id=row.key_id, priority=row.priority or 0)
         if row.expires is not None:
             expiries[values[0]] = row.expires.timestamp()
     return current, principals, expiries

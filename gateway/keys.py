@@ -8,12 +8,15 @@ The file the ``auth`` plugin reads and ``llamagate keys`` writes::
         role: user               # or admin
         models: [smollm2]        # optional; absent or empty: every model
         limits: {requests_per_minute: 30, tokens_per_minute: 20000}   # optional
+        priority: 10             # optional, 0-100 (default 0): with shared admission,
+                                 # higher goes first in a backend's queue (admins before all)
 
 Every entry is checked when the file is loaded: ``sha256`` 64 hex digits, once in the
 file; ``client`` a non-empty string; ``role`` ``user`` or ``admin``; ``models`` a list
 of model ids; ``limits`` only ``requests_per_minute``/``tokens_per_minute``, each an
 integer >= 1 (a key cannot lift its role's limits; an admin role can); the quota plugin's
-``tokens_per_day``, ``tokens_per_month`` and ``requests_per_day`` may be there too. A file that
+``tokens_per_day``, ``tokens_per_month`` and ``requests_per_day`` may be there too; ``priority``
+an integer 0 to 100. A file that
 breaks any of this is refused whole, naming the entry.
 
 The file is written with mode 0600 (a fresh temporary file, then renamed over it); a
@@ -34,7 +37,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .context import Principal
+from .context import MAX_PRIORITY, Principal
 
 KEY_PREFIX = "sk-lg-"
 # Rate limits (the ratelimit plugin) and quotas (the quota plugin).
@@ -182,8 +185,12 @@ def principal_of(entry: Any, where: str) -> tuple[str, Principal]:
         models = []
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
         raise ValueError(f"{where}: models must be a list of model ids")
+    priority = entry.get("priority", 0)
+    if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"{where}: priority must be an integer from 0 to {MAX_PRIORITY}")
     principal = Principal(client_id=client.strip(), role=role, models=frozenset(models),
-                          limits=check_limits(entry.get("limits"), where), key_id=digest.lower()[:12])
+                          limits=check_limits(entry.get("limits"), where), key_id=digest.lower()[:12],
+                          priority=priority)
     return digest.lower(), principal
 
 

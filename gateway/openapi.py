@@ -104,7 +104,7 @@ def document(config: Config) -> dict[str, Any]:
                           **_errors(401, 403, 404, 429)}}}
     if config.admin_pipeline is not None:
         paths["/admin/status"] = {"get": {
-            "summary": "Backends, queues, breakers and pipelines of this worker (admin key)",
+            "summary": "Backends, queues, breakers and pipelines of this worker, and a row per worker of every host (admin key)",
             "operationId": "adminStatus",
             "responses": {"200": {"description": "Status.", "content": {"application/json": {"schema": JSON_OBJECT}}},
                           **_errors(401, 403)}}}

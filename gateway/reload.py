@@ -84,6 +84,10 @@ class ReloadingApp:
         old.upstreams.stop()
         gateway.upstreams.start_health_checks()
         self.app, self.gateway = build_app(gateway), gateway
+        if gateway.shared is not None:  # the same one unless shared: changed
+            gateway.shared.start(lambda: self.gateway)
+        if old.shared is not None and old.shared is not gateway.shared:
+            old.shared.stop()
         self._stamps = {p: _stamp(p) for p in watched_files(gateway)}
         self._retire(old)
         log.info("reloaded %s", path)

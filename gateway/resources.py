@@ -111,7 +111,9 @@ class ControlResource:
     * ``GET /admin/models``, ``POST /admin/models/{id}/load|unload`` (admin): the fleet's
       launched models, from the supervisor (docs/fleet.md).
 
-    State is per gunicorn worker: each worker reports and cancels its own requests.
+    With ``shared:`` (Redis) the status lists every worker of every host, and a cancel
+    reaches the request on whichever worker holds it; without, each worker reports and
+    cancels its own.
     """
 
     def __init__(self, gateway: Gateway, pipeline_name: str) -> None:
@@ -131,16 +133,7 @@ class ControlResource:
         exchange.serve_locally(self.gateway, req, resp, route, self.pipeline_name, authorized)
 
     def on_get_status(self, req: falcon.Request, resp: falcon.Response) -> None:
-        gateway = self.gateway
-
-        def status(ctx: RequestContext) -> dict[str, Any]:
-            return {"pid": os.getpid(), "draining": gateway.draining, "in_flight": len(gateway.in_flight),
-                    "stats": gateway.stats.snapshot(),
-                    "backends": {name: b.status() for name, b in gateway.upstreams.backends.items()},
-                    "pipelines": {name: p.describe() for name, p in gateway.pipelines.items()},
-                    "fleet": self._fleet()}
-
-        self._run(req, resp, "/admin/status", True, status)
+        self._run(req, resp, "/admin/status", True, lambda ctx: dict(self.gateway.status(), fleet=self._fleet()))
 
     def _fleet(self) -> dict[str, Any] | None:
         """The supervisor's view of the launched models (None: the config launches none)."""
@@ -155,14 +148,14 @@ class ControlResource:
         def cancel(ctx: RequestContext) -> dict[str, Any]:
             if name not in self.gateway.upstreams.backends:
                 raise NotFoundError(f"No backend named {name!r}.", code="backend_not_found")
-            return {"backend": name, "cancelled": self.gateway.cancel_backend(name)}
+            return {"backend": name, "cancelled": self.gateway.cancel_backend_anywhere(name, ctx.principal)}
 
         self._run(req, resp, "/admin/backends/{name}/cancel", True, cancel)
 
     def on_post_request_cancel(self, req: falcon.Request, resp: falcon.Response, request_id: str) -> None:
         def cancel(ctx: RequestContext) -> dict[str, Any]:
-            if not self.gateway.cancel(request_id, ctx.principal):
-                raise NotFoundError(f"No request {request_id!r} of yours is in flight on this worker.",
+            if not self.gateway.cancel_anywhere(request_id, ctx.principal):
+                raise NotFoundError(f"No request {request_id!r} of yours is in flight.",
                                     code="request_not_found")
             return {"id": request_id, "object": "request.cancelled", "cancelled": True}
 

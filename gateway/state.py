@@ -5,12 +5,20 @@ requests in flight, and the figures of the status page. No request flow lives he
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+from typing import Any
+
 from . import lifecycle
 from .config import Config
 from .context import Principal, RequestContext
 from .pipeline import Pipeline, build_pipelines
+from .shared import Shared, SharedUnavailable, connect
 from .stats import Stats
 from .upstream import InFlight, Lease, Upstreams
+
+log = logging.getLogger("llamagate")
 
 
 def may_touch(caller: Principal | None, owner: Principal | None) -> bool:
@@ -38,6 +46,7 @@ class Gateway:
             collide. Shared with the gateway a reload replaces.
         active: Requests begun on this gateway and not completed.
         stats: Recent completions, for the status page.
+        shared: The link to the Redis every worker and host shares (``shared:``), or None.
         pending_counters: Counted on the next request's context, for events outside
             any request (a reload).
     """
@@ -46,8 +55,9 @@ class Gateway:
                  previous: Gateway | None = None) -> None:
         self.config = config
         self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
+        self.shared: Shared | None = connect(config.shared) if config.shared is not None else None
         self.upstreams = Upstreams(config.backends, config.health_interval,
-                                   previous.upstreams if previous is not None else None)
+                                   previous.upstreams if previous is not None else None, self.shared)
         self.in_flight: set[InFlight] = previous.in_flight if previous is not None else set()
         self.active = 0
         self.stats = Stats()
@@ -88,6 +98,60 @@ class Gateway:
         for entry in entries:
             entry.cancel()
         return len(entries)
+
+    def cancel_anywhere(self, request_id: str, caller: Principal | None) -> int:
+        """:meth:`cancel` on this worker, else on every worker and host that shares Redis;
+        returns once the cancels were made, with how many."""
+        cancelled = self.cancel(request_id, caller)
+        if cancelled or self.shared is None:
+            return cancelled
+        try:
+            return self.shared.cancel(caller, request_id=request_id)
+        except SharedUnavailable:
+            return 0  # logged by Shared
+
+    def cancel_backend_anywhere(self, backend: str, caller: Principal | None) -> int:
+        """:meth:`cancel_backend` on this worker and every worker and host that shares Redis."""
+        cancelled = self.cancel_backend(backend)
+        if self.shared is None:
+            return cancelled
+        try:
+            return cancelled + self.shared.cancel(caller, backend=backend, done_here=True)
+        except SharedUnavailable:
+            return cancelled
+
+    def snapshot(self, worker: str) -> dict[str, Any]:
+        """This worker's row of the status: what ``/admin/status`` sums over workers."""
+        stats = self.stats.snapshot()
+        return {"worker": worker, "host": socket.gethostname(), "pid": os.getpid(), "draining": self.draining,
+                "in_flight": len(self.in_flight), "requests": stats["requests"],
+                "requests_per_s": stats["requests_per_s"], "errors": stats["errors"],
+                "latency_ms": stats["latency_ms"],
+                "backends": {name: {"in_flight": b.admission.in_flight, "queued": b.admission.queued}
+                             for name, b in self.upstreams.backends.items()}}
+
+    def status(self) -> dict[str, Any]:
+        """``/admin/status``: this worker in detail, and a row per live worker of every
+        host (from Redis, with ``shared:``; else only this one) with their totals."""
+        worker = self.shared.worker if self.shared is not None else f"{socket.gethostname()}/{os.getpid()}"
+        workers, shared = [self.snapshot(worker)], "off"
+        if self.shared is not None:
+            try:
+                others = [w for w in self.shared.workers() if w["worker"] != worker]
+                workers, shared = sorted(workers + others, key=lambda w: w["worker"]), "ok"
+            except SharedUnavailable:
+                shared = "unreachable"
+        totals: dict[str, Any] = {"workers": len(workers), "hosts": len({w["host"] for w in workers}),
+                                  "draining": sum(w["draining"] for w in workers)}
+        for field in ("in_flight", "requests", "requests_per_s", "errors"):
+            totals[field] = round(sum(w[field] for w in workers), 2)
+        totals["backends"] = {name: {field: sum(w["backends"].get(name, {}).get(field, 0) for w in workers)
+                                     for field in ("in_flight", "queued")} for name in self.upstreams.backends}
+        return {"pid": os.getpid(), "worker": worker, "draining": self.draining, "in_flight": len(self.in_flight),
+                "stats": self.stats.snapshot(),
+                "backends": {name: b.status() for name, b in self.upstreams.backends.items()},
+                "pipelines": {name: p.describe() for name, p in self.pipelines.items()},
+                "shared": shared, "totals": totals, "workers": workers}
 
     def client_gone(self, ctx: RequestContext) -> None:
         """The client of ``ctx`` hung up before its answer was ready: stop the work."""

@@ -8,8 +8,10 @@ A request to a backend (:meth:`Upstreams.open`):
 1. waits for admission: at most ``max_in_flight`` requests per backend per worker
    (default: this worker's share of the replicas' llama-server slots, so that all
    workers together fill the slots), the rest in a bounded queue, admins
-   first, then first come first served; a full queue or a wait past
-   ``queue_timeout`` is a 503 with ``Retry-After``;
+   first, then keys by priority, then first come first served; a full queue or a
+   wait past ``queue_timeout`` is a 503 with ``Retry-After``. With ``admission:
+   redis`` the slots and the queue are the whole gateway's
+   (:class:`gateway.shared.SharedAdmission`);
 2. goes to a replica whose circuit breaker is closed (or that is due a probe):
    the ``route`` hooks' choice first, then ready replicas round robin;
 3. is retried, before any byte reached the client, when the connection is refused
@@ -37,9 +39,10 @@ import requests
 
 from . import settings
 from .config import BackendConfig, Timeouts
-from .context import BackendView, ReplicaView, RequestContext
+from .context import MAX_PRIORITY, BackendView, ReplicaView, RequestContext
 from .httpclient import ConnectFailed, ConnectTimedOut, HTTPFailure, Pool, ReadTimedOut, Response
 from .redact import redact_url  # a URL's userinfo is a credential: never shown
+from .shared import Shared, SharedAdmission
 from .errors import (
     ClientGoneError,
     GatewayError,
@@ -71,6 +74,7 @@ class InFlight:
         self.ctx = ctx
         self.socket: socket.socket | None = None
         self.wake: Any = None  # set while queued: wakes the waiting request
+        self.replica: Replica | None = None  # the replica shared admission gave a slot on
 
     def attach(self, sock: socket.socket) -> None:
         """The connection the request is being sent on (called by the connection)."""
@@ -284,7 +288,7 @@ class Admission:
                 return
         self.release()
 
-    def release(self) -> None:
+    def release(self, in_flight: InFlight | None = None) -> None:
         with self._lock:
             if self._queue:
                 waiter = heapq.heappop(self._queue)[2]
@@ -297,18 +301,22 @@ class Admission:
 class Backend:
     """A named group of replicas that serve the same models."""
 
-    def __init__(self, config: BackendConfig, previous: Backend | None = None) -> None:
+    def __init__(self, config: BackendConfig, previous: Backend | None = None, shared: Shared | None = None) -> None:
         self.name = config.name
         self.config = config
         self.replicas = [Replica(url, config) for url in config.urls]
-        if previous is not None:
+        shared = shared if config.admission == "redis" else None
+        carried = previous.admission if previous is not None else None
+        if carried is not None and isinstance(carried, SharedAdmission) == (shared is not None):
             # A reload that changed this backend: the requests the old one admitted
             # still count against the limit, so admission carries over.
-            self.admission = previous.admission
-            self.admission.backend = self
-            self.admission.max_queue, self.admission.timeout = config.max_queue, config.queue_timeout
+            self.admission = carried
+            local = carried.fallback if isinstance(carried, SharedAdmission) else carried
+            carried.backend = local.backend = self
+            local.max_queue, local.timeout = config.max_queue, config.queue_timeout
         else:
-            self.admission = Admission(self, config.max_queue, config.queue_timeout)
+            local = Admission(self, config.max_queue, config.queue_timeout)
+            self.admission = local if shared is None else SharedAdmission(self, shared, local)
         self._turn = itertools.count()
         self.fleet_state: str | None = None  # a launched backend's state, from the health loop
         self.view = BackendView(self, tuple(r.view for r in self.replicas))
@@ -321,12 +329,25 @@ class Backend:
 
     @property
     def limit(self) -> int:
-        """Requests this worker sends the backend at once: ``max_in_flight``, else its
-        share of the replicas' slots (each gunicorn worker admits on its own)."""
-        if self.config.max_in_flight is not None:
+        """Requests this worker sends the backend at once on its own: ``max_in_flight``,
+        else its share of the replicas' slots (each gunicorn worker admits on its own);
+        with ``admission: redis``, its share of :attr:`shared_limit` (while Redis is down)."""
+        if self.config.max_in_flight is not None and self.config.admission == "local":
             return self.config.max_in_flight
-        slots = sum(r.slots or DEFAULT_SLOTS for r in self.replicas)
-        return max(1, math.ceil(slots / settings.current().workers))
+        return max(1, math.ceil(self.shared_limit / settings.current().workers))
+
+    @property
+    def shared_limit(self) -> int:
+        """Requests the whole gateway sends the backend at once with shared admission."""
+        return sum(self.replica_slots())
+
+    def replica_slots(self) -> list[int]:
+        """Each replica's share of the gateway-wide limit: its slots, or ``max_in_flight``
+        shared out between the replicas."""
+        if self.config.max_in_flight is None:
+            return [r.slots or DEFAULT_SLOTS for r in self.replicas]
+        share, extra = divmod(self.config.max_in_flight, len(self.replicas))
+        return [share + (i < extra) for i in range(len(self.replicas))]
 
     def candidates(self, first: Replica | None = None) -> list[Replica]:
         """Replicas in the order to try them: ``first``, then the ones not known to be
@@ -342,9 +363,10 @@ class Backend:
         return ordered
 
     def status(self) -> dict[str, Any]:
-        return {"ready": self.ready, "fleet_state": self.fleet_state, "limit": self.limit,
-                "in_flight": self.admission.in_flight, "queued": self.admission.queued,
-                "replicas": [r.status() for r in self.replicas]}
+        shared = isinstance(self.admission, SharedAdmission)
+        return {"ready": self.ready, "fleet_state": self.fleet_state, "admission": self.config.admission,
+                "limit": self.shared_limit if shared else self.limit, "in_flight": self.admission.in_flight,
+                "queued": self.admission.queued, "replicas": [r.status() for r in self.replicas]}
 
 
 class Lease:
@@ -389,7 +411,7 @@ class Lease:
         self._closed = True
         self.response.close()
         self.replica.in_flight -= 1
-        self.backend.admission.release()
+        self.backend.admission.release(self.in_flight)
         if self.hold is not None:
             self.hold.release()
 
@@ -398,11 +420,12 @@ class Upstreams:
     """Every backend of a config, with their background health checks."""
 
     def __init__(self, configs: Mapping[str, BackendConfig], health_interval: float,
-                 previous: Upstreams | None = None) -> None:
+                 previous: Upstreams | None = None, shared: Shared | None = None) -> None:
         old = previous.backends if previous is not None else {}
         # A reload keeps each unchanged backend whole (replicas, pools, breakers,
         # admission) and the admission of a changed one: never two limits at once.
-        self.backends = {name: old[name] if name in old and old[name].config == cfg else Backend(cfg, old.get(name))
+        self.backends = {name: old[name] if name in old and old[name].config == cfg
+                         else Backend(cfg, old.get(name), shared)
                          for name, cfg in configs.items()}
         self.views = {name: backend.view for name, backend in self.backends.items()}  # for route hooks
         self.health_interval = health_interval
@@ -461,10 +484,12 @@ class Upstreams:
             GatewayError: the last replica's 502/503 once the retry deadline passed.
         """
         principal = ctx.principal
-        priority = principal.priority if principal is not None and principal.priority is not None else \
-            0 if principal is not None and principal.role == "admin" else 1
+        # the queue's order: admins, then keys by priority (higher first)
+        priority = 0 if principal is not None and principal.role == "admin" else \
+            1 + MAX_PRIORITY - (principal.priority if principal is not None else 0)
         ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
         waited = backend.admission.acquire(priority, in_flight)
+        first = in_flight.replica or first  # shared admission's slot is on a replica
         ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
         ctx.sent = True
         hold = None
@@ -477,7 +502,7 @@ class Upstreams:
         except BaseException:
             if hold is not None:
                 hold.release()
-            backend.admission.release()
+            backend.admission.release(in_flight)
             raise
 
     @staticmethod

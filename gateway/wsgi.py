@@ -39,6 +39,8 @@ def get_app() -> Any:
     gateway = Gateway(config, pipelines)
     gateway.upstreams.start_health_checks()
     app = ReloadingApp(gateway)
+    if gateway.shared is not None:
+        gateway.shared.start(lambda: app.gateway)
     if current.reload_interval > 0:
         app.watch(current.reload_interval)
     return app

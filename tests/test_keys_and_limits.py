@@ -321,3 +321,13 @@ def test_each_pipeline_keeps_its_own_budget_for_a_client(monkeypatch, canned_url
     assert [client.simulate_post("/v1/chat/completions", json=chat, headers=headers).status_code
             for _ in range(3)] == [200, 200, 429]
     assert [client.simulate_get("/v1/models", headers=headers).status_code for _ in range(5)] == [200] * 5
+
+
+def test_a_key_may_carry_a_queue_priority():
+    digest = "a" * 64
+    _, principal = keys.principal_of({"sha256": digest, "client": "alice", "priority": 40}, "k")
+    assert principal.priority == 40
+    assert keys.principal_of({"sha256": digest, "client": "bob"}, "k")[1].priority == 0
+    for bad in (-1, 101, "high", True, 1.5):
+        with pytest.raises(ValueError, match="priority must be an integer from 0 to 100"):
+            keys.principal_of({"sha256": digest, "client": "alice", "priority": bad}, "k")

@@ -255,6 +255,9 @@ def test_admin_status_needs_an_admin(live):
     assert {"limit", "in_flight", "queued", "replicas"} <= set(chat)
     assert {"breaker", "slots", "ready", "in_flight"} <= set(chat["replicas"][0])
     assert status["pipelines"] == {"default": ["auth", "outcome"]}
+    # without shared: the one worker's row and totals
+    assert status["shared"] == "off" and [w["pid"] for w in status["workers"]] == [status["pid"]]
+    assert status["totals"]["workers"] == 1 and status["totals"]["backends"]["chat"]["queued"] == 0
 
 
 def test_cors_preflight_and_actual_requests(make_client):
