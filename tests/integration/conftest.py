@@ -152,7 +152,7 @@ def start_gateway(logs: Path) -> Iterator[Callable[..., Gateway]]:
                 status = requests.get(url + "/health", timeout=2).status_code
                 if status == 200 or not wait_healthy:
                     return Gateway(url, proc, config)
-            except (requests.ConnectionError, requests.Timeout):  # not up yet, or a loaded machine
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or its workers still booting
                 pass
             if proc.popen.poll() is not None:
                 break
