@@ -253,9 +253,9 @@ def test_access_log_has_one_json_line_per_request_and_never_the_key(full):
     records = [json.loads(line) for line in lines]
     assert [r["request_id"] for r in records[:2]] == ["log-1", "log-2"]
     assert len(records) == 3
-    fields = {"time", "request_id", "client", "pipeline", "route", "model", "backend", "status", "latency_ms",
-              "ttfb_ms", "prompt_tokens", "completion_tokens", "cache", "bytes_in", "bytes_out", "outcome",
-              "error_type"}
+    fields = {"time", "request_id", "client", "pipeline", "route", "model", "backend", "replica", "routing", "status",
+              "latency_ms", "ttfb_ms", "prompt_tokens", "cached_tokens", "completion_tokens", "cache", "bytes_in",
+              "bytes_out", "outcome", "error_type"}
     for record in records:
         assert set(record) == fields
     ok = records[1]
@@ -300,6 +300,9 @@ def test_exact_statsd_lines_for_a_known_sequence(full, statsd_socket):
         "lg.ttfb.smollm2:<ms>|ms",
         f"lg.tokens.prompt.smollm2:{usage.prompt_tokens}|c",
         f"lg.tokens.completion.smollm2:{usage.completion_tokens}|c",
+        # reused from llama-server's KV cache, when it was (an earlier test may have sent this prompt)
+        *([f"lg.tokens.cached.smollm2:{cached}|c"] if (cached := usage.prompt_tokens_details.cached_tokens) else []),
+        "lg.router.load:1|c",      # how the router chose the replica (least in flight)
         "lg.queue.chat:<ms>|ms",   # time waited for a backend slot
         "lg.queue.chat:0|g",       # queue depth when it arrived
     ]
