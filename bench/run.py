@@ -105,12 +105,13 @@ def status_kb(pid: int, field: str) -> int:
 class Server:
     """A gunicorn master with one worker, its output in a file."""
 
-    def __init__(self, name: str, label: str, args: list[str], env: dict[str, str], port: int, logs: Path) -> None:
+    def __init__(self, name: str, label: str, args: list[str], env: dict[str, str], port: int, logs: Path,
+                 cwd: Path = ROOT) -> None:
         self.name, self.label = name, label
         self.url = f"http://127.0.0.1:{port}"
         self.log = logs / f"{name}.log"
         with open(self.log, "wb") as out:
-            self.popen = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def workers(self) -> list[int]:
         return children(self.popen.pid)
@@ -315,7 +316,8 @@ def main() -> None:
             "-k", "gevent", "-w", "1", "--worker-connections", str(CONNECTIONS), "--keep-alive", "5",
             "--backlog", "2048", "--no-control-socket", "--log-level", "warning", "-b", f"127.0.0.1:{port}",
             "--pythonpath", str(BENCH), "floor:create_app()"],
-            dict(env, FLOOR_UPSTREAM=upstream_url, FLOOR_CONNECTIONS=str(CONNECTIONS)), port, workdir))
+            dict(env, FLOOR_UPSTREAM=upstream_url, FLOOR_CONNECTIONS=str(CONNECTIONS)), port, workdir,
+            cwd=BENCH))  # not the checkout: gunicorn would read its gunicorn.conf.py (hooks, a fleet supervisor)
         for name, label, config in (("empty", "gateway, empty pipeline", empty_config),
                                     ("full", f"gateway, {Path(args.config).name}", full_config)):
             port = free_port()
