@@ -325,17 +325,9 @@ class Response:
         if self._chunked:
             yield from self._dechunk()
         elif self._length is not None:
-            remaining = self._length
-            data, self._buffer = self._buffer[:remaining], self._buffer[remaining:]
-            while True:
-                if data:
-                    remaining -= len(data)
-                    yield data
-                if remaining <= 0:
-                    break
-                data = self._recv()[:remaining]
-                if not data:
-                    raise ConnectionBroken("the backend closed the connection before the answer's end")
+            yield from self._part(self._buffer, self._length)
+            if self._buffer:  # bytes past the answer's end: the connection is out of step
+                self._reusable = False
         else:  # ends when the backend closes the connection
             data, self._buffer = self._buffer, b""
             while data:
@@ -381,24 +373,25 @@ class Response:
             if out:
                 yield b"".join(out)
                 out = []
-            remaining = size
-            data = buffer[start:]
-            while True:
-                if data:
-                    remaining -= len(data)
-                    yield data
-                if remaining <= 0:
-                    break
-                data = self._more()
-                if len(data) > remaining:
-                    buffer, data = data[remaining:], data[:remaining]
-                else:
-                    buffer = b""
+            yield from self._part(buffer[start:], size)
+            buffer = self._buffer
             while len(buffer) < 2:
                 buffer += self._more()
             if buffer[:2] != b"\r\n":
                 raise ConnectionBroken("a malformed chunk in the answer")
             buffer = buffer[2:]
+
+    def _part(self, data: bytes, size: int) -> Iterator[bytes]:
+        """``size`` bytes of the body, starting with ``data``, as they arrive; what comes
+        past them is left in ``self._buffer``."""
+        while len(data) < size:
+            if data:
+                size -= len(data)
+                yield data
+            data = self._more()
+        if size:
+            yield data[:size]
+        self._buffer = data[size:]
 
     def _more(self) -> bytes:
         data = self._recv()
