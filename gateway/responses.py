@@ -52,7 +52,7 @@ def echoed(request: Any) -> dict[str, Any]:
     parallel, metadata, budget = body.get("parallel_tool_calls"), body.get("metadata"), body.get("max_output_tokens")
     return {
         "instructions": instructions if isinstance(instructions, (str, list)) else None,
-        "tools": tools if isinstance(tools, list) else [],
+        "tools": [_echoed_tool(tool) for tool in tools] if isinstance(tools, list) else [],
         "tool_choice": choice if isinstance(choice, (str, dict)) else "auto",
         "parallel_tool_calls": parallel if isinstance(parallel, bool) else True,
         "metadata": metadata if isinstance(metadata, dict) else {},
@@ -60,6 +60,14 @@ def echoed(request: Any) -> dict[str, Any]:
         "top_p": number("top_p"),
         "max_output_tokens": budget if type(budget) is int else None,
     }
+
+
+def _echoed_tool(tool: Any) -> Any:
+    """A function tool as a Response lists it: ``strict`` and ``parameters`` present (null:
+    llama-server enforces no strictness of its own). A copy: the request stays as it was."""
+    if isinstance(tool, dict) and tool.get("type") == "function":
+        return dict(tool, strict=tool.get("strict"), parameters=tool.get("parameters"))
+    return tool
 
 
 def complete_response(response: dict[str, Any], public_model: str, echo: dict[str, Any]) -> None:
