@@ -145,10 +145,10 @@ def test_a_stream_cut_mid_way_ends_with_the_protocols_error_events(responses_gw,
         assert cancelled.status_code == 200
         text += b"".join(chunks).decode()
     events = [data for _, data in sse_events(text)]
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
     for event in events:
         assert_valid(event_schemas[event["type"]], event)
     assert_in_order(events)
-    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
     error, failed = events[-2:]
     assert error["code"] == "request_cancelled" and error["message"] and error["param"] is None
     assert failed["response"]["status"] == "failed" and failed["response"]["id"] == events[0]["response"]["id"]
