@@ -89,6 +89,14 @@ class GatewayError(Exception):
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict()).encode()
 
+    def to_response_event(self) -> dict[str, Any]:
+        """The Responses API's stream ``error`` event (without its ``sequence_number``)."""
+        return {"type": "error", "code": self.code, "message": self.message, "param": self.param}
+
+    def to_response_error(self) -> dict[str, Any]:
+        """A failed Response's ``error``: the spec allows a few codes only, of which these two fit."""
+        return {"code": "rate_limit_exceeded" if self.status == 429 else "server_error", "message": self.message}
+
 
 class InvalidRequestError(GatewayError):
     status = 400

@@ -49,12 +49,14 @@ from .errors import (
 from .httpclient import HTTPFailure
 from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline
+from .responses import ResponsesStream, complete_response, echoed
 from .state import Gateway
 from .streaming import Relay, ResponseBody, collect, read_error, relay_as_is, replay, watch_departure
 from .upstream import Lease, Replica
 
 JSON_TYPE = "application/json"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+RESPONSES_ROUTE = "/v1/responses"
 
 
 def serve_model(gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str) -> None:
@@ -102,7 +104,8 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     ``/v1/responses``, ``/tokenize``...): routed by the body's model like
     :func:`serve_model`, the answer relayed in its own shape, its usage read as it
     passes (``response`` and ``response_event`` hooks do not run: they take OpenAI's
-    shapes)."""
+    shapes). The Responses API's answers and events are made what OpenAI's spec
+    requires (:mod:`gateway.responses`)."""
     prepared = prepare_model_request(gateway, req, resp, route)
     if prepared is None:
         return
@@ -118,7 +121,8 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
             if upstream.content_type.startswith("text/event-stream"):
                 resp.content_type = upstream.content_type
                 resp.set_headers(STREAM_HEADERS)
-                respond(gateway, ctx, pipeline, resp, relay_as_is(ctx, lease, ctx.model, timeouts),
+                reshape = ResponsesStream(ctx.model, payload) if route == RESPONSES_ROUTE else None
+                respond(gateway, ctx, pipeline, resp, relay_as_is(ctx, lease, ctx.model, timeouts, reshape),
                         lambda: gateway.finish(lease))
                 relaying = True
                 return
@@ -136,7 +140,10 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     answer = decode_json(data) if content_type.startswith(JSON_TYPE) else None
     if isinstance(answer, dict):
         ctx.usage = usage_of(answer)
-        if "model" in answer:
+        if route == RESPONSES_ROUTE and answer.get("object") == "response":
+            complete_response(answer, ctx.model, echoed(payload))
+            data = json.dumps(answer).encode()
+        elif "model" in answer:
             answer["model"] = ctx.model
             data = json.dumps(answer).encode()
     resp.content_type = content_type

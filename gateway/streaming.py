@@ -36,6 +36,7 @@ from .errors import (
     from_upstream,
 )
 from .httpclient import HTTPFailure, ReadTimedOut
+from .responses import ResponsesStream
 
 DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
@@ -398,13 +399,17 @@ def rewrite_event(raw: bytes, model: bytes) -> bytes:
     return raw
 
 
-def relay_as_is(ctx: RequestContext, lease: Lease, public_model: str, timeouts: Timeouts) -> Iterator[bytes]:
+def relay_as_is(ctx: RequestContext, lease: Lease, public_model: str, timeouts: Timeouts,
+                reshape: ResponsesStream | None = None) -> Iterator[bytes]:
     """A stream in another shape than OpenAI's chat chunks (Anthropic's messages, OpenAI's
     Responses, llama-server's native API), relayed event by event: the model id
     rewritten and per-event timings dropped, nothing else touched; usage counted as it
     passes (:class:`gateway.answers.EventCount`). A failure ends the stream where it
-    is (these protocols have no error event in OpenAI's shape) and is kept in
-    ``ctx.error`` for the ``complete`` hooks."""
+    is and is kept in ``ctx.error`` for the ``complete`` hooks.
+
+    With ``reshape`` (the Responses API) every event is decoded and made OpenAI's
+    (:class:`gateway.responses.ResponsesStream`), and a failure, or a stream that ends
+    before its final event, ends with that protocol's ``error`` and ``response.failed``."""
     count = EventCount()
     field = model_field(public_model)
     deadline = ctx.started + timeouts.total
@@ -412,14 +417,25 @@ def relay_as_is(ctx: RequestContext, lease: Lease, public_model: str, timeouts: 
         for events in frames(lease, timeouts):
             for raw in events:
                 count.see(raw)
-            yield b"".join(rewrite_event(raw, field) + b"\n\n" for raw in events)
+            if reshape is None:
+                yield b"".join(rewrite_event(raw, field) + b"\n\n" for raw in events)
+            else:
+                yield b"".join(reshape.event(raw) for raw in events)
+                if reshape.error is not None:  # llama-server's error event, already sent in shape
+                    ctx.error = reshape.error
+                    return
             if time.monotonic() > deadline:
                 ctx.error = GatewayTimeoutError(f"The answer took longer than {timeouts.total:g} s in all; "
                                                 "the stream was ended.")
-                return
+                break
+        else:
+            if reshape is not None and not reshape.finished:
+                ctx.error = UpstreamError("The backend ended the stream before it finished; the answer is incomplete.")
     except HTTPFailure as exc:
         ctx.error = read_error(ctx, exc, timeouts)
     except GatewayError as exc:
         ctx.error = exc
     finally:
         ctx.usage = count.usage()
+    if reshape is not None and ctx.error is not None:
+        yield reshape.failure(ctx.error)

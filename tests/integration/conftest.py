@@ -3,7 +3,6 @@ Everything collected here is marked ``integration``."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,11 +23,11 @@ import yaml
 from gateway.testing import free_port
 from gateway.upstream import wait_until_ready
 
+from ..openai_spec import openai_validator
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("LLAMAGATE_TEST_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
-# OpenAI's response schemas, trimmed from its OpenAPI spec (tests/openai/README.md says from where)
-OPENAI_SCHEMAS = ROOT / "tests" / "openai" / "schemas.json"
 HERE = Path(__file__).resolve().parent
 
 
@@ -301,31 +300,9 @@ def postgres(logs: Path) -> Iterator[Postgres]:
 
 
 @pytest.fixture(scope="session")
-def openai_schema():
+def openai_schema() -> Callable[[str], jsonschema.Draft202012Validator]:
     """Validators for OpenAI's own response schemas (from the official OpenAPI spec)."""
-    components = json.loads(OPENAI_SCHEMAS.read_text())["components"]
-    allow_nullable(components)
-
-    def validator(name: str) -> jsonschema.Draft202012Validator:
-        return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": components})
-
-    return validator
-
-
-def allow_nullable(node):
-    """The spec still marks some fields with OpenAPI 3.0's ``nullable: true``; JSON Schema
-    needs ``null`` in the type (and the enum) instead."""
-    if isinstance(node, dict):
-        if node.get("nullable") is True:
-            if isinstance(node.get("type"), str):
-                node["type"] = [node["type"], "null"]
-            if isinstance(node.get("enum"), list) and None not in node["enum"]:
-                node["enum"].append(None)
-        for value in node.values():
-            allow_nullable(value)
-    elif isinstance(node, list):
-        for value in node:
-            allow_nullable(value)
+    return openai_validator
 
 
 def read_response(sock: socket.socket) -> bytes:

@@ -23,7 +23,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "schemas.json"
 WANTED = ("CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "CreateCompletionResponse",
-          "CreateEmbeddingResponse", "ListModelsResponse", "ErrorResponse")
+          "CreateEmbeddingResponse", "ListModelsResponse", "ErrorResponse", "Response", "ResponseStreamEvent")
 PREFIX = "#/components/schemas/"
 
 
