@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 import falcon
 
-from .answers import Assembler, decode_json, normalize_answer, stream_request, usage_of
+from .answers import Assembler, choices_asked, decode_json, normalize_answer, stream_request, usage_of
 from .body import read_body, read_json_body
 from .config import ModelConfig, PrefixRoute, Timeouts
 from .context import RequestContext, Response
@@ -134,10 +134,14 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
         if stop_watching is not None:
             stop_watching()
     answer = decode_json(data) if content_type.startswith(JSON_TYPE) else None
-    if isinstance(answer, dict):
-        ctx.usage = usage_of(answer)
-        if "model" in answer:
-            answer["model"] = ctx.model
+    if isinstance(answer, (dict, list)):  # a list: llama-server's answers to a prompt list, one per choice
+        choices, prompts = choices_asked(ctx.body)
+        ctx.usage = usage_of(answer, choices // prompts)
+        answers = answer if isinstance(answer, list) else [answer]
+        named = [one for one in answers if isinstance(one, dict) and "model" in one]
+        for one in named:
+            one["model"] = ctx.model
+        if named:
             data = json.dumps(answer).encode()
     resp.content_type = content_type
     resp.content_length = len(data)

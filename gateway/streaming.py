@@ -405,7 +405,7 @@ def relay_as_is(ctx: RequestContext, lease: Lease, public_model: str, timeouts: 
     passes (:class:`gateway.answers.EventCount`). A failure ends the stream where it
     is (these protocols have no error event in OpenAI's shape) and is kept in
     ``ctx.error`` for the ``complete`` hooks."""
-    count = EventCount()
+    count = EventCount(*choices_asked(ctx.body))
     field = model_field(public_model)
     deadline = ctx.started + timeouts.total
     try:
