@@ -213,25 +213,45 @@ def total_tokens(usage: Any) -> int | None:
     return total if type(total) is int and total >= 0 else None
 
 
-def merge_usage(total: dict[str, Any] | None, usage: dict[str, Any]) -> dict[str, Any]:
-    """Add one choice's ``usage`` to ``total`` (None for the first): llama-server sends one
-    usage per choice when ``n`` > 1. The prompt counts once (its details are kept from
-    the first), completion tokens add up, ``total_tokens`` is recomputed."""
-    if total is None:
-        total = dict(usage)
-        details = usage.get("completion_tokens_details")
-        if isinstance(details, dict):
-            total["completion_tokens_details"] = dict(details)
+class UsageSum:
+    """One answer's usage from llama-server's reports, which count each choice apart (chat
+    sends a usage chunk per choice, completions put usage on each choice's last chunk),
+    summed as OpenAI counts: every choice's completion tokens, each prompt's tokens (and
+    their details) once. Choice ``i`` answers prompt ``i // per_prompt`` (a prompt list,
+    see :func:`choices_asked`); a report without a choice's index is of the one prompt.
+    ``total`` is the sum so far (None before the first report): a fresh dict, the first
+    report's fields kept, ``total_tokens`` recomputed."""
+
+    def __init__(self, per_prompt: int = 1) -> None:
+        self.per_prompt = max(1, per_prompt)
+        self.prompts: set[int] = set()
+        self.total: dict[str, Any] | None = None
+
+    def add(self, usage: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+        """Count the report of one chunk (or whole answer), ``event``; returns the total."""
+        choices = event.get("choices")
+        index = choices[0].get("index") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
+            else None
+        prompt = (index if type(index) is int and index >= 0 else 0) // self.per_prompt
+        new_prompt = prompt not in self.prompts
+        self.prompts.add(prompt)
+        total = self.total
+        if total is None:
+            total = self.total = dict(usage)
+            for key in ("prompt_tokens_details", "completion_tokens_details"):
+                if isinstance(usage.get(key), dict):
+                    total[key] = dict(usage[key])
+            return total
+        fields = ("prompt_tokens", "completion_tokens") if new_prompt else ("completion_tokens",)
+        for key in fields:
+            total[key] = _int(total.get(key)) + _int(usage.get(key))
+            details, more = total.get(f"{key}_details"), usage.get(f"{key}_details")
+            if isinstance(details, dict) and isinstance(more, dict):
+                for name, value in more.items():
+                    if isinstance(value, int) and isinstance(details.get(name, 0), int):
+                        details[name] = details.get(name, 0) + value
+        total["total_tokens"] = _int(total.get("prompt_tokens")) + _int(total.get("completion_tokens"))
         return total
-    completion = _int(total.get("completion_tokens")) + _int(usage.get("completion_tokens"))
-    total["completion_tokens"] = completion
-    total["total_tokens"] = _int(total.get("prompt_tokens")) + completion
-    details, more = total.get("completion_tokens_details"), usage.get("completion_tokens_details")
-    if isinstance(details, dict) and isinstance(more, dict):
-        for key, value in more.items():
-            if isinstance(value, int) and isinstance(details.get(key, 0), int):
-                details[key] = details.get(key, 0) + value
-    return total
 
 
 def _int(value: Any) -> int:
@@ -287,14 +307,15 @@ class Assembler:
     ``function.arguments`` concatenated); ``logprobs`` lists concatenated (any shape);
     ``finish_reason``. At the top: ``id``, ``created``, ``model``,
     ``system_fingerprint`` (from the first chunk carrying them), ``usage`` (one per
-    choice merged by :func:`merge_usage`) and ``timings`` (the last seen).
+    choice, summed by :class:`UsageSum`: ``per_prompt`` choices share a prompt) and
+    ``timings`` (the last seen).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_prompt: int = 1) -> None:
         self.base: dict[str, Any] = {}
         self.chat: bool | None = None
         self.choices: dict[int, _Choice] = {}
-        self.usage: dict[str, Any] | None = None
+        self.usage = UsageSum(per_prompt)
         self.timings: Any = None
         self.broken: str | None = None  # why the answer cannot be trusted
 
@@ -308,7 +329,7 @@ class Assembler:
                     self.base[key] = event[key]
         usage = event.get("usage")
         if isinstance(usage, dict):
-            self.usage = merge_usage(self.usage, usage)
+            self.usage.add(usage, event)
         if "timings" in event:
             self.timings = event["timings"]
         choices = event.get("choices")
@@ -471,7 +492,7 @@ class Assembler:
             choice["finish_reason"] = state.finish_reason
             choices.append(choice)
         whole = dict(self.base, object="chat.completion" if self.chat else "text_completion", choices=choices)
-        total = self.usage if self.usage is not None else usage
+        total = self.usage.total if self.usage.total is not None else usage
         if total is not None:
             whole["usage"] = dict(total)
         if self.timings is not None:

@@ -324,7 +324,8 @@ def whole_answer(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> dict[
     assert ctx.model is not None
     upstream = lease.response
     if upstream.content_type.startswith("text/event-stream"):
-        assembler = Assembler()
+        choices, prompts = choices_asked(ctx.body)
+        assembler = Assembler(choices // prompts)
         collect(ctx, lease, timeouts, assembler.add)
         answer = assembler.answer()
         if answer is None:

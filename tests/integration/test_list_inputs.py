@@ -137,3 +137,22 @@ def test_the_quota_reserves_max_tokens_for_every_answer(stack, postgres, redis_u
         error = refused.json()["error"]
         assert error["code"] == "quota_exceeded" and "answers" in error["message"]
         assert post(stack, key, route, one).status_code == 200  # nothing was reserved for the refused one
+
+
+def test_a_completions_prompt_list_counts_each_prompts_tokens(stack, postgres):
+    key = ready(stack, postgres, "oda")
+    client = stack.client(api_key=key)
+    prompts = ["Alpha beta gamma delta", "Epsilon"]
+    alone = [client.completions.create(model="smollm2", prompt=p, max_tokens=1).usage.prompt_tokens for p in prompts]
+    assert alone[0] != alone[1]
+    whole = client.completions.create(model="smollm2", prompt=prompts, max_tokens=4, extra_body={"ignore_eos": True})
+    assert len(whole.choices) == 2
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (sum(alone), 8)
+    streamed = client.completions.create(model="smollm2", prompt=prompts, n=2, max_tokens=3, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    usage = [chunk.usage for chunk in streamed if chunk.usage is not None]
+    assert len(usage) == 1 and (usage[0].prompt_tokens, usage[0].completion_tokens) == (sum(alone), 12)
+    rows = poll(lambda: (lambda found: found if len(found) >= 4 else None)(
+        [r for r in ledger_rows(postgres, "oda") if r["route"] == "/v1/completions"]), timeout=20)
+    assert sorted((r["prompt_tokens"], r["completion_tokens"]) for r in rows) == \
+        sorted([(alone[0], 1), (alone[1], 1), (sum(alone), 8), (sum(alone), 12)])
