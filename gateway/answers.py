@@ -156,12 +156,16 @@ def normalize_event(event: dict[str, Any], public_model: str, offsets: dict[int,
             _normalize_choice(choice, offsets)
 
 
+# The fields that bound one answer's generation, in the order llama-server reads them.
+BUDGET_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
 def completion_budget(body: Any) -> int | None:
     """The completion tokens one answer of a request may generate, as llama-server reads
     them (``n_predict`` first, then ``max_completion_tokens``, ``max_tokens``, and the
     Responses API's ``max_output_tokens``), or None when it names none (or only a
     negative one: llama-server's "until the context is full")."""
-    for name in ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens"):
+    for name in BUDGET_FIELDS:
         value = body.get(name) if isinstance(body, dict) else None
         if _integer(value) and value >= 0:
             return int(value)

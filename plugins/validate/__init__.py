@@ -92,7 +92,7 @@ import jsonschema
 import requests
 
 from gateway import LLAMA_SERVER_ROUTES, InvalidRequestError, hookimpl
-from gateway.answers import choices_asked, completion_budget
+from gateway.answers import BUDGET_FIELDS, choices_asked, completion_budget
 from gateway.schemas import SCHEMA_DIR, compile_check, compile_schema, format_path
 from gateway.redact import clip
 
@@ -113,8 +113,6 @@ LIST_INPUTS = {"/completion": ("prompt",), "/embedding": ("input", "content"),
 INT32_MAX = 2**31 - 1
 MAX_BREAKER_CHARS = 64
 
-# llama-server reads n_predict first, then max_completion_tokens, then max_tokens.
-BUDGET_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens")
 REFUSED_FIELDS = {
     "id_slot": "it picks the backend slot, which evicts another client's cached prompt",
     "lora": "per-request adapters are not offered by this gateway",
