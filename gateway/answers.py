@@ -25,6 +25,8 @@ import math
 import re
 from typing import Any
 
+from .config import LLAMA_SERVER_ROUTES
+
 # What a chunk's choice and its delta may carry; anything else makes an assembled
 # answer untrustworthy (Assembler.answer() returns None rather than drop it).
 # reasoning_content is llama-server's (reasoning models), not OpenAI's.
@@ -154,15 +156,57 @@ def normalize_event(event: dict[str, Any], public_model: str, offsets: dict[int,
             _normalize_choice(choice, offsets)
 
 
+# The fields that bound one answer's generation, in the order llama-server reads them.
+BUDGET_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
 def completion_budget(body: Any) -> int | None:
-    """The completion tokens a request may generate, as llama-server reads them
-    (``n_predict`` first, then ``max_completion_tokens``, ``max_tokens``, and the Responses
-    API's ``max_output_tokens``), or None."""
-    for name in ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens"):
+    """The completion tokens one answer of a request may generate, as llama-server reads
+    them (``n_predict`` first, then ``max_completion_tokens``, ``max_tokens``, and the
+    Responses API's ``max_output_tokens``), or None when it names none (or only a
+    negative one: llama-server's "until the context is full")."""
+    for name in BUDGET_FIELDS:
         value = body.get(name) if isinstance(body, dict) else None
-        if type(value) is int and value >= 0:
-            return value
+        if _integer(value) and value >= 0:
+            return int(value)
     return None
+
+
+# The prompt's share of a reservation: a token per byte of body. Byte-level tokenizers
+# never make more tokens than bytes, and the JSON around the messages (or around each
+# prompt of a list: quotes and a comma, more than the BOS token llama-server adds to
+# each) outweighs the chat template's own tokens, so the bound holds for every prompt
+# of a request together.
+BYTES_PER_TOKEN = 1
+
+
+def generates(route: str) -> bool:
+    """Whether a route generates tokens (chat, completions, /completion, /infill,
+    Anthropic's messages, Responses); embeddings, rerank and the tokenizer do not."""
+    return route in ("/v1/chat/completions", "/v1/completions") or LLAMA_SERVER_ROUTES.get(route) is not None
+
+
+def completion_bound(route: str, body: Any, unbudgeted: int | None = None) -> int | None:
+    """The most completion tokens a request may generate, all its answers together: one
+    answer's :func:`completion_budget` (``unbudgeted`` when it names none) times its
+    answers (prompts times ``n``, :func:`choices_asked`). 0 on a route that generates
+    nothing; None when the body names no budget and ``unbudgeted`` is None."""
+    if not generates(route):
+        return 0
+    budget = completion_budget(body)
+    if budget is None:
+        budget = unbudgeted
+    if budget is None:
+        return None
+    return budget * choices_asked(body if isinstance(body, dict) else None)[0]
+
+
+def token_bound(route: str, body: Any, body_bytes: int, unbudgeted: int) -> int:
+    """The most tokens a request may cost (what a quota reserves before it runs): a token
+    per byte of its body, a bound on all its prompts' tokens (see ``BYTES_PER_TOKEN``),
+    plus :func:`completion_bound`, with ``unbudgeted`` for each answer of a body that
+    names no budget (which may then use more)."""
+    return body_bytes // BYTES_PER_TOKEN + (completion_bound(route, body, unbudgeted) or 0)
 
 
 def total_tokens(usage: Any) -> int | None:
@@ -173,25 +217,45 @@ def total_tokens(usage: Any) -> int | None:
     return total if type(total) is int and total >= 0 else None
 
 
-def merge_usage(total: dict[str, Any] | None, usage: dict[str, Any]) -> dict[str, Any]:
-    """Add one choice's ``usage`` to ``total`` (None for the first): llama-server sends one
-    usage per choice when ``n`` > 1. The prompt counts once (its details are kept from
-    the first), completion tokens add up, ``total_tokens`` is recomputed."""
-    if total is None:
-        total = dict(usage)
-        details = usage.get("completion_tokens_details")
-        if isinstance(details, dict):
-            total["completion_tokens_details"] = dict(details)
+class UsageSum:
+    """One answer's usage from llama-server's reports, which count each choice apart (chat
+    sends a usage chunk per choice, completions put usage on each choice's last chunk),
+    summed as OpenAI counts: every choice's completion tokens, each prompt's tokens (and
+    their details) once. Choice ``i`` answers prompt ``i // per_prompt`` (a prompt list,
+    see :func:`choices_asked`); a report without a choice's index is of the one prompt.
+    ``total`` is the sum so far (None before the first report): a fresh dict, the first
+    report's fields kept, ``total_tokens`` recomputed."""
+
+    def __init__(self, per_prompt: int = 1) -> None:
+        self.per_prompt = max(1, per_prompt)
+        self.prompts: set[int] = set()
+        self.total: dict[str, Any] | None = None
+
+    def add(self, usage: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+        """Count the report of one chunk (or whole answer), ``event``; returns the total."""
+        choices = event.get("choices")
+        index = choices[0].get("index") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
+            else None
+        prompt = (index if type(index) is int and index >= 0 else 0) // self.per_prompt
+        new_prompt = prompt not in self.prompts
+        self.prompts.add(prompt)
+        total = self.total
+        if total is None:
+            total = self.total = dict(usage)
+            for key in ("prompt_tokens_details", "completion_tokens_details"):
+                if isinstance(usage.get(key), dict):
+                    total[key] = dict(usage[key])
+            return total
+        fields = ("prompt_tokens", "completion_tokens") if new_prompt else ("completion_tokens",)
+        for key in fields:
+            total[key] = _int(total.get(key)) + _int(usage.get(key))
+            details, more = total.get(f"{key}_details"), usage.get(f"{key}_details")
+            if isinstance(details, dict) and isinstance(more, dict):
+                for name, value in more.items():
+                    if isinstance(value, int) and isinstance(details.get(name, 0), int):
+                        details[name] = details.get(name, 0) + value
+        total["total_tokens"] = _int(total.get("prompt_tokens")) + _int(total.get("completion_tokens"))
         return total
-    completion = _int(total.get("completion_tokens")) + _int(usage.get("completion_tokens"))
-    total["completion_tokens"] = completion
-    total["total_tokens"] = _int(total.get("prompt_tokens")) + completion
-    details, more = total.get("completion_tokens_details"), usage.get("completion_tokens_details")
-    if isinstance(details, dict) and isinstance(more, dict):
-        for key, value in more.items():
-            if isinstance(value, int) and isinstance(details.get(key, 0), int):
-                details[key] = details.get(key, 0) + value
-    return total
 
 
 def _int(value: Any) -> int:
@@ -247,14 +311,15 @@ class Assembler:
     ``function.arguments`` concatenated); ``logprobs`` lists concatenated (any shape);
     ``finish_reason``. At the top: ``id``, ``created``, ``model``,
     ``system_fingerprint`` (from the first chunk carrying them), ``usage`` (one per
-    choice merged by :func:`merge_usage`) and ``timings`` (the last seen).
+    choice, summed by :class:`UsageSum`: ``per_prompt`` choices share a prompt) and
+    ``timings`` (the last seen).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_prompt: int = 1) -> None:
         self.base: dict[str, Any] = {}
         self.chat: bool | None = None
         self.choices: dict[int, _Choice] = {}
-        self.usage: dict[str, Any] | None = None
+        self.usage = UsageSum(per_prompt)
         self.timings: Any = None
         self.broken: str | None = None  # why the answer cannot be trusted
 
@@ -268,7 +333,7 @@ class Assembler:
                     self.base[key] = event[key]
         usage = event.get("usage")
         if isinstance(usage, dict):
-            self.usage = merge_usage(self.usage, usage)
+            self.usage.add(usage, event)
         if "timings" in event:
             self.timings = event["timings"]
         choices = event.get("choices")
@@ -431,7 +496,7 @@ class Assembler:
             choice["finish_reason"] = state.finish_reason
             choices.append(choice)
         whole = dict(self.base, object="chat.completion" if self.chat else "text_completion", choices=choices)
-        total = self.usage if self.usage is not None else usage
+        total = self.usage.total if self.usage.total is not None else usage
         if total is not None:
             whole["usage"] = dict(total)
         if self.timings is not None:
@@ -546,17 +611,35 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def prompts_asked(body: dict[str, Any] | None) -> int:
+    """How many prompts llama-server makes of a body's ``prompt`` (completions, ``/completion``):
+    a non-empty list holding no number is a prompt per item (strings, token-id lists,
+    multimodal objects), as its ``tokenize_input_prompts`` reads it; anything else is one
+    (a list of token ids, or of tokens and strings mixed, is one prompt)."""
+    prompt = body.get("prompt") if body else None
+    if isinstance(prompt, list) and prompt and not any(_number(item) for item in prompt):
+        return len(prompt)
+    return 1
+
+
 def choices_asked(body: dict[str, Any] | None) -> tuple[int, int]:
-    """How many choices a request makes, and for how many prompts: llama-server's
-    ``n_cmpl`` wins over ``n``, and a completions prompt list gets that many per prompt."""
+    """How many answers (choices) a request makes, and for how many prompts: llama-server's
+    ``n_cmpl`` wins over ``n``, and every prompt of a prompt list gets that many."""
     if not body:
         return 1, 1
-    n = body.get("n_cmpl") or body.get("n") or 1
-    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
-    prompt = body.get("prompt")
-    several = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
-    prompts = len(prompt) if several else 1
+    n = body.get("n_cmpl") if body.get("n_cmpl") is not None else body.get("n")
+    n = int(n) if _integer(n) and n > 1 else 1
+    prompts = prompts_asked(body)
     return n * prompts, prompts
+
+
+def _integer(value: Any) -> bool:
+    """A JSON integer (``true`` is not one; ``10.0`` is, as JSON Schema and llama-server read it)."""
+    return type(value) is int or (type(value) is float and value.is_integer())
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float)
 
 
 def decode_json(data: bytes) -> Any:
@@ -569,7 +652,7 @@ def decode_json(data: bytes) -> Any:
 
 # --- answers in other shapes (Anthropic's messages, OpenAI's Responses, llama-server's own) ---
 
-def usage_of(answer: Any) -> dict[str, int] | None:
+def usage_of(answer: Any, per_prompt: int = 1) -> dict[str, int] | None:
     """The token counts of an answer or stream event in any shape llama-server speaks, as
     OpenAI's ``usage`` (``prompt_tokens``, ``completion_tokens``, ``total_tokens``), or None:
 
@@ -578,8 +661,17 @@ def usage_of(answer: Any) -> dict[str, int] | None:
       plus ``cache_read_input_tokens``: Anthropic counts cached input apart; also inside a
       ``message_start`` event's ``message``);
     - llama-server's native ``/completion`` and ``/infill``: ``tokens_evaluated`` and
-      ``tokens_predicted``.
+      ``tokens_predicted``; its answer to a prompt list (or ``n_cmpl``) is a list of such
+      answers, one per choice, summed: every choice's completion, each prompt's tokens
+      once (``per_prompt`` choices share one, see :func:`choices_asked`).
     """
+    if isinstance(answer, list):
+        counts = _Counts(per_prompt)
+        for position, item in enumerate(answer):
+            usage = usage_of(item)
+            if usage is not None:
+                counts.set(_index(item, position), usage["prompt_tokens"], usage["completion_tokens"])
+        return counts.usage()
     if not isinstance(answer, dict):
         return None
     usage = answer.get("usage")
@@ -599,30 +691,61 @@ def usage_of(answer: Any) -> dict[str, int] | None:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _index(item: Any, default: int) -> int:
+    index = item.get("index") if isinstance(item, dict) else None
+    return index if type(index) is int and index >= 0 else default
+
+
+class _Counts:
+    """The largest counts seen for each choice of an answer, summed as OpenAI counts them:
+    every choice's completion tokens, each prompt's tokens once (choice ``i`` answers
+    prompt ``i // per_prompt``)."""
+
+    def __init__(self, per_prompt: int = 1) -> None:
+        self.per_prompt = max(1, per_prompt)
+        self.prompts: dict[int, int] = {}
+        self.completions: dict[int, int] = {}
+
+    def set(self, index: int, prompt: int, completion: int) -> None:
+        key = index // self.per_prompt
+        self.prompts[key] = max(self.prompts.get(key, 0), prompt)
+        self.completions[index] = max(self.completions.get(index, 0), completion)
+
+    def usage(self, completion_floor: int = 0) -> dict[str, int] | None:
+        prompt = sum(self.prompts.values())
+        completion = sum(self.completions.values()) or completion_floor
+        if not prompt and not completion:
+            return None
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 class EventCount:
     """The usage of a stream in another shape: the largest counts its events report
     (Anthropic's ``message_start`` tells the input, ``message_delta`` the output so far,
-    Responses' ``response.completed`` both), and until one reports output, one
-    completion token per event seen (llama-server sends about a token an event), so
-    that a stream left early is still charged about what was generated."""
+    Responses' ``response.completed`` both, llama-server's native events their choice's
+    so far, each choice apart by its ``index``, summed as :func:`usage_of` sums a list),
+    and until one reports output, one completion token per event seen (llama-server
+    sends about a token an event), so that a stream left early is still charged about
+    what was generated.
 
-    def __init__(self) -> None:
+    Args:
+        choices: How many choices the request makes, and prompts they answer
+            (:func:`choices_asked`).
+    """
+
+    def __init__(self, choices: int = 1, prompts: int = 1) -> None:
         self.events = 0
-        self.prompt = 0
-        self.completion = 0
+        self.counts = _Counts(max(1, choices // max(1, prompts)))
 
     def see(self, raw: bytes) -> None:
         self.events += 1
         if b'"usage"' not in raw and b'"tokens_predicted"' not in raw:
             return
         start = raw.find(b"data:")
-        usage = usage_of(decode_json(raw[start + 5:])) if start >= 0 else None
+        event = decode_json(raw[start + 5:]) if start >= 0 else None
+        usage = usage_of(event)
         if usage is not None:
-            self.prompt = max(self.prompt, usage["prompt_tokens"])
-            self.completion = max(self.completion, usage["completion_tokens"])
+            self.counts.set(_index(event, 0), usage["prompt_tokens"], usage["completion_tokens"])
 
     def usage(self) -> dict[str, int] | None:
-        completion = self.completion or self.events
-        if not self.prompt and not completion:
-            return None
-        return {"prompt_tokens": self.prompt, "completion_tokens": completion, "total_tokens": self.prompt + completion}
+        return self.counts.usage(completion_floor=self.events)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 import falcon
 
-from .answers import Assembler, decode_json, normalize_answer, stream_request, usage_of
+from .answers import Assembler, choices_asked, decode_json, normalize_answer, stream_request, usage_of
 from .body import read_body, read_json_body
 from .config import ModelConfig, PrefixRoute, Timeouts
 from .context import RequestContext, Response
@@ -138,14 +138,19 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
         if stop_watching is not None:
             stop_watching()
     answer = decode_json(data) if content_type.startswith(JSON_TYPE) else None
-    if isinstance(answer, dict):
-        ctx.usage = usage_of(answer)
-        if route == RESPONSES_ROUTE and answer.get("object") == "response":
+    if isinstance(answer, (dict, list)):  # a list: llama-server's answers to a prompt list, one per choice
+        choices, prompts = choices_asked(ctx.body)
+        ctx.usage = usage_of(answer, choices // prompts)
+        if route == RESPONSES_ROUTE and isinstance(answer, dict) and answer.get("object") == "response":
             complete_response(answer, ctx.model, echoed(payload))
             data = json.dumps(answer).encode()
-        elif "model" in answer:
-            answer["model"] = ctx.model
-            data = json.dumps(answer).encode()
+        else:
+            answers = answer if isinstance(answer, list) else [answer]
+            named = [one for one in answers if isinstance(one, dict) and "model" in one]
+            for one in named:
+                one["model"] = ctx.model
+            if named:
+                data = json.dumps(answer).encode()
     resp.content_type = content_type
     resp.content_length = len(data)
     respond(gateway, ctx, pipeline, resp, [data])
@@ -327,7 +332,8 @@ def whole_answer(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> dict[
     assert ctx.model is not None
     upstream = lease.response
     if upstream.content_type.startswith("text/event-stream"):
-        assembler = Assembler()
+        choices, prompts = choices_asked(ctx.body)
+        assembler = Assembler(choices // prompts)
         collect(ctx, lease, timeouts, assembler.add)
         answer = assembler.answer()
         if answer is None:

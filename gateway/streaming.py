@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from .body import gevent_patched, gevent_timeout
-from .answers import EventCount, Tally, choices_asked, decode_json, merge_usage, normalize_event
+from .answers import EventCount, Tally, UsageSum, choices_asked, decode_json, normalize_event
 from .config import Timeouts
 from .context import RequestContext
 from .upstream import Lease
@@ -286,8 +286,9 @@ class Relay:
         self.timeouts = timeouts
         self.deadline = ctx.started + timeouts.total
         self.done = False
-        self.tally = Tally(*choices_asked(ctx.body))
-        self.usage: dict[str, Any] | None = None  # every choice's, merged
+        choices, prompts = choices_asked(ctx.body)
+        self.tally = Tally(choices, prompts)
+        self.usage = UsageSum(choices // prompts)  # every choice's
         self.usage_event: dict[str, Any] | None = None  # the usage chunk to send before [DONE]
         # on when the request asked for logprobs: llama-server's need reshaping (answers.normalize_event)
         self.normalize = normalize
@@ -333,6 +334,8 @@ class Relay:
         error = _upstream_error(raw)
         if error is not None:
             return _stream_error(self.ctx, error)
+        if raw == b"data: null":  # llama-server's, between the prompts of a list: not a chunk OpenAI clients read
+            return b""
         self.tally.see(raw)
         if self.on_event is None and not self.normalize and b'"usage"' not in raw:
             return rewrite_event(raw, self.model_field) + b"\n\n"
@@ -350,7 +353,7 @@ class Relay:
             # llama-server counts each choice apart: chat sends a usage chunk per choice,
             # completions put usage on each choice's last chunk. OpenAI clients expect
             # one usage chunk, counting every choice, before [DONE], and only if asked.
-            self.ctx.usage = self.usage = merge_usage(self.usage, usage)
+            self.ctx.usage = self.usage.add(usage, event)
             if not event.get("choices"):
                 self.usage_event = event
                 return b""
@@ -410,7 +413,7 @@ def relay_as_is(ctx: RequestContext, lease: Lease, public_model: str, timeouts: 
     With ``reshape`` (the Responses API) every event is decoded and made OpenAI's
     (:class:`gateway.responses.ResponsesStream`), and a failure, or a stream that ends
     before its final event, ends with that protocol's ``error`` and ``response.failed``."""
-    count = EventCount()
+    count = EventCount(*choices_asked(ctx.body))
     field = model_field(public_model)
     deadline = ctx.started + timeouts.total
     try:

@@ -9,7 +9,7 @@ import random
 import pytest
 import requests
 
-from gateway.answers import Assembler, choice_text, merge_usage, normalize_answer, normalize_event, stream_events
+from gateway.answers import Assembler, UsageSum, choice_text, normalize_answer, normalize_event, stream_events
 from gateway.testing import Harness
 
 
@@ -184,14 +184,21 @@ def test_assembler_concatenates_legacy_completion_chunks_of_either_shape():
     assert answer["choices"][0]["logprobs"]["text_offset"] == [0, 2]
 
 
-def test_merge_usage_counts_the_prompt_once():
+def test_usage_sums_every_choices_completion_and_each_prompt_once():
     one = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
            "prompt_tokens_details": {"cached_tokens": 9}}
-    total = merge_usage(None, one)
-    total = merge_usage(total, dict(one, completion_tokens=5, total_tokens=15))
+    chat = UsageSum()  # chat: a usage chunk per choice, without an index, of the one prompt
+    chat.add(one, {"choices": []})
+    total = chat.add(dict(one, completion_tokens=5, total_tokens=15), {"choices": []})
     assert total == {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18,
                      "prompt_tokens_details": {"cached_tokens": 9}}
     assert one["completion_tokens"] == 3
+    # a prompt list of two, n=2: choices 0 and 1 answer prompt 0, choices 2 and 3 prompt 1
+    listed = UsageSum(per_prompt=2)
+    for index, prompt in ((1, 10), (0, 10), (3, 4), (2, 4)):
+        total = listed.add(dict(one, prompt_tokens=prompt), {"choices": [{"index": index, "text": ""}]})
+    assert total == {"prompt_tokens": 14, "completion_tokens": 12, "total_tokens": 26,
+                     "prompt_tokens_details": {"cached_tokens": 18}}
 
 
 def random_logprobs(rng: random.Random) -> list:
@@ -425,3 +432,49 @@ def test_a_stream_in_another_shape_is_counted_by_its_usage_else_by_its_events():
         whole.see(raw)
     assert whole.usage() == {"prompt_tokens": 31, "completion_tokens": 5, "total_tokens": 36}  # as reported
     assert EventCount().usage() is None
+
+
+@pytest.mark.parametrize("body, answers", [
+    ({}, (1, 1)),
+    ({"prompt": "Hi", "n": 3}, (3, 1)),
+    ({"prompt": ["a", "b", "c"]}, (3, 3)),
+    ({"prompt": [[1, 2], "b"], "n": 2}, (4, 2)),                 # token lists are prompts
+    ({"prompt": [{"prompt_string": "a", "multimodal_data": []}, "b"]}, (2, 2)),
+    ({"prompt": [1, 2, 3], "n_cmpl": 2, "n": 5}, (2, 1)),          # token ids: one prompt; n_cmpl wins
+    ({"prompt": ["a", 1, "b"]}, (1, 1)),                          # mixed tokens and strings: one prompt
+    ({"prompt": ["a", "b"], "n": 2.0}, (4, 2)),
+    ({"prompt": [], "n": "2"}, (1, 1)),
+])
+def test_the_answers_a_request_makes_are_counted_as_llama_server_makes_them(body, answers):
+    from gateway.answers import choices_asked
+
+    assert choices_asked(body) == answers
+
+
+def test_one_budget_covers_every_answer_and_the_prompts_bytes():
+    from gateway.answers import completion_bound, token_bound
+
+    body = {"prompt": ["a", "b", "c"], "n": 2, "n_predict": 10, "max_tokens": 99}
+    assert completion_bound("/completion", body) == 60                     # n_predict x 3 prompts x n
+    assert completion_bound("/v1/chat/completions", {"n": 3, "max_tokens": 7}) == 21
+    assert completion_bound("/v1/chat/completions", {"n": 3}) is None       # no budget named
+    assert completion_bound("/v1/chat/completions", {"n": 3}, unbudgeted=5) == 15
+    assert completion_bound("/v1/embeddings", {"input": ["a", "b"]}, unbudgeted=5) == 0  # nothing generated
+    assert completion_bound("/v1/rerank", {"documents": ["a"]}) == 0
+    assert token_bound("/completion", body, 300, unbudgeted=64) == 360      # a token per byte, plus the answers
+    assert token_bound("/embedding", {"content": ["a"]}, 40, unbudgeted=64) == 40
+
+
+def test_a_list_answer_and_a_streamed_one_are_summed_per_choice():
+    from gateway.answers import EventCount, usage_of
+
+    answers = [{"index": i, "tokens_evaluated": e, "tokens_predicted": 8} for i, e in enumerate((3, 3, 5, 5))]
+    assert usage_of(answers, per_prompt=2) == {"prompt_tokens": 8, "completion_tokens": 32, "total_tokens": 40}
+    assert usage_of(answers[:2] + [{"index": 2}]) == {"prompt_tokens": 6, "completion_tokens": 16, "total_tokens": 22}
+    assert usage_of([{"index": 0, "embedding": [0.1]}]) is None  # /embedding tells no tokens
+    count = EventCount(4, 2)  # 2 prompts x n=2, streamed: each choice's counts grow apart
+    for step in range(1, 9):
+        for index, evaluated in enumerate((3, 3, 5, 5)):
+            count.see(b'data: {"index":%d,"content":"x","tokens_predicted":%d,"tokens_evaluated":%d}'
+                      % (index, step, evaluated))
+    assert count.usage() == {"prompt_tokens": 8, "completion_tokens": 32, "total_tokens": 40}

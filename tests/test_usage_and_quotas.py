@@ -104,6 +104,30 @@ def test_the_buffer_is_bounded_while_the_database_is_down_and_drops_are_counted(
     assert len(writer.buffer) == 3
 
 
+def test_while_the_database_is_down_the_writer_retries_at_least_every_flush_interval():
+    # Rows reach the usage API within about flush_interval, also once a database that was
+    # down comes back: the retries back off, but never wait longer than flush_interval.
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/x"  # nothing listens there
+    writer = ledger_plugin.Writer(dead, buffer_rows=10, batch_rows=5, flush_interval=1.0, timeout=0.5)
+    writer.buffer.append({"n": 1})
+    waits = []
+
+    class Wake:  # the writer's event: records each wait, and stops the loop after ten
+        def wait(self, timeout):
+            waits.append(timeout)
+            if len(waits) == 10:
+                writer.stopped.set()
+
+        def clear(self):
+            pass
+
+    writer.wake = Wake()
+    writer._run()
+    assert len(waits) == 10 and writer.down
+    assert waits[0] == 1.0 and waits[1] < 1.0  # the first retry comes sooner than a flush
+    assert max(waits) <= 1.0
+
+
 def test_plugins_refuse_a_bad_database_url_when_the_config_is_checked():
     with pytest.raises(ValueError, match="database"):
         ledger_plugin.Plugin({"database": "mysql://x", "buffer_rows": 10, "batch_rows": 5, "flush_interval": 1,

@@ -168,6 +168,23 @@ def test_completions_per_request_are_bounded_by_max_n(make_client):
     assert client.simulate_post("/v1/chat/completions", json=dict(CHAT, n=6)).status_code == 200
 
 
+def test_llama_servers_own_list_inputs_count_against_max_n_and_are_bounded(make_client):
+    routes = {r: "default" for r in ("/completion", "/embedding", "/v1/rerank")}
+    client = make_client([validate(max_n=2, max_input_chars=100)], routes=routes)
+    native = {"model": "smollm2", "n_predict": 4}
+    for body, param in ((dict(native, prompt=["a", "b", "c"]), "prompt"), (dict(native, prompt="a", n_cmpl=3), "n_cmpl"),
+                        (dict(native, prompt=[[1], [2]], n=2), "prompt")):
+        error = error_of(client.simulate_post("/completion", json=body))
+        assert error["param"] == param and "the most this gateway allows is 2" in error["message"]
+    assert client.simulate_post("/completion", json=dict(native, prompt=["a", "b"])).status_code != 400
+    assert client.simulate_post("/completion", json=dict(native, prompt=[1, 2, 3], n=2)).status_code != 400
+    many = {"model": "smollm2", "content": ["x"] * (validate_module.MAX_EMBEDDING_INPUTS + 1)}
+    assert error_of(client.simulate_post("/embedding", json=many))["param"] == "content"
+    long = {"model": "smollm2", "query": "q", "documents": ["y" * 60, "z" * 60]}
+    assert error_of(client.simulate_post("/v1/rerank", json=long))["param"] == "documents"
+    assert error_of(client.simulate_post("/completion", json=dict(native, prompt="w" * 101)))["param"] == "prompt"
+
+
 def test_ignore_eos_only_when_the_generation_is_bounded(make_client):
     unlimited = make_client([validate()])
     assert error_of(unlimited.simulate_post("/v1/chat/completions", json=dict(CHAT, ignore_eos=True)))["param"] \

@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from gateway import Response, hookimpl
-from gateway.answers import Assembler, normalize_answer, stream_events
+from gateway.answers import Assembler, choices_asked, normalize_answer, stream_events
 from gateway.stores import StoreUnavailable, make_store
 
 IGNORED_FIELDS = ("stream", "stream_options", "user")
@@ -90,7 +90,9 @@ class Plugin:
         ctx.cache = "HIT" if data is not None else "MISS"
         ctx.response_headers["x-cache"] = ctx.cache
         if data is None:
-            ctx.state["cache"] = {"key": key, "answer": None, "assembler": Assembler() if ctx.stream else None}
+            choices, prompts = choices_asked(ctx.body)
+            assembler = Assembler(choices // prompts) if ctx.stream else None
+            ctx.state["cache"] = {"key": key, "answer": None, "assembler": assembler}
             return None
         answer = json.loads(data)
         return Response(body=answer, events=stream_events(answer, ctx.client_wants_usage) if ctx.stream else None)

@@ -17,7 +17,9 @@ The usage API answers the plugin routes ``usage_route`` (the caller's own usage,
 day and model) and ``admin_usage_route`` (admins: any client, ``?client=``, and
 ``?top=N``: the top clients of the last day): declare them under ``routes:`` with
 this pipeline. Both take ``?from=`` and ``?to=`` (UTC days, YYYY-MM-DD, both
-included; default the last 30 days). Rows appear there within ``flush_interval``.
+included; default the last 30 days). Rows appear there within about
+``flush_interval``, also once a database that was down is back (a failed write is
+retried sooner, never later).
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ class Writer:
             self.wake.clear()
             if self.stopped.is_set():
                 return
-            backoff = 0.0 if self.flush() else min(MAX_BACKOFF, max(0.25, backoff * 2))
+            # Retries back off, but never wait longer than flush_interval: rows reach the
+            # usage API within about flush_interval of the database's return.
+            backoff = 0.0 if self.flush() else min(MAX_BACKOFF, self.flush_interval, max(0.25, backoff * 2))
 
     def flush(self) -> bool:
         """Write what is buffered, a batch at a time; False when the database failed

@@ -7,9 +7,11 @@ shares the client's counters (rotating a key does not reset them). Days and mont
 are UTC.
 
 Before a request runs it reserves, in one atomic Redis script over all of its
-counters, one request and its token budget: ``max_tokens`` (or ``n_predict``,
-``max_completion_tokens``; ``reserve_tokens`` when it names none) plus a bound on
-its prompt (a token per byte of body). When any counter would pass its limit, the
+counters, one request and its token budget (:func:`gateway.answers.token_bound`):
+``max_tokens`` (or ``n_predict``, ``max_completion_tokens``; ``reserve_tokens`` when
+it names none) for each of its answers (``n`` times the prompts of a prompt list;
+none on routes that generate nothing, such as embeddings) plus a bound on its
+prompts (a token per byte of body). When any counter would pass its limit, the
 request is refused with 429 ``quota_exceeded``, ``Retry-After`` the seconds to the
 reset, and nothing is reserved. Concurrent requests of one client, on any worker or
 host, reserve in turn, so they cannot race past the limit together. When the request
@@ -36,7 +38,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gateway import RateLimitError, ServiceUnavailableError, hookimpl
-from gateway.answers import completion_budget, total_tokens
+from gateway.answers import choices_asked, token_bound, total_tokens
 
 log = logging.getLogger("llamagate")
 WINDOWS = (  # (limit name, counted, window)
@@ -44,13 +46,6 @@ WINDOWS = (  # (limit name, counted, window)
     ("tokens_per_month", "tokens", "month"),
     ("requests_per_day", "requests", "day"),
 )
-# The prompt's share of a reservation: a token per byte of body. Byte-level tokenizers
-# never make more tokens than bytes, and the JSON around the messages outweighs the
-# chat template's own tokens, so the reservation bounds the real use (a quota is
-# never passed by a request that names its max_tokens), at the price of leaving the
-# last prompt's worth of a quota unused.
-BYTES_PER_TOKEN = 1
-
 # Check every counter, then charge them all, atomically: KEYS the counters, ARGV per
 # counter its limit, cost and time to live (seconds). Returns {1, used...} or
 # {0, index of the refusing counter, its use}.
@@ -146,8 +141,7 @@ class Plugin:
         if not limits:
             return  # a key without a quota costs no Redis round trip
         counters = self.counters(principal.client_id, limits, clock())
-        asked = completion_budget(ctx.body)
-        reserved = (self.reserve_tokens if asked is None else asked) + ctx.bytes_in // BYTES_PER_TOKEN
+        reserved = token_bound(ctx.route, ctx.body, ctx.bytes_in, self.reserve_tokens)
         costs = [reserved if name.startswith("tokens") else 1 for name, _, _, _ in counters]
         args: list[Any] = []
         for (_, _, limit, reset), cost in zip(counters, costs):
@@ -173,7 +167,9 @@ class Plugin:
             name, _, limit, reset = counters[int(result[1]) - 1]
             spent, cost = int(result[2]), costs[int(result[1]) - 1]
             what = name.replace("_", " ")
-            detail = (f"this request may use up to {cost} tokens (its max_tokens and prompt), and {spent} of "
+            answers = choices_asked(ctx.body)[0]
+            budget = "its max_tokens" if answers == 1 else f"its max_tokens for each of its {answers} answers"
+            detail = (f"this request may use up to {cost} tokens ({budget} and its prompt), and {spent} of "
                       f"{limit} are used" if name.startswith("tokens") else f"{spent} of {limit} are used")
             raise RateLimitError(f"Quota exceeded: {what} ({detail}); it resets in {math.ceil(reset)} s.",
                                  code="quota_exceeded", headers={"Retry-After": str(max(1, math.ceil(reset)))})

@@ -15,8 +15,9 @@ one of ``trusted_proxies``, the nearest untrusted address of ``X-Forwarded-For``
 (never the header of an untrusted peer, which anyone can write). The usage charged is
 the answer's ``total_tokens`` when it is a number >= 0, at most 100 minutes' worth; a
 request that the client left (or cancelled) while the backend generated, so that no
-usage came, is charged its token budget (``max_tokens`` and the like; a minute's
-tokens when it has none).
+usage came, is charged its token budget (``max_tokens`` and the like, times its
+answers: ``n`` times the prompts of a prompt list; a minute's tokens when it has none).
+A prompt list's usage is summed over its answers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 from typing import Any
 
 from gateway import RateLimitError, ServiceUnavailableError, hookimpl, settings
-from gateway.answers import completion_budget, total_tokens
+from gateway.answers import completion_bound, total_tokens
 from gateway.stores import Decision, StoreUnavailable, make_store
 
 log = logging.getLogger("llamagate")
@@ -154,7 +155,7 @@ class Plugin:
             # from llama-server, which generates it to its end for nobody). Charge the
             # request's token budget, else leaving just before the end would make every
             # generation free of the token limit.
-            total = completion_budget(ctx.body) or tokens_per_minute
+            total = completion_bound(ctx.route, ctx.body) or tokens_per_minute
         else:
             return
         total = min(total, MAX_CHARGE_MINUTES * tokens_per_minute)

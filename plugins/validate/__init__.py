@@ -32,8 +32,12 @@ request makes, or that reach past the request's own slot, are handled so::
                       whichever llama-server reads. None given: max_tokens is set to
                       default_max_tokens, else to max_tokens_limit.
       n, n_cmpl       completions per prompt (n_cmpl wins); times the prompts of a
-                      /v1/completions prompt list, at most max_n. Each takes a slot
-                      while the gateway's admission counts the request once.
+                      prompt list (/v1/completions, /completion), at most max_n. Each
+                      takes a slot while the gateway's admission counts the request
+                      once: max_n bounds the slots one admitted request holds.
+    bounded lists     /completion's prompt, /embedding's input or content, rerank's
+                      documents or texts: a task per item; at most 2048 items (as
+                      OpenAI's embeddings input) and max_input_chars in all.
       n_probs         per-token probabilities (llama-server's top_logprobs), which
                       multiply the answer's size: at most max_n_probs.
       ignore_eos      only while the generation is bounded (a max_tokens given or
@@ -88,6 +92,7 @@ import jsonschema
 import requests
 
 from gateway import LLAMA_SERVER_ROUTES, InvalidRequestError, hookimpl
+from gateway.answers import BUDGET_FIELDS, choices_asked, completion_budget
 from gateway.schemas import SCHEMA_DIR, compile_check, compile_schema, format_path
 from gateway.redact import clip
 
@@ -99,12 +104,15 @@ SCHEMA_FILES = {
 INPUT_FIELD = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "input"}
 MAX_MESSAGE = 300
 MAX_STOP = 4                 # the schemas' own bound (OpenAI's)
-MAX_EMBEDDING_INPUTS = 2048  # likewise
+MAX_EMBEDDING_INPUTS = 2048  # likewise; also the bound of llama-server's own list inputs (LIST_INPUTS)
+# llama-server's native routes that make a task per item of a list: /completion's prompt
+# (also counted as answers against max_n), the embeddings' input or content, rerank's
+# documents (or TEI's texts).
+LIST_INPUTS = {"/completion": ("prompt",), "/embedding": ("input", "content"),
+               **{route: ("documents", "texts") for route in ("/v1/rerank", "/v1/reranking", "/rerank", "/reranking")}}
 INT32_MAX = 2**31 - 1
 MAX_BREAKER_CHARS = 64
 
-# llama-server reads n_predict first, then max_completion_tokens, then max_tokens.
-BUDGET_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens", "max_output_tokens")
 REFUSED_FIELDS = {
     "id_slot": "it picks the backend slot, which evicts another client's cached prompt",
     "lora": "per-request adapters are not offered by this gateway",
@@ -240,28 +248,40 @@ class Plugin:
                 raise refuse(f"The input is {chars} characters; the most this gateway allows is "
                              f"{config['max_input_chars']}.", INPUT_FIELD[route])
         if route == "/v1/completions":
-            self._check_completions_count(body)
+            self._check_answers(body)  # before the schema walks a long prompt list
             return self._token_input(body, "prompt", None)
         if route == "/v1/embeddings":
             return self._token_input(body, "input", MAX_EMBEDDING_INPUTS)
         return body
 
-    def _check_completions_count(self, body: dict[str, Any]) -> None:
-        """n (or n_cmpl) completions for each prompt of the list: at most max_n."""
+    def _check_answers(self, body: dict[str, Any]) -> None:
+        """The answers a request makes, n (or n_cmpl) for each prompt of a prompt list
+        (:func:`gateway.answers.choices_asked`): at most max_n. Each takes a backend
+        slot while the gateway's admission counts the request once."""
         for name in ("n_cmpl", "n"):
             value = body.get(name)
-            if value is None:
-                continue
-            if not is_int(value) or value < 1:
+            if value is not None and (not is_int(value) or value < 1):
                 raise refuse(f"Invalid value for '{name}': {json.dumps(value)[:40]} is not an integer >= 1.", name)
-        prompt = body.get("prompt")
-        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-        n = body.get("n_cmpl") if body.get("n_cmpl") is not None else body.get("n")
-        n = int(n) if n is not None else 1
-        if prompts * n > self.config["max_n"]:
-            param = "prompt" if prompts > 1 else ("n_cmpl" if body.get("n_cmpl") is not None else "n")
-            raise refuse(f"This request asks for {prompts * n} completions ({prompts} prompt(s) x n={n}); the most "
-                         f"this gateway allows is {self.config['max_n']}.", param)
+        answers, prompts = choices_asked(body)
+        if answers > self.config["max_n"]:
+            name = "n_cmpl" if body.get("n_cmpl") is not None else "n"
+            raise refuse(f"This request asks for {answers} completions ({prompts} prompt(s) x {name}="
+                         f"{answers // prompts}); the most this gateway allows is {self.config['max_n']}.",
+                         "prompt" if prompts > 1 else name)
+
+    def _check_list_inputs(self, route: str, body: dict[str, Any]) -> None:
+        """llama-server's own list inputs (a task, and a slot, per item): at most
+        MAX_EMBEDDING_INPUTS items, and max_input_chars of text in all."""
+        for field in LIST_INPUTS.get(route, ()):
+            value = body.get(field)
+            if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+                raise refuse(f"Invalid value for '{field}': {len(value)} items; at most {MAX_EMBEDDING_INPUTS} are "
+                             "allowed.", field)
+            limit = self.config["max_input_chars"]
+            items = value if isinstance(value, list) else [value]
+            chars = sum(len(item) for item in items if isinstance(item, str))
+            if limit and chars > limit:
+                raise refuse(f"The input is {chars} characters; the most this gateway allows is {limit}.", field)
 
     @staticmethod
     def _token_input(body: dict[str, Any], field: str, max_items: int | None) -> dict[str, Any]:
@@ -336,21 +356,14 @@ class Plugin:
         if n_probs is not None and (not is_int(n_probs) or not 0 <= n_probs <= config["max_n_probs"]):
             raise refuse(f"Invalid value for 'n_probs': {json.dumps(n_probs)[:40]}; it must be an integer from 0 to "
                          f"{config['max_n_probs']}.", "n_probs")
-        for name in ("n_cmpl", "n"):
-            value = body.get(name)
-            if value is not None and (not is_int(value) or value < 1):
-                raise refuse(f"Invalid value for '{name}': {json.dumps(value)[:40]} is not an integer >= 1.", name)
-        n = body.get("n_cmpl") if body.get("n_cmpl") is not None else body.get("n")
-        if n is not None and n > config["max_n"]:
-            name = "n_cmpl" if body.get("n_cmpl") is not None else "n"
-            raise refuse(f"{name} is {int(n)}; the most completions this gateway allows per request is "
-                         f"{config['max_n']}.", name)
+        self._check_answers(body)
 
     @hookimpl
     def request(self, ctx):
         if ctx.body is None:
             return None
         if ctx.route in LLAMA_SERVER_ROUTES:  # no OpenAI schema; llama-server's fields and budget still
+            self._check_list_inputs(ctx.route, ctx.body)
             self._check_backend_fields(ctx.route, ctx.body)
             if LLAMA_SERVER_ROUTES[ctx.route]:
                 self._check_generation(ctx.body, LLAMA_SERVER_ROUTES[ctx.route])
@@ -392,16 +405,6 @@ class Plugin:
                   for p in prompts]
         return max(counts)
 
-    @staticmethod
-    def completion_budget(payload: dict[str, Any]) -> int:
-        """The tokens llama-server may generate for ``payload``: the first of n_predict,
-        max_completion_tokens, max_tokens it would read (0 when none is set)."""
-        for name in BUDGET_FIELDS:
-            value = payload.get(name)
-            if value is not None and is_int(value):
-                return max(0, int(value))
-        return 0
-
     @hookimpl
     def upstream_request(self, ctx, payload):
         if not self.config["context_check"] or ctx.route == "/v1/embeddings" or ctx.replica is None:
@@ -413,7 +416,7 @@ class Plugin:
             # The check is advisory: when the backend cannot count, let it decide.
             ctx.log(logging.WARNING, "context check skipped: %s", type(exc).__name__)
             return
-        completion = self.completion_budget(payload)
+        completion = completion_budget(payload) or 0  # one answer's: each has its own slot and context
         if prompt_tokens + completion > context:
             raise InvalidRequestError(
                 f"This model's maximum context length is {context} tokens. However, you requested "
