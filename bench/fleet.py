@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # the checkout's gateway, not an installed one
 
 import yaml  # noqa: E402
 
-from gateway.testing import free_port  # noqa: E402
+from gateway.testing import free_port, free_ports  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAUNCH = {"model": str(MODEL), "ctx": 512, "parallel": 1, "threads": 1}
@@ -117,10 +117,10 @@ def gateway(doc: dict, logs: Path) -> tuple[subprocess.Popen, str]:
 
 
 def fleet_doc(models: list[str], logs: Path, **fleet: object) -> dict:
-    first = free_port()
+    ports = free_ports(len(models) + 1)  # all of them free, not just the first
     return {
         "admin_pipeline": "default",
-        "fleet": {"ports": {"first": first, "last": first + len(models)}, "log_dir": str(logs), **fleet},
+        "fleet": {"ports": {"first": ports[0], "last": ports[-1]}, "log_dir": str(logs), **fleet},
         "backends": {name: {"launch": LAUNCH} for name in models},
         "models": {name: {"backend": name} for name in models},
         "pipelines": {"default": [{"auth": {"env_keys": {"LLAMAGATE_API_KEY": "admin"},
