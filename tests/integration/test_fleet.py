@@ -430,7 +430,7 @@ def test_no_llama_server_survives_a_kill_9_of_the_gunicorn_master(start_gateway,
 
 
 def test_streams_queued_for_two_models_are_served_in_one_round_each(switching):
-    """Six streams for each model at once, room for one model, two workers with one slot
+    """Four streams for each model at once, room for one model, two workers with one slot
     each per model: every request queued for a model is served before it is swapped out
     (no one, two, one, two), and the slowest first byte stays within the documented bound:
     group_wait, the loads, and the streams ahead of it one after another."""
@@ -439,7 +439,7 @@ def test_streams_queued_for_two_models_are_served_in_one_round_each(switching):
 
     def stream(name: str) -> tuple[float, float]:
         sent = time.monotonic()
-        with chat(switching, name, max_tokens=100, stream=True, messages=story) as resp:
+        with chat(switching, name, max_tokens=64, stream=True, messages=story) as resp:
             assert resp.status_code == 200, resp.text
             lines = (line for line in resp.iter_lines() if line)
             next(lines)
@@ -447,8 +447,8 @@ def test_streams_queued_for_two_models_are_served_in_one_round_each(switching):
             assert list(lines)[-1] == b"data: [DONE]"
         return first - sent, time.monotonic() - first
 
-    with ThreadPoolExecutor(12) as pool:
-        timings = list(pool.map(stream, ["one", "two"] * 6))
+    with ThreadPoolExecutor(8) as pool:
+        timings = list(pool.map(stream, ["one", "two"] * 4))
     after = fleet_status(switching)
     loads = {name: after["models"][name]["loads"] - before["models"][name]["loads"] for name in ("one", "two")}
     assert after["swaps"] - before["swaps"] == 1 and max(loads.values()) == 1, (loads, timings)
@@ -464,7 +464,7 @@ def test_a_key_alternating_between_two_models_swaps_at_most_once_per_group_wait(
     status = fleet_status(switching)["models"]
     resident = next(name for name in ("one", "two") if status[name]["state"] == "ready")
     other = "two" if resident == "one" else "one"
-    order = [other, resident] * 2
+    order = [other, resident, other]
     start = time.monotonic()
     load_seconds = 0.0
     for name in order:
