@@ -335,6 +335,7 @@ class Backend:
             self.admission = local if shared is None else SharedAdmission(self, shared, local)
         self._turn = itertools.count()
         self.fleet_state: str | None = None  # a launched backend's state, from the health loop
+        self.fleet_waiting = 0  # this worker's requests waiting for the fleet to grant the model
         self.view = BackendView(self, tuple(r.view for r in self.replicas))
 
     @property
@@ -550,13 +551,22 @@ class Upstreams:
         comes out of the first-byte budget. Counts ``fleet.swaps`` and ``fleet.restarts``
         and times ``fleet.load.<backend>`` on the request that waited for a load.
         ``check``: its llama-servers refused the request (see :func:`fleet.acquire`)."""
+        # Requests wait for the fleet before admission: bounded as admission bounds its own.
+        if backend.fleet_waiting >= backend.limit + backend.config.max_queue:
+            raise ServiceUnavailableError(f"The model of backend {backend.name} is not ready and too many requests "
+                                          "wait for it; try again shortly.", code="queue_full",
+                                          headers={"Retry-After": "1"})
         start = time.monotonic()
         budget = min(timeouts.first_byte, max(0.001, ctx.started + timeouts.total - start))
 
         def set_wake(wake: Any) -> None:
             in_flight.wake = wake
 
-        hold = fleet.acquire(backend.name, budget, set_wake, lambda: in_flight.stopped, check)
+        backend.fleet_waiting += 1
+        try:
+            hold = fleet.acquire(backend.name, budget, set_wake, lambda: in_flight.stopped, check)
+        finally:
+            backend.fleet_waiting -= 1
         waited = time.monotonic() - start
         if hold.report.get("load_seconds") is not None:
             ctx.timings[f"fleet.load.{backend.name}"] = hold.report["load_seconds"] * 1000.0
