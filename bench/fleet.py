@@ -210,7 +210,8 @@ def main() -> None:
         "per run: (cold start minus the supervisor's launch to ready) minus (bare minus bare launch to ready): "
         "the request's path, the lease, the supervisor's 0.1 s tick |",
         f"| swap to first token | {med(swap):.2f} ({min(swap):.2f}-{max(swap):.2f}) | "
-        "room for one model (`group_wait: 0`), the other one resident and idle: stop it, launch this one, first token |",
+        "room for one model (`group_wait: 0`), the other one resident and idle: stop it, launch this one, "
+        "first token |",
         f"| of which launch to ready | {med(swap_loads):.2f} | as above, for the model swapped in |",
         f"| gateway's part of a swap | {med([s - l for s, l in zip(swap, swap_loads)]):.2f} | "
         "per run: swap minus its launch to ready (stopping the other model, the request's path, the first token) |",
