@@ -8,8 +8,8 @@ It runs, on free loopback ports, SmolLM2 (models/, as `make model` fetches it):
 - **cold start**: the gateway (gunicorn, one gevent worker, its fleet supervisor) with the
   model stopped; one streamed request: request to first token;
 - **swap**: the gateway with two models (the same GGUF under two ids) and room for one
-  (``max_resident: 1``); the resident one idle; a request for the other: request to first
-  token (the idle model stopped, the other launched);
+  (``max_resident: 1``, ``group_wait: 0``: no minimum residency); the resident one idle; a
+  request for the other: request to first token (the idle model stopped, the other launched);
 - **warm**: a request to a ready model, for reference.
 
 The gateway's share is the gateway's median minus the bare median. Each figure is the
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # the checkout's gateway, not an installed one
 
 import yaml  # noqa: E402
 
-from gateway.testing import free_port  # noqa: E402
+from gateway.testing import free_port, free_ports  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAUNCH = {"model": str(MODEL), "ctx": 512, "parallel": 1, "threads": 1}
@@ -117,10 +117,10 @@ def gateway(doc: dict, logs: Path) -> tuple[subprocess.Popen, str]:
 
 
 def fleet_doc(models: list[str], logs: Path, **fleet: object) -> dict:
-    first = free_port()
+    ports = free_ports(len(models) + 1)  # all of them free, not just the first
     return {
         "admin_pipeline": "default",
-        "fleet": {"ports": {"first": first, "last": first + len(models)}, "log_dir": str(logs), **fleet},
+        "fleet": {"ports": {"first": ports[0], "last": ports[-1]}, "log_dir": str(logs), **fleet},
         "backends": {name: {"launch": LAUNCH} for name in models},
         "models": {name: {"backend": name} for name in models},
         "pipelines": {"default": [{"auth": {"env_keys": {"LLAMAGATE_API_KEY": "admin"},
@@ -156,7 +156,8 @@ def cold_runs(runs: int, logs: Path) -> tuple[list[float], list[float], list[flo
 def swap_runs(runs: int, logs: Path) -> tuple[list[float], list[float], int]:
     """Request to first token of the model not resident, the resident one idle; and the
     launch-to-ready part of it."""
-    proc, url = gateway(fleet_doc(["one", "two"], logs, max_resident=1), logs)
+    # group_wait 0: the swap itself, without the minimum residency (docs/fleet.md)
+    proc, url = gateway(fleet_doc(["one", "two"], logs, max_resident=1, group_wait=0), logs)
     headers = {"Authorization": f"Bearer {KEY}"}
     swaps, loads = [], []
     try:
@@ -209,7 +210,8 @@ def main() -> None:
         "per run: (cold start minus the supervisor's launch to ready) minus (bare minus bare launch to ready): "
         "the request's path, the lease, the supervisor's 0.1 s tick |",
         f"| swap to first token | {med(swap):.2f} ({min(swap):.2f}-{max(swap):.2f}) | "
-        "room for one model, the other one resident and idle: stop it, launch this one, first token |",
+        "room for one model (`group_wait: 0`), the other one resident and idle: stop it, launch this one, "
+        "first token |",
         f"| of which launch to ready | {med(swap_loads):.2f} | as above, for the model swapped in |",
         f"| gateway's part of a swap | {med([s - l for s, l in zip(swap, swap_loads)]):.2f} | "
         "per run: swap minus its launch to ready (stopping the other model, the request's path, the first token) |",

@@ -5,6 +5,8 @@ Each replica has its own keep-alive pool (:mod:`gateway.httpclient`) that keeps 
 
 A request to a backend (:meth:`Upstreams.open`):
 
+0. to a launched backend, leases its model from the fleet first (:mod:`gateway.fleet`),
+   waiting while it loads;
 1. waits for admission: at most ``max_in_flight`` requests per backend per worker
    (default: this worker's share of the replicas' llama-server slots, so that all
    workers together fill the slots), the rest in a bounded queue, admins
@@ -17,7 +19,9 @@ A request to a backend (:meth:`Upstreams.open`):
 3. is retried, before any byte reached the client, when the connection is refused
    or reset or the replica answers 502/503 (llama-server answers 503 while it
    loads), with exponential backoff and jitter, on another replica when there is
-   one, until the route's ``retry_deadline``.
+   one, until the route's ``retry_deadline``; when every replica of a launched
+   backend refused, the request waits for the fleet to restart them (that wait, like
+   a load, comes out of ``first_byte``).
 
 A background loop polls each replica's ``/health`` and learns its slots from ``/props``.
 """
@@ -59,6 +63,15 @@ DEFAULT_SLOTS = 4  # a replica's slots until /props has told us
 RETRIED_STATUSES = (502, 503)
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
+
+
+class _LaunchedDown(Exception):
+    """Every replica of a launched backend refused the request: its llama-servers died,
+    and the fleet is restarting them. ``error`` is the last attempt's."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class InFlight:
@@ -144,9 +157,12 @@ class Breaker:
     def success(self) -> None:
         self.state, self.failures, self.probing = "closed", 0, False
 
-    def failure(self, now: float) -> None:
-        self.failures += 1
+    def failure(self, now: float, counted: bool = True) -> None:
+        """An attempt failed; one not ``counted`` only ends a probe (another may go)."""
         self.probing = False
+        if not counted:
+            return
+        self.failures += 1
         if self.state == "half_open" or self.failures >= self.threshold:
             self.state, self.opened_at = "open", now
 
@@ -319,6 +335,7 @@ class Backend:
             self.admission = local if shared is None else SharedAdmission(self, shared, local)
         self._turn = itertools.count()
         self.fleet_state: str | None = None  # a launched backend's state, from the health loop
+        self.fleet_waiting = 0  # this worker's requests waiting for the fleet to grant the model
         self.view = BackendView(self, tuple(r.view for r in self.replicas))
 
     @property
@@ -472,7 +489,8 @@ class Upstreams:
 
     def open(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str, body: bytes,
              headers: Mapping[str, str], timeouts: Timeouts, in_flight: InFlight, method: str = "POST") -> Lease:
-        """Admit the request, then send it until a replica answers; see the module doc.
+        """Lease a launched backend's model from the fleet (waiting while it loads), admit
+        the request, then send it until a replica answers; see the module doc.
 
         Sets ``ctx.replica``; counts each retry as ``upstream.retries``, the queue
         depth on arrival as the gauge ``queue.<backend>`` and the wait as the timer
@@ -487,16 +505,37 @@ class Upstreams:
         # the queue's order: admins, then keys by priority (higher first)
         priority = 0 if principal is not None and principal.role == "admin" else \
             1 + MAX_PRIORITY - (principal.priority if principal is not None else 0)
-        ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
-        waited = backend.admission.acquire(priority, in_flight)
-        first = in_flight.replica or first  # shared admission's slot is on a replica
-        ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
-        ctx.sent = True
         hold = None
         try:
             if backend.config.launch is not None:
+                # Before admission: the fleet sees every request for the model, those waiting
+                # for a slot too, and serves them all before it swaps the model out.
                 hold, timeouts = self._hold(ctx, backend, timeouts, in_flight)
-            lease = self._send(ctx, backend, first, path, body, headers, timeouts, in_flight, method)
+            ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
+            waited = backend.admission.acquire(priority, in_flight)
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
+        first = in_flight.replica or first  # shared admission's slot is on a replica
+        ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
+        ctx.sent = True
+        retry_until = time.monotonic() + timeouts.retry_deadline
+        try:
+            while True:
+                try:
+                    lease = self._send(ctx, backend, first, path, body, headers, timeouts, in_flight, method)
+                    break
+                except _LaunchedDown as down:
+                    if hold is None or time.monotonic() >= retry_until:
+                        raise down.error from None
+                    # Its llama-server died: wait for the fleet's restart like for any load (out
+                    # of first_byte), not for the retries' deadline.
+                    hold.release()
+                    hold = None
+                    asked = time.monotonic()
+                    hold, timeouts = self._hold(ctx, backend, timeouts, in_flight, check=True)
+                    retry_until += time.monotonic() - asked
             lease.hold = hold
             return lease
         except BaseException:
@@ -506,18 +545,28 @@ class Upstreams:
             raise
 
     @staticmethod
-    def _hold(ctx: RequestContext, backend: Backend, timeouts: Timeouts,
-              in_flight: InFlight) -> tuple[fleet.Hold, Timeouts]:
+    def _hold(ctx: RequestContext, backend: Backend, timeouts: Timeouts, in_flight: InFlight,
+              check: bool = False) -> tuple[fleet.Hold, Timeouts]:
         """Lease a launched backend from the fleet, waiting while it loads; the load
         comes out of the first-byte budget. Counts ``fleet.swaps`` and ``fleet.restarts``
-        and times ``fleet.load.<backend>`` on the request that waited for a load."""
+        and times ``fleet.load.<backend>`` on the request that waited for a load.
+        ``check``: its llama-servers refused the request (see :func:`fleet.acquire`)."""
+        # Requests wait for the fleet before admission: bounded as admission bounds its own.
+        if backend.fleet_waiting >= backend.limit + backend.config.max_queue:
+            raise ServiceUnavailableError(f"The model of backend {backend.name} is not ready and too many requests "
+                                          "wait for it; try again shortly.", code="queue_full",
+                                          headers={"Retry-After": "1"})
         start = time.monotonic()
         budget = min(timeouts.first_byte, max(0.001, ctx.started + timeouts.total - start))
 
         def set_wake(wake: Any) -> None:
             in_flight.wake = wake
 
-        hold = fleet.acquire(backend.name, budget, set_wake, lambda: in_flight.stopped)
+        backend.fleet_waiting += 1
+        try:
+            hold = fleet.acquire(backend.name, budget, set_wake, lambda: in_flight.stopped, check)
+        finally:
+            backend.fleet_waiting -= 1
         waited = time.monotonic() - start
         if hold.report.get("load_seconds") is not None:
             ctx.timings[f"fleet.load.{backend.name}"] = hold.report["load_seconds"] * 1000.0
@@ -536,6 +585,8 @@ class Upstreams:
                 raise in_flight.stopped
             replica = self._pick(backend, first if attempt == 0 else None, tried)
             if replica is None:
+                if tried and backend.config.launch is not None:
+                    raise _LaunchedDown(error)  # the fleet restarts it: ask the fleet
                 raise self._unavailable(ctx, backend)
             tried.append(replica)
             ctx.replica = replica.url
@@ -591,7 +642,10 @@ class Upstreams:
             return self._failed(replica, "connect timeout")
         if isinstance(exc, ConnectFailed):
             replica.ready = False
-            return self._failed(replica, "connection refused" if exc.refused else "unreachable")
+            # A launched llama-server that refuses has died; the fleet restarts it and says
+            # when it is back, so its breaker must not keep it shut after that.
+            return self._failed(replica, "connection refused" if exc.refused else "unreachable",
+                                counted=backend.config.launch is None)
         if not isinstance(exc, ReadTimedOut):
             return self._failed(replica, "connection reset")
         self._failed(replica, "first byte timeout")
@@ -608,9 +662,9 @@ class Upstreams:
         untried = [r for r in usable if r not in tried]
         return (untried or usable or [None])[0]
 
-    def _failed(self, replica: Replica, reason: str) -> GatewayError:
+    def _failed(self, replica: Replica, reason: str, counted: bool = True) -> GatewayError:
         replica.in_flight -= 1
-        replica.breaker.failure(time.monotonic())
+        replica.breaker.failure(time.monotonic(), counted)
         replica.detail = reason
         return ServiceUnavailableError(f"The backend {replica.backend} is unreachable ({reason}); try again shortly.",
                                        headers={"Retry-After": self.retry_after()})

@@ -121,14 +121,38 @@ def test_a_busy_model_keeps_its_place_until_the_group_wait_then_drains_without_k
 
 
 def test_an_idle_model_goes_for_a_newcomer_once_it_has_lingered(clock, tmp_path):
-    fleet = make_fleet(tmp_path, max_resident=1, group_wait=60)
+    fleet = make_fleet(tmp_path, max_resident=1, group_wait=2)
     one, _ = lease(fleet, clock, "one")
+    clock.now += 2  # resident for group_wait
     fleet.release(one)
     _, waiting = fleet.enqueue("two")
     fleet.step()  # idle for a moment only: a client between two requests is not idle
     assert state(fleet, "one") == "ready"
     settle(fleet, clock, 10)
     assert state(fleet, "two") == "ready" and waiting.event.is_set() and waiting.error is None
+
+
+def test_no_model_is_swapped_out_before_it_was_resident_group_wait(clock, tmp_path):
+    fleet = make_fleet(tmp_path, max_resident=1, group_wait=30)
+    one, _ = lease(fleet, clock, "one")
+    fleet.release(one)  # idle at once: a client that alternates between two models
+    _, waiting = fleet.enqueue("two")
+    settle(fleet, clock, 280)
+    assert state(fleet, "one") == "ready" and not waiting.event.is_set()
+    settle(fleet, clock, 30)
+    assert state(fleet, "two") == "ready" and waiting.event.is_set() and fleet.swaps == 1
+
+
+def test_a_refused_connection_has_the_fleet_look_for_a_crash_at_once(clock, tmp_path):
+    fleet = make_fleet(tmp_path)
+    unit, _ = lease(fleet, clock, "one")
+    FakePopen.launched[0].code = -9  # died; the main thread has not looked yet
+    _, granted = fleet.enqueue("one")
+    assert granted.event.is_set()  # without the check: granted the dead one
+    _, waiting = fleet.enqueue("one", check=True)
+    assert not waiting.event.is_set() and state(fleet, "one") == "starting" and unit.restarts == 1
+    settle(fleet, clock, 10)
+    assert waiting.event.is_set() and waiting.error is None and len(FakePopen.launched) == 2
 
 
 def test_the_memory_budget_swaps_the_least_recently_used(clock, tmp_path):
@@ -139,7 +163,7 @@ def test_the_memory_budget_swaps_the_least_recently_used(clock, tmp_path):
         clock.now += 1
     unit, _ = lease(fleet, clock, "one")  # one is now the most recently used
     fleet.release(unit)
-    clock.now += 1
+    clock.now += 5  # both resident for group_wait
     lease(fleet, clock, "three")
     settle(fleet, clock)
     assert (state(fleet, "one"), state(fleet, "two"), state(fleet, "three")) == ("ready", "stopped", "ready")

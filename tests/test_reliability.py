@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -14,11 +15,12 @@ import requests
 from gateway import Principal, hookimpl, lifecycle
 from gateway.app import build_app
 from gateway.state import Gateway
-from gateway.config import BackendConfig, parse_config
+from gateway.config import BackendConfig, LaunchConfig, Timeouts, parse_config
 from gateway.errors import ServiceUnavailableError
 from gateway.pipeline import Pipeline, build_pipelines
 from gateway.testing import canned_llama_app, serve_in_thread
-from gateway.upstream import Backend, Breaker
+from gateway.context import RequestContext
+from gateway.upstream import Backend, Breaker, InFlight, Upstreams
 
 from .conftest import config_doc
 
@@ -149,6 +151,35 @@ def test_admission_full_queue_and_queue_timeout():
         waiter.result(2)
     assert err.value.code == "queue_timeout"
     assert backend.admission.queued == 0
+
+
+def test_requests_waiting_for_a_launched_model_are_bounded_like_the_admission_queue(monkeypatch):
+    """They wait for the fleet before admission, so admission's queue does not bound them."""
+    launch = LaunchConfig(model="/m.gguf", ports=(1,), parallel=1)
+    backend = Backend(BackendConfig("b", ("http://127.0.0.1:1",), max_in_flight=1, max_queue=2, launch=launch))
+    loaded = threading.Event()
+
+    def acquire(*args, **kwargs):
+        loaded.wait(5)  # the model is loading
+        return SimpleNamespace(report={}, release=lambda: None)
+
+    monkeypatch.setattr("gateway.upstream.fleet.acquire", acquire)
+
+    def hold():
+        ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
+        return Upstreams._hold(ctx, backend, Timeouts(), InFlight(ctx))
+
+    with ThreadPoolExecutor(3) as pool:
+        waiting = [pool.submit(hold) for _ in range(3)]  # limit 1 + max_queue 2
+        deadline = time.monotonic() + 5
+        while backend.fleet_waiting < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(ServiceUnavailableError) as err:
+            hold()
+        assert err.value.code == "queue_full" and err.value.headers["Retry-After"]
+        loaded.set()
+        assert all(w.result(5) for w in waiting)
+    assert backend.fleet_waiting == 0
 
 
 def test_default_limit_is_the_replicas_slots():

@@ -70,7 +70,7 @@ def _read_line(sock: socket.socket) -> bytes:
 
 
 def acquire(backend: str, timeout: float, set_wake: Callable[[Callable[[], None] | None], None],
-            stopped: Callable[[], GatewayError | None]) -> Hold:
+            stopped: Callable[[], GatewayError | None], check: bool = False) -> Hold:
     """Wait until ``backend``'s llama-servers are ready (the supervisor starts them, or
     swaps another model out, if need be) and lease them.
 
@@ -80,6 +80,8 @@ def acquire(backend: str, timeout: float, set_wake: Callable[[Callable[[], None]
         set_wake: Given a function that ends the wait (or None when it is over): a cancel
             calls it.
         stopped: The error that ends a cancelled request, else None.
+        check: A llama-server of the backend just refused a connection: the supervisor
+            looks whether it died (then the request waits for the restart).
 
     Raises:
         ModelUnavailableError: the model failed to start (or the supervisor is gone).
@@ -95,7 +97,7 @@ def acquire(backend: str, timeout: float, set_wake: Callable[[Callable[[], None]
 
     set_wake(wake)
     try:
-        sock.sendall(json.dumps({"op": "acquire", "backend": backend}).encode() + b"\n")
+        sock.sendall(json.dumps({"op": "acquire", "backend": backend, "check": check}).encode() + b"\n")
         line = _read_line(sock)
     except socket.timeout:
         sock.close()

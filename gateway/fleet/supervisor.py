@@ -162,12 +162,17 @@ class Fleet:
 
     # --- what connections ask (any thread) -----------------------------------------------------
 
-    def enqueue(self, name: str) -> tuple[Unit | None, Waiter]:
+    def enqueue(self, name: str, check: bool = False) -> tuple[Unit | None, Waiter]:
         """Queue a request for the model of backend ``name``; its waiter's event is set
-        once it is granted (a lease on the unit returned) or refused (``error``)."""
+        once it is granted (a lease on the unit returned) or refused (``error``).
+        ``check``: a llama-server of it refused the request's connection, so look now
+        whether one exited rather than at the next tick: a crashed model is restarting,
+        and the request waits for it instead of being granted the dead one again."""
         waiter = Waiter(time.monotonic())
         with self.lock:
             unit = self.units.get(name)
+            if unit is not None and check:
+                self._reap(unit, waiter.arrived)
             if unit is None:
                 waiter.error = f"no launched backend named {name!r}"
             elif unit.state == "failed":
@@ -300,32 +305,37 @@ class Fleet:
 
     def _watch(self, unit: Unit, now: float) -> None:
         """Reap exited llama-servers, see which became healthy, bound the logs."""
+        self._reap(unit, now)
         for replica in unit.replicas:
             popen = replica.popen
             if popen is None:
                 continue
             _bound_log(replica.log_path, self.fleet.log_bytes)
-            code = popen.poll()
+            if replica.healthy_since is None:
+                # About one /health poll per tick, however often requests wake the loop.
+                if now - replica.polled_at >= TICK / 2:
+                    replica.polled_at = now
+                    if _healthy(replica.port):
+                        replica.healthy_since = now
+                if replica.healthy_since is None and now - replica.launched_at > unit.launch.load_timeout:
+                    replica.popen = None
+                    popen.kill()
+                    popen.wait()
+                    self._failed_replica(unit, replica, now, f"not ready after {unit.launch.load_timeout:g} s")
+            elif now - replica.healthy_since >= STABLE:
+                unit.failures = 0
+
+    def _reap(self, unit: Unit, now: float) -> None:
+        """Take note of the llama-servers of ``unit`` that exited: a failure, unless it
+        was stopped on purpose."""
+        for replica in unit.replicas:
+            code = replica.popen.poll() if replica.popen is not None else None
             if code is None:
-                if replica.healthy_since is None:
-                    # About one /health poll per tick, however often requests wake the loop.
-                    if now - replica.polled_at >= TICK / 2:
-                        replica.polled_at = now
-                        if _healthy(replica.port):
-                            replica.healthy_since = now
-                    if replica.healthy_since is None and now - replica.launched_at > unit.launch.load_timeout:
-                        replica.popen = None
-                        popen.kill()
-                        popen.wait()
-                        self._failed_replica(unit, replica, now, f"not ready after {unit.launch.load_timeout:g} s")
-                elif now - replica.healthy_since >= STABLE:
-                    unit.failures = 0
                 continue
             replica.popen = None
-            if replica.expected_exit:
-                continue
-            self._failed_replica(unit, replica, now, f"exited with code {code}" if code >= 0 else
-                                 f"killed by signal {-code}")
+            if not replica.expected_exit:
+                self._failed_replica(unit, replica, now, f"exited with code {code}" if code >= 0 else
+                                     f"killed by signal {-code}")
 
     def _failed_replica(self, unit: Unit, replica: Replica, now: float, what: str) -> None:
         was_up = replica.healthy_since is not None
@@ -418,20 +428,19 @@ class Fleet:
 
     def _victims(self, unit: Unit, now: float, leaving: set[str]) -> list[Unit]:
         """The ready models to drain so that ``unit`` fits (besides ``leaving``), least
-        recently used first; none when it cannot fit yet. An idle model may go (once it has
-        been idle a moment); a busy one only once ``unit`` has waited ``group_wait`` and the
-        busy one has been resident as long: requests are served in groups, and neither
-        side starves."""
+        recently used first; none when it cannot fit yet. No model goes before it has
+        been ready ``group_wait`` (the minimum residency: a load is paid for with that
+        much service, however requests alternate); then an idle one goes (once it has
+        been idle a moment), a busy one once ``unit`` has waited ``group_wait`` too:
+        requests are served in groups, and neither side starves."""
         waited = now - unit.oldest_wait  # type: ignore[operator]
         group_wait = self.fleet.group_wait
         eligible = []
         for other in self.units.values():
-            if other.state != "ready" or other is unit:
+            if other.state != "ready" or other is unit or now - (other.ready_since or now) < group_wait:
                 continue
             idle = other.leases <= 0 and not other.waiters
-            resident_for = now - (other.ready_since or now)
-            if (idle and (now - other.last_used >= LINGER or waited >= group_wait)) or \
-                    (waited >= group_wait and resident_for >= group_wait):
+            if waited >= group_wait or (idle and now - other.last_used >= LINGER):
                 eligible.append((not idle, other.last_used, other))
         chosen: list[Unit] = []
         for _, _, other in sorted(eligible, key=lambda e: (e[0], e[1])):
@@ -584,7 +593,7 @@ class _Handler(socketserver.StreamRequestHandler):
         except (ValueError, KeyError, TypeError, OSError):
             return
         if op == "acquire":
-            self._lease(fleet, str(message.get("backend")))
+            self._lease(fleet, str(message.get("backend")), bool(message.get("check")))
             return
         try:
             if op == "status":
@@ -605,8 +614,8 @@ class _Handler(socketserver.StreamRequestHandler):
         except OSError:
             pass
 
-    def _lease(self, fleet: Fleet, name: str) -> None:
-        unit, waiter = fleet.enqueue(name)
+    def _lease(self, fleet: Fleet, name: str, check: bool) -> None:
+        unit, waiter = fleet.enqueue(name, check)
         while not waiter.event.wait(0.5):
             if _closed(self.connection):
                 assert unit is not None

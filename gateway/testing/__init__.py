@@ -46,13 +46,13 @@ each counting that choice's completion.
 ``/tokenize`` counts one token per word; ``/props`` reports 64 slots.
 
 The package's modules: ``canned`` (the canned llama-server app), ``server``
-(:func:`serve_in_thread`, :func:`free_port`), ``harness`` (:class:`Harness`,
+(:func:`serve_in_thread`, :func:`free_port`, :func:`free_ports`), ``harness`` (:class:`Harness`,
 :class:`FakeBackend`, :class:`Result`); import from ``gateway.testing`` itself.
 """
 
 from .canned import CANNED_MODEL, CANNED_SLOTS, CANNED_TEXT, canned_llama_app
 from .harness import FakeBackend, Harness, Result
-from .server import free_port, serve_in_thread
+from .server import free_port, free_ports, serve_in_thread
 
 __all__ = [
     "CANNED_MODEL",
@@ -63,5 +63,6 @@ __all__ = [
     "Result",
     "canned_llama_app",
     "free_port",
+    "free_ports",
     "serve_in_thread",
 ]

@@ -4,6 +4,7 @@ talks HTTP: keep-alive, and chunked transfer encoding for answers of unknown len
 from __future__ import annotations
 
 import io
+import random
 import socket
 import sys
 import threading
@@ -85,6 +86,32 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_ports(count: int) -> range:
+    """``count`` consecutive TCP ports on 127.0.0.1 that nothing listens on right now,
+    below the kernel's ephemeral range (where outgoing connections take their local
+    ports, so a port found free there may be taken a moment later)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            ephemeral = int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    for _ in range(200):
+        first = random.randrange(10000, ephemeral - count)
+        probes: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):  # all held at once, then let go
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return range(first, first + count)
+    raise RuntimeError(f"no {count} consecutive free ports below {ephemeral}")
 
 
 def serve_in_thread(app: Callable[..., Iterable[bytes]]) -> tuple[ThreadingHTTPServer, str]:

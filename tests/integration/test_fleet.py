@@ -24,24 +24,11 @@ import requests
 import yaml
 
 from gateway import keys
+from gateway.testing import free_ports
 
 from .conftest import ROOT, ROUTES
 
 LAUNCH = {"ctx": 512, "parallel": 2, "threads": 1}
-
-
-def port_range(count: int) -> dict[str, int]:
-    """``count`` consecutive free ports on 127.0.0.1."""
-    for _ in range(200):
-        first = random.randrange(20000, 60000 - count)
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return {"first": first, "last": first + count - 1}
-    raise AssertionError("no free port range")
 
 
 class StatsdSink:
@@ -69,11 +56,11 @@ def fleet_doc(logs: Path, launched: dict[str, dict[str, Any]], **fleet: Any) -> 
     keys_file = logs / f"fleet-keys-{random.getrandbits(32)}.yaml"
     admin, user = keys.add_key(keys_file, "ops", "admin"), keys.add_key(keys_file, "alice")
     limited = keys.add_key(keys_file, "bob", models=[next(iter(launched))])
+    ports = free_ports(len(launched) + 1)  # one spare port, for a model a reload adds
     return {
         "health_interval": 0.5,
         "admin_pipeline": "default",
-        # one spare port, for a model a reload adds
-        "fleet": {"ports": port_range(len(launched) + 1), "log_dir": str(logs / "fleet"), **fleet},
+        "fleet": {"ports": {"first": ports[0], "last": ports[-1]}, "log_dir": str(logs / "fleet"), **fleet},
         "backends": {name: {"launch": {**LAUNCH, **spec}} for name, spec in launched.items()},
         "models": {name: {"backend": name} for name in launched},
         "pipelines": {"default": [{"statsd": {"host": "127.0.0.1", "port": 9, "prefix": "fleet-test"}},
@@ -92,11 +79,12 @@ def start_fleet(start_gateway: Callable[..., Any], doc: dict[str, Any]) -> Any:
     return gw
 
 
-def chat(gw: Any, model: str, max_tokens: int = 4, **extra: Any) -> requests.Response:
+def chat(gw: Any, model: str, max_tokens: int = 4, session: requests.Session | None = None,
+         **extra: Any) -> requests.Response:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
             "messages": [{"role": "user", "content": "Say hello."}], **extra}
-    return requests.post(gw.url + "/v1/chat/completions", json=body, timeout=120,
-                         headers={"Authorization": f"Bearer {gw.user}"}, stream=bool(extra.get("stream")))
+    return (session or requests).post(gw.url + "/v1/chat/completions", json=body, timeout=120,
+                                      headers={"Authorization": f"Bearer {gw.user}"}, stream=bool(extra.get("stream")))
 
 
 def fleet_status(gw: Any) -> dict[str, Any]:
@@ -333,12 +321,29 @@ def model_or_none(gw: Any, name: str) -> dict[str, Any] | None:
         return None
 
 
+SWITCH_GROUP_WAIT = 3
+
+
 @pytest.fixture(scope="module")
 def switching(start_gateway, model_path, logs):
     """Two models, room for one: runtime model switching."""
     doc = fleet_doc(logs, {"one": {"model": str(model_path.resolve())}, "two": {"model": str(model_path.resolve())}},
-                    max_resident=1, group_wait=2)
+                    max_resident=1, group_wait=SWITCH_GROUP_WAIT)
     return start_fleet(start_gateway, doc)
+
+
+def test_a_request_sent_right_after_a_kill_9_waits_for_the_restart(switching):
+    with requests.Session() as session:  # a warm connection: the next request leaves at once
+        assert chat(switching, "one", session=session).status_code == 200
+        before = model(switching, "one")
+        [pid] = before["pids"]
+        os.kill(pid, signal.SIGKILL)
+        resp = chat(switching, "one", session=session)
+    # Its connection is refused; it waits for the fleet's restart (out of first_byte), not a 503.
+    assert resp.status_code == 200, resp.text
+    after = model(switching, "one")
+    assert after["restarts"] == before["restarts"] + 1 and after["pids"] != [pid]
+    assert fleet_status(switching)["swaps"] == 0  # a restart, not a swap
 
 
 def test_a_swap_waits_for_the_stream_in_flight_to_end(switching):
@@ -422,3 +427,61 @@ def test_no_llama_server_survives_a_kill_9_of_the_gunicorn_master(start_gateway,
     wait_for(lambda: not alive(supervisor) and not alive(server), timeout=30,
              message="the supervisor and its llama-server to go")
     assert listeners(status["models"]["eager"]["ports"][0]) == []
+
+
+def test_streams_queued_for_two_models_are_served_in_one_round_each(switching):
+    """Six streams for each model at once, room for one model, two workers with one slot
+    each per model: every request queued for a model is served before it is swapped out
+    (no one, two, one, two), and the slowest first byte stays within the documented bound:
+    group_wait, the loads, and the streams ahead of it one after another."""
+    story = [{"role": "user", "content": "Write a very long story about a llama."}]
+    # Streams of about 0.6 group_wait each, whatever this machine's speed: a model's six
+    # (three rounds of two) outlast group_wait, so requests still wait for a slot when the
+    # other model has waited group_wait.
+    status = fleet_status(switching)["models"]
+    resident = next((name for name in ("one", "two") if status[name]["state"] == "ready"), "one")
+    assert chat(switching, resident).status_code == 200  # loaded, if it was not
+    start = time.monotonic()
+    assert chat(switching, resident, max_tokens=32, ignore_eos=True, messages=story).status_code == 200
+    tokens = max(16, int(32 / (time.monotonic() - start) * 0.6 * SWITCH_GROUP_WAIT))
+    before = fleet_status(switching)
+
+    def stream(name: str) -> tuple[float, float]:
+        sent = time.monotonic()
+        with chat(switching, name, max_tokens=tokens, ignore_eos=True, stream=True, messages=story) as resp:
+            assert resp.status_code == 200, resp.text
+            lines = (line for line in resp.iter_lines() if line)
+            next(lines)
+            first = time.monotonic()
+            assert list(lines)[-1] == b"data: [DONE]"
+        return first - sent, time.monotonic() - first
+
+    with ThreadPoolExecutor(12) as pool:
+        timings = list(pool.map(stream, ["one", "two"] * 6))
+    after = fleet_status(switching)
+    loads = {name: after["models"][name]["loads"] - before["models"][name]["loads"] for name in ("one", "two")}
+    assert after["swaps"] - before["swaps"] == 1 and max(loads.values()) == 1, (tokens, loads, timings)
+    load_seconds = sum(after["models"][name]["last_load_seconds"] for name, count in loads.items() if count)
+    slowest = max(first_byte for first_byte, _ in timings)
+    assert slowest <= SWITCH_GROUP_WAIT + load_seconds + sum(took for _, took in timings), (slowest, timings)
+
+
+def test_a_key_alternating_between_two_models_swaps_at_most_once_per_group_wait(switching):
+    """One key, single requests, each for the model that is not resident: every one needs a
+    swap, but each model stays resident group_wait after its load (the minimum residency),
+    so the key cannot swap faster than one load plus group_wait."""
+    status = fleet_status(switching)["models"]
+    resident = next(name for name in ("one", "two") if status[name]["state"] == "ready")
+    other = "two" if resident == "one" else "one"
+    order = [other, resident, other]
+    start = time.monotonic()
+    load_seconds = 0.0
+    for name in order:
+        loads = model(switching, name)["loads"]
+        assert chat(switching, name).status_code == 200
+        served = model(switching, name)
+        assert served["loads"] == loads + 1  # a swap each time
+        load_seconds += served["last_load_seconds"]
+    elapsed = time.monotonic() - start
+    # Each load after the first starts once the model before it was resident group_wait.
+    assert elapsed - load_seconds >= (len(order) - 1) * SWITCH_GROUP_WAIT, (elapsed, load_seconds)
