@@ -157,18 +157,21 @@ def test_leases_come_back_after_redis_lost_its_keys(start_gateway, chat_backend,
 
 # Item 6: local admission, clients in turn ---------------------------------------------------------
 
-FLOOD_STREAMS = 24  # more than both workers' 1 slot + 8 places for one client (a quarter of 32)
+MAX_QUEUE = 64
+FLOOD_PLACES = 16  # a client's places in each worker's queue: a quarter of MAX_QUEUE
+FLOOD_STREAMS = 40  # more than both workers' 1 slot + 16 places
 FLOOD_TOKENS = 64
 LIGHT_REQUESTS = 6
+LIGHT_EVERY = 3  # seconds: well within the light key's turns (every other one on each worker)
 
 
 def test_local_admission_serves_a_light_client_between_a_flooders_requests(start_gateway, chat_backend, logs):
-    """One key keeps 24 streams going on a 2-slot backend (1 slot per worker), another
-    sends one short stream a second. The light key's first tokens come within about a turn
+    """One key keeps 40 streams going on a 2-slot backend (1 slot per worker), another
+    sends a short stream every 3 seconds. The light key's first tokens come within about a turn
     (well before the flooder's own, which wait behind its queue); the flooder, holding its
     share of the queue's places, is refused with 503 queue_full while the light key queues."""
     gw = gateway_with_keys(start_gateway, chat_backend, logs, "turns", ("flood", "light"),
-                           {"max_queue": 32, "queue_timeout": 300})
+                           {"max_queue": MAX_QUEUE, "queue_timeout": 300})
     until(lambda: limits_read(gw, 1), 30, "the workers never read /props")
     until(lambda: processing(chat_backend) == 0, 60, "llama-server was busy")
     stop = threading.Event()
@@ -188,13 +191,14 @@ def test_local_admission_serves_a_light_client_between_a_flooders_requests(start
     for thread in threads:
         thread.start()
     try:
-        # the flooder's queues are full before the light key comes: a few of its streams ended
-        until(lambda: sum(s.ended_at is not None and s.status == 200 for s in list(flood)) >= 4, 180,
+        # the light key comes once the flooder's waits are what its full queues make them:
+        # half its places on each worker went through
+        until(lambda: sum(s.ended_at is not None and s.status == 200 for s in list(flood)) >= FLOOD_PLACES, 300,
               "the flooder's streams did not get through")
         light = []
         for _ in range(LIGHT_REQUESTS):
             light.append(Stream(gw, gw.keys["light"], 8))
-            time.sleep(1)
+            time.sleep(LIGHT_EVERY)
         for stream in light:
             stream.join(300)
         window = (light[0].sent_at, max(s.first_at or s.ended_at for s in light))
@@ -202,17 +206,18 @@ def test_local_admission_serves_a_light_client_between_a_flooders_requests(start
         stop.set()
     for thread in threads:
         thread.join(300)
-    assert [s.status for s in light] == [200] * LIGHT_REQUESTS, [s.error for s in light]
-    assert all(s.last == b"data: [DONE]" for s in light)
     refused = [s for s in flood if s.status == 503]
-    assert refused and all(s.error["code"] == "queue_full" for s in refused), [s.error for s in refused][:3]
-    assert all(s.status in (200, 503) for s in flood)
     # the flooder's streams that got their first token while the light key's were served
     flood_waits = [s.wait for s in flood if s.first_at is not None and window[0] <= s.first_at <= window[1]]
-    light_waits = [s.wait for s in light]
+    light_waits = [s.wait for s in light if s.first_at is not None]
     turns = [s.ended_at - s.first_at for s in flood if s.first_at is not None and s.last == b"data: [DONE]"]
     report = (f"light waits {sorted(round(w, 2) for w in light_waits)}, flooder waits "
-              f"{sorted(round(w, 2) for w in flood_waits)}, a turn (p50) {statistics.median(turns):.2f} s")
+              f"{sorted(round(w, 2) for w in flood_waits)}, a turn (p50) {statistics.median(turns):.2f} s, "
+              f"the flooder refused {len(refused)} times")
     print(report)
+    assert [s.status for s in light] == [200] * LIGHT_REQUESTS, [s.error for s in light]
+    assert all(s.last == b"data: [DONE]" for s in light)
+    assert refused and all(s.error["code"] == "queue_full" for s in refused), [s.error for s in refused][:3]
+    assert all(s.status in (200, 503) for s in flood)
     assert len(flood_waits) >= 2, report
-    assert statistics.median(light_waits) * 2 < statistics.median(flood_waits), report
+    assert statistics.median(light_waits) * 3 < statistics.median(flood_waits), report
