@@ -381,16 +381,20 @@ pump(base, tonumber(ARGV[6]), now_ms())
 return 1
 """,
     # ARGV: lease ms, place ms, then for each slot held its id and replica index + 1, '',
-    # then the queued ids. A lease is written back even if it lapsed or Redis lost it: the
-    # request is still in flight on that replica, and the count must say so.
+    # then the queued ids. While the keys settle after a loss, a lease Redis lost is written
+    # back (the request is in flight on that replica: the count must say so); otherwise
+    # leases are only renewed (XX), so that one released since the worker listed it stays so.
     "refresh": _PUMP_LUA + """
 local base = KEYS[1]
 local lease, place = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
+local restoring = not settled(base, now)
 local i = 6
 while i <= #ARGV and ARGV[i] ~= '' do
   local replica = tonumber(ARGV[i + 1])
-  if replica <= #limits then redis.call('ZADD', base .. 'slots:' .. (replica - 1), now + lease, ARGV[i]) end
+  local slots = base .. 'slots:' .. (replica - 1)
+  if restoring and replica <= #limits then redis.call('ZADD', slots, now + lease, ARGV[i])
+  else redis.call('ZADD', slots, 'XX', now + lease, ARGV[i]) end
   i = i + 2
 end
 for q = i + 1, #ARGV do redis.call('ZADD', base .. 'waiters', 'XX', now + place, ARGV[q]) end

@@ -96,6 +96,9 @@ def test_keys_redis_lost_come_back_before_any_slot_is_handed_out(shared):
     assert acquire(shared, "w/1", "bob", RANK_USER, settle=300) == 0  # still w/0's
     release(shared, "w/0", "alice", RANK_USER)
     assert slots(shared) == {"w/1"}
+    # settled: a heartbeat that listed w/0 before it was released does not take it again
+    ask(shared, "refresh", "1", 60_000, 60_000, "w/0", 1, "w/1", 1, "", settle=300)
+    assert slots(shared) == {"w/1"}
 
 
 def test_unreachable_redis_falls_back_to_the_workers_own_admission():
