@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from gateway import keys
+from gateway.testing import free_port
 
 from .conftest import ROUTES
 from .test_shared_real import OwnRedis, processing, total_plain, until
@@ -104,8 +105,34 @@ def limits_read(gw, limit: int) -> bool:
 
 
 def deferred(backend: str) -> float:
-    """Requests llama-server had to defer: sent while all its slots were busy."""
+    """Requests llama-server defers now (a gauge): sent while all its slots were busy."""
     return total_plain(requests.get(backend + "/metrics", timeout=5).text, "llamacpp:requests_deferred")
+
+
+class Peaks(threading.Thread):
+    """While a test runs, the most requests llama-server deferred at once and the most
+    slots taken in a Redis sorted set of shared admission."""
+
+    def __init__(self, backend: str, client, slots_key: str) -> None:
+        super().__init__(daemon=True)
+        self.backend, self.client, self.slots_key = backend, client, slots_key
+        self.deferred = 0.0
+        self.slots = 0
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.deferred = max(self.deferred, deferred(self.backend))
+            self.slots = max(self.slots, self.client.zcard(self.slots_key))
+            time.sleep(0.05)
+
+    def __enter__(self) -> Peaks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join()
 
 
 # Item 4: shared admission after Redis lost its keys ------------------------------------------------
@@ -132,26 +159,23 @@ def test_leases_come_back_after_redis_lost_its_keys(start_gateway, chat_backend,
     until(lambda: all(s.first_at for s in holders) or any(s.ended_at for s in holders), 60,
           "the two streams did not start")
     assert all(s.first_at for s in holders) and redis_client.zcard(SLOTS_KEY) == 2
-    before = deferred(chat_backend)
 
-    redis_client.flushdb()
-    third = Stream(gw, gw.keys["bob"], 8)
-    # the holders' leases are written back, the third request waits in the queue
-    try:
-        until(lambda: redis_client.zcard(SLOTS_KEY) == 2 and redis_client.zcard(WAITERS_KEY) == 1, 10, "")
-    except AssertionError:
-        raise AssertionError(f"the leases never came back: {redis_client.zcard(SLOTS_KEY)} slots taken, "
-                             f"{redis_client.zcard(WAITERS_KEY)} waiting; llama-server deferred "
-                             f"{deferred(chat_backend) - before:g} request(s)") from None
-    most = 0
-    while not third.ended_at:
-        most = max(most, redis_client.zcard(SLOTS_KEY))
-        time.sleep(0.05)
+    with Peaks(chat_backend, redis_client, SLOTS_KEY) as peaks:
+        redis_client.flushdb()
+        third = Stream(gw, gw.keys["bob"], 8)
+        # the holders' leases are written back, the third request waits in the queue
+        try:
+            until(lambda: redis_client.zcard(SLOTS_KEY) == 2 and redis_client.zcard(WAITERS_KEY) == 1, 10, "")
+        except AssertionError:
+            raise AssertionError(f"the leases never came back: {redis_client.zcard(SLOTS_KEY)} slots taken, "
+                                 f"{redis_client.zcard(WAITERS_KEY)} waiting; llama-server deferred "
+                                 f"{deferred(chat_backend):g} request(s)") from None
+        for stream in holders + [third]:
+            stream.join(120)
     for stream in holders + [third]:
-        stream.join(120)
         assert stream.status == 200 and stream.last == b"data: [DONE]", (stream.status, stream.error, stream.last)
-    assert most <= 2
-    assert deferred(chat_backend) == before  # llama-server never got a request past its slots
+    assert peaks.slots <= 2
+    assert peaks.deferred == 0  # llama-server never got a request past its slots
 
 
 # Item 6: local admission, clients in turn ---------------------------------------------------------
@@ -222,3 +246,46 @@ def test_local_admission_serves_a_light_client_between_a_flooders_requests(start
     assert all(s.status in (200, 503) for s in flood)
     assert len(flood_waits) >= 2, report
     assert statistics.median(light_waits) * 3 < statistics.median(flood_waits), report
+
+
+# Item 10: shared admission and a replica known to be down ------------------------------------------
+
+def test_shared_admission_gives_no_slot_on_a_replica_known_down(start_gateway, chat_backend, own_redis, logs):
+    """Two replicas, the second down (nothing listens there; the health checks say so):
+    four streams at once take the first replica's 2 slots and the other two wait, rather
+    than take slots on the second and fail over to the first past its slots."""
+    down = f"http://127.0.0.1:{free_port()}"
+    prefix = PREFIX + "down:"
+    shared = {"redis_url": own_redis.url, "prefix": prefix, "admission": "redis", "lease": 3}
+    keys_file = logs / "down-keys.yaml"
+    made = {"alice": keys.add_key(keys_file, "alice", "user"), "ops": keys.add_key(keys_file, "ops", "admin")}
+    gw = start_gateway({
+        "health_interval": 1,
+        "admin_pipeline": "default",
+        "shared": shared,
+        "backends": {"chat": {"urls": [chat_backend, down], "queue_timeout": 120, "breaker_failures": 100}},
+        "models": {"smollm2": {"backend": "chat"}},
+        "pipelines": {"default": [{"auth": {"keys_file": str(keys_file), "env_keys": {}}}]},
+        "routes": {route: "default" for route in ROUTES if route != "/v1/embeddings"},
+    }, workers=2)
+    gw.keys = made
+
+    def known() -> bool:  # both workers read the first's slots and found the second down
+        for _ in range(6):
+            chat = requests.get(gw.url + "/admin/status", headers={"Authorization": f"Bearer {made['ops']}",
+                                                                   "Connection": "close"}, timeout=10).json()
+            replicas = chat["backends"]["chat"]["replicas"]
+            if replicas[0]["slots"] != 2 or replicas[1]["ready"] is not False:
+                return False
+        return True
+
+    until(known, 30, "the workers never learnt the replicas' state")
+    until(lambda: processing(chat_backend) == 0, 60, "llama-server was busy")
+    with Peaks(chat_backend, own_redis.client, prefix + "admission:chat:slots:1") as peaks:
+        streams = [Stream(gw, made["alice"], 96) for _ in range(4)]
+        for stream in streams:
+            stream.join(120)
+    for stream in streams:
+        assert stream.status == 200 and stream.last == b"data: [DONE]", (stream.status, stream.error)
+    # no slot on the replica that is down, and none past the other's 2
+    assert peaks.slots == 0 and peaks.deferred == 0, (peaks.slots, peaks.deferred)
