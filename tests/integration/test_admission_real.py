@@ -64,6 +64,8 @@ class Stream(threading.Thread):
                     self.last = line
                     if self.stop is not None and self.stop.is_set():
                         break  # the test is over: leave the stream
+        except requests.RequestException as exc:
+            self.error = {"code": type(exc).__name__}
         finally:
             self.ended_at = time.monotonic()
 
