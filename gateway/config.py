@@ -149,7 +149,7 @@ class BackendConfig:
     max_connections: int = 100
     max_in_flight: int | None = None
     max_queue: int = 256
-    queue_timeout: float = 30
+    queue_timeout: float = 300  # as long as first_byte: a burst of several times the slots drains
     breaker_failures: int = 5
     breaker_cooldown: float = 10
     api_key: str | None = field(default=None, repr=False)

@@ -121,8 +121,8 @@ class Principal:
         limits: Per-client limit overrides, e.g. ``{"requests_per_minute": 10}``.
         key_id: The public id of the key used (the first hex digits of its hash), for
             ledgers and logs; None when the auth plugin has none.
-        priority: 0 to 100; with shared admission a higher priority goes first in a
-            backend's queue (after admins).
+        priority: 0 to 100; a higher priority goes first in a backend's admission
+            queue (after admins; :mod:`gateway.turns`).
     """
 
     client_id: str

@@ -250,3 +250,16 @@ def from_read_failure(exc: HTTPFailure, *, cancelled: bool, client_gone: bool,
     if isinstance(exc, ReadTimedOut):
         return GatewayTimeoutError(f"The backend sent nothing for {idle:g} s; the answer was abandoned.")
     return UpstreamError("The connection to the backend broke mid-answer; the answer is incomplete.")
+
+
+def queue_full(backend: str, mine: bool) -> ServiceUnavailableError:
+    """No place left in a backend's admission queue, for everyone or for this client."""
+    message = (f"Too many of your requests are waiting for the backend {backend}; try again shortly." if mine
+               else f"The backend {backend} is at capacity and its queue is full; try again shortly.")
+    return ServiceUnavailableError(message, code="queue_full", headers={"Retry-After": "1"})
+
+
+def queue_timeout(backend: str, seconds: float) -> ServiceUnavailableError:
+    """A request waited ``seconds`` in a backend's admission queue, in vain."""
+    return ServiceUnavailableError(f"The backend {backend} stayed at capacity for {seconds:g} s; try again shortly.",
+                                   code="queue_timeout", headers={"Retry-After": "1"})

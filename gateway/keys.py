@@ -8,8 +8,8 @@ The file the ``auth`` plugin reads and ``llamagate keys`` writes::
         role: user               # or admin
         models: [smollm2]        # optional; absent or empty: every model
         limits: {requests_per_minute: 30, tokens_per_minute: 20000}   # optional
-        priority: 10             # optional, 0-100 (default 0): with shared admission,
-                                 # higher goes first in a backend's queue (admins before all)
+        priority: 10             # optional, 0-100 (default 0): higher goes first in a
+                                 # backend's admission queue (admins before all)
 
 Every entry is checked when the file is loaded: ``sha256`` 64 hex digits, once in the
 file; ``client`` a non-empty string; ``role`` ``user`` or ``admin``; ``models`` a list

@@ -37,8 +37,8 @@ import redis
 from . import settings
 from .config import SharedConfig
 from .context import Principal
-from .errors import ServiceUnavailableError
-
+from .errors import queue_full, queue_timeout
+from .turns import QueuePlace, client_places
 if TYPE_CHECKING:
     from .state import Gateway
     from .upstream import Admission, Backend, InFlight
@@ -266,13 +266,20 @@ def connect(config: SharedConfig) -> Shared:
 # Per backend, in Redis: `slots:<i>`, a sorted set per replica (its index in the backend's
 # urls) of the slot ids taken on it, scored by when their lease ends; `waiters`, the queued
 # ids scored by when their place lapses unless refreshed; `clients`, the clients with queued
-# requests, scored rank * RANK_SPAN + turn (lowest first: admins rank 0, keys 1 + (100 -
-# priority); a client served goes to the back of its rank, which makes clients of one rank
-# take turns); `queue:<client>`, each client's queued ids, first come first served; `turn`,
-# the counter of turns. Times are Redis's own (TIME), so every host agrees. `pump` hands free
-# slots (on the replica with the most free) to the queue's heads and tells their workers on
-# their wake channels. A granted request learns its replica: acquire answers its index + 1.
-# ARGV[1] is always the wake prefix, ARGV[2] the replicas' slot counts ("4,4").
+# requests, scored rank * RANK_SPAN + turn (lowest first; the rank and the client are
+# turns.QueuePlace's, and this keeps turns.TurnQueue's order: a client served goes to
+# the back of its rank, which makes clients of one rank take turns); `queue:<client>`, each
+# client's queued ids, first come first served; `turn`, the counter of turns; `since`, when
+# these keys were first written. Times are Redis's own (TIME), so every host agrees. `pump`
+# hands free slots (on the replica with the most free) to the queue's heads and tells their
+# workers on their wake channels. A granted request learns its replica: acquire answers its
+# index + 1.
+#
+# Redis that lost its keys (a restart without persistence, a FLUSHDB) lost the leases of
+# requests still in flight: no slot is handed out until every live worker's heartbeat has
+# put its leases back, i.e. for `settle` ms after `since` is written again.
+# ARGV[1] is always the wake prefix, ARGV[2] the replicas' slot counts ("4,4"; 0 for a
+# replica known to be down), ARGV[3] the settling time in ms.
 _PUMP_LUA = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -280,6 +287,14 @@ local function now_ms()
 end
 local limits = {}
 for n in string.gmatch(ARGV[2], '%%d+') do limits[#limits + 1] = tonumber(n) end
+local function settled(base, now)
+  local since = redis.call('GET', base .. 'since')
+  if not since then
+    redis.call('SET', base .. 'since', now)
+    since = now
+  end
+  return now >= tonumber(since) + tonumber(ARGV[3])
+end
 local function taken(base, id)
   for i = 1, #limits do
     if redis.call('ZSCORE', base .. 'slots:' .. (i - 1), id) then return i end
@@ -298,6 +313,7 @@ local function pump(base, lease, now)
   local waiters, clients = base .. 'waiters', base .. 'clients'
   for i = 1, #limits do redis.call('ZREMRANGEBYSCORE', base .. 'slots:' .. (i - 1), '-inf', now) end
   redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
+  if not settled(base, now) then return end
   local replica = freest(base)
   while replica > 0 do
     local head = redis.call('ZRANGE', clients, 0, 0, 'WITHSCORES')
@@ -323,12 +339,13 @@ end
 """ % {"span": int(RANK_SPAN)}
 
 _SCRIPTS = {
-    # ARGV: wake prefix, slots, id, client, rank, lease ms, max queue, place ms. The replica's
-    # index + 1: a slot on it (now or granted since), 0: queued (or still), -1: the queue is full.
+    # ARGV (after the three above): id, client, rank, lease ms, max queue, the client's
+    # places, place ms. The replica's index + 1: a slot on it (now or granted since), 0:
+    # queued (or still), -1: the queue is full, -2: the client holds its share of it.
     "acquire": _PUMP_LUA + """
-local base, id, client = KEYS[1], ARGV[3], ARGV[4]
-local rank, lease = tonumber(ARGV[5]), tonumber(ARGV[6])
-local max_queue, place = tonumber(ARGV[7]), tonumber(ARGV[8])
+local base, id, client = KEYS[1], ARGV[4], ARGV[5]
+local rank, lease = tonumber(ARGV[6]), tonumber(ARGV[7])
+local max_queue, mine, place = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local now = now_ms()
 pump(base, lease, now)
 local held = taken(base, id)
@@ -337,12 +354,14 @@ if redis.call('ZSCORE', base .. 'waiters', id) then
   redis.call('ZADD', base .. 'waiters', now + place, id)
   return 0
 end
-local replica = freest(base)
+local replica = 0
+if settled(base, now) then replica = freest(base) end
 if replica > 0 then
   redis.call('ZADD', base .. 'slots:' .. (replica - 1), now + lease, id)
   return replica
 end
 if redis.call('ZCARD', base .. 'waiters') >= max_queue then return -1 end
+if redis.call('LLEN', base .. 'queue:' .. client) >= mine then return -2 end
 redis.call('ZADD', base .. 'waiters', now + place, id)
 redis.call('RPUSH', base .. 'queue:' .. client, id)
 if not redis.call('ZSCORE', base .. 'clients', client) then
@@ -350,29 +369,35 @@ if not redis.call('ZSCORE', base .. 'clients', client) then
 end
 return 0
 """ % {"span": int(RANK_SPAN)},
-    # ARGV: wake prefix, slots, id, client, lease ms. Gives up a place or a slot.
+    # ARGV: id, client, lease ms. Gives up a place or a slot.
     "release": _PUMP_LUA + """
-local base, id, client = KEYS[1], ARGV[3], ARGV[4]
+local base, id, client = KEYS[1], ARGV[4], ARGV[5]
 if redis.call('ZREM', base .. 'waiters', id) == 1 then
   redis.call('LREM', base .. 'queue:' .. client, 0, id)
   if redis.call('LLEN', base .. 'queue:' .. client) == 0 then redis.call('ZREM', base .. 'clients', client) end
 end
 for i = 1, #limits do redis.call('ZREM', base .. 'slots:' .. (i - 1), id) end
-pump(base, tonumber(ARGV[5]), now_ms())
+pump(base, tonumber(ARGV[6]), now_ms())
 return 1
 """,
-    # ARGV: wake prefix, slots, lease ms, place ms, slot ids..., '', queued ids...
+    # ARGV: lease ms, place ms, then for each slot held its id and replica index + 1, '',
+    # then the queued ids. While the keys settle after a loss, a lease Redis lost is written
+    # back (the request is in flight on that replica: the count must say so); otherwise
+    # leases are only renewed (XX), so that one released since the worker listed it stays so.
     "refresh": _PUMP_LUA + """
 local base = KEYS[1]
-local lease, place = tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease, place = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
-local slots = true
-for i = 5, #ARGV do
-  if ARGV[i] == '' then slots = false
-  elseif slots then
-    for r = 1, #limits do redis.call('ZADD', base .. 'slots:' .. (r - 1), 'XX', now + lease, ARGV[i]) end
-  else redis.call('ZADD', base .. 'waiters', 'XX', now + place, ARGV[i]) end
+local restoring = not settled(base, now)
+local i = 6
+while i <= #ARGV and ARGV[i] ~= '' do
+  local replica = tonumber(ARGV[i + 1])
+  local slots = base .. 'slots:' .. (replica - 1)
+  if restoring and replica <= #limits then redis.call('ZADD', slots, now + lease, ARGV[i])
+  else redis.call('ZADD', slots, 'XX', now + lease, ARGV[i]) end
+  i = i + 2
 end
+for q = i + 1, #ARGV do redis.call('ZADD', base .. 'waiters', 'XX', now + place, ARGV[q]) end
 pump(base, lease, now)
 return 1
 """,
@@ -382,12 +407,14 @@ return 1
 class SharedAdmission:
     """:class:`gateway.upstream.Admission`'s surface over the slots and queue in Redis:
     at most each replica's slots in flight on it across every worker and host
-    (``backend.replica_slots()``); a request admitted so is sent to the replica its slot
-    is on (``InFlight.replica``).
+    (``backend.replica_slots()``; none on a replica this worker knows is down while
+    another is up); a request admitted so is sent to the replica its slot is on
+    (``InFlight.replica``).
 
-    Each slot is a lease this worker refreshes every heartbeat; a queued request keeps
-    its place the same way. While Redis cannot be reached, ``fallback`` (this worker's
-    own :class:`Admission` with its share of the slots) admits instead.
+    Each slot is a lease this worker refreshes every heartbeat (and writes back should
+    Redis have lost it); a queued request keeps its place the same way. While Redis
+    cannot be reached, ``fallback`` (this worker's own :class:`Admission` with its share
+    of the slots) admits instead.
 
     Args:
         backend: The backend.
@@ -399,7 +426,7 @@ class SharedAdmission:
         self.backend = backend
         self.shared = shared
         self.fallback = fallback
-        self.held: dict[InFlight, tuple[str, str]] = {}  # this worker's slots: (id, client)
+        self.held: dict[InFlight, tuple[str, str, int]] = {}  # this worker's slots: (id, client, replica + 1)
         self.places: dict[str, str] = {}  # this worker's queued ids -> client
         shared.admissions.add(self)
 
@@ -424,35 +451,38 @@ class SharedAdmission:
         return f"{self.shared.prefix}admission:{self.backend.name}:"
 
     def _ask(self, name: str, args: list[Any]) -> Any:
-        slots = ",".join(str(n) for n in self.backend.replica_slots())
-        return self.shared.script(name, [self._key()], [self.shared.prefix + "wake:", slots, *args])
+        slots = self.backend.replica_slots()
+        up = [r.available for r in self.backend.replicas]
+        if any(up):  # with none up, the request fails fast on the way out, not in the queue
+            slots = [n if ok else 0 for n, ok in zip(slots, up)]
+        # every live worker's heartbeat comes within three intervals (as its status does)
+        settle_ms = int(self.shared.config.status_interval * 3000)
+        return self.shared.script(name, [self._key()],
+                                  [self.shared.prefix + "wake:", ",".join(map(str, slots)), settle_ms, *args])
 
     def _granted(self, in_flight: InFlight, ident: str, client: str, replica: int) -> None:
         """A slot on the backend's replica number ``replica`` (from 1): the request goes there."""
-        self.held[in_flight] = (ident, client)
+        self.held[in_flight] = (ident, client, replica)
         in_flight.replica = self.backend.replicas[replica - 1] if replica <= len(self.backend.replicas) else None
 
-    def acquire(self, priority: int, in_flight: InFlight | None = None) -> float:
+    def acquire(self, place: QueuePlace, in_flight: InFlight | None = None) -> float:
         """Take a slot, waiting in the shared queue if need be; see ``Admission.acquire``."""
         assert in_flight is not None, "shared admission releases by the request's InFlight"
-        principal = in_flight.ctx.principal
-        client = principal.client_id if principal is not None else "-"
-        client = f"{priority}:{client}"
+        client = place.client
         ident = self.shared.new_id()
         lease_ms, place_ms = int(self.shared.config.lease * 1000), int(self.shared.config.lease * 1000)
-        args = [ident, client, priority, lease_ms, self.max_queue, place_ms]
+        args = [ident, client, place.rank, lease_ms, self.max_queue, client_places(self.max_queue), place_ms]
         start = time.monotonic()
         try:
             answer = self._ask("acquire", args)
         except SharedUnavailable:
             in_flight.ctx.incr("shared.unavailable")
-            return self.fallback.acquire(priority, in_flight)
+            return self.fallback.acquire(place, in_flight)
         if answer > 0:
             self._granted(in_flight, ident, client, answer)
             return 0.0
-        if answer == -1:
-            raise ServiceUnavailableError(f"The backend {self.backend.name} is at capacity and its queue is full; "
-                                          "try again shortly.", code="queue_full", headers={"Retry-After": "1"})
+        if answer < 0:
+            raise queue_full(self.backend.name, mine=answer == -2)
         wake = threading.Event()
         self.places[ident] = client
         self.shared.waiting[ident] = wake
@@ -478,7 +508,7 @@ class SharedAdmission:
             self.places.pop(ident, None)
             self.shared.waiting.pop(ident, None)
             waited = time.monotonic() - start
-            return waited + self.fallback.acquire(priority, in_flight)
+            return waited + self.fallback.acquire(place, in_flight)
         except BaseException:
             self._give_back(ident, client)
             raise
@@ -490,8 +520,7 @@ class SharedAdmission:
         stopped = in_flight.stopped
         if stopped is not None:
             raise stopped
-        raise ServiceUnavailableError(f"The backend {self.backend.name} stayed at capacity for {self.timeout:g} s; "
-                                      "try again shortly.", code="queue_timeout", headers={"Retry-After": "1"})
+        raise queue_timeout(self.backend.name, self.timeout)
 
     def _give_back(self, ident: str, client: str) -> None:
         try:
@@ -504,11 +533,12 @@ class SharedAdmission:
         if held is None:
             self.fallback.release()
             return
-        self._give_back(*held)
+        ident, client, _ = held
+        self._give_back(ident, client)
 
     def refresh(self) -> None:
-        """Renew this worker's leases and places (the heartbeat); hands out slots that
-        lapsed meanwhile."""
+        """Renew this worker's leases (writing back any Redis lost) and places (the
+        heartbeat); hands out slots that lapsed meanwhile."""
         lease_ms = int(self.shared.config.lease * 1000)
-        ids = [ident for ident, _ in list(self.held.values())] + [""] + list(self.places)
-        self._ask("refresh", [lease_ms, lease_ms, *ids])
+        slots = [part for ident, _, replica in list(self.held.values()) for part in (ident, replica)]
+        self._ask("refresh", [lease_ms, lease_ms, *slots, "", *self.places])

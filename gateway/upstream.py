@@ -10,7 +10,8 @@ A request to a backend (:meth:`Upstreams.open`):
 1. waits for admission: at most ``max_in_flight`` requests per backend per worker
    (default: this worker's share of the replicas' llama-server slots, so that all
    workers together fill the slots), the rest in a bounded queue, admins
-   first, then keys by priority, then first come first served; a full queue or a
+   first, then keys by priority, then clients in turn, first come first served within
+   a client (:mod:`gateway.turns`); a full queue, a client holding its share of it, or a
    wait past ``queue_timeout`` is a 503 with ``Retry-After``. With ``admission:
    redis`` the slots and the queue are the whole gateway's
    (:class:`gateway.shared.SharedAdmission`);
@@ -28,7 +29,6 @@ A background loop polls each replica's ``/health`` and learns its slots from ``/
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import math
@@ -43,10 +43,11 @@ import requests
 
 from . import settings
 from .config import BackendConfig, Timeouts
-from .context import MAX_PRIORITY, BackendView, ReplicaView, RequestContext
+from .context import BackendView, ReplicaView, RequestContext
 from .httpclient import ConnectFailed, ConnectTimedOut, HTTPFailure, Pool, ReadTimedOut, Response
 from .redact import redact_url  # a URL's userinfo is a credential: never shown
 from .shared import Shared, SharedAdmission
+from .turns import QueuePlace, TurnQueue, client_places
 from .errors import (
     ClientGoneError,
     GatewayError,
@@ -54,6 +55,8 @@ from .errors import (
     RequestCancelledError,
     ServiceUnavailableError,
     from_backend_response,
+    queue_full,
+    queue_timeout,
 )
 from .fleet import client as fleet
 
@@ -235,10 +238,11 @@ class _Waiter:
 
 
 class Admission:
-    """At most ``limit`` requests in flight; the rest wait in a bounded priority queue.
+    """At most ``limit`` requests in flight; the rest wait in a bounded queue in
+    :class:`QueuePlace` order, each client in at most :func:`client_places` of its places.
 
-    A freed slot is handed straight to the first waiter (lowest priority number,
-    then first come), so a newcomer cannot overtake the queue.
+    A freed slot is handed straight to the next waiter, so a newcomer cannot overtake
+    the queue.
     """
 
     def __init__(self, backend: Backend, max_queue: int, timeout: float) -> None:
@@ -246,68 +250,66 @@ class Admission:
         self.max_queue = max_queue
         self.timeout = timeout
         self.in_flight = 0
-        self._queue: list[tuple[int, int, _Waiter]] = []
-        self._order = itertools.count()
+        self._queue: TurnQueue[_Waiter] = TurnQueue()
         self._lock = threading.Lock()
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self._queue.size
 
-    def acquire(self, priority: int, in_flight: InFlight | None = None) -> float:
+    def acquire(self, place: QueuePlace, in_flight: InFlight | None = None) -> float:
         """Take a slot, waiting if need be; returns the seconds waited. A cancel of
         ``in_flight`` ends the wait; the slot is never lost, whatever interrupts it.
 
         Raises:
-            ServiceUnavailableError: the queue is full, or the wait timed out.
+            ServiceUnavailableError: the queue (or the client's share of it) is full, or
+                the wait timed out.
             RequestCancelledError: cancelled while it waited.
         """
         name = self.backend.name
         with self._lock:
-            if self.in_flight < self.backend.limit and not self._queue:
+            if self.in_flight < self.backend.limit and not self._queue.size:
                 self.in_flight += 1
                 return 0.0
-            if len(self._queue) >= self.max_queue:
-                raise ServiceUnavailableError(f"The backend {name} is at capacity and its queue is full; "
-                                              "try again shortly.", code="queue_full", headers={"Retry-After": "1"})
+            if self._queue.size >= self.max_queue:
+                raise queue_full(name, mine=False)
+            if self._queue.count(place.client) >= client_places(self.max_queue):
+                raise queue_full(name, mine=True)
             waiter = _Waiter()
-            entry = (priority, next(self._order), waiter)
-            heapq.heappush(self._queue, entry)
+            self._queue.push(place, waiter)
         start = time.monotonic()
         if in_flight is not None:
             in_flight.wake = waiter.event.set
         try:
             waiter.event.wait(self.timeout)
         except BaseException:
-            self._leave(entry, waiter)
+            self._leave(place, waiter)
             raise
         finally:
             if in_flight is not None:
                 in_flight.wake = None
         stopped = in_flight.stopped if in_flight is not None else None
         if stopped is not None:
-            self._leave(entry, waiter)
+            self._leave(place, waiter)
             raise stopped
         if waiter.granted:
             return time.monotonic() - start
-        self._leave(entry, waiter)
-        raise ServiceUnavailableError(f"The backend {name} stayed at capacity for {self.timeout:g} s; "
-                                      "try again shortly.", code="queue_timeout", headers={"Retry-After": "1"})
+        self._leave(place, waiter)
+        raise queue_timeout(name, self.timeout)
 
-    def _leave(self, entry: tuple[int, int, _Waiter], waiter: _Waiter) -> None:
+    def _leave(self, place: QueuePlace, waiter: _Waiter) -> None:
         """A waiter gives up: out of the queue, or, if a slot reached it meanwhile,
         the slot passes on."""
         with self._lock:
             if not waiter.granted:
-                self._queue.remove(entry)
-                heapq.heapify(self._queue)
+                self._queue.remove(place.client, waiter)
                 return
         self.release()
 
     def release(self, in_flight: InFlight | None = None) -> None:
         with self._lock:
-            if self._queue:
-                waiter = heapq.heappop(self._queue)[2]
+            if self._queue.size:
+                waiter = self._queue.pop()
                 waiter.granted = True  # the slot passes to it; in_flight stays
                 waiter.event.set()
             else:
@@ -501,10 +503,6 @@ class Upstreams:
             GatewayTimeoutError: the replica did not start answering in time.
             GatewayError: the last replica's 502/503 once the retry deadline passed.
         """
-        principal = ctx.principal
-        # the queue's order: admins, then keys by priority (higher first)
-        priority = 0 if principal is not None and principal.role == "admin" else \
-            1 + MAX_PRIORITY - (principal.priority if principal is not None else 0)
         hold = None
         try:
             if backend.config.launch is not None:
@@ -512,7 +510,7 @@ class Upstreams:
                 # for a slot too, and serves them all before it swaps the model out.
                 hold, timeouts = self._hold(ctx, backend, timeouts, in_flight)
             ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
-            waited = backend.admission.acquire(priority, in_flight)
+            waited = backend.admission.acquire(QueuePlace.of(ctx.principal), in_flight)
         except BaseException:
             if hold is not None:
                 hold.release()

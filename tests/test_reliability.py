@@ -20,6 +20,7 @@ from gateway.errors import ServiceUnavailableError
 from gateway.pipeline import Pipeline, build_pipelines
 from gateway.testing import canned_llama_app, serve_in_thread
 from gateway.context import RequestContext
+from gateway.turns import QueuePlace
 from gateway.upstream import Backend, Breaker, InFlight, Upstreams
 
 from .conftest import config_doc
@@ -114,38 +115,66 @@ def test_breaker_skips_a_failing_replica_then_probes_it(make_client):
         server.shutdown()
 
 
-def test_admission_queue_hands_slots_to_admins_first():
-    backend = Backend(BackendConfig("b", ("http://x",), max_in_flight=1, max_queue=5, queue_timeout=5))
+ALICE = QueuePlace.of(Principal(client_id="alice"))
+
+
+def test_admission_queue_hands_slots_to_admins_then_priority_then_clients_in_turn():
+    backend = Backend(BackendConfig("b", ("http://x",), max_in_flight=1, max_queue=12, queue_timeout=5))
     admission = backend.admission
-    admission.acquire(1)  # the one slot is taken
+    admission.acquire(ALICE)  # the one slot is taken
     order: list[str] = []
 
-    def wait(name: str, priority: int) -> None:
-        admission.acquire(priority)
+    def wait(name: str, place: QueuePlace) -> None:
+        admission.acquire(place)
         order.append(name)
 
-    threads = [threading.Thread(target=wait, args=("user-1", 1)), threading.Thread(target=wait, args=("user-2", 1)),
-               threading.Thread(target=wait, args=("admin", 0))]
+    bob, carol = QueuePlace.of(Principal(client_id="bob")), QueuePlace.of(Principal(client_id="carol"))
+    dave = QueuePlace.of(Principal(client_id="dave", priority=50))
+    ops = QueuePlace.of(Principal(client_id="ops", role="admin"))
+    arrivals = [("b1", bob), ("b2", bob), ("b3", bob), ("c1", carol), ("d1", dave), ("a1", ops)]
+    threads = [threading.Thread(target=wait, args=arrival) for arrival in arrivals]
     for thread in threads:
         thread.start()
         time.sleep(0.05)  # arrive in this order
-    assert admission.queued == 3
-    for _ in range(3):
+    assert admission.queued == 6
+    for _ in arrivals:
         admission.release()
         time.sleep(0.05)
     for thread in threads:
         thread.join(2)
-    assert order == ["admin", "user-1", "user-2"]
+    # the same order as shared admission's (tests/integration/test_shared_queue.py): bob
+    # queued his three before carol's one, and she waits behind one of his, not three
+    assert order == ["a1", "d1", "b1", "c1", "b2", "b3"]
     assert admission.in_flight == 1 and admission.queued == 0
+
+
+def test_a_client_holds_at_most_a_quarter_of_the_queue():
+    backend = Backend(BackendConfig("b", ("http://x",), max_in_flight=1, max_queue=8, queue_timeout=5))
+    admission = backend.admission
+    admission.acquire(ALICE)
+    pool = ThreadPoolExecutor(4)
+    waiting = [pool.submit(admission.acquire, ALICE) for _ in range(2)]
+    time.sleep(0.05)
+    with pytest.raises(ServiceUnavailableError) as err:
+        admission.acquire(ALICE)  # alice holds her 2 places of 8
+    assert err.value.code == "queue_full" and "your requests" in err.value.message
+    bob = pool.submit(admission.acquire, QueuePlace.of(Principal(client_id="bob")))  # bob still queues
+    time.sleep(0.05)
+    assert admission.queued == 3
+    for _ in range(3):
+        admission.release()
+    for future in waiting + [bob]:
+        future.result(2)
+    assert admission.queued == 0 and admission.in_flight == 1
 
 
 def test_admission_full_queue_and_queue_timeout():
     backend = Backend(BackendConfig("b", ("http://x",), max_in_flight=1, max_queue=1, queue_timeout=0.2))
-    backend.admission.acquire(1)
-    waiter = ThreadPoolExecutor(1).submit(backend.admission.acquire, 1)
+    backend.admission.acquire(ALICE)
+    waiter = ThreadPoolExecutor(1).submit(backend.admission.acquire, ALICE)
     time.sleep(0.05)
     with pytest.raises(ServiceUnavailableError) as err:
-        backend.admission.acquire(1)
+        backend.admission.acquire(QueuePlace.of(Principal(client_id="bob")))
     assert err.value.code == "queue_full" and err.value.headers["Retry-After"]
     with pytest.raises(ServiceUnavailableError) as err:
         waiter.result(2)

@@ -12,8 +12,10 @@ import pytest
 
 from gateway.config import BackendConfig, SharedConfig
 from gateway.context import Principal, RequestContext
+from gateway.errors import ServiceUnavailableError
 from gateway.shared import Shared, SharedAdmission
 from gateway.testing import free_port
+from gateway.turns import QueuePlace
 from gateway.upstream import Backend, InFlight
 
 RANK_USER, RANK_ADMIN = 101, 0
@@ -24,13 +26,16 @@ def shared(redis_url) -> Shared:
     return Shared(SharedConfig(redis_url=redis_url, prefix=f"q-{uuid.uuid4().hex[:8]}:"))
 
 
-def ask(shared: Shared, name: str, slots: str, *args) -> int:
-    return shared.script(name, [shared.prefix + "admission:chat:"], [shared.prefix + "wake:", slots, *args])
+def ask(shared: Shared, name: str, slots: str, *args, settle: int = 0) -> int:
+    return shared.script(name, [shared.prefix + "admission:chat:"], [shared.prefix + "wake:", slots, settle, *args])
 
 
-def acquire(shared, ident, client, rank, slots="1", lease=60_000, max_queue=100, place=60_000) -> int:
-    """The replica's number (from 1) of the slot taken, 0 queued, -1 refused."""
-    return ask(shared, "acquire", slots, ident, f"{rank}:{client}", rank, lease, max_queue, place)
+def acquire(shared, ident, client, rank, slots="1", lease=60_000, max_queue=100, mine=100, place=60_000,
+            settle=0) -> int:
+    """The replica's number (from 1) of the slot taken, 0 queued, -1 refused, -2 refused
+    to this client."""
+    return ask(shared, "acquire", slots, ident, f"{rank}:{client}", rank, lease, max_queue, mine, place,
+               settle=settle)
 
 
 def release(shared, ident, client, rank, slots="1") -> None:
@@ -73,6 +78,29 @@ def test_a_full_queue_refuses(shared):
     assert acquire(shared, "w/2", "bob", RANK_USER, max_queue=1) == -1
 
 
+def test_a_client_holding_its_places_is_refused_and_the_others_still_queue(shared):
+    assert acquire(shared, "w/0", "alice", RANK_USER) == 1
+    assert [acquire(shared, f"w/b{i}", "bob", RANK_USER, max_queue=8, mine=2) for i in range(3)] == [0, 0, -2]
+    assert acquire(shared, "w/c1", "carol", RANK_USER, max_queue=8, mine=2) == 0
+
+
+def test_keys_redis_lost_come_back_before_any_slot_is_handed_out(shared):
+    """Redis loses every key while w/0 holds the one slot: nothing is handed out for the
+    settling time, in which w/0's heartbeat writes its lease back; then w/1 waits for it."""
+    assert acquire(shared, "w/0", "alice", RANK_USER) == 1
+    shared.client.flushdb()
+    assert acquire(shared, "w/1", "bob", RANK_USER, settle=300) == 0  # queued, though Redis saw no slot taken
+    ask(shared, "refresh", "1", 60_000, 60_000, "w/0", 1, "", "w/1", settle=300)  # w/0's heartbeat
+    assert slots(shared) == {"w/0"}
+    time.sleep(0.4)  # settled
+    assert acquire(shared, "w/1", "bob", RANK_USER, settle=300) == 0  # still w/0's
+    release(shared, "w/0", "alice", RANK_USER)
+    assert slots(shared) == {"w/1"}
+    # settled: a heartbeat that listed w/0 before it was released does not take it again
+    ask(shared, "refresh", "1", 60_000, 60_000, "w/0", 1, "w/1", 1, "", settle=300)
+    assert slots(shared) == {"w/1"}
+
+
 def test_unreachable_redis_falls_back_to_the_workers_own_admission():
     down = Shared(SharedConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     backend = Backend(BackendConfig(name="chat", urls=("http://127.0.0.1:1",), max_in_flight=2, admission="redis"),
@@ -82,7 +110,7 @@ def test_unreachable_redis_falls_back_to_the_workers_own_admission():
     ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", pipeline="default")
     ctx.principal = Principal(client_id="alice")
     entry = InFlight(ctx)
-    assert admission.acquire(RANK_USER, entry) == 0.0
+    assert admission.acquire(QueuePlace.of(ctx.principal), entry) == 0.0
     assert ctx.counters["shared.unavailable"] == 1
     assert admission.fallback.in_flight == 1 and admission.in_flight == 1
     admission.release(entry)
@@ -99,3 +127,27 @@ def test_each_replica_keeps_to_its_own_slots(shared):
     release(shared, f"w/{first}", "alice", RANK_USER, slots="1,2")
     assert acquire(shared, "w/3", "bob", RANK_USER, slots="1,2") == 1
     assert slots(shared, 0) == {"w/3"} and len(slots(shared, 1)) == 2
+
+
+def test_no_slot_on_a_replica_known_to_be_down(shared):
+    """Of two replicas, the first failed its health check: every slot handed out is on the
+    second; once it is full, requests queue rather than go to the one that is down."""
+    backend = Backend(BackendConfig(name="chat", urls=("http://127.0.0.1:1", "http://127.0.0.1:2"), max_in_flight=4,
+                                    admission="redis", queue_timeout=0.3), shared=shared)
+    backend.replicas[0].ready = False
+    shared.client.set(shared.prefix + "admission:chat:since", 0)  # long settled: no wait for lost leases
+    admission = backend.admission
+    entries = []
+    for i in range(2):
+        ctx = RequestContext(request_id=f"r{i}", method="POST", route="/v1/chat/completions", pipeline="default")
+        ctx.principal = Principal(client_id="alice")
+        entries.append(InFlight(ctx))
+        assert admission.acquire(QueuePlace.of(ctx.principal), entries[-1]) == 0.0
+        assert entries[-1].replica is backend.replicas[1]
+    ctx = RequestContext(request_id="r2", method="POST", route="/v1/chat/completions", pipeline="default")
+    ctx.principal = Principal(client_id="bob")
+    with pytest.raises(ServiceUnavailableError) as err:
+        admission.acquire(QueuePlace.of(ctx.principal), InFlight(ctx))
+    assert err.value.code == "queue_timeout"
+    for entry in entries:
+        admission.release(entry)
