@@ -10,6 +10,10 @@ interim answers skipped, keep-alive, TLS. No proxies, redirects, cookies or
 compression (nothing asks for them). Health checks, plugins' ``call_backend``
 and the CLI keep using ``requests``.
 
+A keep-alive connection is reused only while it is in step: a byte past an answer's
+end, whether it came with the answer or later while the connection sat idle, closes
+it, so a backend that over-sends cannot hand one request's leftovers to the next.
+
 Under gunicorn's gevent worker the ``socket`` and ``ssl`` modules are patched, so
 every wait here yields to the hub.
 
@@ -65,7 +69,7 @@ class ConnectionBroken(HTTPFailure):
 
 
 class Connection:
-    """One socket to the backend, and the bytes read past the last answer's end."""
+    """One socket to the backend, and whether it already carried an answer."""
 
     __slots__ = ("sock", "reused")
 
@@ -73,19 +77,24 @@ class Connection:
         self.sock = sock
         self.reused = False
 
-    def open(self) -> bool:
-        """Whether the backend has kept it open (a closed one reads end-of-file at once)."""
+    def in_step(self) -> bool:
+        """Whether it can carry another request: the backend kept it open and sent nothing
+        since the last answer ended. A closed one reads end-of-file at once; one with bytes
+        to read is out of step (a backend that sent more than its answer, e.g. a
+        Content-Length counted in characters, in a later flush): the next request would
+        read them as its own answer, and each later one its predecessor's."""
         raw = getattr(self.sock, "_sock", self.sock)  # gevent's wrapper: ask the real socket, without a switch
         try:
             timeout = raw.gettimeout()
             if timeout:  # not under gevent (whose real sockets never wait): a peek would wait that long
                 raw.settimeout(0)
             try:
-                return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+                raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # end-of-file or bytes: not reusable
+                return False
             finally:
                 if timeout:
                     raw.settimeout(timeout)
-        except BlockingIOError:
+        except BlockingIOError:  # nothing to read: open and idle
             return True
         except (OSError, ValueError):
             return False
@@ -176,7 +185,7 @@ class Pool:
     def _take(self) -> Connection:
         while self._idle:
             conn = self._idle.pop()
-            if conn.open():
+            if conn.in_step():
                 conn.reused = True
                 return conn
             conn.close()
