@@ -28,6 +28,10 @@ CHUNK = 16384
 GRACE = 2.0  # seconds before the minimum rate applies
 # The worker marks requests that expect "100 Continue" and leaves sending it to us.
 INVITE_HEADER = "HTTP_LLAMAGATE_EXPECT_CONTINUE"
+# How much of a body refused by size the worker may discard after the 413 so that the
+# client, still sending it, can read its answer (worker.DISCARD_ALLOWANCE): (bytes, seconds).
+DISCARD_ALLOWANCE = "llamagate.discard_allowance"
+DISCARD_FACTOR = 16  # times max_body_bytes: 64 MiB by default
 
 
 def gevent_patched() -> bool:
@@ -70,6 +74,9 @@ def read_body(req: falcon.Request, ctx: RequestContext, config: Config) -> bytes
     max_bytes = config.max_body_bytes
     length = req.content_length
     if length is not None and length > max_bytes:
+        # accepted by request_start (authenticated): let it finish sending within the
+        # bounds of a body, so that its kernel is not reset under its 413
+        req.env[DISCARD_ALLOWANCE] = (min(length, DISCARD_FACTOR * max_bytes), config.body_timeout)
         raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {max_bytes} bytes.")
     if length == 0:
         return b""
