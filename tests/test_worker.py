@@ -8,6 +8,7 @@ import socket
 import struct
 import termios
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -61,3 +62,30 @@ def test_it_ends_when_the_client_closes(connection):
     client.close()
     worker.linger(server, 1 << 30, 30)  # returns at the client's end-of-file
     assert queued(server) == 0
+
+
+def test_it_closes_only_once_the_client_has_the_whole_answer(connection):
+    """An answer the client's kernel has not acknowledged yet (here: it does not read, and
+    its window is small) would be destroyed by the reset a close with unread bytes sends."""
+    server, client = connection
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.sendall(b"the body nobody reads")
+    answer = bytes(range(256)) * 256  # 64 KiB, more than the client's window
+    server.setblocking(False)
+    sent = server.send(answer)
+    server.setblocking(True)
+    assert worker.unacknowledged(server) > 0
+
+    def read_later() -> bytes:
+        time.sleep(0.3)
+        client.settimeout(5)
+        data = b""
+        while chunk := client.recv(65536):
+            data += chunk
+        return data
+
+    with ThreadPoolExecutor(1) as pool:
+        received = pool.submit(read_later)
+        worker.linger(server, 0, 10)
+        server.close()  # with the body unread: a reset, after the client acknowledged the answer
+        assert received.result() == answer[:sent]
