@@ -168,6 +168,21 @@ def test_bytes_past_an_answer_that_arrive_while_it_sits_idle_retire_its_connecti
     second = pool.request("GET", "/b", b"", {}, 2)
     assert second.read() == b"own"
     assert server.connections == 2
+    # leftovers could also come after the next request went out: this backend's
+    # connections are not reused any more
+    second.close()
+    assert not pool.keep_alive and pool._idle == []
+
+
+def test_bytes_past_an_answer_in_the_same_read_retire_the_backends_keep_alive(scripted):
+    server = scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcXY"],
+                      [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nown"])
+    pool = Pool(server.url, 4, 2)
+    first = pool.request("GET", "/a", b"", {}, 2)
+    assert first.read() == b"abc"
+    first.close()
+    assert not pool.keep_alive and pool._idle == []
+    assert pool.request("GET", "/b", b"", {}, 2).read() == b"own" and server.connections == 2
 
 
 def wait_for_bytes(sock: socket.socket, count: int) -> None:
