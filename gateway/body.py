@@ -4,7 +4,9 @@ The body is read only after the pipeline's ``request_start`` hooks accepted the
 request, so a client without a key never makes the gateway read or parse one. A
 client that sent ``Expect: 100-continue`` is invited to send its body only then
 (the worker holds gunicorn's own ``100 Continue`` back), and never when its
-``Content-Length`` is over the limit.
+``Content-Length`` is over the limit. Such a body is refused unread; the worker then
+discards it within bounds (``DISCARD_ALLOWANCE``, ``gateway.worker.linger``) so that the
+client, still sending it, reads its 413 instead of a reset.
 
 Time: gunicorn's worker puts a timeout on each socket read, which a client defeats
 by trickling one byte at a time. Here the whole body must arrive within
