@@ -4,7 +4,9 @@ The body is read only after the pipeline's ``request_start`` hooks accepted the
 request, so a client without a key never makes the gateway read or parse one. A
 client that sent ``Expect: 100-continue`` is invited to send its body only then
 (the worker holds gunicorn's own ``100 Continue`` back), and never when its
-``Content-Length`` is over the limit.
+``Content-Length`` is over the limit. Such a body is refused unread; the worker then
+discards it within bounds (``DISCARD_ALLOWANCE``, ``gateway.worker.linger``) so that the
+client, still sending it, reads its 413 instead of a reset.
 
 Time: gunicorn's worker puts a timeout on each socket read, which a client defeats
 by trickling one byte at a time. Here the whole body must arrive within
@@ -28,6 +30,10 @@ CHUNK = 16384
 GRACE = 2.0  # seconds before the minimum rate applies
 # The worker marks requests that expect "100 Continue" and leaves sending it to us.
 INVITE_HEADER = "HTTP_LLAMAGATE_EXPECT_CONTINUE"
+# How much of a body refused by size the worker may discard after the 413 so that the
+# client, still sending it, can read its answer (worker.DISCARD_ALLOWANCE): (bytes, seconds).
+DISCARD_ALLOWANCE = "llamagate.discard_allowance"
+DISCARD_FACTOR = 16  # times max_body_bytes: 64 MiB by default
 
 
 def gevent_patched() -> bool:
@@ -70,6 +76,9 @@ def read_body(req: falcon.Request, ctx: RequestContext, config: Config) -> bytes
     max_bytes = config.max_body_bytes
     length = req.content_length
     if length is not None and length > max_bytes:
+        # accepted by request_start (authenticated): let it finish sending within the
+        # bounds of a body, so that its kernel is not reset under its 413
+        req.env[DISCARD_ALLOWANCE] = (min(length, DISCARD_FACTOR * max_bytes), config.body_timeout)
         raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {max_bytes} bytes.")
     if length == 0:
         return b""

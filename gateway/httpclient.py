@@ -10,6 +10,12 @@ interim answers skipped, keep-alive, TLS. No proxies, redirects, cookies or
 compression (nothing asks for them). Health checks, plugins' ``call_backend``
 and the CLI keep using ``requests``.
 
+A keep-alive connection is reused only while it is in step: a byte past an answer's
+end, whether it came with the answer or later while the connection sat idle, closes
+it, so a backend that over-sends cannot hand one request's leftovers to the next; and
+as such bytes could also come only after the next request went out, the pool then stops
+reusing that backend's connections at all (:meth:`Pool.out_of_step`).
+
 Under gunicorn's gevent worker the ``socket`` and ``ssl`` modules are patched, so
 every wait here yields to the hub.
 
@@ -65,7 +71,7 @@ class ConnectionBroken(HTTPFailure):
 
 
 class Connection:
-    """One socket to the backend, and the bytes read past the last answer's end."""
+    """One socket to the backend, and whether it already carried an answer."""
 
     __slots__ = ("sock", "reused")
 
@@ -73,22 +79,26 @@ class Connection:
         self.sock = sock
         self.reused = False
 
-    def open(self) -> bool:
-        """Whether the backend has kept it open (a closed one reads end-of-file at once)."""
+    def waiting(self) -> bytes | None:
+        """What an idle connection has to read: None when nothing (open and idle, it can
+        carry another request); ``b""`` when the backend closed it; else its first byte:
+        the backend sent more than its last answer (e.g. a Content-Length counted in
+        characters, the rest in a later flush), and the next request would read it as its
+        own answer, each later one its predecessor's."""
         raw = getattr(self.sock, "_sock", self.sock)  # gevent's wrapper: ask the real socket, without a switch
         try:
             timeout = raw.gettimeout()
             if timeout:  # not under gevent (whose real sockets never wait): a peek would wait that long
                 raw.settimeout(0)
             try:
-                return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+                return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             finally:
                 if timeout:
                     raw.settimeout(timeout)
         except BlockingIOError:
-            return True
+            return None
         except (OSError, ValueError):
-            return False
+            return b""
 
     def close(self) -> None:
         try:
@@ -107,6 +117,10 @@ class Pool:
             extra ones are closed when their answer ends.
         connect_timeout: Seconds to connect.
         headers: Sent with every request (e.g. the backend's ``Authorization``).
+
+    Attributes:
+        keep_alive: Whether answers' connections are kept for reuse: until the backend
+            is found sending bytes past an answer (:meth:`out_of_step`).
     """
 
     def __init__(self, url: str, maxsize: int, connect_timeout: float,
@@ -130,6 +144,7 @@ class Pool:
         fixed.update(headers or {})
         self._fixed = "".join(f"{name}: {value}\r\n" for name, value in fixed.items())
         self._idle: list[Connection] = []
+        self.keep_alive = True
 
     def request(self, method: str, path: str, body: bytes, headers: Mapping[str, str], timeout: float,
                 on_socket: Callable[[socket.socket], None] | None = None) -> Response:
@@ -176,10 +191,13 @@ class Pool:
     def _take(self) -> Connection:
         while self._idle:
             conn = self._idle.pop()
-            if conn.open():
+            waiting = conn.waiting()
+            if waiting is None:
                 conn.reused = True
                 return conn
             conn.close()
+            if waiting:
+                self.out_of_step()
         return Connection(self._connect())
 
     def _connect(self) -> socket.socket:
@@ -200,8 +218,15 @@ class Pool:
                 raise ConnectFailed(f"TLS with {self.host}:{self.port} failed: {exc}") from None
         return sock
 
+    def out_of_step(self) -> None:
+        """The backend sent bytes past an answer's end. Bytes of that kind that come only
+        after the next request went out cannot be told from its answer: none of this
+        backend's connections is reused any more."""
+        self.keep_alive = False
+        self.close()
+
     def _give_back(self, conn: Connection) -> None:
-        if len(self._idle) < self.maxsize:
+        if self.keep_alive and len(self._idle) < self.maxsize:
             self._idle.append(conn)
         else:
             conn.close()
@@ -326,8 +351,7 @@ class Response:
             yield from self._dechunk()
         elif self._length is not None:
             yield from self._part(self._buffer, self._length)
-            if self._buffer:  # bytes past the answer's end: the connection is out of step
-                self._reusable = False
+            self._end()
         else:  # ends when the backend closes the connection
             data, self._buffer = self._buffer, b""
             while data:
@@ -413,8 +437,13 @@ class Response:
             if len(buffer) > MAX_HEAD_BYTES:
                 raise ConnectionBroken("the answer's trailers were too long")
             buffer += self._more()
-        if self._buffer:  # bytes past the answer's end: the connection is out of step
+        self._end()
+
+    def _end(self) -> None:
+        """At the answer's end: bytes read past it put the connection and its backend out of step."""
+        if self._buffer:
             self._reusable = False
+            self._pool.out_of_step()
 
     def read(self) -> bytes:
         """The whole body.

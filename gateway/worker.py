@@ -12,7 +12,15 @@
 * a connection whose request body the app left unread (a 401 before the body,
   a 413 from Content-Length) is closed after its answer, which says
   ``Connection: close``, instead of drained: draining would let a client that
-  trickles a body hold the connection, and the worker's attention, after its answer;
+  trickles a body hold the connection, and the worker's attention, after its answer.
+  The close lingers as nginx's does (:func:`linger`): closing with unread bytes
+  makes the kernel reset the connection, and a client still sending its body may
+  lose the answer with it (asyncio clients such as ``openai.AsyncOpenAI`` drop what
+  they had not read yet, and on a lossy path the answer is never retransmitted).
+  So the worker half-closes, discards what still arrives within tight bounds
+  (``LINGER_BYTES``, ``LINGER_SECONDS``; a body refused by size after the request
+  was accepted, up to what the app allows), waits until the client acknowledged
+  the answer, and only then closes;
 * on SIGTERM from a stopping master the gateway drains: new requests get 503 with
   ``Retry-After`` while the ones in flight finish within ``graceful_timeout``; a
   worker replaced by a reload (HUP) finishes its requests and keeps serving
@@ -21,9 +29,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import struct
+import termios
+import time
 
+import gevent
 from gunicorn import util
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
@@ -32,6 +46,13 @@ from . import lifecycle, settings
 
 # gunicorn's name for the header the app reads as body.INVITE_HEADER.
 INVITE_HEADER = "LLAMAGATE-EXPECT-CONTINUE"
+# What a client's unread body may cost after its answer, whoever the client is: bytes
+# discarded, and seconds in all (also the silence that ends any lingering).
+LINGER_BYTES = 65536
+LINGER_SECONDS = 2.0
+# The environ key (body.DISCARD_ALLOWANCE) by which the app allows more for a body it
+# refused by size: (bytes, seconds).
+DISCARD_ALLOWANCE = "llamagate.discard_allowance"
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -64,7 +85,12 @@ class Worker(GeventWorker):
         if getattr(req, "_expected_100_continue", False):
             req._expected_100_continue = False  # the app sends it when it wants the body
             req.headers.append((INVITE_HEADER, "1"))
-        return super().handle_request(listener_name, req, sock, addr)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        except StopIteration:  # the connection closes after this answer (gunicorn closes the socket)
+            if body_left_unread(req.body):
+                linger(sock, *getattr(req, "discard_allowance", None) or (LINGER_BYTES, LINGER_SECONDS))
+            raise
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -105,6 +131,7 @@ class ClosingUnreadBodies:
             response = getattr(start_response, "__self__", None)  # gunicorn's Response
             if response is not None and body_left_unread(environ.get("wsgi.input")):
                 response.force_close()
+                response.req.discard_allowance = environ.get(DISCARD_ALLOWANCE)  # for Worker.handle_request
             return start_response(status, headers, exc_info)
 
         return self.app(environ, start)
@@ -120,3 +147,41 @@ def body_left_unread(body) -> bool:
     if hasattr(reader, "finished"):  # read until the connection closes
         return not reader.finished
     return getattr(reader, "parser", None) is not None  # chunked
+
+
+def linger(sock: socket.socket, max_bytes: int, seconds: float) -> None:
+    """Let the client read the answer just sent on a connection whose request body was
+    left unread, before the socket is closed: half-close (the client sees the answer
+    end), discard what still arrives until the client closes, ``max_bytes`` were
+    discarded, ``seconds`` passed or it sent nothing for ``LINGER_SECONDS``; then wait
+    (within ``seconds``) until the client's kernel acknowledged the answer, which a
+    reset would otherwise destroy in flight."""
+    deadline = time.monotonic() + seconds
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    scratch = bytearray(65536)
+    discarded = 0
+    try:
+        while discarded < max_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(min(left, LINGER_SECONDS))
+            received = sock.recv_into(scratch, min(len(scratch), max_bytes - discarded))
+            if not received:  # the client closed: it has what it wanted
+                return
+            discarded += received
+    except OSError:  # quiet for too long, or reset
+        pass
+    while unacknowledged(sock) and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that the peer has not acknowledged yet (Linux)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0

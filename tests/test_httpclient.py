@@ -153,6 +153,51 @@ def test_an_answer_not_read_to_its_end_closes_its_connection(scripted):
     assert pool._idle == []
 
 
+def test_bytes_past_an_answer_that_arrive_while_it_sits_idle_retire_its_connection(scripted):
+    """A backend that sends more than its Content-Length in a later flush leaves bytes on
+    the pooled connection: the next request must not read them as its own answer."""
+    injected = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nleaked"
+    server = scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", injected],
+                      [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nown"])
+    pool = Pool(server.url, 4, 2)
+    first = pool.request("GET", "/a", b"", {}, 2)
+    assert first.read() == b"abc"
+    first.close()
+    assert len(pool._idle) == 1  # nothing past the answer yet: it went back to the pool
+    wait_for_bytes(pool._idle[0].sock, len(injected))
+    second = pool.request("GET", "/b", b"", {}, 2)
+    assert second.read() == b"own"
+    assert server.connections == 2
+    # leftovers could also come after the next request went out: this backend's
+    # connections are not reused any more
+    second.close()
+    assert not pool.keep_alive and pool._idle == []
+
+
+def test_bytes_past_an_answer_in_the_same_read_retire_the_backends_keep_alive(scripted):
+    server = scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcXY"],
+                      [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nown"])
+    pool = Pool(server.url, 4, 2)
+    first = pool.request("GET", "/a", b"", {}, 2)
+    assert first.read() == b"abc"
+    first.close()
+    assert not pool.keep_alive and pool._idle == []
+    assert pool.request("GET", "/b", b"", {}, 2).read() == b"own" and server.connections == 2
+
+
+def wait_for_bytes(sock: socket.socket, count: int) -> None:
+    """Until ``count`` bytes wait unread on ``sock`` (peeked, left there)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            if len(sock.recv(count, socket.MSG_PEEK | socket.MSG_DONTWAIT)) >= count:
+                return
+        except BlockingIOError:
+            pass
+        assert time.monotonic() < deadline, "the bytes never came"
+        time.sleep(0.01)
+
+
 def test_http_1_0_answers_are_not_reused(scripted):
     server = scripted([b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\na"])
     pool = Pool(server.url, 4, 2)

@@ -1,15 +1,18 @@
 """Attacks from the hardening review, each reproduced through real gunicorn gevent workers
 against the canned llama-server: duplicate request ids, work before auth, slow bodies,
-Expect: 100-continue, cancel of plain requests, buffered data across a stop."""
+Expect: 100-continue, cancel of plain requests, buffered data across a stop, bodies too
+large for their answer to survive a reset."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import threading
 import time
 
+import openai
 import pytest
 import requests
 
@@ -176,6 +179,90 @@ def test_unauthenticated_bodies_cost_no_parsing_and_health_stays_up(guarded):
     assert refused == [b"HTTP/1.1 401"] * 8
     # Parsing one such body took seconds; eight refused unread take a fraction of one.
     assert used < 1.0, f"the worker spent {used:.2f} s of CPU on unauthenticated bodies"
+
+
+# Bodies too large: the answer must reach a client still sending ---------------------------
+
+BIG = 50 * 1024 * 1024  # what an SDK sends without Expect: 100-continue
+
+
+def counting(client_class, uploads: list):
+    """An httpx client for the openai SDK that counts the requests it sends (retries too)."""
+    async def count_async(request):
+        uploads.append(request.url.path)
+
+    def count(request):
+        uploads.append(request.url.path)
+
+    hook = count_async if client_class is openai.DefaultAsyncHttpxClient else count
+    return client_class(event_hooks={"request": [hook]})
+
+
+def test_a_body_too_large_gets_a_413_the_openai_clients_can_read(guarded):
+    """The gateway refused a 50 MB body from its Content-Length and closed with the body
+    unread: the reset reached the client while it was still sending. AsyncOpenAI then
+    dropped the 413 it had not read yet, reported a connection error and uploaded the
+    50 MB twice more (its retries)."""
+    content = "x" * BIG
+    messages = [{"role": "user", "content": content}]
+    uploads: list[str] = []
+
+    async def ask_async():
+        client = openai.AsyncOpenAI(base_url=guarded.url + "/v1", api_key=guarded.keys["alice"],
+                                    http_client=counting(openai.DefaultAsyncHttpxClient, uploads))
+        async with client:
+            await client.chat.completions.create(model="smollm2", messages=messages)
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        asyncio.run(ask_async())
+    assert refused.value.status_code == 413
+    assert refused.value.body["type"] == "invalid_request_error" and "limit" in refused.value.body["message"]
+    assert uploads == ["/v1/chat/completions"]  # once: a 413 is not retried, a connection error would be
+
+    uploads.clear()
+    client = openai.OpenAI(base_url=guarded.url + "/v1", api_key=guarded.keys["alice"],
+                           http_client=counting(openai.DefaultHttpxClient, uploads))
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model="smollm2", messages=messages)
+    assert refused.value.status_code == 413 and uploads == ["/v1/chat/completions"]
+
+    answer = requests.post(guarded.url + "/v1/chat/completions", data=content.encode(), timeout=30,
+                           headers=auth(guarded, "alice"))
+    assert answer.status_code == 413 and answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_client_sends_its_whole_refused_body_without_a_reset(guarded):
+    """What every HTTP/1.1 client library does, send the request then read: the 50 MB go
+    out whole (discarded), then the 413 and a clean end, not a reset."""
+    with socket.create_connection(address(guarded), timeout=30) as sock:
+        sock.sendall(request_head(guarded, BIG, auth(guarded, "alice")) + b"x" * BIG)  # no reset while sending
+        answer = read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["type"] == "invalid_request_error"
+        assert sock.recv(65536) == b""  # the gateway's half-close: the answer is whole
+
+
+def test_an_unauthenticated_body_is_not_drained(guarded):
+    """Without a key the gateway discards little after its 401: a client sending 50 MB is
+    cut off (its kernel gets the reset) instead of having them read, and one that keeps
+    sending steadily is dropped within seconds, long before it is done."""
+    with socket.create_connection(address(guarded), timeout=30) as sock:
+        with pytest.raises(OSError):  # reset or broken pipe: the 50 MB were not all taken
+            sock.sendall(request_head(guarded, BIG) + b"x" * BIG)
+        assert read_response(sock).startswith(b"HTTP/1.1 401")
+    planned = 300  # pieces of 4 KiB, one every 0.1 s: 30 s of sending
+    with socket.create_connection(address(guarded), timeout=30) as sock:
+        sock.sendall(request_head(guarded, planned * 4096))
+        assert read_response(sock).startswith(b"HTTP/1.1 401")
+        sent = 0
+        try:
+            while sent < planned:
+                sock.sendall(b"x" * 4096)
+                sent += 1
+                time.sleep(0.1)
+        except OSError:
+            pass
+    assert sent < planned / 2, f"the gateway took {sent} of {planned} pieces after its 401"
 
 
 # 3. Slow bodies -------------------------------------------------------------------------
