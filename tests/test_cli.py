@@ -13,7 +13,7 @@ import pytest
 
 from gateway import cli, settings
 from gateway.cli import registry
-from gateway.cli.registry import Action, arg, command, from_settings
+from gateway.cli.registry import Action, FromSettings, arg, command
 
 ROOT = Path(__file__).resolve().parent.parent
 # the console script pyproject.toml declares (llamagate = "gateway.cli:main"), as installed
@@ -58,7 +58,7 @@ def test_a_command_is_one_declaration_that_main_builds_and_dispatches(monkeypatc
     calls = []
 
     @command("echo-test", "say what was asked, for this test",
-             arg("--url", default=from_settings(lambda env: "http://" + env.bind)),
+             arg("--url", default=FromSettings(lambda env: "http://" + env.bind)),
              actions=(Action("say", "say a word", (arg("word"),)),))
     def cmd_echo(args):
         calls.append((args.command, args.action, args.word, args.url))

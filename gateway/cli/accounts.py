@@ -9,12 +9,12 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 from .. import keydb, keys, ledger, pg
-from .registry import Action, arg, command, from_settings
+from .registry import Action, FromSettings, arg, command
 
 # Every keys action reads the file, or the database instead.
-KEY_STORE = (arg("--file", default=from_settings(lambda env: env.keys_file),
+KEY_STORE = (arg("--file", default=FromSettings(lambda env: env.keys_file),
                  help="keys file (default LLAMAGATE_KEYS_FILE or keys.yaml)"),
-             arg("--db", default=from_settings(lambda env: env.database_url or None), metavar="URL",
+             arg("--db", default=FromSettings(lambda env: env.database_url or None), metavar="URL",
                  help="the keys database instead of the file: postgresql://... (default "
                       "LLAMAGATE_DATABASE_URL; when set, the file is not used)"))
 
@@ -123,7 +123,7 @@ def cmd_keys_db(args: argparse.Namespace) -> int:
 
 
 @command("usage", "usage from the ledger: per day, client and model, or the top clients",
-         arg("--db", default=from_settings(lambda env: env.database_url or None), metavar="URL",
+         arg("--db", default=FromSettings(lambda env: env.database_url or None), metavar="URL",
              help="the ledger database: postgresql://... (default LLAMAGATE_DATABASE_URL)"),
          arg("--client", default=None),
          arg("--from", dest="start", default=None, help="first UTC day, YYYY-MM-DD (default: 30 days ago)"),

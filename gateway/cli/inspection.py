@@ -9,11 +9,11 @@ import sys
 from .. import settings
 from ..config import ConfigError, load_config
 from ..redact import redact_url
-from .registry import arg, command, from_settings
+from .registry import FromSettings, arg, command
 from .serving import CONFIG, OPERATOR_KEY_FILE, replica_urls
 
 # Where a running gateway is, and the operator's key, for the commands that call it.
-ADMIN_ARGS = (arg("--url", default=from_settings(lambda env: "http://" + env.bind),
+ADMIN_ARGS = (arg("--url", default=FromSettings(lambda env: "http://" + env.bind),
                   help="default http:// and GATEWAY_BIND"),
               arg("--key", default=None, help="an admin key (default: LLAMAGATE_API_KEY, then .llamagate-api-key)"))
 

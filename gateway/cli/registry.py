@@ -3,7 +3,7 @@
 A command is declared once, on its function::
 
     @command("routes", "which model goes to which backend replicas",
-             arg("file", nargs="?", default=from_settings(lambda env: env.config)))
+             arg("file", nargs="?", default=FromSettings(lambda env: env.config)))
     def cmd_routes(args: argparse.Namespace) -> int: ...
 
 ``llamagate --help`` lists the commands in the order they were declared.
@@ -27,10 +27,6 @@ class FromSettings:
     environment is read once, by ``main``, and may be bad (see ``Command.checks_settings``)."""
 
     read: Callable[[settings.Settings], Any]
-
-
-def from_settings(read: Callable[[settings.Settings], Any]) -> FromSettings:
-    return FromSettings(read)
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,14 @@ from ..fleet.spec import fleet_problems
 from ..pipeline import build_pipelines
 from ..redact import key_hint, redact_url
 from ..upstream import wait_until_ready
-from .registry import arg, command, from_settings
+from .registry import FromSettings, arg, command
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
 # make serve's operator key when LLAMAGATE_API_KEY is not set (git-ignored, mode 0600).
 OPERATOR_KEY_FILE = Path(".llamagate-api-key")
-CONFIG = from_settings(lambda env: env.config)
+# the pipelines file, when a command is given none: GATEWAY_CONFIG (default pipelines.yaml)
+CONFIG = FromSettings(lambda env: env.config)
 
 
 def replica_urls(config: Config, backend_name: str) -> str:
