@@ -169,7 +169,7 @@ def test_llamagate_serve_refuses_a_bad_log_level_in_one_line(monkeypatch, capsys
     from gateway import cli
 
     monkeypatch.setenv("LLAMAGATE_LOG_LEVEL", "loud")
-    monkeypatch.setattr(cli.os, "execve", lambda *a: pytest.fail("gunicorn started"))
+    monkeypatch.setattr(cli.serving.os, "execve", lambda *a: pytest.fail("gunicorn started"))
     assert cli.main(["serve", "--config", str(ROOT / "pipelines.yaml")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "LLAMAGATE_LOG_LEVEL: 'loud' is not one of debug, info" in err

@@ -470,7 +470,7 @@ def test_store_outage_is_counted_for_statsd(make_client):
 
 
 def test_operator_key_is_made_once_and_private(tmp_path, monkeypatch):
-    from gateway import cli
+    from gateway.cli import serving as cli
 
     monkeypatch.delenv("LLAMAGATE_API_KEY", raising=False)
     monkeypatch.setattr(cli, "OPERATOR_KEY_FILE", tmp_path / ".llamagate-api-key")

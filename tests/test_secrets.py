@@ -82,7 +82,7 @@ def test_cli_check_routes_and_status_show_replica_urls_without_userinfo(tmp_path
     out = capsys.readouterr().out
     assert SECRET not in out
     assert "http://***@127.0.0.1:8081" in out and "http://***@127.0.0.1:7860" in out
-    table = cli.status_table({"pid": 1, "in_flight": 0, "draining": False, "pipelines": {}, "backends": {
+    table = cli.inspection.status_table({"pid": 1, "in_flight": 0, "draining": False, "pipelines": {}, "backends": {
         "chat": {"limit": 4, "in_flight": 0, "queued": 0, "replicas": [
             {"url": with_userinfo("http://10.0.0.1:8081"), "ready": True, "slots": 4, "in_flight": 0,
              "breaker": "closed"}]}}})
@@ -116,7 +116,7 @@ class FakeChild:
 
 
 def run_up(monkeypatch, tmp_path) -> None:
-    from gateway import cli
+    from gateway.cli import serving as cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "OPERATOR_KEY_FILE", tmp_path / ".llamagate-api-key")
