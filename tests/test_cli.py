@@ -87,3 +87,13 @@ def test_a_command_name_is_declared_only_once(monkeypatch):
 def test_the_command_line_modules_stay_small():
     sizes = {path.name: len(path.read_text().splitlines()) for path in (ROOT / "gateway" / "cli").glob("*.py")}
     assert len(sizes) > 1 and max(sizes.values()) <= 200, sizes
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """``llamagate settings | head -1``: the pipe closes before the output is written."""
+    process = subprocess.Popen([str(LLAMAGATE), "settings"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    error = process.stderr.read()
+    process.wait(timeout=30)
+    assert b"Traceback" not in error and b"BrokenPipeError" not in error, error.decode()
+    assert process.returncode == 1

@@ -12,6 +12,7 @@ A command is declared once, on its function::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -108,4 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in problems:
             print(f"llamagate: {line}", file=sys.stderr)
         return 1
-    return declared.run(args)
+    try:
+        return declared.run(args)
+    except BrokenPipeError:
+        # `llamagate status | head`: the reader left; no traceback. Python flushes stdout
+        # again at exit, so point it at /dev/null first (as the signal module's docs advise).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
