@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from ..config import Config, FleetConfig
-from .states import RESIDENT, STOP_GRACE, S, Unit, Waiter
+from .states import RESIDENT, STOP_GRACE, State, Unit, Waiter
 
 log = logging.getLogger("llamagate.fleet")
 
@@ -59,13 +59,13 @@ class Fleet:
                 unit.reap(waiter.arrived, self.fleet.max_restarts)
             if unit is None:
                 waiter.error = f"no launched backend named {name!r}"
-            elif unit.state is S.FAILED:
+            elif unit.state is State.FAILED:
                 waiter.error = unit.reason
             elif self.stopping:
                 waiter.error = "the gateway is shutting down"
             else:
                 unit.waiters.append(waiter)
-                if unit.state is S.READY:  # the common case, without waiting for the main thread
+                if unit.state is State.READY:  # the common case, without waiting for the main thread
                     unit.grant()
                 self.lock.notify_all()
                 return unit, waiter
@@ -95,12 +95,12 @@ class Fleet:
         waits until it is ready or failed."""
         with self.lock:
             unit = self._unit(name)
-            if unit.state is S.FAILED:
+            if unit.state is State.FAILED:
                 unit.reset()
-            if unit.state in (S.STOPPED, S.DRAINING, S.STOPPING):
+            if unit.state in (State.STOPPED, State.DRAINING, State.STOPPING):
                 unit.pinned = True
             self.lock.notify_all()
-            self.lock.wait_for(lambda: unit.state in (S.READY, S.FAILED) and not unit.pinned, timeout)
+            self.lock.wait_for(lambda: unit.state in (State.READY, State.FAILED) and not unit.pinned, timeout)
             return unit.status(time.monotonic())
 
     def unload(self, name: str, timeout: float) -> dict[str, Any]:
@@ -108,15 +108,15 @@ class Fleet:
         with self.lock:
             unit = self._unit(name)
             unit.pinned = False
-            if unit.state is S.FAILED:
+            if unit.state is State.FAILED:
                 unit.reset()
-            elif unit.state is S.READY:
-                unit.to(S.DRAINING)
-            elif unit.state is S.STARTING:
+            elif unit.state is State.READY:
+                unit.to(State.DRAINING)
+            elif unit.state is State.STARTING:
                 unit.stop(time.monotonic())
             self.lock.notify_all()
             # Stopped, or started again at once by requests that were waiting for it.
-            self.lock.wait_for(lambda: unit.state not in (S.DRAINING, S.STOPPING), timeout)
+            self.lock.wait_for(lambda: unit.state not in (State.DRAINING, State.STOPPING), timeout)
             return unit.status(time.monotonic())
 
     def _unit(self, name: str) -> Unit:
@@ -158,11 +158,11 @@ class Fleet:
     def _retire(self, unit: Unit, now: float) -> None:
         log.info("fleet: %s left the configuration, stopping it once idle", unit.name)
         unit.refuse(f"The model's backend {unit.name} was removed from the configuration.")
-        if unit.state is S.READY:
-            unit.to(S.DRAINING)
-        elif unit.state is S.STARTING:
+        if unit.state is State.READY:
+            unit.to(State.DRAINING)
+        elif unit.state is State.STARTING:
             unit.stop(now)
-        if unit.state not in (S.STOPPED, S.FAILED):
+        if unit.state not in (State.STOPPED, State.FAILED):
             self.retired.append(unit)
 
     def _retired(self, unit: Unit) -> bool:
@@ -175,7 +175,7 @@ class Fleet:
             now = time.monotonic()
             for unit in self._every():
                 unit.refuse("the gateway is shutting down")
-                if unit.state in (S.STARTING, S.READY, S.DRAINING):
+                if unit.state in (State.STARTING, State.READY, State.DRAINING):
                     unit.stop(now)
                 else:
                     unit.terminate(now)
@@ -198,7 +198,7 @@ class Fleet:
                 unit.watch(now, self.fleet.log_bytes, self.fleet.max_restarts)
             for unit in self._every():
                 self._advance(unit, now)
-            self.retired = [u for u in self.retired if u.state is not S.STOPPED]
+            self.retired = [u for u in self.retired if u.state is not State.STOPPED]
             self._schedule(now)
             self.lock.notify_all()
 
@@ -207,26 +207,26 @@ class Fleet:
 
     def _advance(self, unit: Unit, now: float) -> None:
         max_restarts = self.fleet.max_restarts
-        if unit.state is S.STARTING:
+        if unit.state is State.STARTING:
             for replica in unit.replicas:
                 if replica.popen is None and now >= replica.relaunch_at:
                     unit.launch_replica(replica, now, max_restarts)
-            if unit.state is S.STARTING and all(r.healthy_since is not None for r in unit.replicas):
+            if unit.state is State.STARTING and all(r.healthy_since is not None for r in unit.replicas):
                 unit.ready(now)
-        elif unit.state in (S.READY, S.DRAINING):
+        elif unit.state in (State.READY, State.DRAINING):
             for replica in unit.replicas:  # a crashed replica of a model still up
                 if replica.popen is None and not replica.expected_exit and not self._retired(unit) and \
                         now >= replica.relaunch_at:
                     unit.launch_replica(replica, now, max_restarts)
-            if unit.state is S.READY:
+            if unit.state is State.READY:
                 unit.grant()
                 ttl = unit.launch.idle_ttl
                 if ttl is not None and unit.leases == 0 and not unit.waiters and now - unit.last_used >= ttl:
                     log.info("fleet: %s idle for %g s, stopping", unit.name, ttl)
-                    unit.to(S.DRAINING)
-            if unit.state is S.DRAINING and unit.leases <= 0:
+                    unit.to(State.DRAINING)
+            if unit.state is State.DRAINING and unit.leases <= 0:
                 unit.stop(now)
-        elif unit.state is S.STOPPING:
+        elif unit.state is State.STOPPING:
             unit.kill_late(now)
             if all(r.popen is None for r in unit.replicas):
                 unit.stopped()
@@ -235,7 +235,7 @@ class Fleet:
         """Start the waited-for stopped models, oldest waiter first, swapping out the least
         recently used models when they do not fit; eager ones start when they fit."""
         held = {r.port for u in self.retired for r in u.replicas if r.popen is not None}
-        wanted = sorted((u for u in self.units.values() if u.state is S.STOPPED and u.oldest_wait is not None
+        wanted = sorted((u for u in self.units.values() if u.state is State.STOPPED and u.oldest_wait is not None
                          and not held & set(u.launch.ports)),
                         key=lambda u: u.oldest_wait)  # type: ignore[arg-type, return-value]
         for unit in wanted:
@@ -243,16 +243,17 @@ class Fleet:
                 self._start(unit, now)
                 continue
             unit.waits_for_room = True
-            leaving = {u.name for u in self._every() if u.state in (S.DRAINING, S.STOPPING) and not self._retired(u)}
+            leaving = {u.name for u in self._every()
+                       if u.state in (State.DRAINING, State.STOPPING) and not self._retired(u)}
             if not self._fits(unit, leaving):  # not even once the models on their way out are gone
                 for victim in self._victims(unit, now, leaving):
                     log.info("fleet: draining %s to make room for %s", victim.name, unit.name)
-                    victim.to(S.DRAINING)
+                    victim.to(State.DRAINING)
                     if victim.leases <= 0:
                         victim.stop(now)
             return  # first come, first served: a later model does not overtake this one
         for unit in self.units.values():
-            if unit.launch.start == "eager" and unit.state is S.STOPPED and unit.failures == 0 \
+            if unit.launch.start == "eager" and unit.state is State.STOPPED and unit.failures == 0 \
                     and unit.loads == 0 and not held & set(unit.launch.ports) and self._fits(unit, set()):
                 self._start(unit, now)
 
@@ -282,7 +283,7 @@ class Fleet:
         group_wait = self.fleet.group_wait
         eligible = []
         for other in self.units.values():
-            if other.state is not S.READY or other is unit or now - (other.ready_since or now) < group_wait:
+            if other.state is not State.READY or other is unit or now - (other.ready_since or now) < group_wait:
                 continue
             idle = other.leases <= 0 and not other.waiters
             if waited >= group_wait or (idle and now - other.last_used >= LINGER):

@@ -38,22 +38,33 @@ class State(str, enum.Enum):
     FAILED = "failed"  # failed max_restarts + 1 times in a row; refuses until an operator's load
 
 
-S = State
 TRANSITIONS: dict[State, frozenset[State]] = {
-    S.STOPPED: frozenset({S.STARTING}),  # the scheduler starts it
-    S.STARTING: frozenset({S.READY,  # every replica answers /health
-                           S.STOPPING,  # an unload, a reload that removed it, the shutdown
-                           S.FAILED}),  # too many failures in a row
-    S.READY: frozenset({S.DRAINING,  # a swap, idle_ttl, an unload, a reload
-                        S.STARTING,  # its last healthy replica crashed: restarting
-                        S.STOPPING,  # the shutdown
-                        S.FAILED}),
-    S.DRAINING: frozenset({S.STOPPING,  # its last lease went back (or the shutdown)
-                           S.FAILED}),  # a replica relaunched while it drains kept failing
-    S.STOPPING: frozenset({S.STOPPED}),  # every process exited
-    S.FAILED: frozenset({S.STOPPED}),  # an operator's load or unload: a fresh round
+    State.STOPPED: frozenset({
+        State.STARTING,  # the scheduler starts it: a request, an operator's load, start: eager
+    }),
+    State.STARTING: frozenset({
+        State.READY,  # every replica answers /health
+        State.STOPPING,  # an unload, a reload that removed it, the shutdown
+        State.FAILED,  # max_restarts + 1 failures in a row
+    }),
+    State.READY: frozenset({
+        State.DRAINING,  # a swap, idle_ttl, an unload, a reload that removed it
+        State.STARTING,  # its last healthy replica crashed: restarting
+        State.STOPPING,  # the shutdown
+        State.FAILED,  # a crashed replica kept failing
+    }),
+    State.DRAINING: frozenset({
+        State.STOPPING,  # its last lease went back (or the shutdown)
+        State.FAILED,  # a replica relaunched while it drains kept failing
+    }),
+    State.STOPPING: frozenset({
+        State.STOPPED,  # every process exited (SIGKILL after STOP_GRACE)
+    }),
+    State.FAILED: frozenset({
+        State.STOPPED,  # an operator's load or unload: a fresh round
+    }),
 }
-RESIDENT = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING})  # these hold memory
+RESIDENT = frozenset({State.STARTING, State.READY, State.DRAINING, State.STOPPING})  # these hold memory
 
 
 class IllegalTransition(RuntimeError):
@@ -106,7 +117,7 @@ class Unit:
         self.memory = backend_memory(backend)
         self.replicas = [Replica(port, os.path.join(log_dir, f"{backend.name}-{port}.log"))
                          for port in backend.launch.ports]
-        self._state = S.STOPPED
+        self._state = State.STOPPED
         self.leases = 0
         self.waiters: list[Waiter] = []
         self.last_used = now
@@ -142,7 +153,7 @@ class Unit:
     # --- the transitions and what they do -------------------------------------------------------
 
     def start(self, now: float, max_restarts: int) -> None:
-        self.to(S.STARTING)
+        self.to(State.STARTING)
         log.info("fleet: starting %s", self.name)
         self.load = Load(now, swap=self.waits_for_room)
         self.pinned = self.waits_for_room = False
@@ -152,7 +163,7 @@ class Unit:
             self.launch_replica(replica, now, max_restarts)
 
     def ready(self, now: float) -> None:
-        self.to(S.READY)
+        self.to(State.READY)
         self.ready_since = self.last_used = now
         self.loads += 1
         assert self.load is not None
@@ -162,21 +173,21 @@ class Unit:
         log.info("fleet: %s ready in %.2f s", self.name, self.last_load_seconds)
 
     def stop(self, now: float) -> None:
-        self.to(S.STOPPING)
+        self.to(State.STOPPING)
         self.load = None
         self.terminate(now)
 
     def stopped(self) -> None:
-        self.to(S.STOPPED)
+        self.to(State.STOPPED)
         self.ready_since = None
 
     def reset(self) -> None:
         """An operator's fresh round for a failed model."""
-        self.to(S.STOPPED)
+        self.to(State.STOPPED)
         self.failures, self.reason = 0, ""
 
     def fail(self, reason: str, now: float) -> None:
-        self.to(S.FAILED)
+        self.to(State.FAILED)
         self.reason, self.load = reason, None
         self.terminate(now)
         self.refuse(reason)
@@ -272,8 +283,8 @@ class Unit:
                       f"({what}); an operator must load it again.", now)
             return
         replica.relaunch_at = now + min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.failures - 1))
-        if self._state is S.READY and not any(r.healthy_since for r in self.replicas):
-            self.to(S.STARTING)
+        if self._state is State.READY and not any(r.healthy_since for r in self.replicas):
+            self.to(State.STARTING)
             self.load = Load(now, restart=True)
         elif was_up and self.load is not None:
             self.load.restart = True
@@ -281,7 +292,7 @@ class Unit:
     # --- what the operator sees -----------------------------------------------------------------
 
     def status(self, now: float) -> dict[str, Any]:
-        idle = self._state is S.READY and self.leases == 0 and not self.waiters
+        idle = self._state is State.READY and self.leases == 0 and not self.waiters
         alive = [r.popen for r in self.replicas if r.popen is not None and r.popen.poll() is None]
         return {"backend": self.name, "models": self.models, "state": self._state.value,
                 "pids": [p.pid for p in alive], "ports": [r.port for r in self.replicas],
