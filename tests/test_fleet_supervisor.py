@@ -1,5 +1,5 @@
 """The fleet supervisor's decisions, one piece: fake llama-server processes and a fake
-clock drive :class:`gateway.fleet.supervisor.Fleet` step by step. (The real parts are in
+clock drive :class:`gateway.fleet.scheduler.Fleet` step by step. (The real parts are in
 tests/integration/test_fleet.py.)"""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gateway.config import parse_config
-from gateway.fleet import supervisor
+from gateway.fleet import processes, scheduler
 from gateway.fleet.spec import fleet_problems
 
 PIDS = itertools.count(1000)
@@ -58,37 +58,37 @@ class Clock:
 def clock(monkeypatch, tmp_path):
     clock = Clock()
     FakePopen.launched, FakePopen.crash = [], False
-    monkeypatch.setattr(supervisor, "time", SimpleNamespace(monotonic=clock.monotonic))
-    monkeypatch.setattr(supervisor.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(supervisor, "_healthy", lambda port: True)
-    monkeypatch.setattr(supervisor, "_port_in_use", lambda port: False)
-    monkeypatch.setattr(supervisor, "_rss", lambda pid: 0)
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(monotonic=clock.monotonic))
+    monkeypatch.setattr(processes.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(processes, "healthy", lambda port: True)
+    monkeypatch.setattr(processes, "port_in_use", lambda port: False)
+    monkeypatch.setattr(processes, "rss", lambda pid: 0)
     return clock
 
 
-def make_fleet(tmp_path, names=("one", "two"), **fleet: Any) -> supervisor.Fleet:
+def make_fleet(tmp_path, names=("one", "two"), **fleet: Any) -> scheduler.Fleet:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + b"\0" * 64)
     doc = {"fleet": {"ports": {"first": 9100, "last": 9199}, **fleet},
            "backends": {name: {"launch": {"model": str(model), "memory": "100MiB"}} for name in names},
            "models": {name: {"backend": name} for name in names},
            "pipelines": {"p": []}, "routes": {"/v1/chat/completions": "p"}}
-    return supervisor.Fleet(parse_config(doc, file=str(tmp_path / "pipelines.yaml")), str(tmp_path))
+    return scheduler.Fleet(parse_config(doc, file=str(tmp_path / "pipelines.yaml")), str(tmp_path))
 
 
-def settle(fleet: supervisor.Fleet, clock: Clock, steps: int = 5) -> None:
+def settle(fleet: scheduler.Fleet, clock: Clock, steps: int = 5) -> None:
     for _ in range(steps):
         clock.now += 0.1
         fleet.step()
 
 
-def lease(fleet: supervisor.Fleet, clock: Clock, name: str) -> tuple[Any, supervisor.Waiter]:
+def lease(fleet: scheduler.Fleet, clock: Clock, name: str) -> tuple[Any, scheduler.Waiter]:
     unit, waiter = fleet.enqueue(name)
     settle(fleet, clock)
     return unit, waiter
 
 
-def state(fleet: supervisor.Fleet, name: str) -> str:
+def state(fleet: scheduler.Fleet, name: str) -> str:
     return fleet.units[name].state
 
 
@@ -230,7 +230,7 @@ def test_check_refuses_a_missing_file_a_non_gguf_and_a_budget_no_model_fits(tmp_
 
 
 def test_a_llama_server_that_never_answers_health_is_killed_after_load_timeout(clock, tmp_path, monkeypatch):
-    monkeypatch.setattr(supervisor, "_healthy", lambda port: False)
+    monkeypatch.setattr(processes, "healthy", lambda port: False)
     fleet = make_fleet(tmp_path, max_restarts=0)
     fleet.units["one"].launch = fleet.units["one"].launch.__class__(
         **{**fleet.units["one"].launch.__dict__, "load_timeout": 1})
