@@ -25,7 +25,6 @@ from typing import Any
 _UNLIKELY = -9999.0
 
 
-
 def choice_text(choice: dict[str, Any]) -> str:
     """The text of a choice: a message's or a delta's content, or a completion's text ("" if none)."""
     message = choice.get("message")
