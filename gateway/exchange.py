@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 import falcon
 
 from .answers import Assembler, choices_asked, decode_json, normalize_answer, stream_request, usage_of
+from .answers.responses import ResponsesStream, complete_response, echoed
 from .body import read_body, read_json_body
 from .config import ModelConfig, PrefixRoute, Timeouts
 from .context import RequestContext, Response
@@ -49,7 +50,6 @@ from .errors import (
 from .httpclient import HTTPFailure
 from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline
-from .responses import ResponsesStream, complete_response, echoed
 from .state import Gateway
 from .streaming import Relay, ResponseBody, collect, read_error, relay_as_is, replay, watch_departure
 from .upstream import Lease, Replica
@@ -105,7 +105,7 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     :func:`serve_model`, the answer relayed in its own shape, its usage read as it
     passes (``response`` and ``response_event`` hooks do not run: they take OpenAI's
     shapes). The Responses API's answers and events are made what OpenAI's spec
-    requires (:mod:`gateway.responses`)."""
+    requires (:mod:`gateway.answers.responses`)."""
     prepared = prepare_model_request(gateway, req, resp, route)
     if prepared is None:
         return

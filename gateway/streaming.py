@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .body import gevent_patched, gevent_timeout
 from .answers import EventCount, Tally, UsageSum, choices_asked, decode_json, normalize_event
+from .answers.responses import ResponsesStream
 from .config import Timeouts
 from .context import RequestContext
 from .upstream import Lease
@@ -36,7 +37,6 @@ from .errors import (
     from_upstream,
 )
 from .httpclient import HTTPFailure, ReadTimedOut
-from .responses import ResponsesStream
 
 DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
@@ -411,7 +411,7 @@ def relay_as_is(ctx: RequestContext, lease: Lease, public_model: str, timeouts: 
     is and is kept in ``ctx.error`` for the ``complete`` hooks.
 
     With ``reshape`` (the Responses API) every event is decoded and made OpenAI's
-    (:class:`gateway.responses.ResponsesStream`), and a failure, or a stream that ends
+    (:class:`gateway.answers.responses.ResponsesStream`), and a failure, or a stream that ends
     before its final event, ends with that protocol's ``error`` and ``response.failed``."""
     count = EventCount(*choices_asked(ctx.body))
     field = model_field(public_model)

@@ -1,4 +1,4 @@
-"""gateway.responses: llama-server's Responses answers and streams made OpenAI's, checked
+"""gateway.answers.responses: llama-server's Responses answers and streams made OpenAI's, checked
 against the spec's schemas and fed to the official SDK's own stream accumulator. The
 llama-server events are the shapes its server-task.cpp writes, also those the test model
 never produces (function calls, reasoning, an error event)."""
@@ -18,7 +18,7 @@ from gateway.answers import usage_of
 from gateway.config import Timeouts
 from gateway.context import RequestContext
 from gateway.errors import GatewayTimeoutError, RateLimitError
-from gateway.responses import ResponsesStream, complete_response, echoed
+from gateway.answers.responses import ResponsesStream, complete_response, echoed
 from gateway.streaming import relay_as_is
 
 from .openai_spec import assert_valid, openai_validator, stream_event_validators

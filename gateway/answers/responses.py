@@ -25,8 +25,8 @@ import secrets
 import time
 from typing import Any
 
-from .answers import decode_json
-from .errors import GatewayError, from_upstream
+from ..errors import GatewayError, from_upstream
+from .shapes import decode_json
 
 _LIFECYCLE = frozenset({"response.created", "response.queued", "response.in_progress", "response.completed",
                         "response.failed", "response.incomplete"})
