@@ -218,6 +218,7 @@ def cmd_backend(args: argparse.Namespace) -> int:
                                        embeddings=args.embeddings, parallel=args.parallel,
                                        ctx=args.ctx, binary=args.binary, threads=args.threads,
                                        api_key=args.api_key or settings.current().llama_api_key or None,
+                                       cache_ram=args.cache_ram,
                                        extra_args=tuple(a for a in args.extra if a != "--")))
     return 0
 
@@ -458,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--binary", default=None, help="llama-server executable (default: LLAMA_SERVER_BIN, PATH)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--api-key", default=None, help="a key callers must send (default: LLAMA_API_KEY, else none)")
+    p.add_argument("--cache-ram", type=int, default=0,
+                   help="MiB of prompt cache in host memory, shared by every client across slots (default 0: off)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-server arguments (binary only)")
     p.set_defaults(func=cmd_backend)
 

@@ -460,7 +460,8 @@ class Fleet:
             return
         launch = unit.launch
         args = [sys.executable, "-m", "gateway.cli", "backend", "--model", launch.model, "--host", "127.0.0.1",
-                "--port", str(replica.port), "--parallel", str(launch.parallel), "--ctx", str(launch.ctx)]
+                "--port", str(replica.port), "--parallel", str(launch.parallel), "--ctx", str(launch.ctx),
+                "--cache-ram", str(launch.cache_ram)]
         if launch.threads:
             args += ["--threads", str(launch.threads)]
         if launch.embeddings:
