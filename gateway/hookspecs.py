@@ -139,7 +139,9 @@ class GatewaySpec:
     def upstream_request(self, ctx: RequestContext, payload: dict[str, Any]) -> None:
         """Edits the JSON body just before it goes to the backend. (The gateway then
         asks llama-server to stream chat and completion answers, whatever the client
-        asked: only a stream stops when its connection closes.)
+        asked: only a stream stops when its connection closes. On routes whose prompts
+        llama-server caches it also sets ``id_slot`` and ``cache_prompt`` itself, per
+        attempt: a hook's values for those two are replaced; see :mod:`gateway.slots`.)
 
         Args:
             ctx: The request; ``ctx.replica`` is the replica most likely to serve it.
@@ -150,7 +152,7 @@ class GatewaySpec:
 
             @hookimpl
             def upstream_request(self, ctx, payload):
-                payload.setdefault("cache_prompt", True)   # a llama-server option
+                payload.setdefault("n_probs", 0)   # a llama-server option
         """
 
     @hookspec

@@ -77,7 +77,7 @@ def opening(n: int) -> list[dict[str, str]]:
 
 def home(messages: list[dict[str, str]], pair: list[str], client: str = "alice") -> str:
     """The replica the router must prefer for a client's conversation."""
-    key = affinity_key({"messages": messages}, "/v1/chat/completions", "smollm2", client, 2048)
+    key = affinity_key({"messages": messages}, "/v1/chat/completions", "smollm2", f"client:{client}", 2048)
     return pair[rank(key, pair)[0]]
 
 
