@@ -33,10 +33,11 @@ def secret() -> str:
 
 
 @pytest.fixture(scope="module")
-def shipped(start_gateway: Callable[..., Any], model_path: Path, logs: Path) -> Any:
+def shipped(start_gateway: Callable[..., Any], model_path: Path, logs: Path, redis_url: str) -> Any:
     """The shipped pipelines.yaml, as shipped but for its ports, folders, keys (from the
-    environment, as its auth's env_keys reads them) and one more route: llama-server's
-    native /completion. Its chat backend's launch options are the shipped ones."""
+    environment, as its auth's env_keys reads them), its rate limits in Redis (two workers)
+    and one more route: llama-server's native /completion. Its chat backend's launch
+    options are the shipped ones."""
     doc = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
     for backend in doc["backends"].values():
         backend["launch"]["model"] = str(model_path.resolve())
@@ -44,7 +45,7 @@ def shipped(start_gateway: Callable[..., Any], model_path: Path, logs: Path) -> 
     doc["routes"]["/completion"] = "default"
     gw = start_gateway(doc, workers=2, OPENAI_API_KEYS=f"{ALICE}:alice,{BOB}:bob",
                        LLAMAGATE_ACCESS_LOG=str(logs / "kv-access.log"), LLAMAGATE_KEYS_FILE=str(logs / "kv-none.yaml"),
-                       LLAMAGATE_SLOTS_DIR=str(logs / "kv-slots"))
+                       LLAMAGATE_SLOTS_DIR=str(logs / "kv-slots"), RATELIMIT_STORE="redis", REDIS_URL=redis_url)
     # the chat model starts with the gateway (start: eager); wait until it answers
     wait_for(lambda: post(gw, "/v1/chat/completions", ALICE, chat_body("hi")).status_code == 200, timeout=180,
              message="the launched llama-server to answer")
