@@ -118,10 +118,16 @@ class GatewaySpec:
             ctx: The request; ``ctx.backend`` names the backend the model is configured on.
             backends: Every configured backend by name, as read-only
                 :class:`gateway.BackendView` objects: ``name``, ``replicas``,
-                ``in_flight``, ``queued``, ``limit`` and ``candidates()`` (the available
-                replicas in the gateway's round-robin order; it takes a turn). Each
+                ``in_flight``, ``queued``, ``limit``, ``candidates()`` (the available
+                replicas in the gateway's round-robin order; it takes a turn) and
+                ``kv_scope(principal)`` (whose cached prompts the caller may reuse
+                there, by the backend's ``kv_sharing``: ``client:<id>``,
+                ``group:<name>``, ``global``, ``anonymous``). Each
                 :class:`gateway.ReplicaView` has ``url``, ``ready``, ``available``,
-                ``in_flight``, ``slots``, ``breaker`` and ``fetch(path)``.
+                ``in_flight``, ``slots``, ``breaker`` and ``fetch(path)``. A hook may
+                also set ``ctx.slot_hint``: the llama-server slot it would like the
+                request to run in on the replica it returns (the core takes it, and
+                decides itself whether the slot's cache may be reused).
 
         Returns:
             One of the replica views, or None to leave the choice to the next plugin

@@ -193,8 +193,7 @@ def test_kv_sharing_and_the_cross_slot_cache_are_checked(tmp_path):
         "chat"].launch.cache_ram == 0
 
 
-def test_the_core_sends_the_slot_and_reuse_per_tenant(tmp_path, monkeypatch):
-    monkeypatch.setattr(slots, "_table", SlotTable(str(tmp_path / "slots")))
+def test_the_core_sends_the_slot_and_reuse_per_tenant(monkeypatch):
     monkeypatch.setenv("KV_TEST_KEYS", "sk-kv-a-000000000000000000000000:alice,sk-kv-b-000000000000000000000000:bob")
     with Harness([labelled("auth", env_keys={"KV_TEST_KEYS": "user"})]) as harness:
         harness.gateway.upstreams.backends["test"].replicas[0].slots = 1

@@ -45,7 +45,7 @@ def shipped(start_gateway: Callable[..., Any], model_path: Path, logs: Path, red
     doc["routes"]["/completion"] = "default"
     gw = start_gateway(doc, workers=2, OPENAI_API_KEYS=f"{ALICE}:alice,{BOB}:bob",
                        LLAMAGATE_ACCESS_LOG=str(logs / "kv-access.log"), LLAMAGATE_KEYS_FILE=str(logs / "kv-none.yaml"),
-                       LLAMAGATE_SLOTS_DIR=str(logs / "kv-slots"), RATELIMIT_STORE="redis", REDIS_URL=redis_url)
+                       RATELIMIT_STORE="redis", REDIS_URL=redis_url)
     # the chat model starts with the gateway (start: eager); wait until it answers
     wait_for(lambda: post(gw, "/v1/chat/completions", ALICE, chat_body("hi")).status_code == 200, timeout=180,
              message="the launched llama-server to answer")
