@@ -316,3 +316,18 @@ def test_a_new_conversation_whose_replica_has_no_free_slot_takes_the_next_and_st
         router.complete(ctx=ctx, outcome="ok")
     ctx = request(conversation(1, first))  # and the first keeps its own
     assert router.route(ctx=ctx, backends=views).url == "http://a" and ctx.routing == "affinity"
+
+
+def test_responses_completion_and_infill_are_keyed_like_chat_and_completions():
+    opening = {"instructions": "You are terse. " * 20, "input": "What is 2+2?"}
+    later = {"instructions": opening["instructions"],
+             "input": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+                       {"role": "user", "content": "And 3+3?"}]}
+    key = affinity_key(opening, "/v1/responses", "m", "client:alice", 64)
+    assert key is not None and key == affinity_key(later, "/v1/responses", "m", "client:alice", 64)
+    assert key != affinity_key(opening, "/v1/responses", "m", "client:bob", 64)
+    head = "def fibonacci(n):\n" * 10
+    assert affinity_key({"prompt": head + "a"}, "/completion", "m", "", len(head)) == \
+        affinity_key({"prompt": head + "b"}, "/completion", "m", "", len(head))
+    assert affinity_key({"input_prefix": head, "input_suffix": "x"}, "/infill", "m", "", 64) is not None
+    assert affinity_key({"messages": [{"role": "user", "content": "hi"}]}, "/v1/messages", "m", "", 64) is None
