@@ -120,3 +120,17 @@ def test_a_prompt_pushed_out_of_its_slot_by_its_own_tenant_is_not_reused_by_anot
         tokens(shipped, "/v1/chat/completions", ALICE, f"Another question of mine, number {n}: what is {n}+{n}?")
     probe, reused = tokens(shipped, "/v1/chat/completions", BOB, text)
     assert probe == prompt and reused < 8, f"Bob reused {reused} of Alice's evicted {prompt} prompt tokens"
+
+
+def test_an_embedded_text_is_not_reused_by_another_tenants_completion(shipped):
+    """Embeddings run in a slot llama-server picks (it ignores id_slot there) and leave the
+    text's tokens in it, where a completion on the same llama-server could reuse them: Alice
+    embeds a text, Bob sends it as a prompt to the embeddings model."""
+    text = secret()[:1400]  # within llama-server's batch of 512 tokens, which an embedding must fit
+    embedded = post(shipped, "/v1/embeddings", ALICE, {"model": "smollm2-embeddings", "input": text})
+    assert embedded.status_code == 200, embedded.text
+    resp = post(shipped, "/v1/completions", BOB, {"model": "smollm2-embeddings", "prompt": text, "max_tokens": 1,
+                                                  "temperature": 1})
+    assert resp.status_code == 200, resp.text
+    usage = resp.json()["usage"]
+    assert usage["prompt_tokens"] > 250 and usage["prompt_tokens_details"]["cached_tokens"] < 8, usage
