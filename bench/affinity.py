@@ -17,7 +17,14 @@ appended each turn. Workloads:
 Measured by the client: time to first token (the first content chunk), p50 and p99, of
 follow-up turns (turn 2 on) and of all turns; from llama-server's usage (its
 ``timings``): prompt tokens processed (``prompt_tokens - cached_tokens``) and the share
-reused from the KV cache on follow-ups; wall time, requests and generated tokens per second.
+reused from the KV cache on follow-ups and on all turns; wall time, requests and generated
+tokens per second.
+
+Each conversation is a tenant of its own (its own API key, ``--tenants each``, the
+default): the gateway keeps tenants' cached prompts apart (``gateway.slots``), so a
+conversation reuses only its own turns, never another's system prompt. ``--tenants one``
+sends every conversation with one key (one tenant: reuse across conversations allowed), and
+``--kv-sharing global`` declares every client one sharing scope (the operator's opt-in).
 
     make bench-affinity            # or: python bench/affinity.py [--quick] [--workers N]
 
@@ -77,8 +84,8 @@ class Conversation:
     """One client's conversation: each :meth:`step` sends the history, streamed, and
     appends the answer and a new question."""
 
-    def __init__(self, base: str, shared: bool, n: int) -> None:
-        self.client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
+    def __init__(self, base: str, shared: bool, n: int, key: str) -> None:
+        self.client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=600)
         system = RULES * 8 if shared else f"Conversation {n}. " + (RULES + f"Customer {n} prefers short answers. ") * 7
         self.messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[n % len(QUESTIONS)]}]
 
@@ -103,12 +110,17 @@ class Conversation:
                 "completion": usage.completion_tokens if usage else 0}
 
 
-def run_workload(base: str, workload: str, conversations: int, turns: int) -> dict:
+def tenant_key(n: int) -> str:
+    return f"sk-bench-tenant-{n:04d}-" + "x" * 24
+
+
+def run_workload(base: str, workload: str, conversations: int, turns: int, tenants: str) -> dict:
     """The workload's conversations: at once, each in a thread of its own, or (``-sequential``)
     one request at a time, turn by turn across the conversations (users who pause between
     turns: nobody else's request is in flight when one arrives)."""
     results: list[dict] = []
-    talks = [Conversation(base, workload.startswith("shared"), n) for n in range(conversations)]
+    talks = [Conversation(base, workload.startswith("shared"), n, tenant_key(n if tenants == "each" else 0))
+             for n in range(conversations)]
     began = time.monotonic()
     if workload.endswith("sequential"):
         for turn in range(turns):
@@ -136,6 +148,7 @@ def run_workload(base: str, workload: str, conversations: int, turns: int) -> di
         "processed_follow": sum(r["prompt"] - r["cached"] for r in follow),
         "processed_all": sum(r["prompt"] - r["cached"] for r in results),
         "reuse_follow": sum(r["cached"] for r in follow) / max(1, sum(r["prompt"] for r in follow)),
+        "reuse_all": sum(r["cached"] for r in results) / max(1, sum(r["prompt"] for r in results)),
         "wall": wall,
         "rps": len(results) / wall,
         "tokens_per_s": sum(r["completion"] for r in results) / wall,
@@ -156,20 +169,23 @@ def run_strategy(strategy: str, workload: str, options: argparse.Namespace, logs
         config = logs / f"{strategy}-{workload}-pipelines.yaml"
         config.write_text(yaml.safe_dump({
             "health_interval": 1,
-            "backends": {"chat": {"urls": urls}},
+            "backends": {"chat": {"urls": urls, "kv_sharing": options.kv_sharing}},
             "models": {"smollm2": {"backend": "chat"}},
-            "pipelines": {"default": [{"router": {"strategy": strategy, "load_factor": options.load_factor}}]},
+            "pipelines": {"default": [{"auth": {"env_keys": {"BENCH_TENANT_KEYS": "user"}}},
+                                      {"router": {"strategy": strategy, "load_factor": options.load_factor}}]},
             "routes": {"/v1/chat/completions": "default"},
         }))
         env = dict(os.environ, GATEWAY_BIND=f"127.0.0.1:{port}", GATEWAY_CONFIG=str(config),
-                   GATEWAY_WORKERS=str(options.workers), PYTHONPATH=str(ROOT))
+                   GATEWAY_WORKERS=str(options.workers), PYTHONPATH=str(ROOT),
+                   LLAMAGATE_SLOTS_DIR=str(logs / f"{strategy}-{workload}-slots"),  # fresh replicas, a fresh table
+                   BENCH_TENANT_KEYS=",".join(f"{tenant_key(n)}:tenant-{n}" for n in range(options.conversations)))
         procs.append(start([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
                            logs / f"{strategy}-{workload}-gateway.log", env))
         base = f"http://127.0.0.1:{port}"
         if not wait_until_ready([base], timeout=60):
             raise SystemExit(f"bench: the gateway did not start (logs in {logs})")
         time.sleep(2.0)  # two health rounds (health_interval 1 s): every worker has read both replicas' slots (/props)
-        figures = run_workload(base, workload, options.conversations, options.turns)
+        figures = run_workload(base, workload, options.conversations, options.turns, options.tenants)
         print(f"{strategy:16} {workload:18} {json.dumps({k: round(v, 3) for k, v in figures.items()})}",
               file=sys.stderr, flush=True)
         return figures
@@ -185,7 +201,8 @@ def table(results: dict, options: argparse.Namespace) -> list[str]:
     names = {"shared": "shared system prompt, at once", "shared-sequential": "shared system prompt, one at a time",
              "distinct": "distinct prompts, at once"}
     lines = ["| workload | strategy | TTFT follow-ups p50 / p99, ms | TTFT all p50 / p99, ms | "
-             "prompt tokens processed, follow-ups (all) | cache reuse, follow-ups | wall, s | requests/s | tokens/s |",
+             "prompt tokens processed, follow-ups (all) | cache reuse, follow-ups (all) | wall, s | requests/s | "
+             "tokens/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for workload in options.workloads:
         for strategy in results:
@@ -193,7 +210,7 @@ def table(results: dict, options: argparse.Namespace) -> list[str]:
             lines.append(
                 f"| {names[workload]} | {strategy} | {fmt(f['ttft_follow_p50'], 1000)} / {fmt(f['ttft_follow_p99'], 1000)} | "
                 f"{fmt(f['ttft_all_p50'], 1000)} / {fmt(f['ttft_all_p99'], 1000)} | "
-                f"{f['processed_follow']} ({f['processed_all']}) | {fmt(f['reuse_follow'], 100)}% | "
+                f"{f['processed_follow']} ({f['processed_all']}) | {fmt(f['reuse_follow'], 100)}% ({fmt(f['reuse_all'], 100)}%) | "
                 f"{fmt(f['wall'], 1, 1)} | {fmt(f['rps'], 1, 2)} | {fmt(f['tokens_per_s'], 1, 1)} |")
     return lines
 
@@ -207,6 +224,10 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--load-factor", type=float, default=1.0, help="the router's load_factor (prefix_affinity)")
+    parser.add_argument("--tenants", choices=("each", "one"), default="each",
+                        help="each: every conversation its own API key (tenant); one: all with one key")
+    parser.add_argument("--kv-sharing", choices=("none", "global"), default="none",
+                        help="the backend's kv_sharing: none keeps tenants' cached prompts apart")
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--quick", action="store_true", help="4 conversations, 3 turns, the shared workloads only")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "affinity-results.md")
@@ -225,7 +246,8 @@ def main() -> None:
     head = (f"Run {datetime.date.today()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"load average {load_before:.1f} before it; two replicas x {options.slots} slots, 1 thread each; "
             f"gateway {options.workers} worker(s), load_factor {options.load_factor:g}; {options.conversations} conversations at once x {options.turns} "
-            f"turns, 24 tokens an answer.")
+            f"turns, 24 tokens an answer; tenants: {options.tenants} (a key per conversation, or one key), "
+            f"kv_sharing: {options.kv_sharing}.")
     text = "\n".join(["# Prefix-affinity benchmark (bench/affinity.py)", "", head, "", *table(results, options), ""])
     options.output.write_text(text)
     print(text)

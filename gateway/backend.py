@@ -29,6 +29,13 @@ class BackendOptions:
             cores: llama.cpp's threads spin while they wait, so oversubscribed cores
             stall every backend.
         api_key: A key callers must send (``Authorization: Bearer``); None: open.
+        cache_ram: MiB of llama-server's prompt cache in host memory, which restores a
+            prompt cached in one slot into another whoever asks (0: off, so that one
+            tenant cannot reuse another's prompt; see :mod:`gateway.slots`).
+
+    Every llama-server also runs with ``cache_prompt`` off by default: a request reuses
+    its slot's cache only when it says ``cache_prompt: true``, which the gateway does
+    only for the slot's own tenant (``/v1/messages`` drops the field, and so reuses nothing).
     """
 
     model: str
@@ -40,13 +47,15 @@ class BackendOptions:
     binary: str | None = None
     threads: int | None = None
     api_key: str | None = None
+    cache_ram: int = 0
     extra_args: tuple[str, ...] = ()
 
 
 def binary_args(opts: BackendOptions, binary: str) -> list[str]:
     """The llama-server command line with the same meaning as the xllamacpp params."""
     args = [binary, "-m", opts.model, "--host", opts.host, "--port", str(opts.port),
-            "-np", str(opts.parallel), "-c", str(opts.ctx), "--slots", "--metrics"]
+            "-np", str(opts.parallel), "-c", str(opts.ctx), "--slots", "--metrics",
+            "--cache-ram", str(opts.cache_ram), "--no-cache-prompt"]
     if opts.embeddings:
         args += ["--embeddings", "--pooling", "mean"]
     if opts.threads:
@@ -97,6 +106,8 @@ def run(opts: BackendOptions) -> None:
     params.n_ctx = opts.ctx
     params.endpoint_slots = True
     params.endpoint_metrics = True
+    params.cache_ram_mib = opts.cache_ram
+    params.cache_prompt = False
     if opts.threads:
         params.cpuparams.n_threads = params.cpuparams_batch.n_threads = opts.threads
     if opts.api_key:

@@ -119,6 +119,7 @@ class LaunchConfig:
     parallel: int = 2
     threads: int | None = None
     embeddings: bool = False
+    cache_ram: int = 0  # MiB of llama-server's cross-slot prompt cache; 0 only unless kv_sharing is global
     extra_args: tuple[str, ...] = ()
     start: str = "on_demand"
     idle_ttl: float | None = None
@@ -155,6 +156,8 @@ class BackendConfig:
     api_key: str | None = field(default=None, repr=False)
     launch: LaunchConfig | None = None  # the fleet launches its replicas (their urls follow from the ports)
     admission: str = "local"  # or "redis": slots and queue shared through SharedConfig's Redis
+    kv_sharing: str = "none"  # whose cached prompts a client may reuse: none (its own), groups, global
+    kv_groups: tuple[tuple[str, str], ...] = ()  # (client id, group) with kv_sharing "groups"
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,22 @@ class Config:
 _SCHEMA_VALIDATOR: jsonschema.protocols.Validator | None = None
 
 
+def _kv_sharing(backend: str, spec: str | dict[str, list[str]],
+                problems: list[tuple[str, str]]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``kv_sharing`` as (``none``/``global``/``groups``, (client, group) pairs); a client
+    in two groups is a problem (which group's prompts would it see?)."""
+    if isinstance(spec, str):
+        return spec, ()
+    group_of: dict[str, str] = {}
+    for group, clients in spec.items():
+        for client in clients:
+            if client in group_of:
+                problems.append((f"backends.{backend}.kv_sharing.{group}",
+                                 f"client {client!r} is already in group {group_of[client]!r}"))
+            group_of.setdefault(client, group)
+    return "groups", tuple(group_of.items())
+
+
 def _validator() -> jsonschema.protocols.Validator:
     global _SCHEMA_VALIDATOR
     if _SCHEMA_VALIDATOR is None:
@@ -314,7 +333,11 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
                                      "extra_args": tuple(launch_spec["extra_args"]),
                                      "memory": parse_size(launch_spec["memory"]), "ports": replica_ports})
             spec["urls"] = [f"http://127.0.0.1:{port}" for port in replica_ports]
-        backends[name] = BackendConfig(name=name, **{**spec, "launch": launch,
+        sharing, groups = _kv_sharing(name, spec.pop("kv_sharing"), problems)
+        if launch is not None and launch.cache_ram and sharing != "global":
+            problems.append((f"backends.{name}.launch.cache_ram", "llama-server's prompt cache in host memory "
+                             "restores one client's cached prompt for another: it needs kv_sharing: global"))
+        backends[name] = BackendConfig(name=name, kv_sharing=sharing, kv_groups=groups, **{**spec, "launch": launch,
                                                      "urls": tuple(u.rstrip("/") for u in spec["urls"]),
                                                      "admission": spec.get("admission") or
                                                      (shared.admission if shared else "local")})

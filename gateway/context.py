@@ -84,6 +84,8 @@ class BackendView:
         in_flight: Requests this worker has admitted to it, now.
         queued: Requests of this worker waiting for a slot, now.
         limit: The most requests this worker admits at once.
+
+    ``kv_scope(principal)`` says whose cached prompts a caller may reuse on it.
     """
 
     __slots__ = ("_backend", "name", "replicas")
@@ -91,6 +93,12 @@ class BackendView:
     in_flight = property(lambda self: self._backend.admission.in_flight)
     queued = property(lambda self: self._backend.admission.queued)
     limit = property(lambda self: self._backend.limit)
+
+    def kv_scope(self, principal: Principal | None) -> str:
+        """Whose cached prompts a request of ``principal`` may reuse on this backend, from
+        its ``kv_sharing``: ``client:<id>``, ``group:<name>``, ``global`` or ``anonymous``
+        (no principal). The core keeps slots apart by it; a router keys conversations by it."""
+        return self._backend.kv_scope(principal)
 
     def __init__(self, backend: Any, replicas: tuple[ReplicaView, ...]) -> None:
         self._backend = backend
@@ -138,7 +146,7 @@ class RequestContext:
     """Everything the gateway knows about one request, shared by its plugins.
 
     Plugins may read every field. They may set ``principal``, ``model`` (before
-    routing), ``cache``, ``routing`` (from ``route``), add to ``response_headers``, and
+    routing), ``cache``, ``routing`` and ``slot_hint`` (from ``route``), add to ``response_headers``, and
     keep their own state under ``state[<plugin name>]``; the core fills in the rest.
 
     Attributes:
@@ -164,6 +172,12 @@ class RequestContext:
         routing: How the replica was chosen, as the ``route`` plugin that chose it says
             (the router: ``affinity``, ``spill``, ``load``, ``turn``); None when no
             plugin chose (the gateway's round robin).
+        slot_hint: The llama-server slot a ``route`` hook would like the request to run
+            in on the replica it chose (the router's prefix affinity: the slot holding
+            the conversation). The core takes it if it is one of the replica's slots and
+            decides on its own whether the slot's cache may be reused
+            (:mod:`gateway.slots`: only when the request's own tenant used it last); a
+            failover to another replica ignores it.
         status: HTTP status sent to the client, once known.
         error: The error that ended the request, if one did.
         usage: The ``usage`` object of the answer, when the backend sent one.
@@ -202,6 +216,7 @@ class RequestContext:
     backend: str | None = None
     replica: str | None = None
     routing: str | None = None
+    slot_hint: int | None = None
     status: int | None = None
     error: GatewayError | None = None
     usage: dict[str, Any] | None = None

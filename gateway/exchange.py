@@ -73,7 +73,7 @@ def serve_model(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     on_event = events_for(ctx, pipeline) if ctx.stream else None  # plugin code: before a lease exists
     stop_watching = watch_departure(req.env, lambda: gateway.client_gone(ctx)) if not ctx.stream else None
     try:
-        lease = send(gateway, ctx, replica, route, json.dumps(payload).encode(),
+        lease = send(gateway, ctx, replica, route, payload,
                      {"Content-Type": JSON_TYPE, "X-Request-Id": ctx.request_id})
         relaying = False  # from respond() on, the body's close() gives the lease back
         try:
@@ -113,7 +113,7 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     timeouts = gateway.config.timeouts_for(route)
     stop_watching = watch_departure(req.env, lambda: gateway.client_gone(ctx)) if not ctx.stream else None
     try:
-        lease = send(gateway, ctx, replica, route, json.dumps(payload).encode(),
+        lease = send(gateway, ctx, replica, route, payload,
                      {"Content-Type": JSON_TYPE, "X-Request-Id": ctx.request_id})
         relaying = False
         try:
@@ -291,10 +291,11 @@ def choose_replica(gateway: Gateway, ctx: RequestContext, pipeline: Pipeline) ->
     return chosen
 
 
-def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, body: bytes,
+def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, body: bytes | dict[str, Any],
          headers: dict[str, str], method: str = "POST", relay_errors: bool = False) -> Lease:
     """Admit the request and send it to ``ctx.backend`` (``replica`` first) until a
-    replica answers; a backend error status becomes the client's error (unless
+    replica answers; a JSON payload is encoded by the core, with the slot it takes
+    (:mod:`gateway.slots`); a backend error status becomes the client's error (unless
     ``relay_errors``). From the moment it is sent it can be cancelled;
     :meth:`Gateway.finish` ends that."""
     assert ctx.backend is not None

@@ -118,10 +118,16 @@ class GatewaySpec:
             ctx: The request; ``ctx.backend`` names the backend the model is configured on.
             backends: Every configured backend by name, as read-only
                 :class:`gateway.BackendView` objects: ``name``, ``replicas``,
-                ``in_flight``, ``queued``, ``limit`` and ``candidates()`` (the available
-                replicas in the gateway's round-robin order; it takes a turn). Each
+                ``in_flight``, ``queued``, ``limit``, ``candidates()`` (the available
+                replicas in the gateway's round-robin order; it takes a turn) and
+                ``kv_scope(principal)`` (whose cached prompts the caller may reuse
+                there, by the backend's ``kv_sharing``: ``client:<id>``,
+                ``group:<name>``, ``global``, ``anonymous``). Each
                 :class:`gateway.ReplicaView` has ``url``, ``ready``, ``available``,
-                ``in_flight``, ``slots``, ``breaker`` and ``fetch(path)``.
+                ``in_flight``, ``slots``, ``breaker`` and ``fetch(path)``. A hook may
+                also set ``ctx.slot_hint``: the llama-server slot it would like the
+                request to run in on the replica it returns (the core takes it, and
+                decides itself whether the slot's cache may be reused).
 
         Returns:
             One of the replica views, or None to leave the choice to the next plugin
@@ -139,7 +145,9 @@ class GatewaySpec:
     def upstream_request(self, ctx: RequestContext, payload: dict[str, Any]) -> None:
         """Edits the JSON body just before it goes to the backend. (The gateway then
         asks llama-server to stream chat and completion answers, whatever the client
-        asked: only a stream stops when its connection closes.)
+        asked: only a stream stops when its connection closes. On routes whose prompts
+        llama-server caches it also sets ``id_slot`` and ``cache_prompt`` itself, per
+        attempt: a hook's values for those two are replaced; see :mod:`gateway.slots`.)
 
         Args:
             ctx: The request; ``ctx.replica`` is the replica most likely to serve it.
@@ -150,7 +158,7 @@ class GatewaySpec:
 
             @hookimpl
             def upstream_request(self, ctx, payload):
-                payload.setdefault("cache_prompt", True)   # a llama-server option
+                payload.setdefault("n_probs", 0)   # a llama-server option
         """
 
     @hookspec

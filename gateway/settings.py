@@ -229,6 +229,11 @@ class Settings:
         "the PostgreSQL URL `llamagate keys --db` (without a URL) and `llamagate usage` use, so that its password "
         "stays out of the process list (not set: give --db URL)", read_by="`llamagate keys`, `usage`", secret=True)
 
+    slots_dir: str = setting(
+        "LLAMAGATE_SLOTS_DIR", "", text("path"),
+        "private folder (0700) of the host's llama-server slot table, which keeps tenants' cached prompts apart "
+        "and is shared by every worker and gateway of the host (not set: llamagate-slots-<uid> in the "
+        "temporary folder)", read_by="workers")
     metrics_dir: str = setting(
         "PROMETHEUS_MULTIPROC_DIR", "", text("path"),
         "where the workers keep the prometheus plugin's numbers, summed at each scrape (not set: gunicorn.conf.py "

@@ -22,7 +22,11 @@ A request to a backend (:meth:`Upstreams.open`):
    loads), with exponential backoff and jitter, on another replica when there is
    one, until the route's ``retry_deadline``; when every replica of a launched
    backend refused, the request waits for the fleet to restart them (that wait, like
-   a load, comes out of ``first_byte``).
+   a load, comes out of ``first_byte``);
+4. on routes whose prompts llama-server caches, takes a slot of the replica for each
+   attempt and says in the payload which (``id_slot``) and whether it may reuse the
+   slot's cache (``cache_prompt``): only a slot its own tenant used last
+   (:mod:`gateway.slots`).
 
 A background loop polls each replica's ``/health`` and learns its slots from ``/props``.
 """
@@ -30,6 +34,7 @@ A background loop polls each replica's ``/health`` and learns its slots from ``/
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import random
@@ -41,7 +46,7 @@ from typing import Any, Iterable, Mapping
 
 import requests
 
-from . import settings
+from . import settings, slots
 from .config import BackendConfig, Timeouts
 from .context import BackendView, ReplicaView, RequestContext
 from .httpclient import ConnectFailed, ConnectTimedOut, HTTPFailure, Pool, ReadTimedOut, Response
@@ -336,6 +341,7 @@ class Backend:
             local = Admission(self, config.max_queue, config.queue_timeout)
             self.admission = local if shared is None else SharedAdmission(self, shared, local)
         self._turn = itertools.count()
+        self.kv_groups = dict(config.kv_groups)
         self.fleet_state: str | None = None  # a launched backend's state, from the health loop
         self.fleet_waiting = 0  # this worker's requests waiting for the fleet to grant the model
         self.view = BackendView(self, tuple(r.view for r in self.replicas))
@@ -367,6 +373,10 @@ class Backend:
             return [r.slots or DEFAULT_SLOTS for r in self.replicas]
         share, extra = divmod(self.config.max_in_flight, len(self.replicas))
         return [share + (i < extra) for i in range(len(self.replicas))]
+
+    def kv_scope(self, principal: Any) -> str:
+        """Whose cached prompts a request of ``principal`` may reuse here (:func:`gateway.slots.kv_scope`)."""
+        return slots.kv_scope(self.config.kv_sharing, self.kv_groups, principal)
 
     def candidates(self, first: Replica | None = None) -> list[Replica]:
         """Replicas in the order to try them: ``first``, then the ones not known to be
@@ -405,6 +415,7 @@ class Lease:
         self.in_flight = in_flight
         self.socket = in_flight.socket
         self.hold: fleet.Hold | None = None  # a launched backend's lease
+        self.slot_hold: slots.SlotHold | None = None  # the replica's slot(s) the request runs in
         self._closed = False
 
     def set_read_timeout(self, seconds: float) -> None:
@@ -428,6 +439,9 @@ class Lease:
         if self._closed:
             return
         self._closed = True
+        if self.slot_hold is not None:
+            # read to its end with success: the slot holds this prompt; else nobody knows
+            self.slot_hold.release(clean=self.response.ended and 200 <= self.response.status < 300)
         self.response.close()
         self.replica.in_flight -= 1
         self.backend.admission.release(self.in_flight)
@@ -489,10 +503,12 @@ class Upstreams:
     def retry_after(self) -> str:
         return str(max(1, round(self.health_interval)))
 
-    def open(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str, body: bytes,
+    def open(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str,
+             body: bytes | dict[str, Any],
              headers: Mapping[str, str], timeouts: Timeouts, in_flight: InFlight, method: str = "POST") -> Lease:
         """Lease a launched backend's model from the fleet (waiting while it loads), admit
         the request, then send it until a replica answers; see the module doc.
+        ``body`` is bytes, or a JSON payload, encoded per attempt with its slot's fields.
 
         Sets ``ctx.replica``; counts each retry as ``upstream.retries``, the queue
         depth on arrival as the gauge ``queue.<backend>`` and the wait as the timer
@@ -574,10 +590,15 @@ class Upstreams:
                 ctx.incr("fleet.restarts")
         return hold, replace(timeouts, first_byte=max(0.001, timeouts.first_byte - waited))
 
-    def _send(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str, body: bytes,
-              headers: Mapping[str, str], timeouts: Timeouts, in_flight: InFlight, method: str) -> Lease:
+    def _send(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str,
+              body: bytes | dict[str, Any], headers: Mapping[str, str], timeouts: Timeouts, in_flight: InFlight,
+              method: str) -> Lease:
         deadline = time.monotonic() + timeouts.retry_deadline
         tried: list[Replica] = []
+        pinned = isinstance(body, dict) and ctx.route in slots.PINNED_ROUTES
+        unpinned = isinstance(body, dict) and ctx.route in slots.UNPINNED_ROUTES
+        if isinstance(body, dict) and not (pinned or unpinned):
+            body = json.dumps(body).encode()
         for attempt in itertools.count():
             if in_flight.stopped is not None:
                 raise in_flight.stopped
@@ -591,19 +612,32 @@ class Upstreams:
             now = time.monotonic()
             replica.breaker.attempt(now)
             first_byte = min(timeouts.first_byte, max(0.001, ctx.started + timeouts.total - now))
+            hold = None
+            if pinned or unpinned:
+                hold = self._take_slot(ctx, backend, replica, pinned and replica is first, unpinned)
+                data = json.dumps({**body, **hold.fields()}).encode()
+            else:
+                data = body
             replica.in_flight += 1
             in_flight.socket = None
             try:
-                resp = replica.pool.request(method, path, body, headers, first_byte, on_socket=in_flight.attach)
+                resp = replica.pool.request(method, path, data, headers, first_byte, on_socket=in_flight.attach)
             except HTTPFailure as exc:
+                if hold is not None:
+                    hold.release(clean=False)
                 if in_flight.stopped is not None:  # we cut the connection: not the replica's fault
                     replica.in_flight -= 1
                     raise in_flight.stopped from None
                 error = self._attempt_failed(replica, backend, exc, first_byte)
             except BaseException:
                 replica.in_flight -= 1
+                if hold is not None:
+                    hold.release(clean=False)
                 raise
             else:
+                if in_flight.stopped is not None or resp.status in RETRIED_STATUSES:
+                    if hold is not None:
+                        hold.release(clean=False)
                 if in_flight.stopped is not None:
                     replica.in_flight -= 1
                     in_flight.release_socket()
@@ -613,6 +647,7 @@ class Upstreams:
                     replica.breaker.success()
                     replica.ready = True
                     lease = Lease(backend, replica, resp, in_flight)
+                    lease.slot_hold = hold
                     # A stream's headers come at once: the first-byte budget lasts until
                     # its first event (streaming.frames), then idle applies.
                     lease.set_read_timeout(max(0.001, first_byte - (time.monotonic() - now)))
@@ -632,6 +667,24 @@ class Upstreams:
             ctx.incr("upstream.retries")
             time.sleep(pause)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _take_slot(ctx: RequestContext, backend: Backend, replica: Replica, hinted: bool,
+                   unpinned: bool) -> slots.SlotHold:
+        """The attempt's hold on the replica's slots: all of them for a route llama-server
+        places itself; else one, the route hook's ``ctx.slot_hint`` when it chose this
+        replica, else a client's own ``id_slot`` (when validate lets it through)."""
+        table = slots.table()
+        if unpinned:
+            return table.take_all(replica.url, replica.slots)
+        preferred = ctx.slot_hint if hinted else None
+        asked = ctx.body.get("id_slot") if isinstance(ctx.body, dict) else None
+        if preferred is None and isinstance(asked, int) and not isinstance(asked, bool):
+            preferred = asked
+        hold = table.take(replica.url, replica.slots, backend.kv_scope(ctx.principal), preferred)
+        if hold.reuse and isinstance(ctx.body, dict) and ctx.body.get("cache_prompt") is False:
+            hold.reuse = False  # the client's own wish not to reuse its cache
+        return hold
 
     def _attempt_failed(self, replica: Replica, backend: Backend, exc: HTTPFailure,
                         first_byte: float) -> GatewayError:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 import falcon.testing
 import pytest
 
-from gateway import settings
+from gateway import settings, slots
 from gateway.app import build_app
 from gateway.state import Gateway
 from gateway.config import Config, parse_config
@@ -31,6 +31,13 @@ def fresh_settings():
     settings.reset()
     yield
     settings.reset()
+
+
+@pytest.fixture(autouse=True)
+def fresh_slot_table(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's in-process gateway records llama-server slots in a table of its own, as a
+    fresh host would (the default folder is shared by every gateway of the user)."""
+    monkeypatch.setattr(slots, "_table", slots.SlotTable(str(tmp_path_factory.mktemp("slots"))))
 
 
 @pytest.fixture(scope="session")

@@ -241,29 +241,24 @@ def test_prefix_affinity_pins_the_slot_and_frees_it_when_the_request_completes()
     views = {"chat": two_replicas().view}
     first = request(conversation(0))
     router.route(ctx=first, backends=views)
-    payload = {}
-    router.upstream_request(ctx=first, payload=payload)
-    slot = payload["id_slot"]
+    slot = first.slot_hint
     assert 0 <= slot < 4
     again = request(conversation(1))  # same conversation while the first is in its slot
     router.route(ctx=again, backends=views)
-    router.upstream_request(ctx=again, payload=(busy := {}))
-    assert busy["id_slot"] != slot
+    assert again.slot_hint != slot
     router.complete(ctx=first, outcome="ok")
     router.complete(ctx=again, outcome="ok")
     later = request(conversation(2))
     router.route(ctx=later, backends=views)
-    router.upstream_request(ctx=later, payload=(back := {}))
-    assert back["id_slot"] in (slot, busy["id_slot"])  # one it holds
+    assert later.slot_hint in (slot, again.slot_hint)  # one it holds
 
 
-def test_slots_unknown_or_pinning_off_leave_the_slot_to_llama_server():
+def test_slots_unknown_or_pinning_off_leave_the_slot_to_the_gateway():
     for router, slots in ((plugin("router", strategy="prefix_affinity"), None),
                           (plugin("router", strategy="prefix_affinity", pin_slots=False), 4)):
         ctx = request(conversation(0))
         router.route(ctx=ctx, backends={"chat": two_replicas(slots).view})
-        router.upstream_request(ctx=ctx, payload=(payload := {}))
-        assert "id_slot" not in payload and ctx.routing == "affinity"
+        assert ctx.slot_hint is None and ctx.routing == "affinity"
 
 
 def test_other_clients_and_embeddings_are_not_keyed_together():
@@ -309,7 +304,7 @@ def test_a_new_conversation_whose_replica_has_no_free_slot_takes_the_next_and_st
     views = {"chat": two_replicas(slots=1).view}
     homes = {}
     for n in range(50):  # two conversations that prefer the same replica
-        key = affinity_key(conversation(0, f"c{n}"), CHAT, "m", "alice", 2048)
+        key = affinity_key(conversation(0, f"c{n}"), CHAT, "m", "client:alice", 2048)
         homes.setdefault(rank(key, ["http://a", "http://b"])[0], []).append(f"c{n}")
     first, second = homes[0][:2]
     ctx = request(conversation(0, first))
@@ -321,3 +316,18 @@ def test_a_new_conversation_whose_replica_has_no_free_slot_takes_the_next_and_st
         router.complete(ctx=ctx, outcome="ok")
     ctx = request(conversation(1, first))  # and the first keeps its own
     assert router.route(ctx=ctx, backends=views).url == "http://a" and ctx.routing == "affinity"
+
+
+def test_responses_completion_and_infill_are_keyed_like_chat_and_completions():
+    opening = {"instructions": "You are terse. " * 20, "input": "What is 2+2?"}
+    later = {"instructions": opening["instructions"],
+             "input": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+                       {"role": "user", "content": "And 3+3?"}]}
+    key = affinity_key(opening, "/v1/responses", "m", "client:alice", 64)
+    assert key is not None and key == affinity_key(later, "/v1/responses", "m", "client:alice", 64)
+    assert key != affinity_key(opening, "/v1/responses", "m", "client:bob", 64)
+    head = "def fibonacci(n):\n" * 10
+    assert affinity_key({"prompt": head + "a"}, "/completion", "m", "", len(head)) == \
+        affinity_key({"prompt": head + "b"}, "/completion", "m", "", len(head))
+    assert affinity_key({"input_prefix": head, "input_suffix": "x"}, "/infill", "m", "", 64) is not None
+    assert affinity_key({"messages": [{"role": "user", "content": "hi"}]}, "/v1/messages", "m", "", 64) is None

@@ -75,7 +75,7 @@ def test_the_affinity_benchmark_measures_conversations_and_tabulates_them(canned
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCH))
-    figures = module.run_workload(canned_url, "shared-sequential", conversations=2, turns=2)
+    figures = module.run_workload(canned_url, "shared-sequential", conversations=2, turns=2, tenants="each")
     assert figures["requests"] == 4 and figures["ttft_follow_p50"] is not None
     options = type("Options", (), {"workloads": ["shared"]})()
     lines = module.table({strategy: {"shared": figures} for strategy in module.STRATEGIES}, options)

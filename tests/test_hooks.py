@@ -134,13 +134,15 @@ def test_hook_upstream_request():
     class Edit:
         @hookimpl
         def upstream_request(self, ctx, payload):
-            payload["cache_prompt"] = True
+            payload["n_probs"] = 2
+            payload["cache_prompt"] = True  # the core's to decide (gateway.slots): replaced
             payload["messages"].insert(0, {"role": "system", "content": "Be brief."})
 
     with Harness([Edit()]) as harness:
         harness.chat("hi")
         _, _, sent = harness.backend.requests[-1]
-        assert sent["cache_prompt"] is True and sent["messages"][0]["role"] == "system"
+        assert sent["n_probs"] == 2 and sent["messages"][0]["role"] == "system"
+        assert sent["cache_prompt"] is False  # a fresh slot
 
 
 def test_hook_response():

@@ -98,12 +98,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
          arg("--binary", default=None, help="llama-server executable (default: LLAMA_SERVER_BIN, PATH)"),
          arg("--threads", type=int, default=None, help="CPU threads (default: all cores)"),
          arg("--api-key", default=None, help="a key callers must send (default: LLAMA_API_KEY, else none)"),
+         arg("--cache-ram", type=int, default=0,
+             help="MiB of prompt cache in host memory, shared by every client across slots (default 0: off)"),
          arg("extra", nargs=argparse.REMAINDER, help="after --: more llama-server arguments (binary only)"))
 def cmd_backend(args: argparse.Namespace) -> int:
     backend.run(backend.BackendOptions(model=args.model, host=args.host, port=args.port,
                                        embeddings=args.embeddings, parallel=args.parallel,
                                        ctx=args.ctx, binary=args.binary, threads=args.threads,
                                        api_key=args.api_key or settings.current().llama_api_key or None,
+                                       cache_ram=args.cache_ram,
                                        extra_args=tuple(a for a in args.extra if a != "--")))
     return 0
 

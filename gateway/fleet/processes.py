@@ -22,7 +22,8 @@ def launch(backend: BackendConfig, port: int, log_path: str) -> subprocess.Popen
     launch = backend.launch
     assert launch is not None
     args = [sys.executable, "-m", "gateway.cli", "backend", "--model", launch.model, "--host", "127.0.0.1",
-            "--port", str(port), "--parallel", str(launch.parallel), "--ctx", str(launch.ctx)]
+            "--port", str(port), "--parallel", str(launch.parallel), "--ctx", str(launch.ctx),
+            "--cache-ram", str(launch.cache_ram)]
     if launch.threads:
         args += ["--threads", str(launch.threads)]
     if launch.embeddings:

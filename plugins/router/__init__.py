@@ -5,9 +5,12 @@ while it loads a model) or whose circuit breaker is open are skipped; among the
 rest, ``least_in_flight`` takes the one with the fewest requests in flight, ties in
 the gateway's own round-robin order (``BackendView.candidates()``: one rotation for
 the whole gateway), and ``round_robin`` the next in that order. ``prefix_affinity``
-sends the turns of one conversation to the same replica and the same llama-server
-slot, whose KV cache still holds their common prefix, unless that replica already
-has more than its share of requests in flight (:mod:`plugins.router.affinity`).
+sends the turns of one conversation to the same replica and asks for the same
+llama-server slot (``ctx.slot_hint``), whose KV cache still holds their common prefix,
+unless that replica already has more than its share of requests in flight
+(:mod:`plugins.router.affinity`). Whether the slot's cache may be reused is the core's
+decision (``gateway.slots``: only the tenant that used the slot last, by the backend's
+``kv_sharing``); the conversation's key is scoped the same way.
 The gateway fails over to the other replicas when the chosen one refuses the
 connection, before any byte was sent.
 
@@ -24,15 +27,15 @@ from gateway import hookimpl
 
 from .affinity import SlotTable, affinity_key, within_bounds
 
-# The routes whose prompts llama-server caches in a slot.
-PROMPT_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# The routes whose prompts llama-server caches in the slot the gateway names (on
+# /v1/messages it places the request itself, so keying it would gain nothing).
+PROMPT_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/completion", "/infill")
 
 
 class Plugin:
     def __init__(self, config: dict[str, Any]) -> None:
         self.strategy = config["strategy"]
         self.load_factor = config["load_factor"]
-        self.per_client = config["affinity_scope"] == "client"
         self.prefix_chars = config["prefix_chars"]
         self.pin_slots = config["pin_slots"]
         self.slot_ttl = config["slot_ttl"]
@@ -48,7 +51,7 @@ class Plugin:
             return None  # let the gateway try them all: one may have come back
         if self.strategy == "round_robin":
             return self._routed(ctx, "turn", ready[0])
-        scope = self._scope(ctx)
+        scope = backend.kv_scope(ctx.principal)
         key = self._key(ctx, scope) if self.strategy == "prefix_affinity" else None
         if key is None:
             return self._routed(ctx, "load", min(ready, key=lambda replica: replica.in_flight))
@@ -67,12 +70,6 @@ class Plugin:
         return self._routed(ctx, "affinity" if fitting[index] == first else "spill", chosen)
 
     @hookimpl
-    def upstream_request(self, ctx, payload):
-        pinned = ctx.state.get("router")
-        if pinned is not None:
-            payload["id_slot"] = pinned[1]
-
-    @hookimpl
     def complete(self, ctx, outcome):
         pinned = ctx.state.get("router")
         if pinned is not None:
@@ -81,14 +78,10 @@ class Plugin:
             if table is not None and slot < len(table):
                 table.release(slot, time.monotonic())
 
-    @staticmethod
-    def _scope(ctx) -> str:
-        return ctx.principal.client_id if ctx.principal is not None else ""
-
     def _key(self, ctx, scope: str) -> bytes | None:
         if ctx.route not in PROMPT_ROUTES:
             return None
-        return affinity_key(ctx.body, ctx.route, ctx.model or "", scope if self.per_client else "", self.prefix_chars)
+        return affinity_key(ctx.body, ctx.route, ctx.model or "", scope, self.prefix_chars)
 
     def _with_a_slot(self, key: bytes, fitting: list) -> int:
         """Of the replicas within their bound, in the key's order: the first where the
@@ -106,7 +99,7 @@ class Plugin:
         return 0
 
     def _pin(self, ctx, key: bytes, scope: str, replica) -> None:
-        """Choose the replica's slot for this conversation; ``upstream_request`` sends it."""
+        """Choose the replica's slot for this conversation, as the core's hint."""
         table = self.tables.get(replica.url)
         if table is None or len(table) != replica.slots:
             table = self.tables[replica.url] = SlotTable(replica.slots)
@@ -115,6 +108,7 @@ class Plugin:
         if slot is not None:
             table.take(slot, key, scope, now)
             ctx.state["router"] = (replica.url, slot)
+            ctx.slot_hint = slot
 
     @staticmethod
     def _routed(ctx, how: str, replica):

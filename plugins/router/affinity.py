@@ -7,9 +7,11 @@ must map a conversation to the same replica and slot.
 
 * :func:`affinity_key`: the hash a conversation keeps across its turns. For chat,
   the messages up to and including the first ``user`` message (the system prompt and
-  the opening question: every later turn starts with them); for completions, the
-  prompt's first ``prefix_chars`` characters (or tokens). Scoped by client unless the
-  operator shares caches between tenants.
+  the opening question: every later turn starts with them), and likewise Responses'
+  ``instructions`` and ``input`` items; for completions (and llama-server's
+  ``/completion`` and ``/infill``), the prompt's first ``prefix_chars`` characters (or
+  tokens). Scoped like the KV cache itself: by client unless the backend's
+  ``kv_sharing`` puts clients together.
 * :func:`rank`: weighted rendezvous (highest random weight) hashing of the key over
   the replicas: each replica's score depends on the key and its own URL only, so a
   replica joining or leaving moves only the keys it wins or held.
@@ -34,18 +36,23 @@ def affinity_key(body: dict[str, Any] | None, route: str, model: str, scope: str
 
     Args:
         body: The request body.
-        route: ``/v1/chat/completions`` or ``/v1/completions``; other routes have no key.
+        route: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``,
+            ``/completion`` or ``/infill``; other routes have no key.
         model: The public model id (one backend may serve several).
-        scope: What else goes into the key: the client id (cache kept per tenant) or
-            ``""`` (shared by every client).
+        scope: Whose caches the request may share (``BackendView.kv_scope``).
         prefix_chars: For completions, how much of the prompt's head is the key.
     """
     if not isinstance(body, dict):
         return None
     digest = blake2b(digest_size=16)
     digest.update(f"{len(scope)}:{scope}\0{len(model)}:{model}\0{route}\0".encode())
-    if route == "/v1/chat/completions":
-        messages = body.get("messages")
+    if route in ("/v1/chat/completions", "/v1/responses"):
+        messages = body.get("messages") if route == "/v1/chat/completions" else body.get("input")
+        if route == "/v1/responses":
+            if isinstance(messages, str):
+                messages = [{"role": "user", "content": messages}]
+            if isinstance(body.get("instructions"), str) and isinstance(messages, list):
+                messages = [{"role": "system", "content": body["instructions"]}, *messages]
         if not isinstance(messages, list) or not messages:
             return None
         for message in messages:
@@ -56,8 +63,8 @@ def affinity_key(body: dict[str, Any] | None, route: str, model: str, scope: str
             _update(digest, message.get("content"))
             if role == "user":  # the opening question: every later turn repeats it
                 break
-    elif route == "/v1/completions":
-        prompt = body.get("prompt")
+    elif route in ("/v1/completions", "/completion", "/infill"):
+        prompt = body.get("input_prefix") if route == "/infill" else body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch: its first prompt
         if isinstance(prompt, str) and prompt:

@@ -141,8 +141,11 @@ def start_gateway(logs: Path) -> Iterator[Callable[..., Gateway]]:
         port = free_port()
         config = logs / f"pipelines-{port}.yaml"
         config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        # a slot table of the session's own: other test runs on the host reuse ports
         env = dict(os.environ, GATEWAY_BIND=f"127.0.0.1:{port}", GATEWAY_CONFIG=str(config),
-                   GATEWAY_WORKERS=str(workers), GATEWAY_GRACEFUL_TIMEOUT="5", **env_extra)
+                   GATEWAY_WORKERS=str(workers), GATEWAY_GRACEFUL_TIMEOUT="5",
+                   LLAMAGATE_SLOTS_DIR=str(logs / "slots"))
+        env.update(env_extra)
         proc = Proc([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
                     logs / f"gateway-{port}.log", env=env)
         procs.append(proc)

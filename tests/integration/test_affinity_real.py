@@ -77,7 +77,7 @@ def opening(n: int) -> list[dict[str, str]]:
 
 def home(messages: list[dict[str, str]], pair: list[str], client: str = "alice") -> str:
     """The replica the router must prefer for a client's conversation."""
-    key = affinity_key({"messages": messages}, "/v1/chat/completions", "smollm2", client, 2048)
+    key = affinity_key({"messages": messages}, "/v1/chat/completions", "smollm2", f"client:{client}", 2048)
     return pair[rank(key, pair)[0]]
 
 
@@ -155,27 +155,21 @@ def test_a_conversation_spills_to_the_other_replica_when_its_own_is_over_its_sha
     wait_for(lambda: turn(gateway, list(messages), "back")["replica"] == own)
 
 
-def test_another_tenant_cannot_time_whether_a_prompt_is_cached(gateway, start_gateway, logs):
+def test_another_tenant_cannot_time_whether_a_prompt_is_cached(gateway):
     """Bob sends the prompt Alice sent: were it served from her slot's cache, his first
-    token would come sooner, and he would learn what she asked. Keyed by client, it lands
-    in a slot of his own. Without affinity (llama-server picks the slot most like the
-    prompt) the same request reuses her cache: the attack is real."""
+    token would come sooner, and he would learn what she asked. The gateway lets only the
+    tenant that used a slot last reuse it (gateway.slots). Straight to llama-server, without
+    the gateway (it picks the slot most like the prompt), the same request reuses her
+    cache: the attack is real."""
     secret = [{"role": "system", "content": "Internal memo: the merger with Northwind closes on May 3rd. " * 12},
               {"role": "user", "content": "Summarise the memo."}]
     hers = turn(gateway, list(secret), "alice")
     assert turn(gateway, list(secret), "alice")["cached_tokens"] >= hers["prompt_tokens"] - 1  # she gains
     his = turn(gateway, list(secret), "bob", key=BOB)
     assert his["cached_tokens"] < his["prompt_tokens"] // 10, his
-    baseline = start_gateway({
-        "backends": {"chat": {"urls": [hers["replica"]]}},
-        "models": {"smollm2": {"backend": "chat"}},
-        "pipelines": {"default": [{"accesslog": {"path": str(logs / "affinity-baseline.log")}},
-                                  {"router": {"strategy": "least_in_flight"}}]},
-        "routes": {"/v1/chat/completions": "default"},
-    })
-    baseline.access_log = logs / "affinity-baseline.log"  # type: ignore[attr-defined]
-    leaked = turn(baseline, list(secret), "baseline")
-    assert leaked["cached_tokens"] >= leaked["prompt_tokens"] - 1, leaked
+    leaked = requests.post(hers["replica"] + "/v1/chat/completions", timeout=120, json={
+        "messages": secret, "max_tokens": 1, "cache_prompt": True}).json()["usage"]
+    assert leaked["prompt_tokens_details"]["cached_tokens"] >= leaked["prompt_tokens"] - 1, leaked
 
 
 def test_a_killed_replica_moves_its_conversations_and_they_succeed(start_gateway, pair, backends, logs):
