@@ -1,9 +1,9 @@
 """Plugins found, configured and chained: one pluggy PluginManager per pipeline.
 
 A plugin is a class. It is built with its checked config, ``cls(config)``, once per
-pipeline it appears in. Its config schema is the class attribute ``config_schema``
-or else the ``schema.json`` beside the module that defines it; with neither, the
-plugin takes no config. Plugins are found three ways, later ones shadowing
+pipeline it appears in. Its config schema is its ``config_schema`` (see
+:class:`gateway.hookspecs.Plugin`) or else the ``schema.json`` beside the module that
+defines it; with neither, the plugin takes no config. Plugins are found three ways, later ones shadowing
 earlier ones of the same name:
 
 1. the built-ins: each package under ``plugins/`` that defines ``Plugin``;
@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pluggy
 
 from . import hookspecs
+from .hookspecs import HOOK_NAMES, plugin_attribute
 from .config import Config, ConfigError, PluginEntry
 from .schemas import apply_defaults, compile_schema, schema_errors
 from .context import BackendView, ReplicaView, RequestContext, Response
@@ -36,7 +37,6 @@ log = logging.getLogger("llamagate")
 
 ENTRY_POINT_GROUP = "llamagate.plugins"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
-HOOK_NAMES = tuple(name for name in vars(hookspecs.GatewaySpec) if not name.startswith("_"))
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class PluginSpec:
 
 
 def _schema_for(cls: Any) -> dict[str, Any]:
-    schema = getattr(cls, "config_schema", None)
+    schema = plugin_attribute(cls, "config_schema")
     if schema is not None:
         return schema
     module = sys.modules.get(cls.__module__)
@@ -119,33 +119,6 @@ def discover(plugin_dirs: Iterable[str] = ()) -> dict[str, PluginSpec]:
     return found
 
 
-def _caller(hook: Any) -> Callable[..., Any]:
-    """``hook`` called as pluggy calls it (its order, ``firstresult``), without pluggy's
-    per-call machinery, a third of a hook call's cost; pluggy itself when an
-    implementation is a wrapper, which needs it."""
-    impls = hook.get_hookimpls()[::-1]  # pluggy calls the last in its list first
-    if any(impl.hookwrapper or impl.wrapper for impl in impls):
-        return hook
-    calls = [(impl.function, impl.argnames) for impl in impls]
-    if hook.spec.opts.get("firstresult"):
-        def first(**kwargs: Any) -> Any:
-            for function, argnames in calls:
-                result = function(*[kwargs[name] for name in argnames])
-                if result is not None:
-                    return result
-            return None
-        return first
-
-    def every(**kwargs: Any) -> list[Any]:
-        results = []
-        for function, argnames in calls:
-            result = function(*[kwargs[name] for name in argnames])
-            if result is not None:
-                results.append(result)
-        return results
-    return every
-
-
 class Pipeline:
     """One pipeline's plugins, called in YAML order.
 
@@ -163,16 +136,21 @@ class Pipeline:
         for label, plugin in reversed(plugins):
             self.pm.register(plugin, name=label)
         self.pm.check_pending()
+        # Hooks are called through pluggy's own dispatch (``_multicall``, and
+        # ``add_hookcall_monitoring`` for tracing) with each hook's implementations and
+        # ``firstresult`` taken once here, as the plugins never change after this:
+        # calling the HookCaller instead re-checks and copies them on every call, which
+        # makes the hook calls of a request 1.7x as costly (bench/hookcalls.py).
+        self._hookexec = self.pm._hookexec
+        self._impls = {name: getattr(self.pm.hook, name).get_hookimpls() for name in HOOK_NAMES}
+        self._firstresult = {name: bool(getattr(self.pm.hook, name).spec.opts.get("firstresult"))
+                             for name in HOOK_NAMES}
         # The plugins that see stream events, and whether they want them for a request.
-        self._event_plugins = [impl.plugin for impl in self.pm.hook.response_event.get_hookimpls()]
-        self._complete_impls = self.pm.hook.complete.get_hookimpls()[::-1]
-        self._callers = {name: _caller(getattr(self.pm.hook, name))
-                         for name in ("request_start", "request", "route", "upstream_request", "response",
-                                      "response_event")}
+        self._event_wants = [plugin_attribute(impl.plugin, "wants_events") for impl in self._impls["response_event"]]
 
     def _call(self, name: str, ctx: RequestContext, **kwargs: Any) -> Any:
         try:
-            return self._callers[name](ctx=ctx, **kwargs)
+            return self._hookexec(name, self._impls[name], {"ctx": ctx, **kwargs}, self._firstresult[name])
         except GatewayError:
             raise
         except Exception as exc:
@@ -200,8 +178,7 @@ class Pipeline:
     def wants_events(self, ctx: RequestContext) -> bool:
         """Whether this request's stream events must be decoded: some plugin implements
         ``response_event`` and wants them for it (``wants_events(ctx)``, default yes)."""
-        for plugin in self._event_plugins:
-            wants = getattr(plugin, "wants_events", None)
+        for wants in self._event_wants:
             try:
                 if wants is None or wants(ctx):
                     return True
@@ -218,17 +195,17 @@ class Pipeline:
     def complete(self, ctx: RequestContext, outcome: str, backends: Mapping[str, BackendView]) -> None:
         """Call every plugin's ``complete``; one that raises is logged and skipped."""
         kwargs = {"ctx": ctx, "outcome": outcome, "backends": backends}
-        for impl in self._complete_impls:
+        for impl in reversed(self._impls["complete"]):  # pluggy's order: the last in its list first
             try:
-                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+                self._hookexec("complete", [impl], kwargs, False)
             except Exception:
                 ctx.log(logging.ERROR, "plugin %s failed in complete hook", impl.plugin_name, exc_info=True)
 
     def shutdown(self) -> None:
         """Call every plugin's ``shutdown``; one that raises is logged and skipped."""
-        for impl in self.pm.hook.shutdown.get_hookimpls()[::-1]:
+        for impl in reversed(self._impls["shutdown"]):
             try:
-                impl.function()
+                self._hookexec("shutdown", [impl], {}, False)
             except Exception:
                 log.exception("plugin %s failed in shutdown hook of pipeline %s", impl.plugin_name, self.name)
 
