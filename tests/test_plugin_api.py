@@ -93,3 +93,43 @@ def test_gateway_keeps_its_old_names_for_plugins_written_against_it():
 
     for name in gateway.__all__:
         assert getattr(gateway, name) is getattr(gateway.plugin, name)
+
+
+def test_the_plugin_protocol_is_read_in_one_place():
+    """The core reads a plugin's optional members (the Plugin protocol) only through
+    hookspecs.plugin_attribute, never with getattr/hasattr of its own."""
+    members = {"config_schema", "watch_files", "wants_events"}
+    readers = []
+    for path in sorted((ROOT / "gateway").rglob("*.py")):
+        if path.name == "hookspecs.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                    node.func.id in ("getattr", "hasattr") and len(node.args) >= 2 and \
+                    isinstance(node.args[1], ast.Constant) and node.args[1].value in members:
+                readers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert readers == []
+    from gateway.hookspecs import PLUGIN_ATTRIBUTES
+
+    assert set(PLUGIN_ATTRIBUTES) == members
+
+
+def test_a_plugin_that_inherits_the_protocol_gets_its_defaults():
+    from gateway.hookspecs import plugin_attribute
+    from gateway.plugin import Plugin, hookimpl
+    from gateway.testing import Harness
+
+    class Explicit(Plugin):
+        @hookimpl
+        def response_event(self, ctx, event):
+            return None
+
+    class Bare:
+        pass
+
+    assert plugin_attribute(Bare(), "watch_files") is None and plugin_attribute(Explicit(), "watch_files") == ()
+    assert plugin_attribute(Explicit, "config_schema") is None  # then schema.json, or no config
+    with Harness([Explicit()]) as harness:
+        assert harness.wants_events()  # the protocol's default: every event
+    with pytest.raises(AttributeError):
+        plugin_attribute(Bare(), "wants_everything")
