@@ -14,6 +14,7 @@ earlier ones of the same name:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import json
@@ -119,6 +120,29 @@ def discover(plugin_dirs: Iterable[str] = ()) -> dict[str, PluginSpec]:
     return found
 
 
+def _contained(impl: pluggy.HookImpl) -> pluggy.HookImpl:
+    """A ``complete`` implementation that logs what it raises instead of raising it, so
+    that one pluggy call runs every plugin's ``complete`` even if one fails (pluggy
+    stops at the first exception; calling each implementation apart costs a pluggy call
+    per plugin). A copy: the plugin's own implementation, in the manager, is unchanged.
+    Wrappers are left as they are."""
+    if impl.wrapper or impl.hookwrapper:
+        return impl
+    function, ctx_at = impl.function, impl.argnames.index("ctx") if "ctx" in impl.argnames else None
+
+    def complete(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception:
+            logger = args[ctx_at].log if ctx_at is not None else log.log
+            logger(logging.ERROR, "plugin %s failed in complete hook", impl.plugin_name, exc_info=True)
+            return None
+
+    contained = copy.copy(impl)
+    contained.function = complete
+    return contained
+
+
 class Pipeline:
     """One pipeline's plugins, called in YAML order.
 
@@ -136,21 +160,27 @@ class Pipeline:
         for label, plugin in reversed(plugins):
             self.pm.register(plugin, name=label)
         self.pm.check_pending()
-        # Hooks are called through pluggy's own dispatch (``_multicall``, and
-        # ``add_hookcall_monitoring`` for tracing) with each hook's implementations and
-        # ``firstresult`` taken once here, as the plugins never change after this:
-        # calling the HookCaller instead re-checks and copies them on every call, which
-        # makes the hook calls of a request 1.7x as costly (bench/hookcalls.py).
+        # Hooks are called through pluggy's own dispatch, the manager's ``_hookexec``
+        # (``_multicall``: pluggy's order, ``firstresult`` and wrappers; tracing through
+        # ``add_hookcall_monitoring``), with each hook's implementations and
+        # ``firstresult`` taken once here, as the plugins never change after this. The
+        # HookCaller would re-check the arguments and copy the list on every call (up to
+        # 1.7x the dispatch cost of a request, bench/hookcalls.py), and could not run
+        # the contained ``complete`` implementations.
         self._hookexec = self.pm._hookexec
-        self._impls = {name: getattr(self.pm.hook, name).get_hookimpls() for name in HOOK_NAMES}
-        self._firstresult = {name: bool(getattr(self.pm.hook, name).spec.opts.get("firstresult"))
-                             for name in HOOK_NAMES}
+        self._plan: dict[str, tuple[list[pluggy.HookImpl], bool]] = {}
+        for name in HOOK_NAMES:
+            hook = getattr(self.pm.hook, name)
+            impls = hook.get_hookimpls()
+            self._plan[name] = ([_contained(impl) for impl in impls] if name == "complete" else impls,
+                                bool(hook.spec.opts.get("firstresult")))
         # The plugins that see stream events, and whether they want them for a request.
-        self._event_wants = [plugin_attribute(impl.plugin, "wants_events") for impl in self._impls["response_event"]]
+        self._event_wants = [plugin_attribute(impl.plugin, "wants_events") for impl in self._plan["response_event"][0]]
 
     def _call(self, name: str, ctx: RequestContext, **kwargs: Any) -> Any:
         try:
-            return self._hookexec(name, self._impls[name], {"ctx": ctx, **kwargs}, self._firstresult[name])
+            impls, firstresult = self._plan[name]
+            return self._hookexec(name, impls, {"ctx": ctx, **kwargs}, firstresult)
         except GatewayError:
             raise
         except Exception as exc:
@@ -193,17 +223,14 @@ class Pipeline:
         return self._call("response_event", ctx, event=event) is not False
 
     def complete(self, ctx: RequestContext, outcome: str, backends: Mapping[str, BackendView]) -> None:
-        """Call every plugin's ``complete``; one that raises is logged and skipped."""
-        kwargs = {"ctx": ctx, "outcome": outcome, "backends": backends}
-        for impl in reversed(self._impls["complete"]):  # pluggy's order: the last in its list first
-            try:
-                self._hookexec("complete", [impl], kwargs, False)
-            except Exception:
-                ctx.log(logging.ERROR, "plugin %s failed in complete hook", impl.plugin_name, exc_info=True)
+        """Call every plugin's ``complete``; one that raises is logged and skipped
+        (each implementation is :func:`_contained`)."""
+        self._hookexec("complete", self._plan["complete"][0], {"ctx": ctx, "outcome": outcome, "backends": backends},
+                       False)
 
     def shutdown(self) -> None:
         """Call every plugin's ``shutdown``; one that raises is logged and skipped."""
-        for impl in reversed(self._impls["shutdown"]):
+        for impl in reversed(self._plan["shutdown"][0]):  # pluggy's order: the last in its list first
             try:
                 self._hookexec("shutdown", [impl], {}, False)
             except Exception:
