@@ -230,7 +230,7 @@ class Pipeline:
 
     def shutdown(self) -> None:
         """Call every plugin's ``shutdown``; one that raises is logged and skipped."""
-        for impl in reversed(self._plan["shutdown"][0]):  # pluggy's order: the last in its list first
+        for impl in self.pm.hook.shutdown.get_hookimpls()[::-1]:  # pluggy's order: the last in its list first
             try:
                 self._hookexec("shutdown", [impl], {}, False)
             except Exception:
