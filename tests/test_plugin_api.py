@@ -133,3 +133,11 @@ def test_a_plugin_that_inherits_the_protocol_gets_its_defaults():
         assert harness.wants_events()  # the protocol's default: every event
     with pytest.raises(AttributeError):
         plugin_attribute(Bare(), "wants_everything")
+
+
+def test_every_member_of_the_plugin_protocol_is_documented():
+    from gateway.hookspecs import PLUGIN_ATTRIBUTES
+
+    section = GUIDE.split("## The plugin protocol", 1)[1].split("\n## ", 1)[0]
+    for name in PLUGIN_ATTRIBUTES:
+        assert re.search(rf"^- `{name}[`(]", section, re.M), f"the plugin protocol section does not document {name}"
