@@ -1,31 +1,21 @@
 """The plugin contract: what a plugin is, and every hook it may implement.
 
 This module is the one source of the hook documentation: the hooks section of
-``docs/plugins.md`` is generated from it (``python -m gateway.hookspecs``), and a
-test keeps the two equal.
+``docs/plugins.md`` is generated from it (``python -m gateway.hookdocs``), and a
+test keeps the two equal. Plugins import its public names through
+:mod:`gateway.plugin`.
 
 **A plugin** is a class, built once per pipeline it appears in as ``cls(config)``
 with its checked config (defaults filled in). Besides its hooks (methods marked
-``@hookimpl`` whose names are the hooks below) it may have:
-
-* ``config_schema``: a class attribute holding the JSON Schema of its config
-  (checked when the pipeline loads; ``llamagate check`` reports problems with the
-  file and the path). Without it, a ``schema.json`` beside the module that defines
-  the class is used; with neither, the plugin takes no config. ``__init__`` may raise
-  ``ValueError`` for what a schema cannot say.
-* ``watch_files``: paths (an attribute) whose change reloads the configuration,
-  like ``pipelines.yaml`` itself (the auth plugin's keys file).
-* ``wants_events(ctx) -> bool``: whether this request's stream events must be
-  decoded for its ``response_event`` hook. Without it, a plugin implementing
-  ``response_event`` gets every event of every stream; with it, a stream no plugin
-  wants is relayed as raw bytes, which costs far less (a cache wants only the misses
-  it may store, an access log only when it logs bodies).
+``@hookimpl`` whose names are the hooks below) it may have the members of
+:class:`Plugin`.
 
 The gateway calls hooks with keyword arguments, in the order the plugins are listed
 in ``pipelines.yaml``. Hooks only ever grow by new arguments; an implementation may
 accept any subset of a hook's arguments. A plugin rejects a request by raising a
-:class:`gateway.GatewayError` subclass; any other exception is contained: the client
-gets a 500 carrying the request id, the worker lives on, and ``complete`` still runs.
+:class:`gateway.plugin.GatewayError` subclass; any other exception is contained: the
+client gets a 500 carrying the request id, the worker lives on, and ``complete``
+still runs.
 
 Hooks run inside a gevent worker: do no blocking I/O that gevent cannot switch out
 of (plain sockets, ``requests`` and ``redis`` are fine; C extensions that block, such
@@ -34,10 +24,7 @@ as sqlite3, belong in gevent's threadpool).
 
 from __future__ import annotations
 
-import inspect
-import re
-import sys
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
 
 import pluggy
 
@@ -48,6 +35,48 @@ PROJECT = "llamagate"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class Plugin(Protocol):
+    """What the gateway reads from a plugin besides its hooks. Every member is
+    optional: a plugin need not inherit from this class nor have any of them (the
+    defaults here are what a missing member means). The gateway reads them through
+    :func:`plugin_attribute` only.
+    """
+
+    config_schema: ClassVar[Mapping[str, Any] | None] = None
+    """The JSON Schema of the plugin's config, checked when the pipeline loads
+    (``llamagate check`` reports problems with the file and the path). Without it, a
+    ``schema.json`` beside the module that defines the class is used; with neither,
+    the plugin takes no config. ``__init__`` may raise ``ValueError`` for what a
+    schema cannot say."""
+
+    watch_files: Sequence[str] = ()
+    """Paths whose change reloads the configuration, like ``pipelines.yaml`` itself
+    (the auth plugin's keys file)."""
+
+    def wants_events(self, ctx: RequestContext) -> bool:
+        """Whether this request's stream events must be decoded for this plugin's
+        ``response_event`` hook. Without it, a plugin implementing ``response_event``
+        gets every event of every stream; with it, a stream no plugin wants is
+        relayed as raw bytes, which costs far less (a cache wants only the misses it
+        may store, an access log only when it logs bodies)."""
+        return True
+
+
+PLUGIN_ATTRIBUTES = tuple(name for name in vars(Plugin) if not name.startswith("_"))
+
+
+def plugin_attribute(plugin: Any, name: str) -> Any:
+    """``plugin``'s member ``name`` of :class:`Plugin`, or None when it has none (the
+    one place the gateway reads them).
+
+    Raises:
+        AttributeError: when ``name`` is not a member of :class:`Plugin`.
+    """
+    if name not in PLUGIN_ATTRIBUTES:
+        raise AttributeError(f"{name!r} is not a member of the Plugin protocol")
+    return getattr(plugin, name, None)
 
 
 class GatewaySpec:
@@ -66,7 +95,7 @@ class GatewaySpec:
                 are set; ``ctx.body`` and ``ctx.model`` are still None.
 
         Returns:
-            None to continue, or a :class:`gateway.Response` that answers at once
+            None to continue, or a :class:`gateway.plugin.Response` that answers at once
             (the body is never read).
 
         Raises:
@@ -93,7 +122,7 @@ class GatewaySpec:
                 them (for a plugin route that reports on them).
 
         Returns:
-            None to continue, or a :class:`gateway.Response` that answers at once:
+            None to continue, or a :class:`gateway.plugin.Response` that answers at once:
             the plugins after yours and the backend are skipped (a cache hit).
 
         Raises:
@@ -117,13 +146,13 @@ class GatewaySpec:
         Args:
             ctx: The request; ``ctx.backend`` names the backend the model is configured on.
             backends: Every configured backend by name, as read-only
-                :class:`gateway.BackendView` objects: ``name``, ``replicas``,
+                :class:`gateway.plugin.BackendView` objects: ``name``, ``replicas``,
                 ``in_flight``, ``queued``, ``limit``, ``candidates()`` (the available
                 replicas in the gateway's round-robin order; it takes a turn) and
                 ``kv_scope(principal)`` (whose cached prompts the caller may reuse
                 there, by the backend's ``kv_sharing``: ``client:<id>``,
                 ``group:<name>``, ``global``, ``anonymous``). Each
-                :class:`gateway.ReplicaView` has ``url``, ``ready``, ``available``,
+                :class:`gateway.plugin.ReplicaView` has ``url``, ``ready``, ``available``,
                 ``in_flight``, ``slots``, ``breaker`` and ``fetch(path)``. A hook may
                 also set ``ctx.slot_hint``: the llama-server slot it would like the
                 request to run in on the replica it returns (the core takes it, and
@@ -181,7 +210,7 @@ class GatewaySpec:
     @hookspec(firstresult=True)
     def response_event(self, ctx: RequestContext, event: dict[str, Any]) -> bool | None:
         """Sees each streamed event before the client does, for the requests whose
-        events some plugin wants (see ``wants_events`` in the plugin protocol above);
+        events some plugin wants (see ``Plugin.wants_events``);
         other streams are relayed without being decoded. ``data: [DONE]`` is not
         passed.
 
@@ -234,7 +263,7 @@ class GatewaySpec:
         configuration (once the requests it was serving have completed), or when the
         worker process exits. Flush what you buffer here. State that must outlive a
         reload, such as limits and caches, belongs in a store:
-        :func:`gateway.stores.make_store` hands the new instances the same memory store.
+        :func:`gateway.plugin.make_store` hands the new instances the same memory store.
 
         Example::
 
@@ -244,72 +273,6 @@ class GatewaySpec:
         """
 
 
-def hook_names() -> list[str]:
-    """The hooks, in the order a request meets them."""
-    return [name for name in vars(GatewaySpec) if not name.startswith("_")]
+HOOK_NAMES = tuple(name for name in vars(GatewaySpec) if not name.startswith("_"))
+"""The hooks, in the order a request meets them."""
 
-
-def markdown() -> str:
-    """The hooks section of ``docs/plugins.md``, generated from the docstrings above."""
-    out = []
-    for name in hook_names():
-        function = getattr(GatewaySpec, name)
-        arguments = [a for a in inspect.signature(function).parameters if a != "self"]
-        sections = _sections(inspect.getdoc(function) or "")
-        out.append(f"### `{name}({', '.join(arguments)})`\n")
-        out.append(_rst_to_md(sections.pop("", "")) + "\n")
-        args = sections.pop("Args", "")
-        if args:
-            out.append("\n".join(f"- `{arg}`: {_rst_to_md(text)}" for arg, text in _items(args)) + "\n")
-        for title in ("Returns", "Raises"):
-            if title in sections:
-                out.append(f"{title}: {_rst_to_md(sections.pop(title))}\n")
-        example = sections.pop("Example", "")
-        if example:
-            out.append("```python\n" + example.strip("\n") + "\n```\n")
-    return "\n".join(out)
-
-
-def _sections(doc: str) -> dict[str, str]:
-    """A Google-style docstring split into its sections ("" for the summary)."""
-    sections: dict[str, list[str]] = {"": []}
-    current = ""
-    for line in doc.splitlines():
-        header = re.fullmatch(r"(Args|Returns|Raises|Example)::?", line.strip())
-        if header and not line.startswith(" "):
-            current = header.group(1)
-            sections[current] = []
-            continue
-        sections[current].append(line)
-    return {name: inspect.cleandoc("\n".join(lines)) if name != "Example" else _dedent(lines)
-            for name, lines in sections.items()}
-
-
-def _dedent(lines: list[str]) -> str:
-    code = [line for line in lines if line.strip()]
-    indent = min((len(line) - len(line.lstrip()) for line in code), default=0)
-    return "\n".join(line[indent:] for line in lines).strip("\n")
-
-
-def _items(text: str) -> list[tuple[str, str]]:
-    """``name: text`` items of an Args section, continuation lines joined."""
-    items: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        match = re.match(r"(\w+): (.*)", line)
-        if match and not line.startswith(" "):
-            items.append((match.group(1), match.group(2)))
-        elif items:
-            items[-1] = (items[-1][0], items[-1][1] + " " + line.strip())
-    return items
-
-
-def _rst_to_md(text: str) -> str:
-    """Docstring markup to markdown: ``code`` and :class:`x` become `code`."""
-    text = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", text)
-    text = text.replace("``", "`")
-    return " ".join(line.strip() for line in text.splitlines()) if "\n\n" not in text else \
-        "\n\n".join(" ".join(line.strip() for line in para.splitlines()) for para in text.split("\n\n"))
-
-
-if __name__ == "__main__":
-    sys.stdout.write(markdown())

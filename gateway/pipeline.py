@@ -1,9 +1,9 @@
 """Plugins found, configured and chained: one pluggy PluginManager per pipeline.
 
 A plugin is a class. It is built with its checked config, ``cls(config)``, once per
-pipeline it appears in. Its config schema is the class attribute ``config_schema``
-or else the ``schema.json`` beside the module that defines it; with neither, the
-plugin takes no config. Plugins are found three ways, later ones shadowing
+pipeline it appears in. Its config schema is its ``config_schema`` (see
+:class:`gateway.hookspecs.Plugin`) or else the ``schema.json`` beside the module that
+defines it; with neither, the plugin takes no config. Plugins are found three ways, later ones shadowing
 earlier ones of the same name:
 
 1. the built-ins: each package under ``plugins/`` that defines ``Plugin``;
@@ -14,6 +14,7 @@ earlier ones of the same name:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import json
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pluggy
 
 from . import hookspecs
+from .hookspecs import HOOK_NAMES, plugin_attribute
 from .config import Config, ConfigError, PluginEntry
 from .schemas import apply_defaults, compile_schema, schema_errors
 from .context import BackendView, ReplicaView, RequestContext, Response
@@ -36,7 +38,6 @@ log = logging.getLogger("llamagate")
 
 ENTRY_POINT_GROUP = "llamagate.plugins"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
-HOOK_NAMES = tuple(name for name in vars(hookspecs.GatewaySpec) if not name.startswith("_"))
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class PluginSpec:
 
 
 def _schema_for(cls: Any) -> dict[str, Any]:
-    schema = getattr(cls, "config_schema", None)
+    schema = plugin_attribute(cls, "config_schema")
     if schema is not None:
         return schema
     module = sys.modules.get(cls.__module__)
@@ -119,31 +120,27 @@ def discover(plugin_dirs: Iterable[str] = ()) -> dict[str, PluginSpec]:
     return found
 
 
-def _caller(hook: Any) -> Callable[..., Any]:
-    """``hook`` called as pluggy calls it (its order, ``firstresult``), without pluggy's
-    per-call machinery, a third of a hook call's cost; pluggy itself when an
-    implementation is a wrapper, which needs it."""
-    impls = hook.get_hookimpls()[::-1]  # pluggy calls the last in its list first
-    if any(impl.hookwrapper or impl.wrapper for impl in impls):
-        return hook
-    calls = [(impl.function, impl.argnames) for impl in impls]
-    if hook.spec.opts.get("firstresult"):
-        def first(**kwargs: Any) -> Any:
-            for function, argnames in calls:
-                result = function(*[kwargs[name] for name in argnames])
-                if result is not None:
-                    return result
-            return None
-        return first
+def _contained(impl: pluggy.HookImpl) -> pluggy.HookImpl:
+    """A ``complete`` implementation that logs what it raises instead of raising it, so
+    that one pluggy call runs every plugin's ``complete`` even if one fails (pluggy
+    stops at the first exception; calling each implementation apart costs a pluggy call
+    per plugin). A copy: the plugin's own implementation, in the manager, is unchanged.
+    Wrappers are left as they are."""
+    if impl.wrapper or impl.hookwrapper:
+        return impl
+    function, ctx_at = impl.function, impl.argnames.index("ctx") if "ctx" in impl.argnames else None
 
-    def every(**kwargs: Any) -> list[Any]:
-        results = []
-        for function, argnames in calls:
-            result = function(*[kwargs[name] for name in argnames])
-            if result is not None:
-                results.append(result)
-        return results
-    return every
+    def complete(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception:
+            logger = args[ctx_at].log if ctx_at is not None else log.log
+            logger(logging.ERROR, "plugin %s failed in complete hook", impl.plugin_name, exc_info=True)
+            return None
+
+    contained = copy.copy(impl)
+    contained.function = complete
+    return contained
 
 
 class Pipeline:
@@ -163,16 +160,27 @@ class Pipeline:
         for label, plugin in reversed(plugins):
             self.pm.register(plugin, name=label)
         self.pm.check_pending()
+        # Hooks are called through pluggy's own dispatch, the manager's ``_hookexec``
+        # (``_multicall``: pluggy's order, ``firstresult`` and wrappers; tracing through
+        # ``add_hookcall_monitoring``), with each hook's implementations and
+        # ``firstresult`` taken once here, as the plugins never change after this. The
+        # HookCaller would re-check the arguments and copy the list on every call (up to
+        # 1.7x the dispatch cost of a request, bench/hookcalls.py), and could not run
+        # the contained ``complete`` implementations.
+        self._hookexec = self.pm._hookexec
+        self._plan: dict[str, tuple[list[pluggy.HookImpl], bool]] = {}
+        for name in HOOK_NAMES:
+            hook = getattr(self.pm.hook, name)
+            impls = hook.get_hookimpls()
+            self._plan[name] = ([_contained(impl) for impl in impls] if name == "complete" else impls,
+                                bool(hook.spec.opts.get("firstresult")))
         # The plugins that see stream events, and whether they want them for a request.
-        self._event_plugins = [impl.plugin for impl in self.pm.hook.response_event.get_hookimpls()]
-        self._complete_impls = self.pm.hook.complete.get_hookimpls()[::-1]
-        self._callers = {name: _caller(getattr(self.pm.hook, name))
-                         for name in ("request_start", "request", "route", "upstream_request", "response",
-                                      "response_event")}
+        self._event_wants = [plugin_attribute(impl.plugin, "wants_events") for impl in self._plan["response_event"][0]]
 
     def _call(self, name: str, ctx: RequestContext, **kwargs: Any) -> Any:
         try:
-            return self._callers[name](ctx=ctx, **kwargs)
+            impls, firstresult = self._plan[name]
+            return self._hookexec(name, impls, {"ctx": ctx, **kwargs}, firstresult)
         except GatewayError:
             raise
         except Exception as exc:
@@ -200,8 +208,7 @@ class Pipeline:
     def wants_events(self, ctx: RequestContext) -> bool:
         """Whether this request's stream events must be decoded: some plugin implements
         ``response_event`` and wants them for it (``wants_events(ctx)``, default yes)."""
-        for plugin in self._event_plugins:
-            wants = getattr(plugin, "wants_events", None)
+        for wants in self._event_wants:
             try:
                 if wants is None or wants(ctx):
                     return True
@@ -216,19 +223,16 @@ class Pipeline:
         return self._call("response_event", ctx, event=event) is not False
 
     def complete(self, ctx: RequestContext, outcome: str, backends: Mapping[str, BackendView]) -> None:
-        """Call every plugin's ``complete``; one that raises is logged and skipped."""
-        kwargs = {"ctx": ctx, "outcome": outcome, "backends": backends}
-        for impl in self._complete_impls:
-            try:
-                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-            except Exception:
-                ctx.log(logging.ERROR, "plugin %s failed in complete hook", impl.plugin_name, exc_info=True)
+        """Call every plugin's ``complete``; one that raises is logged and skipped
+        (each implementation is :func:`_contained`)."""
+        self._hookexec("complete", self._plan["complete"][0], {"ctx": ctx, "outcome": outcome, "backends": backends},
+                       False)
 
     def shutdown(self) -> None:
         """Call every plugin's ``shutdown``; one that raises is logged and skipped."""
-        for impl in self.pm.hook.shutdown.get_hookimpls()[::-1]:
+        for impl in self.pm.hook.shutdown.get_hookimpls()[::-1]:  # pluggy's order: the last in its list first
             try:
-                impl.function()
+                self._hookexec("shutdown", [impl], {}, False)
             except Exception:
                 log.exception("plugin %s failed in shutdown hook of pipeline %s", impl.plugin_name, self.name)
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 from .app import build_app
 from .state import Gateway
 from .config import ConfigError, load_config
+from .hookspecs import plugin_attribute
 from .pipeline import build_pipelines
 
 log = logging.getLogger("llamagate")
@@ -36,7 +37,7 @@ def watched_files(gateway: Gateway) -> list[str]:
     files = [gateway.config.file]
     for pipeline in gateway.pipelines.values():
         for _, plugin in pipeline.plugins:
-            files.extend(getattr(plugin, "watch_files", ()))
+            files.extend(plugin_attribute(plugin, "watch_files") or ())
     return files
 
 

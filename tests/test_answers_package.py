@@ -1,5 +1,6 @@
 """gateway.answers is a package of small modules, one job each, behind one public face:
-plugins import the names docs/plugins.md documents from ``gateway.answers`` itself."""
+the names docs/plugins.md documents under "Answers" (which plugins import from
+``gateway.plugin``) are ``gateway.answers``' own, as documented."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ MAX_LINES = 400
 
 
 def _documented() -> list[str]:
-    """The names (with their call forms) that docs/plugins.md's "Answers" section lists."""
+    """The names (with their call forms) that docs/plugins.md's "Answers" list names."""
     text = (ROOT / "docs" / "plugins.md").read_text()
-    section = text[text.index("\n## Answers\n"):]
-    section = section[:section.index("\n## ", 1)]
+    section = text[text.index("\nAnswers: "):]
+    section = section[:section.index("\n\n", section.index("\n- "))]
     forms = []
     for line in section.splitlines():
         if line.startswith("- `"):

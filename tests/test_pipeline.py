@@ -242,8 +242,8 @@ def test_gateway_asks_for_usage_on_streams_and_hides_it_unless_asked(make_client
 
 
 def test_hooks_are_called_as_pluggy_calls_them_wrappers_and_tryfirst_included():
-    """The pipeline calls hooks without pluggy's per-call machinery, except when an
-    implementation wraps the others: the results must be pluggy's either way."""
+    """The pipeline calls hooks through pluggy's own dispatch: its order, firstresult
+    and wrappers."""
     calls: list = []
 
     class Late:
@@ -274,3 +274,67 @@ def test_hooks_are_called_as_pluggy_calls_them_wrappers_and_tryfirst_included():
     wrapped = Pipeline("p", [("late", Late()), ("wrapper", Wrapper()), ("early", Early())])
     assert wrapped.request(ctx, {}).body == {"from": "late"}
     assert calls == ["wrapper in", "early", "late", "wrapper out"]
+
+
+def test_every_hook_call_goes_through_pluggy_so_its_monitoring_sees_it():
+    """No dispatch of our own: pluggy's add_hookcall_monitoring (tracing) sees every
+    hook call of a request, complete and shutdown included, with pluggy's results."""
+    calls: list = []
+
+    class Events:
+        @hookimpl
+        def response_event(self, ctx, event):
+            return False
+
+        @hookimpl
+        def shutdown(self):
+            calls.append("shutdown")
+
+    pipeline = Pipeline("p", [("a", Recorder("a", calls)), ("e", Events())])
+    seen: list = []
+    pipeline.pm.add_hookcall_monitoring(lambda name, impls, kwargs: seen.append(("before", name, len(impls))),
+                                        lambda outcome, name, impls, kwargs: seen.append(("after", name)))
+    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
+    pipeline.request_start(ctx)
+    pipeline.request(ctx, {})
+    pipeline.route(ctx, {})
+    pipeline.upstream_request(ctx, {})
+    pipeline.response(ctx, {})
+    assert pipeline.response_event(ctx, {}) is False  # dropped, as pluggy's firstresult says
+    pipeline.complete(ctx, "ok", {})
+    pipeline.shutdown()
+    names = [name for when, name, *_ in seen if when == "before"]
+    assert names == ["request_start", "request", "route", "upstream_request", "response", "response_event",
+                     "complete", "shutdown"]
+    assert ("after", "complete") in seen and calls[-1] == "shutdown"
+
+
+def test_a_crashing_complete_does_not_stop_the_others(caplog):
+    """One pluggy call runs every complete; one that raises is logged with the request id."""
+    calls: list = []
+
+    class Crash:
+        @hookimpl
+        def complete(self, ctx):
+            raise RuntimeError("boom")
+
+    class CrashWithoutContext:
+        @hookimpl
+        def complete(self, outcome):
+            raise RuntimeError("bang")
+
+    pipeline = Pipeline("p", [("crash", Crash()), ("quiet", CrashWithoutContext()), ("a", Recorder("a", calls))])
+    seen: list = []
+    pipeline.pm.add_hookcall_monitoring(lambda name, impls, kwargs: seen.append([impl.plugin_name for impl in impls]),
+                                        lambda *args: None)
+    with caplog.at_level(logging.ERROR, logger="llamagate"):
+        pipeline.complete(RequestContext(request_id="req-7", method="POST", route="/v1/chat/completions"), "ok", {})
+    assert calls == [("a", "complete", "ok")]
+    assert sorted(seen[0]) == ["a", "crash", "quiet"] and len(seen) == 1
+    failures = [r for r in caplog.records if "failed in complete hook" in r.getMessage()]
+    assert [r.getMessage().split("plugin ", 1)[1] for r in failures] == ["crash failed in complete hook",
+                                                                          "quiet failed in complete hook"]
+    assert "req-7" in caplog.text and "boom" in caplog.text and "bang" in caplog.text
+    # the plugins' own implementations, in pluggy's manager, are untouched
+    with pytest.raises(RuntimeError):
+        pipeline.pm.hook.complete(ctx=RequestContext(request_id="r", method="GET", route="/"), outcome="ok", backends={})

@@ -45,6 +45,11 @@ each counting that choice's completion.
 
 ``/tokenize`` counts one token per word; ``/props`` reports 64 slots.
 
+Between tests: :func:`reset_memory_stores` forgets every memory store (they live as
+long as the process, so that limits and caches outlive a reload), and
+:func:`reset_settings` makes the next read of the settings see the environment again
+(after a test changed it).
+
 The package's modules: ``canned`` (the canned llama-server app), ``server``
 (:func:`serve_in_thread`, :func:`free_port`, :func:`free_ports`), ``harness`` (:class:`Harness`,
 :class:`FakeBackend`, :class:`Result`); import from ``gateway.testing`` itself.
@@ -53,6 +58,8 @@ The package's modules: ``canned`` (the canned llama-server app), ``server``
 from .canned import CANNED_MODEL, CANNED_SLOTS, CANNED_TEXT, canned_llama_app
 from .harness import FakeBackend, Harness, Result
 from .server import free_port, free_ports, serve_in_thread
+from ..settings import reset as reset_settings
+from ..stores import reset_memory_stores
 
 __all__ = [
     "CANNED_MODEL",
@@ -64,5 +71,7 @@ __all__ = [
     "canned_llama_app",
     "free_port",
     "free_ports",
+    "reset_memory_stores",
+    "reset_settings",
     "serve_in_thread",
 ]

@@ -172,6 +172,16 @@ class Harness:
         payload = {"model": self.model, "messages": [{"role": "user", "content": content}], **body}
         return self.request("POST", "/v1/chat/completions", json=payload, headers=headers)
 
+    def wants_events(self, route: str = "/v1/chat/completions", **fields: Any) -> bool:
+        """Whether the pipeline decodes a stream's events for a request like this one
+        (``fields``: more :class:`gateway.plugin.RequestContext` fields, e.g. ``body``):
+        some plugin's ``response_event`` wants them (``Plugin.wants_events``). A stream
+        no plugin wants is relayed as raw bytes."""
+        from ..context import RequestContext
+
+        ctx = RequestContext(request_id="harness", method="POST", route=route, stream=True, **fields)
+        return self.gateway.pipelines["test"].wants_events(ctx)
+
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()

@@ -19,9 +19,7 @@ import threading
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from gateway import hookimpl
-from gateway.answers import choice_text
-from gateway.redact import FIELD_CHARS, clip, clip_json, redact_url
+from gateway.plugin import FIELD_CHARS, choice_text, clip, clip_json, hookimpl, redact_url
 
 
 def answer_text(ctx) -> str | None:

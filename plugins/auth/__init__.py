@@ -21,9 +21,18 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gateway import AuthenticationError, PermissionDeniedError, Principal, ServiceUnavailableError, hookimpl
-from gateway.keydb import KeyMirror
-from gateway.keys import MAX_KEY_CHARS, key_hash, load_keys_file, parse_env_keys
+from gateway.plugin import (
+    MAX_KEY_CHARS,
+    AuthenticationError,
+    KeyMirror,
+    PermissionDeniedError,
+    Principal,
+    ServiceUnavailableError,
+    hookimpl,
+    key_hash,
+    load_keys_file,
+    parse_env_keys,
+)
 
 FIRST_READ_WAIT = 5.0  # seconds the first request of a worker waits for the keys database
 

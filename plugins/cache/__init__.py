@@ -17,9 +17,16 @@ import logging
 import json
 from typing import Any
 
-from gateway import Response, hookimpl
-from gateway.answers import Assembler, choices_asked, normalize_answer, stream_events
-from gateway.stores import StoreUnavailable, make_store
+from gateway.plugin import (
+    Assembler,
+    Response,
+    StoreUnavailable,
+    choices_asked,
+    hookimpl,
+    make_store,
+    normalize_answer,
+    stream_events,
+)
 
 IGNORED_FIELDS = ("stream", "stream_options", "user")
 # llama.cpp's seed is a uint32 whose largest value (also written -1) means "a random seed".

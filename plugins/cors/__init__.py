@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway import PermissionDeniedError, Response, hookimpl
+from gateway.plugin import PermissionDeniedError, Response, hookimpl
 
 METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 

@@ -31,8 +31,22 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any
 
-from gateway import InvalidRequestError, PermissionDeniedError, Response, ServiceUnavailableError, hookimpl
-from gateway import ledger, pg
+from gateway.plugin import (
+    PG_ERRORS,
+    InvalidRequestError,
+    PermissionDeniedError,
+    PgConnection,
+    Response,
+    ServiceUnavailableError,
+    day_range,
+    hookimpl,
+    insert_ledger_rows,
+    new_row_id,
+    parse_pg_url,
+    prepare_ledger,
+    top_clients,
+    usage_report,
+)
 
 log = logging.getLogger("llamagate")
 MAX_BACKOFF = 5.0  # seconds between two tries while the database is down
@@ -50,7 +64,7 @@ def row_of(ctx: Any, outcome: str, now: float) -> dict[str, Any]:
     latency = ctx.latency_ms
     queue = ctx.timings.get(f"queue.{ctx.backend}") if ctx.backend else None
     return {
-        "row_id": ledger.new_row_id(),
+        "row_id": new_row_id(),
         "at": datetime.fromtimestamp(now - latency / 1000.0, timezone.utc).isoformat(),
         "request_id": ctx.request_id,
         "client": principal.client_id if principal else None,
@@ -79,7 +93,7 @@ class Writer:
     """The bounded buffer and the thread that empties it into the database."""
 
     def __init__(self, url: str, buffer_rows: int, batch_rows: int, flush_interval: float, timeout: float) -> None:
-        self.conn = pg.Connection(url, timeout)
+        self.conn = PgConnection(url, timeout)
         self.buffer: deque[dict[str, Any]] = deque()
         self.buffer_rows = buffer_rows
         self.batch_rows = batch_rows
@@ -128,10 +142,10 @@ class Writer:
                 try:
                     with self.conn.session() as conn:
                         if not self.prepared:
-                            ledger.prepare(conn)
+                            prepare_ledger(conn)
                             self.prepared = True
-                        ledger.insert(conn, batch)
-                except (*pg.ERRORS, RuntimeError) as exc:
+                        insert_ledger_rows(conn, batch)
+                except (*PG_ERRORS, RuntimeError) as exc:
                     if not self.down:
                         log.error("ledger: cannot write to the database (%s: %s); %d rows wait in the buffer",
                                   type(exc).__name__, exc, len(self.buffer))
@@ -161,14 +175,14 @@ class Plugin:
 
     def __init__(self, config: dict[str, Any]) -> None:
         try:
-            pg.parse_url(config["database"])
+            parse_pg_url(config["database"])
         except ValueError as exc:
             raise ValueError(f"database: {exc}") from None
         if config["batch_rows"] > config["buffer_rows"]:
             raise ValueError("batch_rows is larger than buffer_rows")
         self.writer = Writer(config["database"], config["buffer_rows"], config["batch_rows"],
                              config["flush_interval"], config["timeout"])
-        self.reports = pg.Connection(config["database"], config["timeout"])
+        self.reports = PgConnection(config["database"], config["timeout"])
         self.record_unauthenticated = config["record_unauthenticated"]
         self.usage_route = config["usage_route"]
         self.admin_usage_route = config["admin_usage_route"]
@@ -184,7 +198,7 @@ class Plugin:
     def report(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self.reports, *args, **kwargs)
-        except (*pg.ERRORS, RuntimeError) as exc:
+        except (*PG_ERRORS, RuntimeError) as exc:
             log.error("ledger: a usage query failed: %s: %s", type(exc).__name__, exc)
             raise ServiceUnavailableError("The usage ledger is unreachable; try again shortly.",
                                           headers={"Retry-After": "5"}) from None
@@ -198,20 +212,20 @@ class Plugin:
             raise PermissionDeniedError("This endpoint needs an admin key.", code="admin_required")
         today = datetime.now(timezone.utc).date()
         try:
-            first, last = ledger.day_range(self.one(ctx, "from"), self.one(ctx, "to"), today)
+            first, last = day_range(self.one(ctx, "from"), self.one(ctx, "to"), today)
         except ValueError as exc:
             raise InvalidRequestError(f"{exc}.", param="from") from None
         if not admin:
-            data = self.report(ledger.usage, first, last, client=ctx.principal.client_id)
+            data = self.report(usage_report, first, last, client=ctx.principal.client_id)
             return Response(body={"object": "list", "client": ctx.principal.client_id,
                                   "from": first.isoformat(), "to": last.isoformat(), "data": data})
         top = self.one(ctx, "top")
         if top is not None:
             if not top.isdigit() or not 1 <= int(top) <= 1000:
                 raise InvalidRequestError("top must be a number from 1 to 1000.", param="top")
-            data = self.report(ledger.top_clients, last, int(top))
+            data = self.report(top_clients, last, int(top))
             return Response(body={"object": "list", "day": last.isoformat(), "data": data})
-        data = self.report(ledger.usage, first, last, client=self.one(ctx, "client") or None)
+        data = self.report(usage_report, first, last, client=self.one(ctx, "client") or None)
         return Response(body={"object": "list", "from": first.isoformat(), "to": last.isoformat(), "data": data})
 
     @hookimpl

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway import PermissionDeniedError, Response, hookimpl, settings
+from gateway.plugin import PermissionDeniedError, Response, current_settings, hookimpl
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30)
@@ -65,7 +65,7 @@ _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?(\s.*)$")
 
 def registry() -> CollectorRegistry:
     """What a scrape reads: every worker's numbers, or this process's alone."""
-    if settings.current().metrics_dir:
+    if current_settings().metrics_dir:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return merged

@@ -37,8 +37,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from gateway import RateLimitError, ServiceUnavailableError, hookimpl
-from gateway.answers import choices_asked, token_bound, total_tokens
+from gateway.plugin import RateLimitError, ServiceUnavailableError, choices_asked, hookimpl, token_bound, total_tokens
 
 log = logging.getLogger("llamagate")
 WINDOWS = (  # (limit name, counted, window)

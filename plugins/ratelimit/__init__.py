@@ -27,9 +27,17 @@ import logging
 import math
 from typing import Any
 
-from gateway import RateLimitError, ServiceUnavailableError, hookimpl, settings
-from gateway.answers import completion_bound, total_tokens
-from gateway.stores import Decision, StoreUnavailable, make_store
+from gateway.plugin import (
+    Decision,
+    RateLimitError,
+    ServiceUnavailableError,
+    StoreUnavailable,
+    completion_bound,
+    current_settings,
+    hookimpl,
+    make_store,
+    total_tokens,
+)
 
 log = logging.getLogger("llamagate")
 PERIOD = 60.0
@@ -53,7 +61,7 @@ def duration(seconds: float) -> str:
 
 class Plugin:
     def __init__(self, config: dict[str, Any]) -> None:
-        workers = settings.current().workers
+        workers = current_settings().workers
         if config["store"] == "memory" and workers > 1 and not config["per_worker"]:
             raise ValueError(f"store: memory keeps limits per worker process, and GATEWAY_WORKERS={workers}: "
                              "use store: redis, or set per_worker: true to accept per-worker limits")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gateway import hookimpl
+from gateway.plugin import hookimpl
 
 from .affinity import SlotTable, affinity_key, within_bounds
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import statsd
 
-from gateway import hookimpl
+from gateway.plugin import hookimpl
 
 log = logging.getLogger("llamagate")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

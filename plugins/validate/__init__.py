@@ -91,10 +91,19 @@ from typing import Any, Callable
 import jsonschema
 import requests
 
-from gateway import LLAMA_SERVER_ROUTES, InvalidRequestError, hookimpl
-from gateway.answers import BUDGET_FIELDS, choices_asked, completion_budget
-from gateway.schemas import SCHEMA_DIR, compile_check, compile_schema, format_path
-from gateway.redact import clip
+from gateway.plugin import (
+    BUDGET_FIELDS,
+    LLAMA_SERVER_ROUTES,
+    SCHEMA_DIR,
+    InvalidRequestError,
+    choices_asked,
+    clip,
+    compile_check,
+    compile_schema,
+    completion_budget,
+    format_path,
+    hookimpl,
+)
 
 SCHEMA_FILES = {
     "/v1/chat/completions": "chat.completions.schema.json",

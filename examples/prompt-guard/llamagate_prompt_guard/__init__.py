@@ -23,7 +23,7 @@ from typing import Any
 
 import requests
 
-from gateway import InvalidRequestError, hookimpl
+from gateway.plugin import InvalidRequestError, hookimpl
 
 KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 # Fields that make llama-server return the answer's tokens one by one.

@@ -38,13 +38,10 @@ def test_matches_are_redacted_in_plain_and_streamed_answers():
 
 
 def test_without_redact_streams_are_not_decoded():
-    from gateway.pipeline import Pipeline
-
-    from gateway.context import RequestContext
-
-    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", stream=True)
-    assert not Pipeline("p", [("guard", guard(redact=False))]).wants_events(ctx)
-    assert Pipeline("p", [("guard", guard(redact=True))]).wants_events(ctx)
+    with Harness([guard(redact=False)]) as harness:
+        assert not harness.wants_events()
+    with Harness([guard(redact=True)]) as harness:
+        assert harness.wants_events()
 
 
 def test_a_bad_pattern_is_a_config_error():

@@ -28,7 +28,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from gateway import InvalidRequestError, PermissionDeniedError, Response, hookimpl
+from gateway.plugin import InvalidRequestError, PermissionDeniedError, Response, hookimpl
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (

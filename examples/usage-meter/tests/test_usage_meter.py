@@ -1,6 +1,6 @@
 from datetime import datetime, timezone
 
-from gateway import Principal, hookimpl
+from gateway.plugin import Principal, hookimpl
 from gateway.testing import Harness
 
 from llamagate_usage_meter import Plugin
@@ -116,10 +116,10 @@ def test_a_locked_database_does_not_stall_the_gevent_worker(tmp_path):
     import sys
     from pathlib import Path
 
-    import gateway
+    import gateway.plugin
     import llamagate_usage_meter
 
-    path = os.pathsep.join(str(Path(m.__file__).parent.parent) for m in (gateway, llamagate_usage_meter))
+    path = os.pathsep.join(str(Path(m.__file__).parent.parent) for m in (gateway.plugin, llamagate_usage_meter))
     result = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path / "usage.sqlite3"), str(tmp_path / "go"),
                              HOLDER], capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, PYTHONPATH=path))
