@@ -18,8 +18,10 @@ import pytest
 import requests
 import yaml
 
+from gateway.testing import free_ports
+
 from .conftest import ROOT
-from .test_fleet import port_range, wait_for
+from .test_fleet import wait_for
 
 ALICE, BOB = "sk-kv-alice-" + "a" * 24, "sk-kv-bob-" + "b" * 24
 # ~500 tokens, different for each test so that no test sees another's prompt
@@ -41,7 +43,8 @@ def shipped(start_gateway: Callable[..., Any], model_path: Path, logs: Path, red
     doc = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
     for backend in doc["backends"].values():
         backend["launch"]["model"] = str(model_path.resolve())
-    doc["fleet"].update(ports=port_range(2), log_dir=str(logs / "kv-fleet"))
+    ports = free_ports(2)
+    doc["fleet"].update(ports={"first": ports[0], "last": ports[-1]}, log_dir=str(logs / "kv-fleet"))
     doc["routes"]["/completion"] = "default"
     gw = start_gateway(doc, workers=2, OPENAI_API_KEYS=f"{ALICE}:alice,{BOB}:bob",
                        LLAMAGATE_ACCESS_LOG=str(logs / "kv-access.log"), LLAMAGATE_KEYS_FILE=str(logs / "kv-none.yaml"),
