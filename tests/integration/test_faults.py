@@ -112,7 +112,8 @@ def test_slow_backend_hits_the_configured_timeout(chat_backend, start_gateway):
 
 
 def test_200_concurrent_streams_all_complete_and_match_the_plain_answers(pair, start_gateway):
-    config = doc(pair, ["router"], queue_timeout=120)
+    # one client (no auth) may hold a quarter of max_queue's places: 200 at once need 800
+    config = doc(pair, ["router"], queue_timeout=120, max_queue=800)
     config["timeouts"]["idle"] = 60  # a prompt's prefill stalls the other slots' tokens, seconds on a busy machine
     gw = start_gateway(config)
     ask = {prompt: chat(prompt=prompt, max_tokens=12, temperature=0, seed=42) for prompt in PROMPTS}

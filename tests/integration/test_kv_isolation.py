@@ -91,6 +91,10 @@ ROUTES: dict[str, tuple[Callable[[str], dict[str, Any]], Callable[[dict[str, Any
 # /v1/messages): the launch option --no-cache-prompt keeps them from reusing anything, their own
 # prompts included.
 NEVER_REUSED = {"/v1/messages"}
+# What Bob may reuse on his own: the chat template and the system prompt or instructions his
+# own earlier requests sent (about 17-20 tokens of SmolLM2's template with "You answer in one
+# word." and the memos' common "Internal memo"), never Alice's memo: a leak reuses 400 and more.
+OWN_PREFIX = 32
 
 
 def tokens(gw: Any, route: str, key: str, text: str) -> tuple[int, int]:
@@ -110,7 +114,7 @@ def test_another_tenant_reuses_nothing_of_a_prompt_on_any_route(shipped, route):
         # gunicorn may hand her first repeat to the worker that has not seen her prompt)
         assert max(tokens(shipped, route, ALICE, text)[1] for _ in range(2)) >= prompt - 8
     probe, reused = tokens(shipped, route, BOB, text)
-    assert probe == prompt and reused < 8, f"Bob reused {reused} of Alice's {prompt} prompt tokens on {route}"
+    assert probe == prompt and reused <= OWN_PREFIX, f"Bob reused {reused} of Alice's {prompt} prompt tokens on {route}"
 
 
 def test_a_prompt_pushed_out_of_its_slot_by_its_own_tenant_is_not_reused_by_another(shipped):
@@ -122,7 +126,7 @@ def test_a_prompt_pushed_out_of_its_slot_by_its_own_tenant_is_not_reused_by_anot
     for n in range(6):
         tokens(shipped, "/v1/chat/completions", ALICE, f"Another question of mine, number {n}: what is {n}+{n}?")
     probe, reused = tokens(shipped, "/v1/chat/completions", BOB, text)
-    assert probe == prompt and reused < 8, f"Bob reused {reused} of Alice's evicted {prompt} prompt tokens"
+    assert probe == prompt and reused <= OWN_PREFIX, f"Bob reused {reused} of Alice's evicted {prompt} prompt tokens"
 
 
 def test_an_embedded_text_is_not_reused_by_another_tenants_completion(shipped):
@@ -136,4 +140,4 @@ def test_an_embedded_text_is_not_reused_by_another_tenants_completion(shipped):
                                                   "temperature": 1})
     assert resp.status_code == 200, resp.text
     usage = resp.json()["usage"]
-    assert usage["prompt_tokens"] > 250 and usage["prompt_tokens_details"]["cached_tokens"] < 8, usage
+    assert usage["prompt_tokens"] > 250 and usage["prompt_tokens_details"]["cached_tokens"] <= OWN_PREFIX, usage
