@@ -43,8 +43,8 @@ from .errors import (
     InternalError,
     InvalidRequestError,
     NotFoundError,
-    RequestCancelledError,
     Phase,
+    RequestCancelledError,
     UpstreamError,
     from_backend,
 )
