@@ -3,10 +3,11 @@ backends say and do to the errors clients see.
 
 One root, :class:`LlamagateError`; under it the errors that reach clients
 (:class:`GatewayError`, in OpenAI's shape) and the internal families, which never
-reach a client as they are: an ``except GatewayError`` does not catch them. Each
-class is declared next to what raises it, except the backend transport's, which
-live here so that :func:`from_backend` needs no import from the HTTP client
-(:mod:`gateway.httpclient` re-exports them)::
+reach a client as they are: an ``except GatewayError`` does not catch them. The
+client's errors and the backend transport's are declared here (the transport's so
+that :func:`from_backend` needs no import from the HTTP client, which re-exports
+them); each other family next to what raises it. This module imports nothing of the
+gateway, so any module may import it::
 
     LlamagateError
     ├── GatewayError [status]              what a client sees (the tree below)
