@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import jsonschema
 import yaml
 
+from .errors import LlamagateError
 from .schemas import SCHEMA_DIR, apply_defaults, compile_schema, format_path, schema_errors
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
@@ -44,7 +45,7 @@ LLAMA_SERVER_ROUTES: dict[str, str | None] = {
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class ConfigError(Exception):
+class ConfigError(LlamagateError):
     """A configuration that cannot be used.
 
     Args:

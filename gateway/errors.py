@@ -1,4 +1,29 @@
-"""Errors that reach clients, in OpenAI's shape.
+"""Every exception the gateway raises on purpose, and the one mapping from what
+backends say and do to the errors clients see.
+
+One root, :class:`LlamagateError`; under it the errors that reach clients
+(:class:`GatewayError`, in OpenAI's shape) and the internal families, which never
+reach a client as they are: an ``except GatewayError`` does not catch them. The
+client's errors and the backend transport's are declared here (the transport's so
+that :func:`from_backend` needs no import from the HTTP client, which re-exports
+them); each other family next to what raises it. This module imports nothing of the
+gateway, so any module may import it::
+
+    LlamagateError
+    ├── GatewayError [status]              what a client sees (the tree below)
+    ├── HTTPFailure                        a backend request that got no complete answer
+    │   ├── ConnectFailed                  never connected (``refused`` when refused)
+    │   │   └── ConnectTimedOut
+    │   ├── ReadTimedOut                   nothing came for the read timeout
+    │   └── ConnectionBroken               reset, closed early, or not HTTP
+    ├── ConfigError                        config.py: a config file that cannot be used
+    ├── SettingsError (also ValueError)    settings.py: bad LLAMAGATE_* environment values
+    ├── StoreUnavailable                   stores.py: a plugin's store (Redis) is unreachable
+    ├── SharedUnavailable                  shared.py: the workers' shared Redis is unreachable
+    ├── IllegalTransition (also RuntimeError)  fleet/states.py: a supervisor bug
+    └── signals that never leave their module:
+        httpclient._StaleConnection (a keep-alive connection the backend had closed),
+        upstream._LaunchedDown (a launched backend's llama-servers all refused)
 
 Every error a client sees is a :class:`GatewayError`, rendered as::
 
@@ -7,7 +32,7 @@ Every error a client sees is a :class:`GatewayError`, rendered as::
 Plugins reject a request by raising one of these; anything else a plugin raises
 becomes an :class:`InternalError` that carries the request id.
 
-The tree (HTTP status in brackets)::
+The client's tree (HTTP status in brackets)::
 
     GatewayError
     ├── InvalidRequestError [400]      invalid_request_error
@@ -25,17 +50,62 @@ The tree (HTTP status in brackets)::
     ├── ServiceUnavailableError [503]  no backend reachable (Retry-After)
     │   └── ModelUnavailableError [503] model_unavailable: a launched model that cannot start
     └── GatewayTimeoutError [504]
+
+What a backend's failure becomes (:func:`from_backend`; the request's own end
+comes first: a cancel is 499 ``request_cancelled``, a client that left 499
+``client_closed_request``)::
+
+    failure             SENDING                 WAITING             READING
+    ConnectFailed       503 (retried)           -                   -
+    ConnectionBroken    503 (retried)           502 bad_gateway     502 bad_gateway
+    ReadTimedOut        504 timeout, first byte 504, first byte     504, idle
+    an error status     the backend's error in OpenAI's shape (401/403: 502
+                        backend_auth_failed; 503 with Retry-After)
 """
 
 from __future__ import annotations
 
+import enum
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .httpclient import HTTPFailure, ReadTimedOut, Response
+if TYPE_CHECKING:
+    from .httpclient import Response
 
 
-class GatewayError(Exception):
+class LlamagateError(Exception):
+    """The root of every exception the gateway raises on purpose (see the module's tree)."""
+
+
+class HTTPFailure(LlamagateError):
+    """A request to a backend that got no complete answer."""
+
+
+class ConnectFailed(HTTPFailure):
+    """The connection was never made: nothing reached the backend.
+
+    Attributes:
+        refused: The backend's host refused it (nothing listens on the port).
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+class ConnectTimedOut(ConnectFailed):
+    """Connecting took longer than the connect timeout."""
+
+
+class ReadTimedOut(HTTPFailure):
+    """The backend sent nothing for the read timeout."""
+
+
+class ConnectionBroken(HTTPFailure):
+    """The connection was reset or closed before the answer ended, or carried no HTTP."""
+
+
+class GatewayError(LlamagateError):
     """Base of every error a client sees.
 
     Args:
@@ -221,7 +291,65 @@ def from_upstream(status: int, payload: Any) -> GatewayError:
 
 # --- the one mapping: what backends say and do, as the client's errors ---------------------
 
-def from_backend_response(resp: Response, retry_after: str) -> GatewayError:
+class Phase(enum.Enum):
+    """How far a backend request had come when it failed: the same failure means
+    something else to the client at each step."""
+
+    SENDING = "sending"  # no answer yet: nothing reached the client, another replica may take it
+    WAITING = "waiting"  # the answer's headers came, not its first event (a stream's come at once)
+    READING = "reading"  # the answer had begun: what the client has is incomplete
+
+
+def stopped(cancelled: bool, client_gone: bool) -> GatewayError | None:
+    """The error of a request the gateway itself ended (a cancel, a client that left), else None."""
+    if cancelled:
+        return RequestCancelledError()
+    if client_gone:
+        return ClientGoneError()
+    return None
+
+
+def failure_reason(failure: HTTPFailure) -> str:
+    """A transport failure in a few words: a replica's ``detail``, and the client's message."""
+    if isinstance(failure, ConnectTimedOut):
+        return "connect timeout"
+    if isinstance(failure, ConnectFailed):
+        return "connection refused" if failure.refused else "unreachable"
+    if isinstance(failure, ReadTimedOut):
+        return "first byte timeout"
+    return "connection reset"
+
+
+def from_backend(failure: HTTPFailure | Response, phase: Phase, *, backend: str, timeout: float = 0.0,
+                 retry_after: str = "1", cancelled: bool = False, client_gone: bool = False) -> GatewayError:
+    """The client's error for a backend request that failed (the table in the module's doc).
+
+    Args:
+        failure: The transport's failure, or the backend's error answer (status >= 400).
+        phase: How far the request had come.
+        backend: The backend's name, for the message.
+        timeout: The read timeout that ran: first_byte before the answer's first
+            event, idle after it.
+        retry_after: The ``Retry-After`` of a 503.
+        cancelled: The gateway cut the connection for a cancel.
+        client_gone: The gateway cut it because the client left.
+    """
+    ended = stopped(cancelled, client_gone)
+    if ended is not None:
+        return ended
+    if not isinstance(failure, HTTPFailure):
+        return _from_backend_status(failure, retry_after)
+    if isinstance(failure, ReadTimedOut):
+        if phase is Phase.READING:
+            return GatewayTimeoutError(f"The backend sent nothing for {timeout:g} s; the answer was abandoned.")
+        return GatewayTimeoutError(f"The backend {backend} did not start answering within {timeout:g} s.")
+    if phase is Phase.SENDING:
+        return ServiceUnavailableError(f"The backend {backend} is unreachable ({failure_reason(failure)}); "
+                                       "try again shortly.", headers={"Retry-After": retry_after})
+    return UpstreamError("The connection to the backend broke mid-answer; the answer is incomplete.")
+
+
+def _from_backend_status(resp: Response, retry_after: str) -> GatewayError:
     """A backend's error answer (status >= 400) as the client's error."""
     try:
         payload = resp.json()
@@ -236,20 +364,6 @@ def from_backend_response(resp: Response, retry_after: str) -> GatewayError:
     if error.status == 503:
         error.headers["Retry-After"] = retry_after
     return error
-
-
-def from_read_failure(exc: HTTPFailure, *, cancelled: bool, client_gone: bool,
-                      idle: float) -> GatewayError:
-    """The client's error for a backend connection that failed while its answer was
-    read: the gateway cut it (a cancel, a client that left), it went quiet for ``idle``
-    seconds, or it broke."""
-    if cancelled:
-        return RequestCancelledError()
-    if client_gone:
-        return ClientGoneError()
-    if isinstance(exc, ReadTimedOut):
-        return GatewayTimeoutError(f"The backend sent nothing for {idle:g} s; the answer was abandoned.")
-    return UpstreamError("The connection to the backend broke mid-answer; the answer is incomplete.")
 
 
 def queue_full(backend: str, mine: bool) -> ServiceUnavailableError:

@@ -43,9 +43,10 @@ from .errors import (
     InternalError,
     InvalidRequestError,
     NotFoundError,
+    Phase,
     RequestCancelledError,
     UpstreamError,
-    from_backend_response,
+    from_backend,
 )
 from .httpclient import HTTPFailure
 from .paths import check_relay_target, raw_target
@@ -312,7 +313,8 @@ def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, bod
         if ctx.cancelled:  # cancelled as the answer began
             raise RequestCancelledError()
         if lease.response.status >= 400 and not relay_errors:
-            raise from_backend_response(lease.response, gateway.upstreams.retry_after())
+            raise from_backend(lease.response, Phase.WAITING, backend=ctx.backend,
+                               retry_after=gateway.upstreams.retry_after())
     except BaseException:
         gateway.finish(lease)
         raise

@@ -19,7 +19,8 @@ reusing that backend's connections at all (:meth:`Pool.out_of_step`).
 Under gunicorn's gevent worker the ``socket`` and ``ssl`` modules are patched, so
 every wait here yields to the hub.
 
-The errors, all :class:`HTTPFailure`::
+The errors, all :class:`HTTPFailure`, are declared in :mod:`gateway.errors` (its
+tree shows them under the gateway's one root) and re-exported here::
 
     HTTPFailure
     ├── ConnectFailed        the connection was never made (``refused`` when refused)
@@ -37,37 +38,11 @@ import ssl
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
+from .errors import ConnectFailed, ConnectionBroken, ConnectTimedOut, HTTPFailure, LlamagateError, ReadTimedOut
+
 MAX_HEAD_BYTES = 65536  # status line and headers; more is not an answer we read
 RECV_BYTES = 65536
 _NO_BODY_STATUSES = (204, 304)
-
-
-class HTTPFailure(Exception):
-    """A request that got no complete answer."""
-
-
-class ConnectFailed(HTTPFailure):
-    """The connection was never made: nothing reached the backend.
-
-    Attributes:
-        refused: The backend's host refused it (nothing listens on the port).
-    """
-
-    def __init__(self, message: str, *, refused: bool = False) -> None:
-        super().__init__(message)
-        self.refused = refused
-
-
-class ConnectTimedOut(ConnectFailed):
-    """Connecting took longer than the connect timeout."""
-
-
-class ReadTimedOut(HTTPFailure):
-    """The backend sent nothing for the read timeout."""
-
-
-class ConnectionBroken(HTTPFailure):
-    """The connection was reset or closed before the answer ended, or carried no HTTP."""
 
 
 class Connection:
@@ -238,8 +213,10 @@ class Pool:
             conn.close()
 
 
-class _StaleConnection(Exception):
-    pass
+class _StaleConnection(LlamagateError):
+    """A reused keep-alive connection the backend had closed before reading a byte:
+    caught in :meth:`Pool.request`, which sends again on a fresh one (never an
+    :class:`HTTPFailure`, so that no caller's ``except`` takes it for one)."""
 
 
 class Response:

@@ -34,13 +34,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .errors import LlamagateError
 from .redact import key_hint
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SHOWN_CHARS = 80  # a bad value is quoted up to this many characters
 
 
-class SettingsError(ValueError):
+class SettingsError(LlamagateError, ValueError):
     """Settings that could not be read; ``problems`` has one line per bad value."""
 
     def __init__(self, problems: list[str]) -> None:

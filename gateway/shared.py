@@ -37,7 +37,7 @@ import redis
 from . import settings
 from .config import SharedConfig
 from .context import Principal
-from .errors import queue_full, queue_timeout
+from .errors import LlamagateError, queue_full, queue_timeout
 from .turns import QueuePlace, client_places
 if TYPE_CHECKING:
     from .state import Gateway
@@ -51,7 +51,7 @@ POLL = 1.0  # seconds between a queued request's looks at Redis, should its wake
 RANK_SPAN = 1e12  # queue scores: rank * RANK_SPAN + turn (exact in a double up to rank ~9000)
 
 
-class SharedUnavailable(Exception):
+class SharedUnavailable(LlamagateError):
     """Redis could not be reached; the caller falls back to this worker alone."""
 
 

@@ -17,10 +17,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
+from .errors import LlamagateError
+
 log = logging.getLogger("llamagate")
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(LlamagateError):
     """The store could not be reached; the plugin decides to fail open or closed."""
 
 

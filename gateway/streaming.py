@@ -32,8 +32,9 @@ from .upstream import Lease
 from .errors import (
     GatewayError,
     GatewayTimeoutError,
+    Phase,
     UpstreamError,
-    from_read_failure,
+    from_backend,
     from_upstream,
 )
 from .httpclient import HTTPFailure, ReadTimedOut
@@ -104,8 +105,9 @@ class ResponseBody:
 
 
 def read_error(ctx: RequestContext, exc: HTTPFailure, timeouts: Timeouts) -> GatewayError:
-    """:func:`errors.from_read_failure` for this request."""
-    return from_read_failure(exc, cancelled=ctx.cancelled, client_gone=ctx.client_gone, idle=timeouts.idle)
+    """:func:`errors.from_backend` for this request's answer, broken off after it began."""
+    return from_backend(exc, Phase.READING, backend=ctx.backend or "", timeout=timeouts.idle,
+                        cancelled=ctx.cancelled, client_gone=ctx.client_gone)
 
 
 def _stream_error(ctx: RequestContext, error: GatewayError) -> bytes:
@@ -133,9 +135,9 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
         except StopIteration:
             return
         except HTTPFailure as exc:
-            if not started and isinstance(exc, ReadTimedOut):
-                raise GatewayTimeoutError(f"The backend {lease.backend.name} did not start answering within "
-                                          f"{timeouts.first_byte:g} s.") from None
+            if not started and isinstance(exc, ReadTimedOut):  # the first-byte budget ran out, not idle's
+                raise from_backend(exc, Phase.WAITING, backend=lease.backend.name,
+                                   timeout=timeouts.first_byte) from None
             raise
         buffer += chunk
         if b"\n\n" not in buffer:

@@ -49,19 +49,20 @@ import requests
 from . import settings, slots
 from .config import BackendConfig, Timeouts
 from .context import BackendView, ReplicaView, RequestContext
-from .httpclient import ConnectFailed, ConnectTimedOut, HTTPFailure, Pool, ReadTimedOut, Response
+from .httpclient import ConnectFailed, ConnectTimedOut, HTTPFailure, Pool, Response
 from .redact import redact_url  # a URL's userinfo is a credential: never shown
 from .shared import Shared, SharedAdmission
 from .turns import QueuePlace, TurnQueue, client_places
 from .errors import (
-    ClientGoneError,
     GatewayError,
-    GatewayTimeoutError,
-    RequestCancelledError,
+    LlamagateError,
+    Phase,
     ServiceUnavailableError,
-    from_backend_response,
+    failure_reason,
+    from_backend,
     queue_full,
     queue_timeout,
+    stopped,
 )
 from .fleet import client as fleet
 
@@ -73,7 +74,7 @@ BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
 
 
-class _LaunchedDown(Exception):
+class _LaunchedDown(LlamagateError):
     """Every replica of a launched backend refused the request: its llama-servers died,
     and the fleet is restarting them. ``error`` is the last attempt's."""
 
@@ -124,11 +125,7 @@ class InFlight:
     @property
     def stopped(self) -> GatewayError | None:
         """The error that ends a cancelled or abandoned request, else None."""
-        if self.ctx.cancelled:
-            return RequestCancelledError()
-        if self.ctx.client_gone:
-            return ClientGoneError()
-        return None
+        return stopped(self.ctx.cancelled, self.ctx.client_gone)
 
 
 def _shut(sock: socket.socket) -> None:
@@ -628,7 +625,11 @@ class Upstreams:
                 if in_flight.stopped is not None:  # we cut the connection: not the replica's fault
                     replica.in_flight -= 1
                     raise in_flight.stopped from None
-                error = self._attempt_failed(replica, backend, exc, first_byte)
+                self._attempt_failed(replica, backend, exc)
+                error = from_backend(exc, Phase.SENDING, backend=backend.name, timeout=first_byte,
+                                     retry_after=self.retry_after())
+                if error.status not in RETRIED_STATUSES:  # a first-byte timeout: the backend is busy
+                    raise error from exc
             except BaseException:
                 replica.in_flight -= 1
                 if hold is not None:
@@ -652,7 +653,7 @@ class Upstreams:
                     # its first event (streaming.frames), then idle applies.
                     lease.set_read_timeout(max(0.001, first_byte - (time.monotonic() - now)))
                     return lease
-                error = from_backend_response(resp, self.retry_after())
+                error = from_backend(resp, Phase.WAITING, backend=backend.name, retry_after=self.retry_after())
                 # The connection goes back to the pool: another request may take it while
                 # this one pauses, so a cancel now must not reach its socket.
                 in_flight.release_socket()
@@ -686,22 +687,15 @@ class Upstreams:
             hold.reuse = False  # the client's own wish not to reuse its cache
         return hold
 
-    def _attempt_failed(self, replica: Replica, backend: Backend, exc: HTTPFailure,
-                        first_byte: float) -> GatewayError:
-        """The error of an attempt that raised; a first-byte timeout is not retried."""
-        if isinstance(exc, ConnectTimedOut):
-            return self._failed(replica, "connect timeout")
-        if isinstance(exc, ConnectFailed):
+    def _attempt_failed(self, replica: Replica, backend: Backend, exc: HTTPFailure) -> None:
+        """The replica's share of an attempt that raised (the client's error is errors.from_backend's)."""
+        counted = True
+        if isinstance(exc, ConnectFailed) and not isinstance(exc, ConnectTimedOut):
             replica.ready = False
             # A launched llama-server that refuses has died; the fleet restarts it and says
             # when it is back, so its breaker must not keep it shut after that.
-            return self._failed(replica, "connection refused" if exc.refused else "unreachable",
-                                counted=backend.config.launch is None)
-        if not isinstance(exc, ReadTimedOut):
-            return self._failed(replica, "connection reset")
-        self._failed(replica, "first byte timeout")
-        raise GatewayTimeoutError(f"The backend {backend.name} did not start answering within "
-                                  f"{first_byte:g} s.") from exc
+            counted = backend.config.launch is None
+        self._failed(replica, failure_reason(exc), counted)
 
     @staticmethod
     def _pick(backend: Backend, first: Replica | None, tried: list[Replica]) -> Replica | None:
@@ -713,12 +707,11 @@ class Upstreams:
         untried = [r for r in usable if r not in tried]
         return (untried or usable or [None])[0]
 
-    def _failed(self, replica: Replica, reason: str, counted: bool = True) -> GatewayError:
+    @staticmethod
+    def _failed(replica: Replica, reason: str, counted: bool = True) -> None:
         replica.in_flight -= 1
         replica.breaker.failure(time.monotonic(), counted)
         replica.detail = reason
-        return ServiceUnavailableError(f"The backend {replica.backend} is unreachable ({reason}); try again shortly.",
-                                       headers={"Retry-After": self.retry_after()})
 
     def _unavailable(self, ctx: RequestContext, backend: Backend) -> ServiceUnavailableError:
         now = time.monotonic()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import BackendConfig
+from ..errors import LlamagateError
 from . import processes
 from .spec import backend_memory
 
@@ -67,7 +68,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 RESIDENT = frozenset({State.STARTING, State.READY, State.DRAINING, State.STOPPING})  # these hold memory
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(LlamagateError, RuntimeError):
     """A change of state that :data:`TRANSITIONS` does not allow: a bug in the supervisor."""
 
 
