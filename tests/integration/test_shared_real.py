@@ -19,7 +19,8 @@ import pytest
 import redis
 import requests
 
-from gateway import cli, keys
+from gateway import keys
+from gateway.cli import inspection
 from gateway.testing import free_port
 
 from .conftest import ROUTES, Proc
@@ -380,7 +381,7 @@ def test_one_instance_lists_both_instances_workers(pair):
                  "the status never listed exactly the live workers of both instances")
     assert seen["shared"] == "ok" and seen["totals"]["workers"] == 4
     assert seen["totals"]["requests"] == sum(w["requests"] for w in seen["workers"])
-    table = cli.status_table(seen)  # llamagate status
+    table = inspection.status_table(seen)  # llamagate status
     assert "workers 4 on 1 host(s)  (from the shared redis)" in table
     assert all(f"/{pid}/" in table for pid in live)
 
