@@ -101,3 +101,10 @@ def test_the_graph_sees_imports_everywhere_in_a_module():
 def test_no_import_circle_in_gateway():
     found = circles(import_graph())
     assert not found, "import circles in gateway/: " + "; ".join(" ⇄ ".join(c) for c in found)
+
+
+def test_the_redis_link_and_admission_know_nothing_of_the_gateway_above_them():
+    graph = import_graph()
+    above = {"gateway.state", "gateway.upstream", "gateway.reload", "gateway.exchange", "gateway.app"}
+    assert not graph["gateway.shared"] & (above | {"gateway.admission"})
+    assert not graph["gateway.admission"] & above
