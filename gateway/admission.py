@@ -29,8 +29,12 @@ RANK_SPAN = 1e12  # queue scores: rank * RANK_SPAN + turn (exact in a double up 
 
 
 class AdmittedReplica(Protocol):
+    """What shared admission needs of a replica (:class:`gateway.upstream.Replica`)."""
+
     @property
-    def available(self) -> bool: ...
+    def available(self) -> bool:
+        """Not known to be down: shared admission hands out no slot on one that is."""
+        ...
 
 
 class AdmittedBackend(Protocol):
@@ -42,7 +46,7 @@ class AdmittedBackend(Protocol):
     def limit(self) -> int: ...
 
     @property
-    def replicas(self) -> Sequence[Any]: ...
+    def replicas(self) -> Sequence[AdmittedReplica]: ...
 
     def replica_slots(self) -> list[int]: ...
 
