@@ -6,10 +6,11 @@ files every ``GATEWAY_RELOAD_INTERVAL`` seconds; on a change it checks the whole
 configuration (schemas, every plugin loaded and configured) and only then swaps in a
 new app for new requests, in one assignment. Requests in flight finish on the gateway
 they started with, and the old gateway's health checks stop. What must outlive a
-reload does: unchanged backends (pools, breakers) and every backend's admission
-(so old and new never admit twice the limit), the requests in flight (still
-cancellable), and memory stores (rate limits and caches; see
-:func:`gateway.stores.make_store`). Once the old gateway's last request completed,
+reload is one object, :class:`gateway.state.Carried`, handed from each gateway to the
+next: unchanged backends (pools, breakers) and every backend's admission (so old and
+new never admit twice the limit), the requests in flight (still cancellable), and the
+Redis link; memory stores (rate limits and caches) outlive it as the process's own
+(:func:`gateway.stores.make_store`). Once the old gateway's last request completed,
 its plugins' ``shutdown`` hooks run (to flush what they buffer). A bad file leaves the old
 configuration serving, logged with its path and reason, and counted in StatsD
 (``config.reload_failed``; a good one counts ``config.reloaded``).
@@ -59,6 +60,7 @@ class ReloadingApp:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.app = build_app(gateway)
+        gateway.carried.keep(gateway)
         self._stamps = {path: _stamp(path) for path in watched_files(gateway)}
         self._stop = threading.Event()
 
@@ -75,7 +77,7 @@ class ReloadingApp:
         stamps = {p: _stamp(p) for p in self._stamps}
         try:
             config = load_config(path)
-            gateway = Gateway(config, build_pipelines(config), previous=old)
+            gateway = Gateway(config, build_pipelines(config), carried=old.carried)
         except ConfigError as exc:
             self._stamps = stamps  # do not retry the same bad file every interval
             old.pending_counters["config.reload_failed"] = old.pending_counters.get("config.reload_failed", 0) + 1
@@ -85,10 +87,9 @@ class ReloadingApp:
         old.upstreams.stop()
         gateway.upstreams.start_health_checks()
         self.app, self.gateway = build_app(gateway), gateway
-        if gateway.shared is not None:  # the same one unless shared: changed
+        gateway.carried.keep(gateway)  # stops the old Redis link if shared: changed
+        if gateway.shared is not None:  # started once per link
             gateway.shared.start(lambda: self.gateway)
-        if old.shared is not None and old.shared is not gateway.shared:
-            old.shared.stop()
         self._stamps = {p: _stamp(p) for p in watched_files(gateway)}
         self._retire(old)
         log.info("reloaded %s", path)

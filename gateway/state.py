@@ -1,6 +1,7 @@
 """What a worker holds: the configuration in force, its pipelines and backends, the
-requests in flight, and the figures of the status page. No request flow lives here
-(that is :mod:`gateway.exchange`); only the operations on this state.
+requests in flight, and the figures of the status page (:class:`Gateway`); and what
+of it outlives a reload (:class:`Carried`). No request flow lives here (that is
+:mod:`gateway.exchange`); only the operations on this state.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import socket
 from typing import Any
 
 from . import lifecycle
-from .config import Config
+from .config import Config, SharedConfig
 from .context import Principal, RequestContext
 from .pipeline import Pipeline, build_pipelines
-from .shared import Shared, SharedUnavailable, connect
+from .shared import Shared, SharedUnavailable
 from .stats import Stats
-from .upstream import InFlight, Lease, Upstreams
+from .upstream import Backend, InFlight, Lease, Upstreams
 
 log = logging.getLogger("llamagate")
 
@@ -28,14 +29,50 @@ def may_touch(caller: Principal | None, owner: Principal | None) -> bool:
     return caller.role == "admin" or (owner is not None and owner.client_id == caller.client_id)
 
 
+class Carried:
+    """What outlives a reload in one worker process: made with its first
+    :class:`Gateway` and handed to each one that replaces it (:mod:`gateway.reload`).
+
+    Attributes:
+        in_flight: The requests with an open (or opening) backend connection, whichever
+            gateway they began on: still cancellable after a reload.
+        backends: The backends in force by name: an unchanged one is kept whole by the next
+            gateway (pools, breakers, admission), a changed one hands on its admission
+            (so old and new never admit twice the limit).
+        shared: The link to the shared Redis in force (one per process: its listener and
+            heartbeat run once), or None.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight: set[InFlight] = set()
+        self.backends: dict[str, Backend] = {}
+        self.shared: Shared | None = None
+
+    def link(self, config: SharedConfig | None) -> Shared | None:
+        """The Redis link for ``config``: the one in force if it is for the same Redis."""
+        if config is None:
+            return None
+        if self.shared is not None and self.shared.config == config:
+            return self.shared
+        return Shared(config)
+
+    def keep(self, gateway: Gateway) -> None:
+        """``gateway`` is now in force: what it holds is what the next one takes over.
+        A Redis link it no longer uses stops."""
+        if self.shared is not None and self.shared is not gateway.shared:
+            self.shared.stop()
+        self.backends, self.shared = gateway.upstreams.backends, gateway.shared
+
+
 class Gateway:
     """The configuration in force and the state of one worker.
 
     Args:
         config: A checked config.
         pipelines: Built pipelines by name; built from ``config`` when None.
-        previous: The gateway a reload replaces: unchanged backends, every backend's
-            admission and the requests in flight carry over.
+        carried: What outlives a reload (:class:`Carried`), from the gateway this one
+            replaces; a new one when None. This gateway takes it over once it is in
+            force (:meth:`Carried.keep`).
 
     Attributes:
         config: The :class:`Config`.
@@ -43,7 +80,7 @@ class Gateway:
         upstreams: The backends (:class:`Upstreams`).
         in_flight: Requests with an open (or opening) backend connection, tracked by
             the gateway's own handle: a client's ``x-request-id`` may be reused or
-            collide. Shared with the gateway a reload replaces.
+            collide. The process's (:attr:`Carried.in_flight`).
         active: Requests begun on this gateway and not completed.
         stats: Recent completions, for the status page.
         shared: The link to the Redis every worker and host shares (``shared:``), or None.
@@ -52,13 +89,13 @@ class Gateway:
     """
 
     def __init__(self, config: Config, pipelines: dict[str, Pipeline] | None = None,
-                 previous: Gateway | None = None) -> None:
+                 carried: Carried | None = None) -> None:
         self.config = config
         self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
-        self.shared: Shared | None = connect(config.shared) if config.shared is not None else None
-        self.upstreams = Upstreams(config.backends, config.health_interval,
-                                   previous.upstreams if previous is not None else None, self.shared)
-        self.in_flight: set[InFlight] = previous.in_flight if previous is not None else set()
+        self.carried = carried if carried is not None else Carried()
+        self.shared = self.carried.link(config.shared)
+        self.upstreams = Upstreams(config.backends, config.health_interval, self.carried.backends, self.shared)
+        self.in_flight = self.carried.in_flight
         self.active = 0
         self.stats = Stats()
         self.pending_counters: dict[str, int] = {}

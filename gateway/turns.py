@@ -1,6 +1,6 @@
 """The order of a backend's admission queue, one rule for local admission
-(:class:`gateway.upstream.Admission`) and shared admission (the Lua of
-:mod:`gateway.shared`, which keeps the same order in Redis): admins first, then keys by
+(:class:`gateway.admission.LocalAdmission`) and shared admission (the Lua of
+:class:`gateway.admission.SharedAdmission`, which keeps the same order in Redis): admins first, then keys by
 priority (0-100, higher first), then the clients of one rank in turn, first come first
 served within a client; and how many places of the queue one client may hold."""
 

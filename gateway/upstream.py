@@ -13,8 +13,7 @@ A request to a backend (:meth:`Upstreams.open`):
    first, then keys by priority, then clients in turn, first come first served within
    a client (:mod:`gateway.turns`); a full queue, a client holding its share of it, or a
    wait past ``queue_timeout`` is a 503 with ``Retry-After``. With ``admission:
-   redis`` the slots and the queue are the whole gateway's
-   (:class:`gateway.shared.SharedAdmission`);
+   redis`` the slots and the queue are the whole gateway's (:mod:`gateway.admission`);
 2. goes to a replica whose circuit breaker is closed (or that is due a probe):
    the ``route`` hooks' choice first, then ready replicas round robin;
 3. is retried, before any byte reached the client, when the connection is refused
@@ -41,7 +40,7 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
 import requests
@@ -51,8 +50,9 @@ from .config import BackendConfig, Timeouts
 from .context import BackendView, ReplicaView, RequestContext
 from .httpclient import ConnectFailed, ConnectTimedOut, HTTPFailure, Pool, Response
 from .redact import redact_url  # a URL's userinfo is a credential: never shown
-from .shared import Shared, SharedAdmission
-from .turns import QueuePlace, TurnQueue, client_places
+from .admission import Admission, admission_for
+from .shared import Shared
+from .turns import QueuePlace
 from .errors import (
     GatewayError,
     LlamagateError,
@@ -60,8 +60,6 @@ from .errors import (
     ServiceUnavailableError,
     failure_reason,
     from_backend,
-    queue_full,
-    queue_timeout,
     stopped,
 )
 from .fleet import client as fleet
@@ -233,110 +231,22 @@ class Replica:
         return f"Replica({self.url!r}, ready={self.ready})"
 
 
-@dataclass(eq=False)
-class _Waiter:
-    event: threading.Event = field(default_factory=threading.Event)
-    granted: bool = False
+class Backend:
+    """A named group of replicas that serve the same models.
 
-
-class Admission:
-    """At most ``limit`` requests in flight; the rest wait in a bounded queue in
-    :class:`QueuePlace` order, each client in at most :func:`client_places` of its places.
-
-    A freed slot is handed straight to the next waiter, so a newcomer cannot overtake
-    the queue.
+    Args:
+        config: Its config.
+        shared: The Redis link, for ``admission: redis``.
+        admission: The admission of the backend this one replaces on a reload: the
+            requests it admitted still count against the limit (:func:`gateway.admission.admission_for`).
     """
 
-    def __init__(self, backend: Backend, max_queue: int, timeout: float) -> None:
-        self.backend = backend
-        self.max_queue = max_queue
-        self.timeout = timeout
-        self.in_flight = 0
-        self._queue: TurnQueue[_Waiter] = TurnQueue()
-        self._lock = threading.Lock()
-
-    @property
-    def queued(self) -> int:
-        return self._queue.size
-
-    def acquire(self, place: QueuePlace, in_flight: InFlight | None = None) -> float:
-        """Take a slot, waiting if need be; returns the seconds waited. A cancel of
-        ``in_flight`` ends the wait; the slot is never lost, whatever interrupts it.
-
-        Raises:
-            ServiceUnavailableError: the queue (or the client's share of it) is full, or
-                the wait timed out.
-            RequestCancelledError: cancelled while it waited.
-        """
-        name = self.backend.name
-        with self._lock:
-            if self.in_flight < self.backend.limit and not self._queue.size:
-                self.in_flight += 1
-                return 0.0
-            if self._queue.size >= self.max_queue:
-                raise queue_full(name, mine=False)
-            if self._queue.count(place.client) >= client_places(self.max_queue):
-                raise queue_full(name, mine=True)
-            waiter = _Waiter()
-            self._queue.push(place, waiter)
-        start = time.monotonic()
-        if in_flight is not None:
-            in_flight.wake = waiter.event.set
-        try:
-            waiter.event.wait(self.timeout)
-        except BaseException:
-            self._leave(place, waiter)
-            raise
-        finally:
-            if in_flight is not None:
-                in_flight.wake = None
-        stopped = in_flight.stopped if in_flight is not None else None
-        if stopped is not None:
-            self._leave(place, waiter)
-            raise stopped
-        if waiter.granted:
-            return time.monotonic() - start
-        self._leave(place, waiter)
-        raise queue_timeout(name, self.timeout)
-
-    def _leave(self, place: QueuePlace, waiter: _Waiter) -> None:
-        """A waiter gives up: out of the queue, or, if a slot reached it meanwhile,
-        the slot passes on."""
-        with self._lock:
-            if not waiter.granted:
-                self._queue.remove(place.client, waiter)
-                return
-        self.release()
-
-    def release(self, in_flight: InFlight | None = None) -> None:
-        with self._lock:
-            if self._queue.size:
-                waiter = self._queue.pop()
-                waiter.granted = True  # the slot passes to it; in_flight stays
-                waiter.event.set()
-            else:
-                self.in_flight -= 1
-
-
-class Backend:
-    """A named group of replicas that serve the same models."""
-
-    def __init__(self, config: BackendConfig, previous: Backend | None = None, shared: Shared | None = None) -> None:
+    def __init__(self, config: BackendConfig, shared: Shared | None = None, admission: Admission | None = None) -> None:
         self.name = config.name
         self.config = config
         self.replicas = [Replica(url, config) for url in config.urls]
-        shared = shared if config.admission == "redis" else None
-        carried = previous.admission if previous is not None else None
-        if carried is not None and isinstance(carried, SharedAdmission) == (shared is not None):
-            # A reload that changed this backend: the requests the old one admitted
-            # still count against the limit, so admission carries over.
-            self.admission = carried
-            local = carried.fallback if isinstance(carried, SharedAdmission) else carried
-            carried.backend = local.backend = self
-            local.max_queue, local.timeout = config.max_queue, config.queue_timeout
-        else:
-            local = Admission(self, config.max_queue, config.queue_timeout)
-            self.admission = local if shared is None else SharedAdmission(self, shared, local)
+        self.admission = admission_for(self, config.max_queue, config.queue_timeout,
+                                       shared if config.admission == "redis" else None, admission)
         self._turn = itertools.count()
         self.kv_groups = dict(config.kv_groups)
         self.fleet_state: str | None = None  # a launched backend's state, from the health loop
@@ -389,9 +299,8 @@ class Backend:
         return ordered
 
     def status(self) -> dict[str, Any]:
-        shared = isinstance(self.admission, SharedAdmission)
         return {"ready": self.ready, "fleet_state": self.fleet_state, "admission": self.config.admission,
-                "limit": self.shared_limit if shared else self.limit, "in_flight": self.admission.in_flight,
+                "limit": self.shared_limit if self.admission.shared is not None else self.limit, "in_flight": self.admission.in_flight,
                 "queued": self.admission.queued, "replicas": [r.status() for r in self.replicas]}
 
 
@@ -450,12 +359,13 @@ class Upstreams:
     """Every backend of a config, with their background health checks."""
 
     def __init__(self, configs: Mapping[str, BackendConfig], health_interval: float,
-                 previous: Upstreams | None = None, shared: Shared | None = None) -> None:
-        old = previous.backends if previous is not None else {}
+                 previous: Mapping[str, Backend] | None = None, shared: Shared | None = None) -> None:
+        old = previous or {}
         # A reload keeps each unchanged backend whole (replicas, pools, breakers,
         # admission) and the admission of a changed one: never two limits at once.
         self.backends = {name: old[name] if name in old and old[name].config == cfg
-                         else Backend(cfg, old.get(name), shared)
+                         and old[name].admission.shared is (shared if cfg.admission == "redis" else None)
+                         else Backend(cfg, shared, old[name].admission if name in old else None)
                          for name, cfg in configs.items()}
         self.views = {name: backend.view for name, backend in self.backends.items()}  # for route hooks
         self.health_interval = health_interval

@@ -14,6 +14,7 @@ from gateway.state import Gateway
 from gateway.config import load_config
 from gateway.pipeline import build_pipelines
 from gateway.reload import RETIRE_POLL, ReloadingApp, watched_files
+from gateway.testing import free_port
 
 from .conftest import config_doc
 
@@ -116,6 +117,26 @@ def test_a_reload_never_doubles_admission(tmp_path, canned_url):
     rewrite(path, lambda doc: doc["models"]["smollm2"].update(aliases=["x"]))  # backend unchanged
     assert app.reload()
     assert app.gateway.upstreams.backends["chat"] is new
+
+
+def test_a_reload_to_another_redis_moves_every_backends_admission_to_it(tmp_path, canned_url):
+    """``shared:`` names another Redis: an unchanged backend used to keep counting its
+    slots in the old one, whose link the reload had just stopped."""
+    path, app, client = start(tmp_path, canned_url, shared={"redis_url": f"redis://127.0.0.1:{free_port()}/0"},
+                              backends={"chat": {"urls": [canned_url], "admission": "redis"}})
+    old_link = app.gateway.shared
+    assert app.gateway.upstreams.backends["chat"].admission.shared is old_link
+    rewrite(path, lambda doc: doc["shared"].update(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    assert app.reload()
+    new_link = app.gateway.shared
+    try:
+        assert new_link is not old_link and old_link._stop.is_set()
+        assert app.gateway.upstreams.backends["chat"].admission.shared is new_link
+        rewrite(path, lambda doc: doc["models"]["smollm2"].update(aliases=["x"]))  # the same Redis
+        assert app.reload()
+        assert app.gateway.shared is new_link and app.gateway.upstreams.backends["chat"].admission.shared is new_link
+    finally:
+        new_link.stop()
 
 
 def test_a_replaced_configuration_flushes_its_plugins_once_idle(tmp_path, canned_url):

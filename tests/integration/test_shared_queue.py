@@ -13,7 +13,8 @@ import pytest
 from gateway.config import BackendConfig, SharedConfig
 from gateway.context import Principal, RequestContext
 from gateway.errors import ServiceUnavailableError
-from gateway.shared import Shared, SharedAdmission
+from gateway.admission import SCRIPTS, SharedAdmission
+from gateway.shared import Shared
 from gateway.testing import free_port
 from gateway.turns import QueuePlace
 from gateway.upstream import Backend, InFlight
@@ -27,7 +28,7 @@ def shared(redis_url) -> Shared:
 
 
 def ask(shared: Shared, name: str, slots: str, *args, settle: int = 0) -> int:
-    return shared.script(name, [shared.prefix + "admission:chat:"], [shared.prefix + "wake:", slots, settle, *args])
+    return shared.script(SCRIPTS[name], [shared.prefix + "admission:chat:"], [shared.prefix + "wake:", slots, settle, *args])
 
 
 def acquire(shared, ident, client, rank, slots="1", lease=60_000, max_queue=100, mine=100, place=60_000,
