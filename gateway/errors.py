@@ -67,10 +67,16 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .httpclient import Response
+
+class BackendAnswer(Protocol):
+    """What the mapping reads of a backend's error answer (``httpclient.Response`` is one);
+    declared here so that errors.py imports nothing of the gateway."""
+
+    status: int
+
+    def json(self) -> Any: ...
 
 
 class LlamagateError(Exception):
@@ -320,7 +326,7 @@ def failure_reason(failure: HTTPFailure) -> str:
     return "connection reset"
 
 
-def from_backend(failure: HTTPFailure | Response, phase: Phase, *, backend: str, timeout: float = 0.0,
+def from_backend(failure: HTTPFailure | BackendAnswer, phase: Phase, *, backend: str, timeout: float = 0.0,
                  retry_after: str = "1", cancelled: bool = False, client_gone: bool = False) -> GatewayError:
     """The client's error for a backend request that failed (the table in the module's doc).
 
@@ -349,7 +355,7 @@ def from_backend(failure: HTTPFailure | Response, phase: Phase, *, backend: str,
     return UpstreamError("The connection to the backend broke mid-answer; the answer is incomplete.")
 
 
-def _from_backend_status(resp: Response, retry_after: str) -> GatewayError:
+def _from_backend_status(resp: BackendAnswer, retry_after: str) -> GatewayError:
     """A backend's error answer (status >= 400) as the client's error."""
     try:
         payload = resp.json()
