@@ -65,7 +65,7 @@ def config_doc(backend_url: str, **overrides: Any) -> dict[str, Any]:
     top-level keys."""
     return pipelines_doc({"chat": url_backend(backend_url, connect_timeout=2)},
                          {"smollm2": {"backend": "chat", "aliases": ["gpt-4o-mini"]}},
-                         timeouts={"first_byte": 5, "idle": 5, "retry_deadline": 0.5}, **overrides)
+                         **{"timeouts": {"first_byte": 5, "idle": 5, "retry_deadline": 0.5}, **overrides})
 
 
 @pytest.fixture

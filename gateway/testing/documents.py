@@ -37,7 +37,7 @@ def openai_routes(pipeline: str = "default") -> dict[str, str]:
     return {route: pipeline for route in OPENAI_ROUTES}
 
 
-def pipelines_doc(backends: Mapping[str, dict[str, Any]], models: Mapping[str, str | dict[str, Any]],
+def pipelines_doc(backends: Mapping[str, dict[str, Any]], models: Mapping[str, str | dict[str, Any]], /,
                   pipeline: Iterable[Any] = (), *, pipeline_name: str = "default",
                   routes: Mapping[str, Any] | None = None, **top_level: Any) -> dict[str, Any]:
     """A pipelines.yaml document.
@@ -50,7 +50,9 @@ def pipelines_doc(backends: Mapping[str, dict[str, Any]], models: Mapping[str, s
         routes: The whole ``routes:`` table; default: the four OpenAI routes through the
             pipeline (:func:`openai_routes`).
         top_level: Any other top-level key (``timeouts``, ``health_interval``, ``fleet``, ...),
-            as it is; ``pipelines=`` replaces the one pipeline.
+            as it is; one of the keys above replaces what they built (``pipelines=`` the
+            one pipeline, ``backends=`` the backends), so that a helper built on this one
+            can pass its caller's keys on.
     """
     return {
         "backends": dict(backends),

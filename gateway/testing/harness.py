@@ -138,8 +138,7 @@ class Harness:
         url = backend_url or self.backend.url  # type: ignore[union-attr]
         config = dict(config or {})
         routes = {**openai_routes("test"), **config.pop("routes", {})}
-        doc = pipelines_doc({"test": url_backend(url)}, {model: "test"}, pipeline_name="test", routes=routes)
-        doc.update(config)  # any key, backends and models too
+        doc = pipelines_doc({"test": url_backend(url)}, {model: "test"}, pipeline_name="test", routes=routes, **config)
         self._recorder = _Recorder()
         labelled = [p if isinstance(p, tuple) else (type(p).__module__ + "." + type(p).__name__, p) for p in plugins]
         self.gateway = Gateway(parse_config(doc, file="<harness>"),

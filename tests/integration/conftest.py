@@ -175,7 +175,7 @@ def gateway_doc(chat_url: str, embeddings_url: str, **overrides: Any) -> dict[st
     return pipelines_doc({"chat": url_backend(chat_url, connect_timeout=2), "embeddings": url_backend(embeddings_url)},
                          {"smollm2": {"backend": "chat", "aliases": ["gpt-4o-mini"]},
                           "smollm2-embeddings": "embeddings"},
-                         pipeline=["boom"], health_interval=1, plugin_dirs=[str(HERE / "dropin")], **overrides)
+                         pipeline=["boom"], **{"health_interval": 1, "plugin_dirs": [str(HERE / "dropin")], **overrides})
 
 
 @pytest.fixture(scope="session")
