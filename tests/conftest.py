@@ -15,7 +15,7 @@ from gateway.state import Gateway
 from gateway.config import Config, parse_config
 from gateway.pipeline import Pipeline
 from gateway.stores import reset_memory_stores
-from gateway.testing import canned_llama_app, free_port, serve_in_thread
+from gateway.testing import canned_llama_app, free_port, pipelines_doc, serve_in_thread, url_backend
 
 
 @pytest.fixture(autouse=True)
@@ -68,16 +68,11 @@ def echo_url() -> Iterator[str]:
 
 
 def config_doc(backend_url: str, **overrides: Any) -> dict[str, Any]:
-    """A pipelines.yaml document with one model on ``backend_url``."""
-    doc: dict[str, Any] = {
-        "backends": {"chat": {"urls": [backend_url], "connect_timeout": 2}},
-        "timeouts": {"first_byte": 5, "idle": 5, "retry_deadline": 0.5},
-        "models": {"smollm2": {"backend": "chat", "aliases": ["gpt-4o-mini"]}},
-        "pipelines": {"default": []},
-        "routes": {r: "default" for r in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")},
-    }
-    doc.update(overrides)
-    return doc
+    """A pipelines.yaml document with one model on ``backend_url``; ``overrides`` replace
+    top-level keys."""
+    return pipelines_doc({"chat": url_backend(backend_url, connect_timeout=2)},
+                         {"smollm2": {"backend": "chat", "aliases": ["gpt-4o-mini"]}},
+                         **{"timeouts": {"first_byte": 5, "idle": 5, "retry_deadline": 0.5}, **overrides})
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.fleet import processes, scheduler
 from gateway.fleet.spec import fleet_problems
+from gateway.testing import launched_backend, pipelines_doc
 
 PIDS = itertools.count(1000)
 
@@ -69,10 +70,9 @@ def clock(monkeypatch, tmp_path):
 def make_fleet(tmp_path, names=("one", "two"), **fleet: Any) -> scheduler.Fleet:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + b"\0" * 64)
-    doc = {"fleet": {"ports": {"first": 9100, "last": 9199}, **fleet},
-           "backends": {name: {"launch": {"model": str(model), "memory": "100MiB"}} for name in names},
-           "models": {name: {"backend": name} for name in names},
-           "pipelines": {"p": []}, "routes": {"/v1/chat/completions": "p"}}
+    doc = pipelines_doc({name: launched_backend(model, memory="100MiB") for name in names},
+                        {name: name for name in names}, pipeline_name="p", routes={"/v1/chat/completions": "p"},
+                        fleet={"ports": {"first": 9100, "last": 9199}, **fleet})
     return scheduler.Fleet(parse_config(doc, file=str(tmp_path / "pipelines.yaml")), str(tmp_path))
 
 

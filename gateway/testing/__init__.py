@@ -18,6 +18,9 @@ decoded stream events, and what ``complete`` saw (outcome and context)::
 :func:`canned_llama_app` is the WSGI app behind the fake backend (llama-server's
 JSON and SSE shapes and quirks: its own model name, no ``logprobs``, int error
 codes), and :func:`serve_in_thread` runs any WSGI app on a free loopback port.
+:func:`pipelines_doc` builds a pipelines.yaml document in one call (with
+:func:`url_backend`, :func:`launched_backend` and :func:`openai_routes` for its parts), for
+a test that parses a config or starts a gateway of its own.
 
 A request body may steer the canned answer with a ``"canned"`` object (the
 gateway passes unknown fields through):
@@ -52,10 +55,12 @@ long as the process, so that limits and caches outlive a reload), and
 
 The package's modules: ``canned`` (the canned llama-server app), ``server``
 (:func:`serve_in_thread`, :func:`free_port`, :func:`free_ports`), ``harness`` (:class:`Harness`,
-:class:`FakeBackend`, :class:`Result`); import from ``gateway.testing`` itself.
+:class:`FakeBackend`, :class:`Result`), ``documents`` (:func:`pipelines_doc` and its parts);
+import from ``gateway.testing`` itself.
 """
 
 from .canned import CANNED_MODEL, CANNED_SLOTS, CANNED_TEXT, canned_llama_app
+from .documents import launched_backend, openai_routes, pipelines_doc, url_backend
 from .harness import FakeBackend, Harness, Result
 from .server import free_port, free_ports, serve_in_thread
 from ..settings import reset as reset_settings
@@ -71,7 +76,11 @@ __all__ = [
     "canned_llama_app",
     "free_port",
     "free_ports",
+    "launched_backend",
+    "openai_routes",
+    "pipelines_doc",
     "reset_memory_stores",
     "reset_settings",
     "serve_in_thread",
+    "url_backend",
 ]

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 from ..answers import choice_text
 from ..hookspecs import hookimpl
 from .canned import _compact, _json, canned_llama_app
+from .documents import openai_routes, pipelines_doc, url_backend
 from .server import serve_in_thread
 
 
@@ -135,16 +136,9 @@ class Harness:
         self.model = model
         self.backend = FakeBackend() if backend_url is None else None
         url = backend_url or self.backend.url  # type: ignore[union-attr]
-        doc: dict[str, Any] = {
-            "backends": {"test": {"urls": [url]}},
-            "models": {model: {"backend": "test"}},
-            "pipelines": {"test": []},
-            "routes": {route: "test" for route in
-                       ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")},
-        }
         config = dict(config or {})
-        doc["routes"].update(config.pop("routes", {}))
-        doc.update(config)
+        routes = {**openai_routes("test"), **config.pop("routes", {})}
+        doc = pipelines_doc({"test": url_backend(url)}, {model: "test"}, pipeline_name="test", routes=routes, **config)
         self._recorder = _Recorder()
         labelled = [p if isinstance(p, tuple) else (type(p).__module__ + "." + type(p).__name__, p) for p in plugins]
         self.gateway = Gateway(parse_config(doc, file="<harness>"),

@@ -20,14 +20,15 @@ import pytest
 import requests
 import yaml
 
-from gateway.testing import free_port
+from gateway.config import OPENAI_ROUTES
+from gateway.testing import free_port, pipelines_doc, url_backend
 from gateway.upstream import wait_until_ready
 
 from ..openai_spec import openai_validator
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("LLAMAGATE_TEST_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+ROUTES = OPENAI_ROUTES
 HERE = Path(__file__).resolve().parent
 
 
@@ -121,7 +122,10 @@ def embeddings_backend(backends: Backends) -> str:
     return backends.start("--embeddings", "--parallel", "1", "--ctx", "1024", "--threads", "1")
 
 
-class Gateway:
+class RunningGateway:
+    """A gateway under real gunicorn gevent workers (``start_gateway``): its base URL, its
+    process and the config file it runs on."""
+
     def __init__(self, url: str, proc: Proc, config: Path) -> None:
         self.url = url
         self.proc = proc
@@ -133,11 +137,11 @@ class Gateway:
 
 
 @pytest.fixture(scope="session")
-def start_gateway(logs: Path) -> Iterator[Callable[..., Gateway]]:
+def start_gateway(logs: Path) -> Iterator[Callable[..., RunningGateway]]:
     """Run the gateway under real gunicorn gevent workers with a given config document."""
     procs: list[Proc] = []
 
-    def start(doc: dict[str, Any], workers: int = 1, wait_healthy: bool = True, **env_extra: str) -> Gateway:
+    def start(doc: dict[str, Any], workers: int = 1, wait_healthy: bool = True, **env_extra: str) -> RunningGateway:
         port = free_port()
         config = logs / f"pipelines-{port}.yaml"
         config.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -155,7 +159,7 @@ def start_gateway(logs: Path) -> Iterator[Callable[..., Gateway]]:
             try:
                 status = requests.get(url + "/health", timeout=2).status_code
                 if status == 200 or not wait_healthy:
-                    return Gateway(url, proc, config)
+                    return RunningGateway(url, proc, config)
             except (requests.ConnectionError, requests.Timeout):  # not listening yet, or its workers still booting
                 pass
             if proc.popen.poll() is not None:
@@ -169,26 +173,16 @@ def start_gateway(logs: Path) -> Iterator[Callable[..., Gateway]]:
 
 
 def gateway_doc(chat_url: str, embeddings_url: str, **overrides: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "health_interval": 1,
-        "plugin_dirs": [str(Path(__file__).parent / "dropin")],
-        "backends": {
-            "chat": {"urls": [chat_url], "connect_timeout": 2},
-            "embeddings": {"urls": [embeddings_url]},
-        },
-        "models": {
-            "smollm2": {"backend": "chat", "aliases": ["gpt-4o-mini"]},
-            "smollm2-embeddings": {"backend": "embeddings"},
-        },
-        "pipelines": {"default": ["boom"]},
-        "routes": {route: "default" for route in ROUTES},
-    }
-    doc.update(overrides)
-    return doc
+    """The session gateway's document: a chat and an embeddings model, the drop-in plugin
+    ``boom`` in the default pipeline; ``overrides`` replace top-level keys."""
+    return pipelines_doc({"chat": url_backend(chat_url, connect_timeout=2), "embeddings": url_backend(embeddings_url)},
+                         {"smollm2": {"backend": "chat", "aliases": ["gpt-4o-mini"]},
+                          "smollm2-embeddings": "embeddings"},
+                         pipeline=["boom"], **{"health_interval": 1, "plugin_dirs": [str(HERE / "dropin")], **overrides})
 
 
 @pytest.fixture(scope="session")
-def gateway(start_gateway: Callable[..., Gateway], chat_backend: str, embeddings_backend: str) -> Gateway:
+def gateway(start_gateway: Callable[..., RunningGateway], chat_backend: str, embeddings_backend: str) -> RunningGateway:
     return start_gateway(gateway_doc(chat_backend, embeddings_backend))
 
 

@@ -16,7 +16,7 @@ import requests
 
 from plugins.router.affinity import affinity_key, rank
 
-from .conftest import ROUTES, Backends, Gateway
+from .conftest import ROUTES, Backends, RunningGateway
 
 SYSTEM = ("You are a patient assistant for a hardware shop. Answer in one short sentence, "
           "name the aisle when you can, and never invent prices. ") * 6
@@ -35,7 +35,7 @@ def access_log(logs: Path) -> Path:
     return logs / "affinity-access.log"
 
 
-def affinity_gateway(start_gateway: Callable[..., Gateway], pair: list[str], access_log: Path) -> Gateway:
+def affinity_gateway(start_gateway: Callable[..., RunningGateway], pair: list[str], access_log: Path) -> RunningGateway:
     gw = start_gateway({
         "health_interval": 1,
         "health_detail": True,
@@ -52,11 +52,11 @@ def affinity_gateway(start_gateway: Callable[..., Gateway], pair: list[str], acc
 
 
 @pytest.fixture(scope="module")
-def gateway(start_gateway: Callable[..., Gateway], pair: list[str], access_log: Path) -> Gateway:
+def gateway(start_gateway: Callable[..., RunningGateway], pair: list[str], access_log: Path) -> RunningGateway:
     return affinity_gateway(start_gateway, pair, access_log)
 
 
-def slots_known(gw: Gateway) -> bool:
+def slots_known(gw: RunningGateway) -> bool:
     try:
         replicas = requests.get(gw.url + "/health", timeout=5).json()["backends"]["chat"]["replicas"]
     except requests.RequestException:  # a loaded machine: ask again
@@ -97,7 +97,7 @@ def openings_covering(pair: list[str], per_replica: int) -> list[list[dict[str, 
 _ids = itertools.count()
 
 
-def turn(gw: Gateway, messages: list[dict[str, str]], tag: str, key: str = ALICE) -> dict[str, Any]:
+def turn(gw: RunningGateway, messages: list[dict[str, str]], tag: str, key: str = ALICE) -> dict[str, Any]:
     """One chat turn through the openai client; appends the answer and the next question,
     and returns the access log's line for it."""
     request_id = f"{tag}-{next(_ids)}"
@@ -108,7 +108,7 @@ def turn(gw: Gateway, messages: list[dict[str, str]], tag: str, key: str = ALICE
     return log_line(gw, request_id)
 
 
-def log_line(gw: Gateway, request_id: str) -> dict[str, Any]:
+def log_line(gw: RunningGateway, request_id: str) -> dict[str, Any]:
     path: Path = gw.access_log  # type: ignore[attr-defined]
     found: list[dict[str, Any]] = []
 

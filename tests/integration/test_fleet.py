@@ -24,9 +24,9 @@ import requests
 import yaml
 
 from gateway import keys
-from gateway.testing import free_ports
+from gateway.testing import free_ports, launched_backend, pipelines_doc
 
-from .conftest import ROOT, ROUTES
+from .conftest import ROOT
 
 LAUNCH = {"ctx": 512, "parallel": 2, "threads": 1}
 
@@ -57,17 +57,14 @@ def fleet_doc(logs: Path, launched: dict[str, dict[str, Any]], **fleet: Any) -> 
     admin, user = keys.add_key(keys_file, "ops", "admin"), keys.add_key(keys_file, "alice")
     limited = keys.add_key(keys_file, "bob", models=[next(iter(launched))])
     ports = free_ports(len(launched) + 1)  # one spare port, for a model a reload adds
-    return {
-        "health_interval": 0.5,
-        "admin_pipeline": "default",
-        "fleet": {"ports": {"first": ports[0], "last": ports[-1]}, "log_dir": str(logs / "fleet"), **fleet},
-        "backends": {name: {"launch": {**LAUNCH, **spec}} for name, spec in launched.items()},
-        "models": {name: {"backend": name} for name in launched},
-        "pipelines": {"default": [{"statsd": {"host": "127.0.0.1", "port": 9, "prefix": "fleet-test"}},
-                                  {"auth": {"keys_file": str(keys_file), "env_keys": {}}}]},
-        "routes": {route: "default" for route in ROUTES},
-        "_keys": (admin, user, limited),
-    }
+    return pipelines_doc(
+        {name: launched_backend(**{**LAUNCH, **spec}) for name, spec in launched.items()},
+        {name: name for name in launched},
+        pipeline=[{"statsd": {"host": "127.0.0.1", "port": 9, "prefix": "fleet-test"}},
+                  {"auth": {"keys_file": str(keys_file), "env_keys": {}}}],
+        health_interval=0.5, admin_pipeline="default",
+        fleet={"ports": {"first": ports[0], "last": ports[-1]}, "log_dir": str(logs / "fleet"), **fleet},
+        _keys=(admin, user, limited))
 
 
 def start_fleet(start_gateway: Callable[..., Any], doc: dict[str, Any]) -> Any:

@@ -18,9 +18,7 @@ import requests
 import yaml
 
 from gateway import keys
-from gateway.testing import free_port
-
-from .conftest import ROUTES
+from gateway.testing import free_port, pipelines_doc, url_backend
 
 CHAT = [{"role": "user", "content": "Name one colour."}]
 
@@ -70,14 +68,10 @@ def full_pipeline(keys_file: Path, access_log: Path, statsd_port: int, **ratelim
 
 
 def full_doc(chat_urls: list[str], embeddings_url: str, pipeline: list, health_interval: float = 1) -> dict:
-    return {
-        "health_interval": health_interval,
-        "backends": {"chat": {"urls": chat_urls, "connect_timeout": 1},
-                     "embeddings": {"urls": [embeddings_url]}},
-        "models": {"smollm2": {"backend": "chat"}, "smollm2-embeddings": {"backend": "embeddings"}},
-        "pipelines": {"default": pipeline},
-        "routes": {route: "default" for route in ROUTES},
-    }
+    return pipelines_doc({"chat": url_backend(*chat_urls, connect_timeout=1),
+                          "embeddings": url_backend(embeddings_url)},
+                         {"smollm2": "chat", "smollm2-embeddings": "embeddings"}, pipeline,
+                         health_interval=health_interval)
 
 
 @pytest.fixture(scope="session")
