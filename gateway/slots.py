@@ -181,12 +181,13 @@ class SlotTable:
                 slot = preferred if preferred is not None and 0 <= preferred < count else self._next(count)
                 return SlotHold(self, url, slot, count, reuse=False)
             now = time.time()
-            slots = [_read(records, i, now) for i in range(count)]
             if preferred is not None and 0 <= preferred < count:
                 slot = preferred
+                was, busy, _ = _read(records, slot, now)
             else:
+                slots = _read_all(records, count, now)
                 slot = _choose(slots, owner)
-            was, busy, _ = slots[slot]
+                was, busy, _ = slots[slot]
             reuse = busy == 0 and was == owner
             _write(records, slot, owner if busy == 0 else UNKNOWN, busy + 1, now)
         return SlotHold(self, url, slot, count, reuse=reuse)
@@ -199,9 +200,7 @@ class SlotTable:
         with self._locked(url) as records:
             if records is not None:
                 now = time.time()
-                for i in range(count):
-                    _, busy, _ = _read(records, i, now)
-                    _write(records, i, UNKNOWN, busy + 1, now)
+                _write_all(records, [(UNKNOWN, busy + 1) for _, busy, _ in _read_all(records, count, now)], now)
         return SlotHold(self, url, None, count, reuse=False)
 
     def release(self, hold: SlotHold, clean: bool) -> None:
@@ -209,9 +208,12 @@ class SlotTable:
             if records is None:
                 return
             now = time.time()
-            for i in range(hold.count) if hold.slot is None else (hold.slot,):
-                owner, busy, _ = _read(records, i, now)
-                _write(records, i, owner if clean and hold.slot is not None else UNKNOWN, max(0, busy - 1), now)
+            if hold.slot is None:
+                _write_all(records, [(UNKNOWN, max(0, busy - 1)) for _, busy, _ in _read_all(records, hold.count, now)],
+                           now)
+            else:
+                owner, busy, _ = _read(records, hold.slot, now)
+                _write(records, hold.slot, owner if clean else UNKNOWN, max(0, busy - 1), now)
 
     def _next(self, count: int) -> int:
         """Slots in turn, for a table that cannot record."""
@@ -292,17 +294,34 @@ class _Locked:
 def _read(records: mmap.mmap, slot: int, now: float) -> tuple[bytes, int, float]:
     """A slot's (owner, busy, touched), with the stale parts forgotten: a busy count
     older than BUSY_TTL (its holder died), an owner idle longer than OWNER_TTL."""
-    owner, busy, touched = _RECORD.unpack_from(records, _HEADER.size + slot * _RECORD.size)
+    return _fresh(_RECORD.unpack_from(records, _HEADER.size + slot * _RECORD.size), now)
+
+
+def _read_all(records: mmap.mmap, count: int, now: float) -> list[tuple[bytes, int, float]]:
+    """The first ``count`` slots as :func:`_read` sees each, in one pass (a take that
+    chooses, and a whole-replica hold, read every slot: 64 calls of ``_read`` cost ~70 µs)."""
+    start = _HEADER.size
+    return [_fresh(record, now) for record in _RECORD.iter_unpack(records[start:start + count * _RECORD.size])]
+
+
+def _fresh(record: tuple[bytes, int, float], now: float) -> tuple[bytes, int, float]:
+    owner, busy, touched = record
     age = now - touched
     if busy and not 0 <= age <= BUSY_TTL:
         return UNKNOWN, 0, touched
     if not busy and not 0 <= age <= OWNER_TTL:
         return UNKNOWN, 0, touched
-    return owner, busy, touched
+    return record
 
 
 def _write(records: mmap.mmap, slot: int, owner: bytes, busy: int, now: float) -> None:
     _RECORD.pack_into(records, _HEADER.size + slot * _RECORD.size, owner, busy, now)
+
+
+def _write_all(records: mmap.mmap, slots: list[tuple[bytes, int]], now: float) -> None:
+    """Slots 0.. rewritten in one slice assignment."""
+    start = _HEADER.size
+    records[start:start + len(slots) * _RECORD.size] = b"".join(_RECORD.pack(owner, busy, now) for owner, busy in slots)
 
 
 def _choose(slots: list[tuple[bytes, int, float]], owner: bytes) -> int:
