@@ -53,6 +53,8 @@ from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline
 from .state import Gateway
 from .streaming import Relay, ResponseBody, collect, read_error, relay_as_is, replay, watch_departure
+from .send import Outgoing
+from .send import open as open_lease
 from .upstream import Lease, Replica
 
 JSON_TYPE = "application/json"
@@ -303,8 +305,9 @@ def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, bod
     entry = gateway.track(ctx)
     sent_at = time.monotonic()
     try:
-        lease = gateway.upstreams.open(ctx, gateway.upstreams.backends[ctx.backend], replica, path, body, headers,
-                                       gateway.config.timeouts_for(ctx.route), entry, method)
+        lease = open_lease(ctx, gateway.upstreams.backends[ctx.backend], replica,
+                           Outgoing(path, body, headers, gateway.config.timeouts_for(ctx.route), method), entry,
+                           gateway.upstreams.retry_after())
     except BaseException:
         gateway.untrack(entry)
         raise
