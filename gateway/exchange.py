@@ -10,7 +10,7 @@ A model request (:func:`serve_model`), in order:
 4. **route**: ``route`` hooks pick a replica, else the gateway's round robin;
 5. **send**: ``upstream_request`` hooks edit the payload; chat and completions are
    asked as streams (:func:`gateway.answers.stream_request`); admission, then the
-   backend, retried until a replica answers (:mod:`gateway.upstream`);
+   backend, retried until a replica answers (:mod:`gateway.send`);
 6. **relay** a stream event by event (:class:`gateway.streaming.Relay`), or
    **assemble** a plain answer and run the ``response`` hooks;
 7. **complete**: when the body iterable closes, the lease goes back and every
