@@ -54,7 +54,7 @@ BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outgoing:
     """What to send a backend.
 
@@ -136,6 +136,8 @@ class _Send:
     """One request's send; each method is one layer of the module doc. ``hold`` is the
     fleet's lease while there is one, ``timeouts`` what is left of the route's after the
     fleet's waits."""
+
+    __slots__ = ("ctx", "backend", "outgoing", "in_flight", "retry_after", "timeouts", "hold")
 
     def __init__(self, ctx: RequestContext, backend: Backend, outgoing: Outgoing, in_flight: InFlight,
                  retry_after: str) -> None:

@@ -196,6 +196,8 @@ class Busy:
     :class:`Lease`, which ends it when it closes.
     """
 
+    __slots__ = ("replica", "_leased")
+
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self._leased = False
