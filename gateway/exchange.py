@@ -53,8 +53,7 @@ from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline
 from .state import Gateway
 from .streaming import Relay, ResponseBody, collect, read_error, relay_as_is, replay, watch_departure
-from .send import Outgoing
-from .send import open as open_lease
+from .send import Outgoing, open_lease
 from .upstream import Lease, Replica
 
 JSON_TYPE = "application/json"

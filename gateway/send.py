@@ -1,4 +1,4 @@
-"""Sending a request to a backend, in layers, one concern each (:func:`open`):
+"""Sending a request to a backend, in layers, one concern each (:func:`open_lease`):
 
 1. **fleet lease** (:func:`fleet_lease`): to a launched backend, lease its model from the
    fleet first (:mod:`gateway.fleet`), waiting while it loads;
@@ -82,8 +82,8 @@ class _LaunchedDown(LlamagateError):
         self.error = error
 
 
-def open(ctx: RequestContext, backend: Backend, first: Replica | None, outgoing: Outgoing,
-         in_flight: InFlight, retry_after: str) -> Lease:
+def open_lease(ctx: RequestContext, backend: Backend, first: Replica | None, outgoing: Outgoing,
+               in_flight: InFlight, retry_after: str) -> Lease:
     """Lease a launched backend's model from the fleet (waiting while it loads), admit
     the request, then send it until a replica answers; see the module doc.
     ``retry_after``: the ``Retry-After`` of a backend that cannot take requests now.

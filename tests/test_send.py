@@ -1,4 +1,4 @@
-"""Sending a request upstream (gateway.send.open), in-process against
+"""Sending a request upstream (gateway.send.open_lease), in-process against
 scripted backends over real loopback HTTP: what is retried within ``retry_deadline``
 (a 502/503, on another replica when there is one) and what is not (a replica that refused,
 a backend that took the request and then failed). Retries with backoff, the deadline
@@ -180,14 +180,14 @@ def test_a_replica_counts_an_attempt_in_flight_until_it_ends_however_it_ends(ser
     if ending == "cancelled":
         threading.Thread(target=cancel_once_sent, daemon=True).start()
     if ending == "answered":
-        lease = send.open(ctx, backend, None, outgoing, in_flight, "1")
+        lease = send.open_lease(ctx, backend, None, outgoing, in_flight, "1")
         counted_while_out.append(replica.in_flight)
         lease.response.read()
         lease.close()
         assert counted_while_out == [1]
     else:
         with pytest.raises(GatewayError):
-            send.open(ctx, backend, None, outgoing, in_flight, "1")
+            send.open_lease(ctx, backend, None, outgoing, in_flight, "1")
         if ending == "cancelled":
             assert counted_while_out == [1]
     assert replica.in_flight == 0
