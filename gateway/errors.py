@@ -23,7 +23,7 @@ gateway, so any module may import it::
     ├── IllegalTransition (also RuntimeError)  fleet/states.py: a supervisor bug
     └── signals that never leave their module:
         httpclient._StaleConnection (a keep-alive connection the backend had closed),
-        upstream._LaunchedDown (a launched backend's llama-servers all refused)
+        send._LaunchedDown (a launched backend's llama-servers all refused)
 
 Every error a client sees is a :class:`GatewayError`, rendered as::
 

@@ -10,7 +10,7 @@ A model request (:func:`serve_model`), in order:
 4. **route**: ``route`` hooks pick a replica, else the gateway's round robin;
 5. **send**: ``upstream_request`` hooks edit the payload; chat and completions are
    asked as streams (:func:`gateway.answers.stream_request`); admission, then the
-   backend, retried until a replica answers (:mod:`gateway.upstream`);
+   backend, retried until a replica answers (:mod:`gateway.send`);
 6. **relay** a stream event by event (:class:`gateway.streaming.Relay`), or
    **assemble** a plain answer and run the ``response`` hooks;
 7. **complete**: when the body iterable closes, the lease goes back and every
@@ -53,6 +53,7 @@ from .paths import check_relay_target, raw_target
 from .pipeline import Pipeline
 from .state import Gateway
 from .streaming import Relay, ResponseBody, collect, read_error, relay_as_is, replay, watch_departure
+from .send import Outgoing, open_lease
 from .upstream import Lease, Replica
 
 JSON_TYPE = "application/json"
@@ -303,8 +304,9 @@ def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, bod
     entry = gateway.track(ctx)
     sent_at = time.monotonic()
     try:
-        lease = gateway.upstreams.open(ctx, gateway.upstreams.backends[ctx.backend], replica, path, body, headers,
-                                       gateway.config.timeouts_for(ctx.route), entry, method)
+        lease = open_lease(ctx, gateway.upstreams.backends[ctx.backend], replica,
+                           Outgoing(path, body, headers, gateway.config.timeouts_for(ctx.route), method), entry,
+                           gateway.upstreams.retry_after())
     except BaseException:
         gateway.untrack(entry)
         raise

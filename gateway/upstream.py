@@ -1,31 +1,11 @@
-"""Backends: pooled connections, admission, retries, circuit breakers, health.
+"""Backends: replicas with pooled connections, circuit breakers, health; leases of answers.
 
 Each replica has its own keep-alive pool (:mod:`gateway.httpclient`) that keeps up to
 ``max_connections`` connections, so a busy worker does not reconnect per request.
 
-A request to a backend (:meth:`Upstreams.open`):
-
-0. to a launched backend, leases its model from the fleet first (:mod:`gateway.fleet`),
-   waiting while it loads;
-1. waits for admission: at most ``max_in_flight`` requests per backend per worker
-   (default: this worker's share of the replicas' llama-server slots, so that all
-   workers together fill the slots), the rest in a bounded queue, admins
-   first, then keys by priority, then clients in turn, first come first served within
-   a client (:mod:`gateway.turns`); a full queue, a client holding its share of it, or a
-   wait past ``queue_timeout`` is a 503 with ``Retry-After``. With ``admission:
-   redis`` the slots and the queue are the whole gateway's (:mod:`gateway.admission`);
-2. goes to a replica whose circuit breaker is closed (or that is due a probe):
-   the ``route`` hooks' choice first, then ready replicas round robin;
-3. is retried, before any byte reached the client, when the connection is refused
-   or reset or the replica answers 502/503 (llama-server answers 503 while it
-   loads), with exponential backoff and jitter, on another replica when there is
-   one, until the route's ``retry_deadline``; when every replica of a launched
-   backend refused, the request waits for the fleet to restart them (that wait, like
-   a load, comes out of ``first_byte``);
-4. on routes whose prompts llama-server caches, takes a slot of the replica for each
-   attempt and says in the payload which (``id_slot``) and whether it may reuse the
-   slot's cache (``cache_prompt``): only a slot its own tenant used last
-   (:mod:`gateway.slots`).
+The send itself, in layers (fleet lease, admission, retries, one attempt), is
+:mod:`gateway.send`'s; it counts an attempt in its replica's ``in_flight`` through
+:class:`Busy`, the one place that count moves, and leaves the answer in a :class:`Lease`.
 
 A background loop polls each replica's ``/health`` and learns its slots from ``/props``.
 """
@@ -33,52 +13,25 @@ A background loop polls each replica's ``/health`` and learns its slots from ``/
 from __future__ import annotations
 
 import itertools
-import json
-import logging
 import math
-import random
 import socket
 import threading
 import time
-from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
 import requests
 
 from . import settings, slots
-from .config import BackendConfig, Timeouts
+from .config import BackendConfig
 from .context import BackendView, ReplicaView, RequestContext
-from .httpclient import ConnectFailed, ConnectTimedOut, HTTPFailure, Pool, Response
+from .httpclient import Pool, Response
 from .redact import redact_url  # a URL's userinfo is a credential: never shown
 from .admission import Admission, admission_for
 from .shared import Shared
-from .turns import QueuePlace
-from .errors import (
-    GatewayError,
-    LlamagateError,
-    Phase,
-    ServiceUnavailableError,
-    failure_reason,
-    from_backend,
-    stopped,
-)
+from .errors import GatewayError, stopped
 from .fleet import client as fleet
 
-log = logging.getLogger("llamagate")
-
 DEFAULT_SLOTS = 4  # a replica's slots until /props has told us
-RETRIED_STATUSES = (502, 503)
-BACKOFF_BASE = 0.05
-BACKOFF_CAP = 2.0
-
-
-class _LaunchedDown(LlamagateError):
-    """Every replica of a launched backend refused the request: its llama-servers died,
-    and the fleet is restarting them. ``error`` is the last attempt's."""
-
-    def __init__(self, error: GatewayError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 class InFlight:
@@ -223,12 +176,52 @@ class Replica:
             self.ready = False
             self.detail = f"unreachable: {type(exc).__name__}"
 
+    def busy(self) -> Busy:
+        """Count an attempt on the replica as in flight until it ends (:class:`Busy`)."""
+        return Busy(self)
+
     def status(self) -> dict[str, Any]:
         return {"url": self.view.url, "ready": bool(self.ready), "in_flight": self.in_flight, "slots": self.slots,
                 "breaker": self.breaker.state, "detail": self.detail}
 
     def __repr__(self) -> str:
         return f"Replica({self.url!r}, ready={self.ready})"
+
+
+class Busy:
+    """One attempt's count in its replica's ``in_flight``, from the moment it is sent
+    until it ends: the one place that count moves. A context manager: on leaving it the
+    attempt is over, whatever ended it (the replica failed it: :meth:`failed`; cancelled;
+    interrupted), unless the replica answered and the count was :meth:`handed_over` to the
+    :class:`Lease`, which ends it when it closes.
+    """
+
+    __slots__ = ("replica", "_leased")
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self._leased = False
+        replica.in_flight += 1
+
+    def __enter__(self) -> Busy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._leased:
+            self.end()
+
+    def failed(self, reason: str, counted: bool = True) -> None:
+        """The replica failed the attempt: its breaker learns of it (unless not ``counted``:
+        that only ends a probe)."""
+        self.replica.breaker.failure(time.monotonic(), counted)
+        self.replica.detail = reason
+
+    def handed_over(self) -> None:
+        """The replica answered: the count is the :class:`Lease`'s now."""
+        self._leased = True
+
+    def end(self) -> None:
+        self.replica.in_flight -= 1
 
 
 class Backend:
@@ -309,14 +302,16 @@ class Lease:
 
     Attributes:
         replica: The replica that answered.
+        busy: The attempt's count in the replica's ``in_flight`` (:class:`Busy`).
         response: Its answer, status and headers read, body not yet
             (:class:`gateway.httpclient.Response`).
         in_flight: The request's :class:`InFlight` entry.
     """
 
-    def __init__(self, backend: Backend, replica: Replica, response: Response, in_flight: InFlight) -> None:
+    def __init__(self, backend: Backend, busy: Busy, response: Response, in_flight: InFlight) -> None:
         self.backend = backend
-        self.replica = replica
+        self.replica = busy.replica
+        self.busy = busy
         self.response = response
         self.in_flight = in_flight
         self.socket = in_flight.socket
@@ -349,7 +344,7 @@ class Lease:
             # read to its end with success: the slot holds this prompt; else nobody knows
             self.slot_hold.release(clean=self.response.ended and 200 <= self.response.status < 300)
         self.response.close()
-        self.replica.in_flight -= 1
+        self.busy.end()
         self.backend.admission.release(self.in_flight)
         if self.hold is not None:
             self.hold.release()
@@ -409,227 +404,6 @@ class Upstreams:
 
     def retry_after(self) -> str:
         return str(max(1, round(self.health_interval)))
-
-    def open(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str,
-             body: bytes | dict[str, Any],
-             headers: Mapping[str, str], timeouts: Timeouts, in_flight: InFlight, method: str = "POST") -> Lease:
-        """Lease a launched backend's model from the fleet (waiting while it loads), admit
-        the request, then send it until a replica answers; see the module doc.
-        ``body`` is bytes, or a JSON payload, encoded per attempt with its slot's fields.
-
-        Sets ``ctx.replica``; counts each retry as ``upstream.retries``, the queue
-        depth on arrival as the gauge ``queue.<backend>`` and the wait as the timer
-        of the same name.
-
-        Raises:
-            ServiceUnavailableError: queue full or timed out, or no replica reachable.
-            GatewayTimeoutError: the replica did not start answering in time.
-            GatewayError: the last replica's 502/503 once the retry deadline passed.
-        """
-        hold = None
-        try:
-            if backend.config.launch is not None:
-                # Before admission: the fleet sees every request for the model, those waiting
-                # for a slot too, and serves them all before it swaps the model out.
-                hold, timeouts = self._hold(ctx, backend, timeouts, in_flight)
-            ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
-            waited = backend.admission.acquire(QueuePlace.of(ctx.principal), in_flight)
-        except BaseException:
-            if hold is not None:
-                hold.release()
-            raise
-        first = in_flight.replica or first  # shared admission's slot is on a replica
-        ctx.timings[f"queue.{backend.name}"] = waited * 1000.0
-        ctx.sent = True
-        retry_until = time.monotonic() + timeouts.retry_deadline
-        try:
-            while True:
-                try:
-                    lease = self._send(ctx, backend, first, path, body, headers, timeouts, in_flight, method)
-                    break
-                except _LaunchedDown as down:
-                    if hold is None or time.monotonic() >= retry_until:
-                        raise down.error from None
-                    # Its llama-server died: wait for the fleet's restart like for any load (out
-                    # of first_byte), not for the retries' deadline.
-                    hold.release()
-                    hold = None
-                    asked = time.monotonic()
-                    hold, timeouts = self._hold(ctx, backend, timeouts, in_flight, check=True)
-                    retry_until += time.monotonic() - asked
-            lease.hold = hold
-            return lease
-        except BaseException:
-            if hold is not None:
-                hold.release()
-            backend.admission.release(in_flight)
-            raise
-
-    @staticmethod
-    def _hold(ctx: RequestContext, backend: Backend, timeouts: Timeouts, in_flight: InFlight,
-              check: bool = False) -> tuple[fleet.Hold, Timeouts]:
-        """Lease a launched backend from the fleet, waiting while it loads; the load
-        comes out of the first-byte budget. Counts ``fleet.swaps`` and ``fleet.restarts``
-        and times ``fleet.load.<backend>`` on the request that waited for a load.
-        ``check``: its llama-servers refused the request (see :func:`fleet.acquire`)."""
-        # Requests wait for the fleet before admission: bounded as admission bounds its own.
-        if backend.fleet_waiting >= backend.limit + backend.config.max_queue:
-            raise ServiceUnavailableError(f"The model of backend {backend.name} is not ready and too many requests "
-                                          "wait for it; try again shortly.", code="queue_full",
-                                          headers={"Retry-After": "1"})
-        start = time.monotonic()
-        budget = min(timeouts.first_byte, max(0.001, ctx.started + timeouts.total - start))
-
-        def set_wake(wake: Any) -> None:
-            in_flight.wake = wake
-
-        backend.fleet_waiting += 1
-        try:
-            hold = fleet.acquire(backend.name, budget, set_wake, lambda: in_flight.stopped, check)
-        finally:
-            backend.fleet_waiting -= 1
-        waited = time.monotonic() - start
-        if hold.report.get("load_seconds") is not None:
-            ctx.timings[f"fleet.load.{backend.name}"] = hold.report["load_seconds"] * 1000.0
-            if hold.report.get("swap"):
-                ctx.incr("fleet.swaps")
-            if hold.report.get("restart"):
-                ctx.incr("fleet.restarts")
-        return hold, replace(timeouts, first_byte=max(0.001, timeouts.first_byte - waited))
-
-    def _send(self, ctx: RequestContext, backend: Backend, first: Replica | None, path: str,
-              body: bytes | dict[str, Any], headers: Mapping[str, str], timeouts: Timeouts, in_flight: InFlight,
-              method: str) -> Lease:
-        deadline = time.monotonic() + timeouts.retry_deadline
-        tried: list[Replica] = []
-        pinned = isinstance(body, dict) and ctx.route in slots.PINNED_ROUTES
-        unpinned = isinstance(body, dict) and ctx.route in slots.UNPINNED_ROUTES
-        if isinstance(body, dict) and not (pinned or unpinned):
-            body = json.dumps(body).encode()
-        for attempt in itertools.count():
-            if in_flight.stopped is not None:
-                raise in_flight.stopped
-            replica = self._pick(backend, first if attempt == 0 else None, tried)
-            if replica is None:
-                if tried and backend.config.launch is not None:
-                    raise _LaunchedDown(error)  # the fleet restarts it: ask the fleet
-                raise self._unavailable(ctx, backend)
-            tried.append(replica)
-            ctx.replica = replica.url
-            now = time.monotonic()
-            replica.breaker.attempt(now)
-            first_byte = min(timeouts.first_byte, max(0.001, ctx.started + timeouts.total - now))
-            hold = None
-            if pinned or unpinned:
-                hold = self._take_slot(ctx, backend, replica, pinned and replica is first, unpinned)
-                data = json.dumps({**body, **hold.fields()}).encode()
-            else:
-                data = body
-            replica.in_flight += 1
-            in_flight.socket = None
-            try:
-                resp = replica.pool.request(method, path, data, headers, first_byte, on_socket=in_flight.attach)
-            except HTTPFailure as exc:
-                if hold is not None:
-                    hold.release(clean=False)
-                if in_flight.stopped is not None:  # we cut the connection: not the replica's fault
-                    replica.in_flight -= 1
-                    raise in_flight.stopped from None
-                self._attempt_failed(replica, backend, exc)
-                error = from_backend(exc, Phase.SENDING, backend=backend.name, timeout=first_byte,
-                                     retry_after=self.retry_after())
-                if error.status not in RETRIED_STATUSES:  # a first-byte timeout: the backend is busy
-                    raise error from exc
-            except BaseException:
-                replica.in_flight -= 1
-                if hold is not None:
-                    hold.release(clean=False)
-                raise
-            else:
-                if in_flight.stopped is not None or resp.status in RETRIED_STATUSES:
-                    if hold is not None:
-                        hold.release(clean=False)
-                if in_flight.stopped is not None:
-                    replica.in_flight -= 1
-                    in_flight.release_socket()
-                    resp.close()
-                    raise in_flight.stopped
-                if resp.status not in RETRIED_STATUSES:
-                    replica.breaker.success()
-                    replica.ready = True
-                    lease = Lease(backend, replica, resp, in_flight)
-                    lease.slot_hold = hold
-                    # A stream's headers come at once: the first-byte budget lasts until
-                    # its first event (streaming.frames), then idle applies.
-                    lease.set_read_timeout(max(0.001, first_byte - (time.monotonic() - now)))
-                    return lease
-                error = from_backend(resp, Phase.WAITING, backend=backend.name, retry_after=self.retry_after())
-                # The connection goes back to the pool: another request may take it while
-                # this one pauses, so a cancel now must not reach its socket.
-                in_flight.release_socket()
-                resp.close()
-                self._failed(replica, f"HTTP {resp.status}")
-            in_flight.release_socket()
-            pause = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
-            if time.monotonic() + pause > deadline:
-                ctx.log(logging.WARNING, "giving up on backend %s after %d attempt(s): %s",
-                        backend.name, attempt + 1, error.message)
-                raise error
-            ctx.incr("upstream.retries")
-            time.sleep(pause)
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _take_slot(ctx: RequestContext, backend: Backend, replica: Replica, hinted: bool,
-                   unpinned: bool) -> slots.SlotHold:
-        """The attempt's hold on the replica's slots: all of them for a route llama-server
-        places itself; else one, the route hook's ``ctx.slot_hint`` when it chose this
-        replica, else a client's own ``id_slot`` (when validate lets it through)."""
-        table = slots.table()
-        if unpinned:
-            return table.take_all(replica.url, replica.slots)
-        preferred = ctx.slot_hint if hinted else None
-        asked = ctx.body.get("id_slot") if isinstance(ctx.body, dict) else None
-        if preferred is None and isinstance(asked, int) and not isinstance(asked, bool):
-            preferred = asked
-        hold = table.take(replica.url, replica.slots, backend.kv_scope(ctx.principal), preferred)
-        if hold.reuse and isinstance(ctx.body, dict) and ctx.body.get("cache_prompt") is False:
-            hold.reuse = False  # the client's own wish not to reuse its cache
-        return hold
-
-    def _attempt_failed(self, replica: Replica, backend: Backend, exc: HTTPFailure) -> None:
-        """The replica's share of an attempt that raised (the client's error is errors.from_backend's)."""
-        counted = True
-        if isinstance(exc, ConnectFailed) and not isinstance(exc, ConnectTimedOut):
-            replica.ready = False
-            # A launched llama-server that refuses has died; the fleet restarts it and says
-            # when it is back, so its breaker must not keep it shut after that.
-            counted = backend.config.launch is None
-        self._failed(replica, failure_reason(exc), counted)
-
-    @staticmethod
-    def _pick(backend: Backend, first: Replica | None, tried: list[Replica]) -> Replica | None:
-        """The next replica to try: ``first`` if it may be used, else an untried
-        available one, else any available one."""
-        now = time.monotonic()
-        usable = [r for r in backend.candidates(first) if r.ready is not False or not tried]
-        usable = [r for r in usable if r.breaker.allows(now)]
-        untried = [r for r in usable if r not in tried]
-        return (untried or usable or [None])[0]
-
-    @staticmethod
-    def _failed(replica: Replica, reason: str, counted: bool = True) -> None:
-        replica.in_flight -= 1
-        replica.breaker.failure(time.monotonic(), counted)
-        replica.detail = reason
-
-    def _unavailable(self, ctx: RequestContext, backend: Backend) -> ServiceUnavailableError:
-        now = time.monotonic()
-        wait = min((r.breaker.retry_after(now) for r in backend.replicas), default=0.0)
-        ctx.replica = None
-        return ServiceUnavailableError(
-            f"No replica of backend {backend.name} can take requests now; try again shortly.",
-            headers={"Retry-After": str(max(1, round(wait)) if wait else self.retry_after())})
 
 
 def wait_until_ready(urls: Iterable[str], timeout: float) -> bool:

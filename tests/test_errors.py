@@ -49,7 +49,7 @@ def test_every_exception_class_derives_from_the_one_root() -> None:
     for name in ("gateway.errors.GatewayError", "gateway.config.ConfigError", "gateway.settings.SettingsError",
                  "gateway.shared.SharedUnavailable", "gateway.stores.StoreUnavailable",
                  "gateway.errors.HTTPFailure", "gateway.httpclient._StaleConnection",
-                 "gateway.upstream._LaunchedDown", "gateway.fleet.states.IllegalTransition"):
+                 "gateway.send._LaunchedDown", "gateway.fleet.states.IllegalTransition"):
         assert name in classes
     outside = sorted(name for name, cls in classes.items() if not issubclass(cls, LlamagateError))
     assert outside == []

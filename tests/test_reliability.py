@@ -21,7 +21,8 @@ from gateway.pipeline import Pipeline, build_pipelines
 from gateway.testing import canned_llama_app, serve_in_thread
 from gateway.context import RequestContext
 from gateway.turns import QueuePlace
-from gateway.upstream import Backend, Breaker, InFlight, Upstreams
+from gateway.send import fleet_lease
+from gateway.upstream import Backend, Breaker, InFlight
 
 from .conftest import config_doc
 
@@ -196,7 +197,7 @@ def test_requests_waiting_for_a_launched_model_are_bounded_like_the_admission_qu
 
     def hold():
         ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
-        return Upstreams._hold(ctx, backend, Timeouts(), InFlight(ctx))
+        return fleet_lease(ctx, backend, Timeouts(), InFlight(ctx))
 
     with ThreadPoolExecutor(3) as pool:
         waiting = [pool.submit(hold) for _ in range(3)]  # limit 1 + max_queue 2

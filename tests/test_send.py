@@ -1,4 +1,4 @@
-"""Sending a request upstream (gateway.upstream.Upstreams.open/_send), in-process against
+"""Sending a request upstream (gateway.send.open_lease), in-process against
 scripted backends over real loopback HTTP: what is retried within ``retry_deadline``
 (a 502/503, on another replica when there is one) and what is not (a replica that refused,
 a backend that took the request and then failed). Retries with backoff, the deadline
@@ -7,12 +7,20 @@ and a single replica's breaker are in test_reliability.py."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from typing import Any, Callable, Iterable
 
 import pytest
 
-from gateway import hookimpl
+from gateway import hookimpl, send
+from gateway.config import BackendConfig, Timeouts
+from gateway.context import RequestContext
+from gateway.errors import GatewayError
+from gateway.send import Outgoing
 from gateway.testing import canned_llama_app, serve_in_thread
+from gateway.upstream import Backend, InFlight
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -131,3 +139,56 @@ def test_an_open_breaker_sends_requests_to_the_other_replica_without_a_retry(mak
     assert failing.calls == 1  # its breaker is open: not tried again
     assert all("upstream.retries" not in counters for counters, _ in seen.requests)
     assert client.simulate_get("/health").json["backends"]["chat"]["replicas"][0]["breaker"] == "open"
+
+
+def _slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """A replica that takes longer to answer than any test here waits."""
+    time.sleep(2)
+    return canned_llama_app(environ, start_response)
+
+
+def _refused_url() -> str:
+    with socket.socket() as sock:  # a port nobody listens on: the connection is refused
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("ending", ["answered", "refused", "503", "timeout", "cancelled"])
+def test_a_replica_counts_an_attempt_in_flight_until_it_ends_however_it_ends(serve, ending):
+    """``replica.in_flight`` (what route hooks balance on) is back to 0 after every kind of
+    attempt ending: an answer once its lease closes, a refused connection, a 503, a
+    first-byte timeout, a cancel; and counts the attempt while it is out."""
+    url = {"answered": lambda: serve(canned_llama_app), "refused": _refused_url,
+           "503": lambda: serve(Counting(503)), "timeout": lambda: serve(_slow),
+           "cancelled": lambda: serve(_slow)}[ending]()
+    backend = Backend(BackendConfig("b", (url,), max_in_flight=1))
+    replica = backend.replicas[0]
+    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
+    in_flight = InFlight(ctx)
+    timeouts = Timeouts(first_byte=0.5 if ending == "timeout" else 30, retry_deadline=0)
+    outgoing = Outgoing("/v1/chat/completions", json.dumps(CHAT).encode(), {"Content-Type": "application/json"},
+                        timeouts)
+    counted_while_out = []
+
+    def cancel_once_sent() -> None:
+        deadline = time.monotonic() + 5
+        while in_flight.socket is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        counted_while_out.append(replica.in_flight)
+        in_flight.cancel()
+
+    if ending == "cancelled":
+        threading.Thread(target=cancel_once_sent, daemon=True).start()
+    if ending == "answered":
+        lease = send.open_lease(ctx, backend, None, outgoing, in_flight, "1")
+        counted_while_out.append(replica.in_flight)
+        lease.response.read()
+        lease.close()
+        assert counted_while_out == [1]
+    else:
+        with pytest.raises(GatewayError):
+            send.open_lease(ctx, backend, None, outgoing, in_flight, "1")
+        if ending == "cancelled":
+            assert counted_while_out == [1]
+    assert replica.in_flight == 0
+    assert backend.admission.in_flight == 0
