@@ -5,7 +5,7 @@ request, so a client without a key never makes the gateway read or parse one. A
 client that sent ``Expect: 100-continue`` is invited to send its body only then
 (the worker holds gunicorn's own ``100 Continue`` back), and never when its
 ``Content-Length`` is over the limit. Such a body is refused unread; the worker then
-discards it within bounds (``DISCARD_ALLOWANCE``, ``gateway.worker.linger``) so that the
+discards it within bounds (``lifecycle.DISCARD_ALLOWANCE``, ``gateway.worker.linger``) so that the
 client, still sending it, reads its 413 instead of a reset.
 
 Time: gunicorn's worker puts a timeout on each socket read, which a client defeats
@@ -22,6 +22,7 @@ from typing import Any
 
 import falcon
 
+from . import lifecycle
 from .config import Config
 from .context import RequestContext
 from .errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
@@ -31,8 +32,7 @@ GRACE = 2.0  # seconds before the minimum rate applies
 # The worker marks requests that expect "100 Continue" and leaves sending it to us.
 INVITE_HEADER = "HTTP_LLAMAGATE_EXPECT_CONTINUE"
 # How much of a body refused by size the worker may discard after the 413 so that the
-# client, still sending it, can read its answer (worker.DISCARD_ALLOWANCE): (bytes, seconds).
-DISCARD_ALLOWANCE = "llamagate.discard_allowance"
+# client, still sending it, can read its answer: times max_body_bytes (lifecycle.DISCARD_ALLOWANCE).
 DISCARD_FACTOR = 16  # times max_body_bytes: 64 MiB by default
 
 
@@ -78,7 +78,7 @@ def read_body(req: falcon.Request, ctx: RequestContext, config: Config) -> bytes
     if length is not None and length > max_bytes:
         # accepted by request_start (authenticated): let it finish sending within the
         # bounds of a body, so that its kernel is not reset under its 413
-        req.env[DISCARD_ALLOWANCE] = (min(length, DISCARD_FACTOR * max_bytes), config.body_timeout)
+        req.env[lifecycle.DISCARD_ALLOWANCE] = (min(length, DISCARD_FACTOR * max_bytes), config.body_timeout)
         raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {max_bytes} bytes.")
     if length == 0:
         return b""

@@ -10,3 +10,7 @@ draining = False
 # The text of the last pipelines file the master checked and found good; a worker
 # that finds the file bad after a reload serves this instead.
 last_good_config: str | None = None
+
+# The environ key by which the app (body.py) lets the worker (worker.linger) discard more
+# of a body it refused by size after accepting the request: (bytes, seconds).
+DISCARD_ALLOWANCE = "llamagate.discard_allowance"

@@ -50,9 +50,6 @@ INVITE_HEADER = "LLAMAGATE-EXPECT-CONTINUE"
 # discarded, and seconds in all (also the silence that ends any lingering).
 LINGER_BYTES = 65536
 LINGER_SECONDS = 2.0
-# The environ key (body.DISCARD_ALLOWANCE) by which the app allows more for a body it
-# refused by size: (bytes, seconds).
-DISCARD_ALLOWANCE = "llamagate.discard_allowance"
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -131,7 +128,7 @@ class ClosingUnreadBodies:
             response = getattr(start_response, "__self__", None)  # gunicorn's Response
             if response is not None and body_left_unread(environ.get("wsgi.input")):
                 response.force_close()
-                response.req.discard_allowance = environ.get(DISCARD_ALLOWANCE)  # for Worker.handle_request
+                response.req.discard_allowance = environ.get(lifecycle.DISCARD_ALLOWANCE)  # for Worker.handle_request
             return start_response(status, headers, exc_info)
 
         return self.app(environ, start)
