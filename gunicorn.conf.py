@@ -26,11 +26,11 @@ if not _settings.metrics_dir:
     gateway_settings.reset()
     _settings = gateway_settings.current()
 
-wsgi_app = "gateway.wsgi:get_app()"
+wsgi_app = "gateway.web.wsgi:get_app()"
 bind = _settings.bind
 workers = _settings.workers
-# gunicorn's gevent worker with JSON errors, client timeouts and draining (gateway/worker.py)
-worker_class = "gateway.worker.Worker"
+# gunicorn's gevent worker with JSON errors, client timeouts and draining (gateway/web/worker.py)
+worker_class = "gateway.web.worker.Worker"
 worker_connections = _settings.worker_connections
 # With gevent workers the timeout is only a heartbeat: a long stream does not trip it.
 timeout = _settings.timeout

@@ -21,7 +21,7 @@ reused from the KV cache on follow-ups and on all turns; wall time, requests and
 tokens per second.
 
 Each conversation is a tenant of its own (its own API key, ``--tenants each``, the
-default): the gateway keeps tenants' cached prompts apart (``gateway.slots``), so a
+default): the gateway keeps tenants' cached prompts apart (``gateway.backends.slots``), so a
 conversation reuses only its own turns, never another's system prompt. ``--tenants one``
 sends every conversation with one key (one tenant: reuse across conversations allowed), and
 ``--kv-sharing global`` declares every client one sharing scope (the operator's opt-in).
@@ -53,7 +53,7 @@ import openai  # noqa: E402
 import yaml  # noqa: E402
 
 from gateway.testing import free_port  # noqa: E402
-from gateway.upstream import wait_until_ready  # noqa: E402
+from gateway.backends.upstream import wait_until_ready  # noqa: E402
 from run import stop_all  # noqa: E402  (bench/run.py, beside this file)
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

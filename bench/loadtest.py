@@ -22,7 +22,7 @@ import yaml
 from run import ROOT, load, stop_all  # first: it puts the checkout's gateway on sys.path
 
 from gateway.testing import free_port  # noqa: E402
-from gateway.upstream import wait_until_ready  # noqa: E402
+from gateway.backends.upstream import wait_until_ready  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 REQUEST = {"model": "smollm2", "max_tokens": 16,

@@ -130,7 +130,7 @@ class Principal:
         key_id: The public id of the key used (the first hex digits of its hash), for
             ledgers and logs; None when the auth plugin has none.
         priority: 0 to 100; a higher priority goes first in a backend's admission
-            queue (after admins; :mod:`gateway.turns`).
+            queue (after admins; :mod:`gateway.backends.turns`).
     """
 
     client_id: str
@@ -176,7 +176,7 @@ class RequestContext:
             in on the replica it chose (the router's prefix affinity: the slot holding
             the conversation). The core takes it if it is one of the replica's slots and
             decides on its own whether the slot's cache may be reused
-            (:mod:`gateway.slots`: only when the request's own tenant used it last); a
+            (:mod:`gateway.backends.slots`: only when the request's own tenant used it last); a
             failover to another replica ignores it.
         status: HTTP status sent to the client, once known.
         error: The error that ended the request, if one did.

@@ -1,7 +1,7 @@
 """The plugin contract: what a plugin is, and every hook it may implement.
 
 This module is the one source of the hook documentation: the hooks section of
-``docs/plugins.md`` is generated from it (``python -m gateway.hookdocs``), and a
+``docs/plugins.md`` is generated from it (``python -m gateway.cli.hookdocs``), and a
 test keeps the two equal. Plugins import its public names through
 :mod:`gateway.plugin`.
 
@@ -176,7 +176,7 @@ class GatewaySpec:
         asks llama-server to stream chat and completion answers, whatever the client
         asked: only a stream stops when its connection closes. On routes whose prompts
         llama-server caches it also sets ``id_slot`` and ``cache_prompt`` itself, per
-        attempt: a hook's values for those two are replaced; see :mod:`gateway.slots`.)
+        attempt: a hook's values for those two are replaced; see :mod:`gateway.backends.slots`.)
 
         Args:
             ctx: The request; ``ctx.replica`` is the replica most likely to serve it.

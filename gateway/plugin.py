@@ -40,22 +40,22 @@ from .errors import (
     UpstreamError,
 )
 from .hookspecs import Plugin, hookimpl
-from .keydb import KeyMirror
-from .keys import MAX_KEY_CHARS, key_hash, load_keys_file, parse_env_keys
-from .ledger import day_range, new_row_id, top_clients
-from .ledger import insert as insert_ledger_rows
-from .ledger import prepare as prepare_ledger
-from .ledger import usage as usage_report
-from .pg import ERRORS as PG_ERRORS
-from .pg import Connection as PgConnection
-from .pg import connect as pg_connect
-from .pg import migrate as pg_migrate
-from .pg import parse_url as parse_pg_url
+from .storage.keydb import KeyMirror
+from .storage.keys import MAX_KEY_CHARS, key_hash, load_keys_file, parse_env_keys
+from .storage.ledger import day_range, new_row_id, top_clients
+from .storage.ledger import insert as insert_ledger_rows
+from .storage.ledger import prepare as prepare_ledger
+from .storage.ledger import usage as usage_report
+from .storage.pg import ERRORS as PG_ERRORS
+from .storage.pg import Connection as PgConnection
+from .storage.pg import connect as pg_connect
+from .storage.pg import migrate as pg_migrate
+from .storage.pg import parse_url as parse_pg_url
 from .redact import FIELD_CHARS, clip, clip_json, redact_url
 from .schemas import SCHEMA_DIR, compile_check, compile_schema, format_path
 from .settings import Settings
 from .settings import current as current_settings
-from .stores import Decision, Store, StoreUnavailable, make_store
+from .storage.stores import Decision, Store, StoreUnavailable, make_store
 
 __all__ = [
     # the contract

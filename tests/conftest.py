@@ -9,12 +9,13 @@ from typing import Any, Callable, Iterator
 import falcon.testing
 import pytest
 
-from gateway import settings, slots
-from gateway.app import build_app
-from gateway.state import Gateway
+from gateway import settings
+from gateway.backends import slots
+from gateway.web.app import build_app
+from gateway.web.state import Gateway
 from gateway.config import Config, parse_config
 from gateway.pipeline import Pipeline
-from gateway.stores import reset_memory_stores
+from gateway.storage.stores import reset_memory_stores
 from gateway.testing import canned_llama_app, free_port, pipelines_doc, serve_in_thread, url_backend
 
 

@@ -19,7 +19,7 @@ import pytest
 from gateway.config import BackendConfig
 from gateway.context import Principal, RequestContext
 from gateway.testing import Harness
-from gateway.upstream import Backend
+from gateway.backends.upstream import Backend
 from plugins.router.affinity import SlotTable, affinity_key, pick, rank
 
 from .test_plugins import plugin as labelled

@@ -363,7 +363,7 @@ def test_completion_usage_on_each_choices_last_chunk_is_merged_into_one_usage_ch
      b'data: {"choices":[{"delta":{"content":"\\"model\\":\\"x\\""}}],"model":"pub"}'),  # look-alikes in text
 ])
 def test_the_relay_rewrites_events_without_decoding_them(raw, expected):
-    from gateway.streaming import model_field, rewrite_event
+    from gateway.web.streaming import model_field, rewrite_event
 
     assert rewrite_event(raw, model_field("pub")) == expected
     assert json.loads(rewrite_event(raw, model_field("pub"))[6:])["model"] == "pub"

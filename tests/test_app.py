@@ -252,9 +252,9 @@ def test_a_key_restricted_to_some_models_sees_only_those(tmp_path, canned_url):
     """It used to list every model and read /v1/models/{id} of the others."""
     from falcon.testing import TestClient
 
-    from gateway import keys
-    from gateway.app import build_app
-    from gateway.state import Gateway
+    from gateway.storage import keys
+    from gateway.web.app import build_app
+    from gateway.web.state import Gateway
     from gateway.config import parse_config
 
     from .conftest import config_doc

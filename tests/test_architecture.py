@@ -88,13 +88,13 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_imports_everywhere_in_a_module():
     graph = import_graph()
-    assert "gateway.upstream" in graph["gateway.state"]  # at the top
-    assert "gateway.fleet.client" in graph["gateway.upstream"]  # from .fleet import client
-    assert "gateway.settings" in graph["gateway.upstream"]  # from . import settings
+    assert "gateway.backends.upstream" in graph["gateway.web.state"]  # at the top
+    assert "gateway.fleet.client" in graph["gateway.backends.upstream"]  # from ..fleet import client
+    assert "gateway.settings" in graph["gateway.backends.upstream"]  # from .. import settings
     hidden = ("from typing import TYPE_CHECKING\n"
-              "if TYPE_CHECKING:\n    from ..state import Gateway\n"
-              "def later():\n    from .. import config\n    import gateway.stats\n")
-    assert imported("gateway.fleet.probe", hidden, set(graph)) == {"gateway.state", "gateway.config", "gateway.stats"}
+              "if TYPE_CHECKING:\n    from ..web.state import Gateway\n"
+              "def later():\n    from .. import config\n    import gateway.web.stats\n")
+    assert imported("gateway.fleet.probe", hidden, set(graph)) == {"gateway.web.state", "gateway.config", "gateway.web.stats"}
     assert imported("gateway.probe", "from . import hookimpl\n", set(graph)) == {"gateway"}
 
 
@@ -105,6 +105,6 @@ def test_no_import_circle_in_gateway():
 
 def test_the_redis_link_and_admission_know_nothing_of_the_gateway_above_them():
     graph = import_graph()
-    above = {"gateway.state", "gateway.upstream", "gateway.reload", "gateway.exchange", "gateway.app"}
-    assert not graph["gateway.shared"] & (above | {"gateway.admission"})
-    assert not graph["gateway.admission"] & above
+    above = {"gateway.web.state", "gateway.backends.upstream", "gateway.web.reload", "gateway.web.exchange", "gateway.web.app"}
+    assert not graph["gateway.storage.shared"] & (above | {"gateway.backends.admission"})
+    assert not graph["gateway.backends.admission"] & above

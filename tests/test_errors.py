@@ -14,7 +14,8 @@ import pytest
 
 import gateway
 import plugins
-from gateway import errors, httpclient
+from gateway import errors
+from gateway.backends import httpclient
 from gateway.errors import (
     ConnectFailed,
     ConnectionBroken,
@@ -47,9 +48,9 @@ def test_every_exception_class_derives_from_the_one_root() -> None:
     classes = _exception_classes()
     # the walk does find them, the private signals too: else this test could not fail
     for name in ("gateway.errors.GatewayError", "gateway.config.ConfigError", "gateway.settings.SettingsError",
-                 "gateway.shared.SharedUnavailable", "gateway.stores.StoreUnavailable",
-                 "gateway.errors.HTTPFailure", "gateway.httpclient._StaleConnection",
-                 "gateway.send._LaunchedDown", "gateway.fleet.states.IllegalTransition"):
+                 "gateway.storage.shared.SharedUnavailable", "gateway.storage.stores.StoreUnavailable",
+                 "gateway.errors.HTTPFailure", "gateway.backends.httpclient._StaleConnection",
+                 "gateway.backends.send._LaunchedDown", "gateway.fleet.states.IllegalTransition"):
         assert name in classes
     outside = sorted(name for name, cls in classes.items() if not issubclass(cls, LlamagateError))
     assert outside == []

@@ -1,4 +1,4 @@
-"""gateway.httpclient against a scripted server: framing, keep-alive, failures."""
+"""gateway.backends.httpclient against a scripted server: framing, keep-alive, failures."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.httpclient import ConnectFailed, ConnectionBroken, Pool, ReadTimedOut
+from gateway.backends.httpclient import ConnectFailed, ConnectionBroken, Pool, ReadTimedOut
 from gateway.testing import free_port
 
 

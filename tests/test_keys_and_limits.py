@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway import Principal, hookimpl, keys
+from gateway import Principal, hookimpl
+from gateway.storage import keys
 from gateway.config import parse_config
 from gateway.context import RequestContext
 from gateway.pipeline import build_pipelines
-from gateway.stores import MemoryStore
+from gateway.storage.stores import MemoryStore
 
 from .conftest import config_doc
 
@@ -307,8 +308,8 @@ def test_each_pipeline_keeps_its_own_budget_for_a_client(monkeypatch, canned_url
     pipeline, so a strict pipeline's debt refused the same client on a loose one."""
     import falcon.testing
 
-    from gateway.app import build_app
-    from gateway.state import Gateway
+    from gateway.web.app import build_app
+    from gateway.web.state import Gateway
 
     monkeypatch.setenv("BUDGET_KEYS", "sk-alice:alice")
     doc = config_doc(canned_url, pipelines={

@@ -9,7 +9,7 @@ import requests
 from urllib3.util.url import _encode_target
 
 from gateway.errors import InvalidRequestError
-from gateway.paths import check_relay_target, raw_target
+from gateway.web.paths import check_relay_target, raw_target
 
 PREFIX = "/sdapi"
 

@@ -64,7 +64,7 @@ def test_plugins_and_examples_use_only_the_facade(path):
 @pytest.mark.parametrize("source, problem", [
     ("from gateway.pipeline import Pipeline", "gateway.pipeline.Pipeline is not"),
     ("from gateway import hookimpl", "gateway.hookimpl is not"),
-    ("from gateway import ledger", "gateway.ledger is not"),
+    ("from gateway.storage import ledger", "gateway.storage.ledger is not"),
     ("import gateway.answers", "gateway.answers is not"),
     ("import gateway\nx = gateway.settings.current()", "gateway.settings is not"),
     ("from gateway.plugin import make_store, _private", "gateway.plugin._private is not in gateway.plugin.__all__"),

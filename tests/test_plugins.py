@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway import keys, settings
+from gateway.storage import keys
+from gateway import settings
 from gateway.config import parse_config
 from gateway.context import RequestContext
 from gateway.pipeline import build_pipelines, discover
-from gateway.stores import MemoryStore, RedisStore, StoreUnavailable, gcra
+from gateway.storage.stores import MemoryStore, RedisStore, StoreUnavailable, gcra
 from plugins.ratelimit import duration
 from plugins.statsd import safe
 
@@ -353,8 +354,8 @@ def test_cache_is_per_client_by_default(make_client, monkeypatch):
 def test_cache_entries_are_not_shared_across_pipelines(canned_url):
     import falcon.testing
 
-    from gateway.app import build_app
-    from gateway.state import Gateway
+    from gateway.web.app import build_app
+    from gateway.web.state import Gateway
     from gateway.pipeline import Pipeline
 
     first, second = plugin("cache"), plugin("cache")
@@ -385,7 +386,7 @@ def test_cache_does_not_take_a_random_or_odd_seed_for_determinism(make_client, s
 # --- router ---------------------------------------------------------------------------
 
 def test_router_prefers_fewest_in_flight_and_skips_failed_health(make_client, canned_url):
-    from gateway.upstream import Backend
+    from gateway.backends.upstream import Backend
     from gateway.config import BackendConfig
 
     router = plugin("router")[1]

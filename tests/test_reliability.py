@@ -13,16 +13,16 @@ import pytest
 import requests
 
 from gateway import Principal, hookimpl, lifecycle
-from gateway.app import build_app
-from gateway.state import Gateway
+from gateway.web.app import build_app
+from gateway.web.state import Gateway
 from gateway.config import BackendConfig, LaunchConfig, Timeouts, parse_config
 from gateway.errors import ServiceUnavailableError
 from gateway.pipeline import Pipeline, build_pipelines
 from gateway.testing import canned_llama_app, serve_in_thread
 from gateway.context import RequestContext
-from gateway.turns import QueuePlace
-from gateway.send import fleet_lease
-from gateway.upstream import Backend, Breaker, InFlight
+from gateway.backends.turns import QueuePlace
+from gateway.backends.send import fleet_lease
+from gateway.backends.upstream import Backend, Breaker, InFlight
 
 from .conftest import config_doc
 
@@ -193,7 +193,7 @@ def test_requests_waiting_for_a_launched_model_are_bounded_like_the_admission_qu
         loaded.wait(5)  # the model is loading
         return SimpleNamespace(report={}, release=lambda: None)
 
-    monkeypatch.setattr("gateway.upstream.fleet.acquire", acquire)
+    monkeypatch.setattr("gateway.backends.upstream.fleet.acquire", acquire)
 
     def hold():
         ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
@@ -394,7 +394,7 @@ def test_a_request_pausing_to_retry_holds_no_socket_a_cancel_could_cut(monkeypat
     """After a 503 the connection goes back to the pool, where another request may take
     it during the retry pause; the paused request's handle still pointed at that socket,
     so cancelling it (or its client hanging up) cut the other request's stream."""
-    from gateway import upstream
+    from gateway.backends import upstream
     from gateway.testing import Harness
 
     held = []

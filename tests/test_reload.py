@@ -9,11 +9,12 @@ import time
 import falcon.testing
 import yaml
 
-from gateway import hookimpl, keys
-from gateway.state import Gateway
+from gateway import hookimpl
+from gateway.storage import keys
+from gateway.web.state import Gateway
 from gateway.config import load_config
 from gateway.pipeline import build_pipelines
-from gateway.reload import RETIRE_POLL, ReloadingApp, watched_files
+from gateway.web.reload import RETIRE_POLL, ReloadingApp, watched_files
 from gateway.testing import free_port
 
 from .conftest import config_doc

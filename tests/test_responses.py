@@ -19,7 +19,7 @@ from gateway.config import Timeouts
 from gateway.context import RequestContext
 from gateway.errors import GatewayTimeoutError, RateLimitError
 from gateway.answers.responses import ResponsesStream, complete_response, echoed
-from gateway.streaming import relay_as_is
+from gateway.web.streaming import relay_as_is
 
 from .openai_spec import assert_valid, openai_validator, stream_event_validators
 

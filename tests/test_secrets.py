@@ -156,7 +156,7 @@ def test_up_shows_a_key_it_made_once_and_then_only_names_it(monkeypatch, tmp_pat
 # --- beyond the list: a backend's API key stays off the process list -----------------------
 
 def test_llama_server_gets_its_api_key_through_the_environment_not_argv(monkeypatch, tmp_path):
-    from gateway import backend
+    from gateway.fleet import llamaserver as backend
 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")

@@ -1,4 +1,4 @@
-"""Sending a request upstream (gateway.send.open_lease), in-process against
+"""Sending a request upstream (gateway.backends.send.open_lease), in-process against
 scripted backends over real loopback HTTP: what is retried within ``retry_deadline``
 (a 502/503, on another replica when there is one) and what is not (a replica that refused,
 a backend that took the request and then failed). Retries with backoff, the deadline
@@ -14,13 +14,14 @@ from typing import Any, Callable, Iterable
 
 import pytest
 
-from gateway import hookimpl, send
+from gateway import hookimpl
+from gateway.backends import send
 from gateway.config import BackendConfig, Timeouts
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.send import Outgoing
+from gateway.backends.send import Outgoing
 from gateway.testing import canned_llama_app, serve_in_thread
-from gateway.upstream import Backend, InFlight
+from gateway.backends.upstream import Backend, InFlight
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
 

@@ -187,7 +187,7 @@ def test_the_scan_sees_an_environment_read(tmp_path):
 
 def test_the_backend_limit_is_split_by_the_workers_setting(monkeypatch):
     from gateway.config import BackendConfig
-    from gateway.upstream import Backend
+    from gateway.backends.upstream import Backend
 
     monkeypatch.setenv("GATEWAY_WORKERS", "2")
     backend = Backend(BackendConfig("b", ("http://x",)))
@@ -198,7 +198,7 @@ def test_the_backend_limit_is_split_by_the_workers_setting(monkeypatch):
 def test_the_worker_sets_the_client_timeout_setting(monkeypatch):
     from gunicorn.workers.base_async import AsyncWorker
 
-    from gateway import worker
+    from gateway.web import worker
 
     monkeypatch.setenv("GATEWAY_CLIENT_TIMEOUT", "2.5")
     monkeypatch.setattr(AsyncWorker, "handle", lambda *args: None)
@@ -328,7 +328,7 @@ def test_command_defaults_come_from_the_settings(monkeypatch):
 
 
 def test_backend_binary_from_the_settings(monkeypatch):
-    from gateway import backend
+    from gateway.fleet import llamaserver as backend
 
     monkeypatch.setenv("LLAMA_SERVER_BIN", "/opt/llama-server")
     assert backend.find_binary(backend.BackendOptions(model="m.gguf")) == "/opt/llama-server"

@@ -1,4 +1,4 @@
-"""The host-wide slot table (gateway.slots): who may reuse a slot's KV cache, across
+"""The host-wide slot table (gateway.backends.slots): who may reuse a slot's KV cache, across
 workers and processes, and what the core sends llama-server."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from gateway import slots
+from gateway.backends import slots
 from gateway.config import ConfigError, parse_config
 from gateway.context import Principal
-from gateway.slots import SlotTable, kv_scope
+from gateway.backends.slots import SlotTable, kv_scope
 from gateway.testing import Harness
 
 from .test_plugins import plugin as labelled

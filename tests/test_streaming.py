@@ -1,4 +1,4 @@
-"""Streaming (gateway.streaming) on scripted reads: SSE framing whatever the read
+"""Streaming (gateway.web.streaming) on scripted reads: SSE framing whatever the read
 boundaries, the first-byte and size limits, the charge of a stream that ends early, and
 the watch for a client that leaves. The relay's usage merge is in test_answers.py."""
 
@@ -16,14 +16,14 @@ import pytest
 from gateway.config import Timeouts
 from gateway.context import RequestContext
 from gateway.errors import GatewayTimeoutError, UpstreamError
-from gateway.httpclient import ConnectionBroken, HTTPFailure, ReadTimedOut
-from gateway.streaming import Relay, client_departed, frames
+from gateway.backends.httpclient import ConnectionBroken, HTTPFailure, ReadTimedOut
+from gateway.web.streaming import Relay, client_departed, frames
 
 TIMEOUTS = Timeouts(first_byte=5, idle=7, total=60)
 
 
 class ScriptedLease:
-    """A :class:`gateway.upstream.Lease` whose response yields the scripted reads (an
+    """A :class:`gateway.backends.upstream.Lease` whose response yields the scripted reads (an
     exception among them is raised at that read)."""
 
     def __init__(self, reads: Iterable[bytes | HTTPFailure]) -> None:
@@ -68,7 +68,7 @@ def test_nothing_before_the_first_event_is_a_first_byte_timeout_and_later_an_idl
 
 
 def test_an_event_that_never_ends_is_cut(monkeypatch):
-    monkeypatch.setattr("gateway.streaming.MAX_EVENT_BYTES", 100)
+    monkeypatch.setattr("gateway.web.streaming.MAX_EVENT_BYTES", 100)
     with pytest.raises(UpstreamError):
         list(frames(ScriptedLease([b"data: " + b"x" * 60, b"x" * 60]), TIMEOUTS))
 
@@ -116,7 +116,7 @@ def test_the_departure_watch_calls_back_under_gevent_when_the_client_hangs_up():
     script = textwrap.dedent("""
         from gevent import monkey; monkey.patch_all()
         import socket, gevent
-        from gateway.streaming import watch_departure
+        from gateway.web.streaming import watch_departure
         for peer_does in ("send", "close"):
             ours, theirs = socket.socketpair()
             gone = []

@@ -10,7 +10,8 @@ import pytest
 
 import plugins.ledger as ledger_plugin
 import plugins.quota as quota_plugin
-from gateway import Principal, RequestContext, keydb, ledger, pg
+from gateway import Principal, RequestContext
+from gateway.storage import keydb, ledger, pg
 from gateway.testing import free_port
 
 

@@ -1,4 +1,4 @@
-"""gateway.worker.linger on real loopback TCP connections: how a connection whose request
+"""gateway.web.worker.linger on real loopback TCP connections: how a connection whose request
 body was left unread is closed."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gateway import worker
+from gateway.web import worker
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ stream helper reads (it indexes ``output[event.output_index].content[event.conte
   its ``usage`` the token details.
 
 :class:`ResponsesStream` edits a stream event by event (the relay decodes every event of
-this route, :func:`gateway.streaming.relay_as_is`) and ends a failed one in the protocol's
+this route, :func:`gateway.web.streaming.relay_as_is`) and ends a failed one in the protocol's
 shape: an ``error`` event, then ``response.failed``. :func:`complete_response` edits a
 whole Response. Token counts are never changed: the ledger and the limits read ``usage``
 from the upstream events (:func:`gateway.answers.usage_of`).

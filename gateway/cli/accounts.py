@@ -8,7 +8,7 @@ import json
 import sys
 from datetime import datetime, timedelta, timezone
 
-from .. import keydb, keys, ledger, pg
+from ..storage import keydb, keys, ledger, pg
 from .registry import Action, FromSettings, arg, command
 
 # Every keys action reads the file, or the database instead.

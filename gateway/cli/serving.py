@@ -11,12 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .. import backend, keys, settings
+from ..fleet import llamaserver
+from ..storage import keys
+from .. import settings
 from ..config import Config, ConfigError, load_config
 from ..fleet.spec import fleet_problems
 from ..pipeline import build_pipelines
 from ..redact import key_hint, redact_url
-from ..upstream import wait_until_ready
+from ..backends.upstream import wait_until_ready
 from .registry import FromSettings, arg, command
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -102,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
              help="MiB of prompt cache in host memory, shared by every client across slots (default 0: off)"),
          arg("extra", nargs=argparse.REMAINDER, help="after --: more llama-server arguments (binary only)"))
 def cmd_backend(args: argparse.Namespace) -> int:
-    backend.run(backend.BackendOptions(model=args.model, host=args.host, port=args.port,
+    llamaserver.run(llamaserver.BackendOptions(model=args.model, host=args.host, port=args.port,
                                        embeddings=args.embeddings, parallel=args.parallel,
                                        ctx=args.ctx, binary=args.binary, threads=args.threads,
                                        api_key=args.api_key or settings.current().llama_api_key or None,

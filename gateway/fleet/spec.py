@@ -83,6 +83,6 @@ def _model_file_problems(model: str) -> Iterable[str]:
 
 
 def _has_binary() -> bool:
-    from ..backend import find_binary_path
+    from .llamaserver import find_binary_path
 
     return find_binary_path(None) is not None

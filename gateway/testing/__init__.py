@@ -64,7 +64,7 @@ from .documents import launched_backend, openai_routes, pipelines_doc, url_backe
 from .harness import FakeBackend, Harness, Result
 from .server import free_port, free_ports, serve_in_thread
 from ..settings import reset as reset_settings
-from ..stores import reset_memory_stores
+from ..storage.stores import reset_memory_stores
 
 __all__ = [
     "CANNED_MODEL",

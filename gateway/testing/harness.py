@@ -128,8 +128,8 @@ class Harness:
                  config: dict[str, Any] | None = None, model: str = "test-model") -> None:
         import falcon.testing
 
-        from ..app import build_app
-        from ..state import Gateway
+        from ..web.app import build_app
+        from ..web.state import Gateway
         from ..config import parse_config
         from ..pipeline import Pipeline
 

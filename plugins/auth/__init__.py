@@ -8,7 +8,7 @@ the key may not use gets 403 (in ``request``, once the body named the model). Th
 caller's :class:`gateway.Principal` goes on ``ctx.principal`` for later plugins.
 
 Keys come from the env variables of ``env_keys``, the keys file and the keys database
-(``keys_db``, see :mod:`gateway.keydb`); an item without a key (``:alice``) or the
+(``keys_db``, see :mod:`gateway.storage.keydb`); an item without a key (``:alice``) or the
 same key for two different principals refuses the config. The database's keys are
 mirrored in memory and refreshed in the background when they change (a revoke takes
 effect within ``keys_db_poll_interval``); a database that is down leaves the last

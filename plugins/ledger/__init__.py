@@ -1,6 +1,6 @@
 """ledger: one row per request in PostgreSQL, and the usage API.
 
-Each completed request becomes a row (:mod:`gateway.ledger` has the table) put in a
+Each completed request becomes a row (:mod:`gateway.storage.ledger` has the table) put in a
 bounded buffer; a background thread (a greenlet under gevent) writes the buffer in
 batches. No request waits on the database: when it is slow or down the rows wait in
 the buffer and go when it is back; only past ``buffer_rows`` are new rows dropped,

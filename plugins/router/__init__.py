@@ -9,7 +9,7 @@ sends the turns of one conversation to the same replica and asks for the same
 llama-server slot (``ctx.slot_hint``), whose KV cache still holds their common prefix,
 unless that replica already has more than its share of requests in flight
 (:mod:`plugins.router.affinity`). Whether the slot's cache may be reused is the core's
-decision (``gateway.slots``: only the tenant that used the slot last, by the backend's
+decision (``gateway.backends.slots``: only the tenant that used the slot last, by the backend's
 ``kv_sharing``); the conversation's key is scoped the same way.
 The gateway fails over to the other replicas when the chosen one refuses the
 connection, before any byte was sent.

@@ -22,7 +22,7 @@ import yaml
 
 from gateway.config import OPENAI_ROUTES
 from gateway.testing import free_port, pipelines_doc, url_backend
-from gateway.upstream import wait_until_ready
+from gateway.backends.upstream import wait_until_ready
 
 from ..openai_spec import openai_validator
 
@@ -243,7 +243,7 @@ class Postgres:
         deadline = time.monotonic() + 30
         while True:
             try:
-                from gateway import pg
+                from gateway.storage import pg
 
                 pg.connect(self.url, timeout=2).close()
                 return
@@ -273,7 +273,7 @@ class Postgres:
         os.killpg(self.proc.popen.pid, signal.SIGCONT)
 
     def query(self, sql: str, **params: Any) -> list[list[Any]]:
-        from gateway import pg
+        from gateway.storage import pg
 
         conn = pg.connect(self.url, timeout=10)
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway import keys
+from gateway.storage import keys
 
 from .conftest import ROUTES, read_response
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from gateway import keys
+from gateway.storage import keys
 from gateway.testing import free_port
 
 from .conftest import ROUTES

@@ -158,7 +158,7 @@ def test_a_conversation_spills_to_the_other_replica_when_its_own_is_over_its_sha
 def test_another_tenant_cannot_time_whether_a_prompt_is_cached(gateway):
     """Bob sends the prompt Alice sent: were it served from her slot's cache, his first
     token would come sooner, and he would learn what she asked. The gateway lets only the
-    tenant that used a slot last reuse it (gateway.slots). Straight to llama-server, without
+    tenant that used a slot last reuse it (gateway.backends.slots). Straight to llama-server, without
     the gateway (it picks the slot most like the prompt), the same request reuses her
     cache: the attack is real."""
     secret = [{"role": "system", "content": "Internal memo: the merger with Northwind closes on May 3rd. " * 12},

@@ -9,7 +9,7 @@ import openai
 import pytest
 import requests
 
-from gateway import keys
+from gateway.storage import keys
 from gateway.pipeline import discover
 
 from .conftest import ROUTES

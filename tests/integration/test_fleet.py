@@ -23,7 +23,7 @@ import pytest
 import requests
 import yaml
 
-from gateway import keys
+from gateway.storage import keys
 from gateway.testing import free_ports, launched_backend, pipelines_doc
 
 from .conftest import ROOT

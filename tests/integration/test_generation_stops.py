@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from gateway import keys
+from gateway.storage import keys
 
 from .conftest import ROUTES
 

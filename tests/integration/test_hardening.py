@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from gateway import keys
+from gateway.storage import keys
 from .conftest import ROUTES, read_response, read_responses
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}

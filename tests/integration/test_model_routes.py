@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from gateway import keys
+from gateway.storage import keys
 
 from .conftest import ROUTES
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from gateway import keys
+from gateway.storage import keys
 from gateway.testing import free_port, pipelines_doc, url_backend
 
 CHAT = [{"role": "user", "content": "Name one colour."}]
@@ -395,7 +395,7 @@ def test_redis_gcra_admits_exactly_the_burst_it_allows(redis_url):
     that divide the period and limits that do not (whose interval rounds)."""
     import uuid
 
-    from gateway.stores import RedisStore
+    from gateway.storage.stores import RedisStore
 
     store = RedisStore(redis_url, prefix=f"gcra-test-{uuid.uuid4().hex}:")
     for limit in (1, 3, 7, 13, 60):  # intervals of 1 s and more: no refill during a burst

@@ -314,7 +314,7 @@ def test_the_driver_does_not_block_the_gevent_hub(postgres, tmp_path):
     script.write_text(textwrap.dedent(f"""
         from gevent import monkey; monkey.patch_all()
         import gevent, time
-        from gateway import pg
+        from gateway.storage import pg
         ticks = []
         def tick():
             while True:
@@ -376,7 +376,7 @@ def test_a_reloading_and_a_stopping_worker_write_their_buffered_rows(start_gatew
 
 
 def test_migrations_run_once_whoever_starts_at_the_same_time_and_a_newer_schema_is_refused(postgres):
-    from gateway import pg
+    from gateway.storage import pg
 
     migrations = ("CREATE TABLE mig_test (n int);\nINSERT INTO mig_test VALUES (1);",
                   "INSERT INTO mig_test VALUES (2);")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway import keys
+from gateway.storage import keys
 from gateway.testing import free_port
 
 from .conftest import ROUTES

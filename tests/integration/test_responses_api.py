@@ -11,7 +11,7 @@ import json
 import pytest
 import requests
 
-from gateway import keys
+from gateway.storage import keys
 
 from ..openai_spec import assert_valid, stream_event_validators
 from .conftest import ROUTES

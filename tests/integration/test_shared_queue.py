@@ -13,11 +13,11 @@ import pytest
 from gateway.config import BackendConfig, SharedConfig
 from gateway.context import Principal, RequestContext
 from gateway.errors import ServiceUnavailableError
-from gateway.admission import SCRIPTS, SharedAdmission
-from gateway.shared import Shared
+from gateway.backends.admission import SCRIPTS, SharedAdmission
+from gateway.storage.shared import Shared
 from gateway.testing import free_port
-from gateway.turns import QueuePlace
-from gateway.upstream import Backend, InFlight
+from gateway.backends.turns import QueuePlace
+from gateway.backends.upstream import Backend, InFlight
 
 RANK_USER, RANK_ADMIN = 101, 0
 

@@ -19,7 +19,7 @@ import pytest
 import redis
 import requests
 
-from gateway import keys
+from gateway.storage import keys
 from gateway.cli import inspection
 from gateway.testing import free_port
 

@@ -1,4 +1,4 @@
-"""The WSGI entry gunicorn runs: ``gateway.wsgi:get_app()``."""
+"""The WSGI entry gunicorn runs: ``gateway.web.wsgi:get_app()``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 import yaml
 
-from . import lifecycle, settings
-from .config import ConfigError, load_config, parse_config
-from .logs import setup_logging  # (importing it also bounds the llamagate logger's lines)
-from .pipeline import build_pipelines
+from .. import lifecycle, settings
+from ..config import ConfigError, load_config, parse_config
+from ..logs import setup_logging  # (importing it also bounds the llamagate logger's lines)
+from ..pipeline import build_pipelines
 from .reload import ReloadingApp
 from .state import Gateway
 

@@ -4,14 +4,14 @@ A model request (:func:`serve_model`), in order:
 
 1. **begin**: the request's context; its pipeline's ``request_start`` hooks, on
    headers alone (authentication): a refusal here reads no body;
-2. **read**: the body, bounded in size, time and nesting (:mod:`gateway.body`);
+2. **read**: the body, bounded in size, time and nesting (:mod:`gateway.web.body`);
 3. **resolve**: the model alias to its public id; ``request`` hooks (may answer:
    a cache hit);
 4. **route**: ``route`` hooks pick a replica, else the gateway's round robin;
 5. **send**: ``upstream_request`` hooks edit the payload; chat and completions are
    asked as streams (:func:`gateway.answers.stream_request`); admission, then the
-   backend, retried until a replica answers (:mod:`gateway.send`);
-6. **relay** a stream event by event (:class:`gateway.streaming.Relay`), or
+   backend, retried until a replica answers (:mod:`gateway.backends.send`);
+6. **relay** a stream event by event (:class:`gateway.web.streaming.Relay`), or
    **assemble** a plain answer and run the ``response`` hooks;
 7. **complete**: when the body iterable closes, the lease goes back and every
    plugin's ``complete`` runs, whatever happened (:func:`respond`).
@@ -34,12 +34,12 @@ from typing import Any, Callable, Iterable
 
 import falcon
 
-from .answers import Assembler, choices_asked, decode_json, normalize_answer, stream_request, usage_of
-from .answers.responses import ResponsesStream, complete_response, echoed
+from ..answers import Assembler, choices_asked, decode_json, normalize_answer, stream_request, usage_of
+from ..answers.responses import ResponsesStream, complete_response, echoed
 from .body import read_body, read_json_body
-from .config import ModelConfig, PrefixRoute, Timeouts
-from .context import RequestContext, Response
-from .errors import (
+from ..config import ModelConfig, PrefixRoute, Timeouts
+from ..context import RequestContext, Response
+from ..errors import (
     InternalError,
     InvalidRequestError,
     NotFoundError,
@@ -48,13 +48,13 @@ from .errors import (
     UpstreamError,
     from_backend,
 )
-from .httpclient import HTTPFailure
+from ..backends.httpclient import HTTPFailure
 from .paths import check_relay_target, raw_target
-from .pipeline import Pipeline
+from ..pipeline import Pipeline
 from .state import Gateway
 from .streaming import Relay, ResponseBody, collect, read_error, relay_as_is, replay, watch_departure
-from .send import Outgoing, open_lease
-from .upstream import Lease, Replica
+from ..backends.send import Outgoing, open_lease
+from ..backends.upstream import Lease, Replica
 
 JSON_TYPE = "application/json"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -297,7 +297,7 @@ def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, bod
          headers: dict[str, str], method: str = "POST", relay_errors: bool = False) -> Lease:
     """Admit the request and send it to ``ctx.backend`` (``replica`` first) until a
     replica answers; a JSON payload is encoded by the core, with the slot it takes
-    (:mod:`gateway.slots`); a backend error status becomes the client's error (unless
+    (:mod:`gateway.backends.slots`); a backend error status becomes the client's error (unless
     ``relay_errors``). From the moment it is sent it can be cancelled;
     :meth:`Gateway.finish` ends that."""
     assert ctx.backend is not None

@@ -5,10 +5,10 @@
 2. **admission**: at most ``max_in_flight`` requests per backend per worker (default:
    this worker's share of the replicas' llama-server slots, so that all workers together
    fill the slots), the rest in a bounded queue, admins first, then keys by priority, then
-   clients in turn, first come first served within a client (:mod:`gateway.turns`); a
+   clients in turn, first come first served within a client (:mod:`gateway.backends.turns`); a
    full queue, a client holding its share of it, or a wait past ``queue_timeout`` is a 503
    with ``Retry-After``. With ``admission: redis`` the slots and the queue are the whole
-   gateway's (:mod:`gateway.admission`);
+   gateway's (:mod:`gateway.backends.admission`);
 3. **restarts**: when every replica of a launched backend refused, the request waits for
    the fleet to restart them (that wait, like a load, comes out of ``first_byte``);
 4. **retries**: to a replica whose circuit breaker is closed (or that is due a probe): the
@@ -19,8 +19,8 @@
 5. **attempt**: one replica. On routes whose prompts llama-server caches, it takes a slot
    of the replica and says in the payload which (``id_slot``) and whether it may reuse the
    slot's cache (``cache_prompt``): only a slot its own tenant used last
-   (:mod:`gateway.slots`). The replica counts it in flight (:class:`gateway.upstream.Busy`)
-   until it fails or the :class:`gateway.upstream.Lease` of its answer closes.
+   (:mod:`gateway.backends.slots`). The replica counts it in flight (:class:`gateway.backends.upstream.Busy`)
+   until it fails or the :class:`gateway.backends.upstream.Lease` of its answer closes.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from . import slots
-from .config import Timeouts
-from .context import RequestContext
-from .errors import (
+from ..config import Timeouts
+from ..context import RequestContext
+from ..errors import (
     GatewayError,
     LlamagateError,
     Phase,
@@ -44,7 +44,7 @@ from .errors import (
     failure_reason,
     from_backend,
 )
-from .fleet import client as fleet
+from ..fleet import client as fleet
 from .httpclient import ConnectFailed, ConnectTimedOut, HTTPFailure
 from .turns import QueuePlace
 from .upstream import Backend, InFlight, Lease, Replica

@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from .context import RequestContext
+from ..context import RequestContext
 
 
 @dataclass(frozen=True)

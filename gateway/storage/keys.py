@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .context import MAX_PRIORITY, Principal
+from ..context import MAX_PRIORITY, Principal
 
 KEY_PREFIX = "sk-lg-"
 # Rate limits (the ratelimit plugin) and quotas (the quota plugin).

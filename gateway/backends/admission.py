@@ -1,7 +1,7 @@
 """Admission to a backend: at most so many requests in flight, the rest queued in
-:class:`gateway.turns.QueuePlace` order (admins first, then keys by priority, then
+:class:`gateway.backends.turns.QueuePlace` order (admins first, then keys by priority, then
 clients in turn, first come first served within a client), each client in at most
-:func:`gateway.turns.client_places` of the queue; a full queue, a client holding its
+:func:`gateway.backends.turns.client_places` of the queue; a full queue, a client holding its
 share of it, or a wait past ``queue_timeout`` is a 503 with ``Retry-After``.
 
 One protocol, :class:`Admission`, two implementations: :class:`LocalAdmission`, this
@@ -9,7 +9,7 @@ worker's own slots and queue, and :class:`SharedAdmission`, the whole gateway's 
 (``admission: redis``), which falls back to a :class:`LocalAdmission` while Redis cannot
 be reached. :func:`admission_for` picks one for a backend, or carries the one in force
 over a reload. What admission needs of a backend and of a request is declared here
-(:class:`AdmittedBackend`, :class:`Admitted`); :mod:`gateway.upstream` provides them.
+(:class:`AdmittedBackend`, :class:`Admitted`); :mod:`gateway.backends.upstream` provides them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from .context import RequestContext
-from .errors import GatewayError, queue_full, queue_timeout
-from .shared import Shared, SharedUnavailable
+from ..context import RequestContext
+from ..errors import GatewayError, queue_full, queue_timeout
+from ..storage.shared import Shared, SharedUnavailable
 from .turns import QueuePlace, TurnQueue, client_places
 
 POLL = 1.0  # seconds between a queued request's looks at Redis, should its wake be lost
@@ -29,7 +29,7 @@ RANK_SPAN = 1e12  # queue scores: rank * RANK_SPAN + turn (exact in a double up 
 
 
 class AdmittedReplica(Protocol):
-    """What shared admission needs of a replica (:class:`gateway.upstream.Replica`)."""
+    """What shared admission needs of a replica (:class:`gateway.backends.upstream.Replica`)."""
 
     @property
     def available(self) -> bool:
@@ -38,7 +38,7 @@ class AdmittedReplica(Protocol):
 
 
 class AdmittedBackend(Protocol):
-    """What admission needs of a backend (:class:`gateway.upstream.Backend`)."""
+    """What admission needs of a backend (:class:`gateway.backends.upstream.Backend`)."""
 
     name: str
 
@@ -52,7 +52,7 @@ class AdmittedBackend(Protocol):
 
 
 class Admitted(Protocol):
-    """What admission needs of a request (:class:`gateway.upstream.InFlight`)."""
+    """What admission needs of a request (:class:`gateway.backends.upstream.InFlight`)."""
 
     ctx: RequestContext
     wake: Callable[[], Any] | None  # set while queued: a cancel wakes the wait

@@ -1,7 +1,7 @@
 """The Falcon app: its routes, the request id and security headers, and how errors
-are rendered (always OpenAI-shaped, always through :func:`gateway.exchange.respond`
+are rendered (always OpenAI-shaped, always through :func:`gateway.web.exchange.respond`
 once a request began, so its ``complete`` hooks run). The request flow itself is
-:mod:`gateway.exchange`; the resources are :mod:`gateway.resources`.
+:mod:`gateway.web.exchange`; the resources are :mod:`gateway.web.resources`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Any
 
 import falcon
 
-from . import exchange, lifecycle
-from .config import LLAMA_SERVER_ROUTES
-from .context import RequestContext
-from .errors import (
+from . import exchange
+from .. import lifecycle
+from ..config import LLAMA_SERVER_ROUTES
+from ..context import RequestContext
+from ..errors import (
     GatewayError,
     InternalError,
     InvalidRequestError,

@@ -24,20 +24,13 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from .body import gevent_patched, gevent_timeout
-from .answers import EventCount, Tally, UsageSum, choices_asked, decode_json, normalize_event
-from .answers.responses import ResponsesStream
-from .config import Timeouts
-from .context import RequestContext
-from .upstream import Lease
-from .errors import (
-    GatewayError,
-    GatewayTimeoutError,
-    Phase,
-    UpstreamError,
-    from_backend,
-    from_upstream,
-)
-from .httpclient import HTTPFailure, ReadTimedOut
+from ..answers import EventCount, Tally, UsageSum, choices_asked, decode_json, normalize_event
+from ..answers.responses import ResponsesStream
+from ..config import Timeouts
+from ..context import RequestContext
+from ..backends.upstream import Lease
+from ..errors import GatewayError, GatewayTimeoutError, Phase, UpstreamError, from_backend, from_upstream
+from ..backends.httpclient import HTTPFailure, ReadTimedOut
 
 DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')

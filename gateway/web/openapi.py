@@ -10,8 +10,8 @@ import json
 import re
 from typing import Any
 
-from .config import LLAMA_SERVER_ROUTES, Config
-from .schemas import SCHEMA_DIR
+from ..config import LLAMA_SERVER_ROUTES, Config
+from ..schemas import SCHEMA_DIR
 
 REQUEST_SCHEMAS = {
     "/v1/chat/completions": ("CreateChatCompletionRequest", "chat.completions.schema.json", "Create a chat completion"),

@@ -9,7 +9,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from . import settings
+from .. import settings
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class BackendOptions:
         api_key: A key callers must send (``Authorization: Bearer``); None: open.
         cache_ram: MiB of llama-server's prompt cache in host memory, which restores a
             prompt cached in one slot into another whoever asks (0: off, so that one
-            tenant cannot reuse another's prompt; see :mod:`gateway.slots`).
+            tenant cannot reuse another's prompt; see :mod:`gateway.backends.slots`).
 
     Every llama-server also runs with ``cache_prompt`` off by default: a request reuses
     its slot's cache only when it says ``cache_prompt: true``, which the gateway does

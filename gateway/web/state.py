@@ -1,7 +1,7 @@
 """What a worker holds: the configuration in force, its pipelines and backends, the
 requests in flight, and the figures of the status page (:class:`Gateway`); and what
 of it outlives a reload (:class:`Carried`). No request flow lives here (that is
-:mod:`gateway.exchange`); only the operations on this state.
+:mod:`gateway.web.exchange`); only the operations on this state.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import os
 import socket
 from typing import Any
 
-from . import lifecycle
-from .config import Config, SharedConfig
-from .context import Principal, RequestContext
-from .pipeline import Pipeline, build_pipelines
-from .shared import Shared, SharedUnavailable
+from .. import lifecycle
+from ..config import Config, SharedConfig
+from ..context import Principal, RequestContext
+from ..pipeline import Pipeline, build_pipelines
+from ..storage.shared import Shared, SharedUnavailable
 from .stats import Stats
-from .upstream import Backend, InFlight, Lease, Upstreams
+from ..backends.upstream import Backend, InFlight, Lease, Upstreams
 
 log = logging.getLogger("llamagate")
 
@@ -31,7 +31,7 @@ def may_touch(caller: Principal | None, owner: Principal | None) -> bool:
 
 class Carried:
     """What outlives a reload in one worker process: made with its first
-    :class:`Gateway` and handed to each one that replaces it (:mod:`gateway.reload`).
+    :class:`Gateway` and handed to each one that replaces it (:mod:`gateway.web.reload`).
 
     Attributes:
         in_flight: The requests with an open (or opening) backend connection, whichever

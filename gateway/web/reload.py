@@ -6,11 +6,11 @@ files every ``GATEWAY_RELOAD_INTERVAL`` seconds; on a change it checks the whole
 configuration (schemas, every plugin loaded and configured) and only then swaps in a
 new app for new requests, in one assignment. Requests in flight finish on the gateway
 they started with, and the old gateway's health checks stop. What must outlive a
-reload is one object, :class:`gateway.state.Carried`, handed from each gateway to the
+reload is one object, :class:`gateway.web.state.Carried`, handed from each gateway to the
 next: unchanged backends (pools, breakers) and every backend's admission (so old and
 new never admit twice the limit), the requests in flight (still cancellable), and the
 Redis link; memory stores (rate limits and caches) outlive it as the process's own
-(:func:`gateway.stores.make_store`). Once the old gateway's last request completed,
+(:func:`gateway.storage.stores.make_store`). Once the old gateway's last request completed,
 its plugins' ``shutdown`` hooks run (to flush what they buffer). A bad file leaves the old
 configuration serving, logged with its path and reason, and counted in StatsD
 (``config.reload_failed``; a good one counts ``config.reloaded``).
@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterable
 
 from .app import build_app
 from .state import Gateway
-from .config import ConfigError, load_config
-from .hookspecs import plugin_attribute
-from .pipeline import build_pipelines
+from ..config import ConfigError, load_config
+from ..hookspecs import plugin_attribute
+from ..pipeline import build_pipelines
 
 log = logging.getLogger("llamagate")
 RETIRE_POLL = 0.2  # seconds between looks at whether a replaced gateway is idle

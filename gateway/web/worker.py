@@ -7,7 +7,7 @@
   dropped, and neither holds a backend slot for long. A client that trickles its
   headers is dropped by gunicorn itself after ``keepalive`` seconds;
 * ``Expect: 100-continue`` answered by the app, not by gunicorn: only once the
-  request was authenticated and its size accepted (``gateway.body``), so a
+  request was authenticated and its size accepted (``gateway.web.body``), so a
   refused request never invites its body;
 * a connection whose request body the app left unread (a 401 before the body,
   a 413 from Content-Length) is closed after its answer, which says
@@ -42,7 +42,7 @@ from gunicorn import util
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
-from . import lifecycle, settings
+from .. import lifecycle, settings
 
 # gunicorn's name for the header the app reads as body.INVITE_HEADER.
 INVITE_HEADER = "LLAMAGATE-EXPECT-CONTINUE"

@@ -1,7 +1,7 @@
 """API keys in PostgreSQL: the table, the ``llamagate keys --db`` operations, and the
 mirror the ``auth`` plugin serves from.
 
-Only SHA-256 hashes are stored, as in keys files (:mod:`gateway.keys`). A key's row
+Only SHA-256 hashes are stored, as in keys files (:mod:`gateway.storage.keys`). A key's row
 holds its client, role, allowed models, limits (the rate limits of ``ratelimit`` and
 the quotas of ``quota``), admission priority, when it was created, when it expires
 and when it was revoked (a revoked key's row stays, for the ledger's sake).
@@ -27,12 +27,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from . import pg
-from .context import MAX_PRIORITY, Principal
+from ..context import MAX_PRIORITY, Principal
 from .keys import MIN_REVOKE_PREFIX, ROLES, check_limits, key_hash, new_key
 
 log = logging.getLogger("llamagate")
 
-# Append only: a shipped migration is never edited (gateway.pg.migrate).
+# Append only: a shipped migration is never edited (gateway.storage.pg.migrate).
 MIGRATIONS = (
     """
     CREATE TABLE llamagate_keys (

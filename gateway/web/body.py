@@ -5,7 +5,7 @@ request, so a client without a key never makes the gateway read or parse one. A
 client that sent ``Expect: 100-continue`` is invited to send its body only then
 (the worker holds gunicorn's own ``100 Continue`` back), and never when its
 ``Content-Length`` is over the limit. Such a body is refused unread; the worker then
-discards it within bounds (``lifecycle.DISCARD_ALLOWANCE``, ``gateway.worker.linger``) so that the
+discards it within bounds (``lifecycle.DISCARD_ALLOWANCE``, ``gateway.web.worker.linger``) so that the
 client, still sending it, reads its 413 instead of a reset.
 
 Time: gunicorn's worker puts a timeout on each socket read, which a client defeats
@@ -22,10 +22,10 @@ from typing import Any
 
 import falcon
 
-from . import lifecycle
-from .config import Config
-from .context import RequestContext
-from .errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
+from .. import lifecycle
+from ..config import Config
+from ..context import RequestContext
+from ..errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
 
 CHUNK = 16384
 GRACE = 2.0  # seconds before the minimum rate applies

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 from . import pg
 
 COMPONENT = "ledger"
-# Append only: a shipped migration is never edited (gateway.pg.migrate).
+# Append only: a shipped migration is never edited (gateway.storage.pg.migrate).
 MIGRATIONS = (
     """
     CREATE TABLE llamagate_requests (

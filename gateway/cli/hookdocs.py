@@ -1,5 +1,5 @@
 """Docs tooling: the hooks section of docs/plugins.md, generated from the hook
-specifications' docstrings in :mod:`gateway.hookspecs` (``python -m gateway.hookdocs``
+specifications' docstrings in :mod:`gateway.hookspecs` (``python -m gateway.cli.hookdocs``
 prints it; a test keeps docs/plugins.md equal to it). Not part of the plugin contract.
 """
 
@@ -9,7 +9,7 @@ import inspect
 import re
 import sys
 
-from .hookspecs import HOOK_NAMES, GatewaySpec
+from ..hookspecs import HOOK_NAMES, GatewaySpec
 
 
 def markdown() -> str:

@@ -1,10 +1,10 @@
 """Backends: replicas with pooled connections, circuit breakers, health; leases of answers.
 
-Each replica has its own keep-alive pool (:mod:`gateway.httpclient`) that keeps up to
+Each replica has its own keep-alive pool (:mod:`gateway.backends.httpclient`) that keeps up to
 ``max_connections`` connections, so a busy worker does not reconnect per request.
 
 The send itself, in layers (fleet lease, admission, retries, one attempt), is
-:mod:`gateway.send`'s; it counts an attempt in its replica's ``in_flight`` through
+:mod:`gateway.backends.send`'s; it counts an attempt in its replica's ``in_flight`` through
 :class:`Busy`, the one place that count moves, and leaves the answer in a :class:`Lease`.
 
 A background loop polls each replica's ``/health`` and learns its slots from ``/props``.
@@ -21,15 +21,16 @@ from typing import Any, Iterable, Mapping
 
 import requests
 
-from . import settings, slots
-from .config import BackendConfig
-from .context import BackendView, ReplicaView, RequestContext
+from .. import settings
+from . import slots
+from ..config import BackendConfig
+from ..context import BackendView, ReplicaView, RequestContext
 from .httpclient import Pool, Response
-from .redact import redact_url  # a URL's userinfo is a credential: never shown
+from ..redact import redact_url  # a URL's userinfo is a credential: never shown
 from .admission import Admission, admission_for
-from .shared import Shared
-from .errors import GatewayError, stopped
-from .fleet import client as fleet
+from ..storage.shared import Shared
+from ..errors import GatewayError, stopped
+from ..fleet import client as fleet
 
 DEFAULT_SLOTS = 4  # a replica's slots until /props has told us
 
@@ -231,7 +232,7 @@ class Backend:
         config: Its config.
         shared: The Redis link, for ``admission: redis``.
         admission: The admission of the backend this one replaces on a reload: the
-            requests it admitted still count against the limit (:func:`gateway.admission.admission_for`).
+            requests it admitted still count against the limit (:func:`gateway.backends.admission.admission_for`).
     """
 
     def __init__(self, config: BackendConfig, shared: Shared | None = None, admission: Admission | None = None) -> None:
@@ -275,7 +276,7 @@ class Backend:
         return [share + (i < extra) for i in range(len(self.replicas))]
 
     def kv_scope(self, principal: Any) -> str:
-        """Whose cached prompts a request of ``principal`` may reuse here (:func:`gateway.slots.kv_scope`)."""
+        """Whose cached prompts a request of ``principal`` may reuse here (:func:`gateway.backends.slots.kv_scope`)."""
         return slots.kv_scope(self.config.kv_sharing, self.kv_groups, principal)
 
     def candidates(self, first: Replica | None = None) -> list[Replica]:
@@ -304,7 +305,7 @@ class Lease:
         replica: The replica that answered.
         busy: The attempt's count in the replica's ``in_flight`` (:class:`Busy`).
         response: Its answer, status and headers read, body not yet
-            (:class:`gateway.httpclient.Response`).
+            (:class:`gateway.backends.httpclient.Response`).
         in_flight: The request's :class:`InFlight` entry.
     """
 

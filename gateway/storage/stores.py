@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
-from .errors import LlamagateError
+from ..errors import LlamagateError
 
 log = logging.getLogger("llamagate")
 

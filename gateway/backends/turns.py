@@ -1,6 +1,6 @@
 """The order of a backend's admission queue, one rule for local admission
-(:class:`gateway.admission.LocalAdmission`) and shared admission (the Lua of
-:class:`gateway.admission.SharedAdmission`, which keeps the same order in Redis): admins first, then keys by
+(:class:`gateway.backends.admission.LocalAdmission`) and shared admission (the Lua of
+:class:`gateway.backends.admission.SharedAdmission`, which keeps the same order in Redis): admins first, then keys by
 priority (0-100, higher first), then the clients of one rank in turn, first come first
 served within a client; and how many places of the queue one client may hold."""
 
@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .context import MAX_PRIORITY, Principal
+from ..context import MAX_PRIORITY, Principal
 
 T = TypeVar("T")
 

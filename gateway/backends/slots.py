@@ -357,7 +357,7 @@ def table() -> SlotTable:
     """The process's table, made on first use from the settings."""
     global _table
     if _table is None:
-        from . import settings
+        from .. import settings
 
         _table = SlotTable(settings.current().slots_dir or default_directory())
     return _table

@@ -14,7 +14,7 @@ a shared admission): each worker runs two background greenlets,
   (a worker killed -9 gives them back within ``lease`` seconds).
 
 Redis unreachable: cancels and the status keep to this worker, shared admission falls
-back to the worker's own (:class:`gateway.admission.SharedAdmission`); it is logged once per outage and
+back to the worker's own (:class:`gateway.backends.admission.SharedAdmission`); it is logged once per outage and
 counted on the requests it touches (``shared.unavailable``), and Redis is tried again
 after :data:`RETRY_AFTER` seconds.
 """
@@ -34,9 +34,9 @@ from typing import Any, Callable, Protocol
 
 import redis
 
-from .config import SharedConfig
-from .context import Principal
-from .errors import LlamagateError
+from ..config import SharedConfig
+from ..context import Principal
+from ..errors import LlamagateError
 
 log = logging.getLogger("llamagate")
 
@@ -49,7 +49,7 @@ class SharedUnavailable(LlamagateError):
 
 
 class Served(Protocol):
-    """What the link asks of the configuration in force (:class:`gateway.state.Gateway`):
+    """What the link asks of the configuration in force (:class:`gateway.web.state.Gateway`):
     the cancels other workers broadcast, and this worker's status snapshot."""
 
     def cancel(self, request_id: str, caller: Principal | None) -> int: ...
@@ -60,7 +60,7 @@ class Served(Protocol):
 
 
 class Refreshing(Protocol):
-    """What holds leases in Redis (:class:`gateway.admission.SharedAdmission`): renewed
+    """What holds leases in Redis (:class:`gateway.backends.admission.SharedAdmission`): renewed
     every heartbeat."""
 
     def refresh(self) -> None: ...
@@ -68,7 +68,7 @@ class Refreshing(Protocol):
 
 class Shared:
     """One worker's link to the gateway's shared Redis. One per process, so that it
-    outlives reloads (:class:`gateway.state.Carried`).
+    outlives reloads (:class:`gateway.web.state.Carried`).
 
     Args:
         config: The ``shared:`` config.

@@ -23,7 +23,7 @@ import unicodedata
 from typing import Mapping
 from urllib.parse import quote, unquote_to_bytes
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 # RFC 3986: pchar = unreserved / pct-encoded / sub-delims / ":" / "@"
 _UNRESERVED = r"A-Za-z0-9._~\-"

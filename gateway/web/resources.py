@@ -1,4 +1,4 @@
-"""Falcon resources: thin, each hands its request to :mod:`gateway.exchange`."""
+"""Falcon resources: thin, each hands its request to :mod:`gateway.web.exchange`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any, Callable
 import falcon
 
 from . import exchange, openapi
-from .config import PrefixRoute
-from .context import RequestContext, Response
-from .errors import GatewayError, NotFoundError, PermissionDeniedError
-from .fleet import client as fleet
+from ..config import PrefixRoute
+from ..context import RequestContext, Response
+from ..errors import GatewayError, NotFoundError, PermissionDeniedError
+from ..fleet import client as fleet
 from .state import Gateway
 
 

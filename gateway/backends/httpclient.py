@@ -38,7 +38,14 @@ import ssl
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
-from .errors import ConnectFailed, ConnectionBroken, ConnectTimedOut, HTTPFailure, LlamagateError, ReadTimedOut
+from ..errors import (
+    ConnectFailed,
+    ConnectionBroken,
+    ConnectTimedOut,
+    HTTPFailure,
+    LlamagateError,
+    ReadTimedOut,
+)
 
 MAX_HEAD_BYTES = 65536  # status line and headers; more is not an answer we read
 RECV_BYTES = 65536
