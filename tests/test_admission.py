@@ -16,7 +16,7 @@ from gateway.config import BackendConfig
 from gateway.context import RequestContext
 from gateway.errors import RequestCancelledError
 from gateway.backends.turns import QueuePlace
-from gateway.backends.admission import LocalAdmission, _Waiter
+from gateway.backends.admission.local import LocalAdmission, _Waiter
 from gateway.backends.upstream import Backend, InFlight
 
 ALICE, BOB, CAROL = (QueuePlace.of(Principal(client_id=name)) for name in ("alice", "bob", "carol"))
@@ -90,7 +90,7 @@ def test_a_wait_interrupted_after_the_hand_over_gives_the_slot_back(monkeypatch)
             admission.release()  # alice is done: the slot is handed to this waiter
             raise Interrupted
 
-    monkeypatch.setattr("gateway.backends.admission._Waiter", lambda: _Waiter(event=HandedOverThenInterrupted()))
+    monkeypatch.setattr("gateway.backends.admission.local._Waiter", lambda: _Waiter(event=HandedOverThenInterrupted()))
     with pytest.raises(Interrupted):
         admission.acquire(BOB)
     assert admission.in_flight == 0 and admission.queued == 0
@@ -108,7 +108,7 @@ def test_a_wait_interrupted_before_the_hand_over_leaves_the_queue(monkeypatch):
         def wait(self, timeout: float | None = None) -> bool:
             raise Interrupted
 
-    monkeypatch.setattr("gateway.backends.admission._Waiter", lambda: _Waiter(event=InterruptedWait()))
+    monkeypatch.setattr("gateway.backends.admission.local._Waiter", lambda: _Waiter(event=InterruptedWait()))
     with pytest.raises(Interrupted):
         admission.acquire(BOB)
     assert admission.queued == 0 and admission.in_flight == 1

@@ -1,199 +1,21 @@
-"""Admission to a backend: at most so many requests in flight, the rest queued in
-:class:`gateway.backends.turns.QueuePlace` order (admins first, then keys by priority, then
-clients in turn, first come first served within a client), each client in at most
-:func:`gateway.backends.turns.client_places` of the queue; a full queue, a client holding its
-share of it, or a wait past ``queue_timeout`` is a 503 with ``Retry-After``.
-
-One protocol, :class:`Admission`, two implementations: :class:`LocalAdmission`, this
-worker's own slots and queue, and :class:`SharedAdmission`, the whole gateway's in Redis
-(``admission: redis``), which falls back to a :class:`LocalAdmission` while Redis cannot
-be reached. :func:`admission_for` picks one for a backend, or carries the one in force
-over a reload. What admission needs of a backend and of a request is declared here
-(:class:`AdmittedBackend`, :class:`Admitted`); :mod:`gateway.backends.upstream` provides them.
-"""
+"""The whole gateway's admission, in the Redis every worker and host shares
+(``admission: redis``): slots as leases, one queue in turns, its Lua; this worker's own
+:class:`~gateway.backends.admission.local.LocalAdmission` admits while Redis cannot be reached."""
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any
 
-from ..context import RequestContext
-from ..errors import GatewayError, queue_full, queue_timeout
-from ..storage.shared import Shared, SharedUnavailable
-from .turns import QueuePlace, TurnQueue, client_places
+from ...errors import queue_full, queue_timeout
+from ...storage.shared import Shared, SharedUnavailable
+from ..turns import QueuePlace, client_places
+from .local import LocalAdmission
+from .protocol import Admitted, AdmittedBackend
 
 POLL = 1.0  # seconds between a queued request's looks at Redis, should its wake be lost
 RANK_SPAN = 1e12  # queue scores: rank * RANK_SPAN + turn (exact in a double up to rank ~9000)
-
-
-class AdmittedReplica(Protocol):
-    """What shared admission needs of a replica (:class:`gateway.backends.upstream.Replica`)."""
-
-    @property
-    def available(self) -> bool:
-        """Not known to be down: shared admission hands out no slot on one that is."""
-        ...
-
-
-class AdmittedBackend(Protocol):
-    """What admission needs of a backend (:class:`gateway.backends.upstream.Backend`)."""
-
-    name: str
-
-    @property
-    def limit(self) -> int: ...
-
-    @property
-    def replicas(self) -> Sequence[AdmittedReplica]: ...
-
-    def replica_slots(self) -> list[int]: ...
-
-
-class Admitted(Protocol):
-    """What admission needs of a request (:class:`gateway.backends.upstream.InFlight`)."""
-
-    ctx: RequestContext
-    wake: Callable[[], Any] | None  # set while queued: a cancel wakes the wait
-    replica: Any  # the replica shared admission gave a slot on
-
-    @property
-    def stopped(self) -> GatewayError | None: ...
-
-
-class Admission(Protocol):
-    """Admission to one backend.
-
-    Attributes:
-        shared: The Redis link the slots are counted in, None for this worker's own.
-        in_flight: Requests this worker has admitted.
-        queued: Requests of this worker waiting.
-    """
-
-    shared: Shared | None
-    max_queue: int
-    timeout: float
-
-    @property
-    def in_flight(self) -> int: ...
-
-    @property
-    def queued(self) -> int: ...
-
-    def acquire(self, place: QueuePlace, in_flight: Admitted | None = None) -> float:
-        """Take a slot, waiting if need be; returns the seconds waited. A cancel of
-        ``in_flight`` ends the wait; the slot is never lost, whatever interrupts it.
-
-        Raises:
-            ServiceUnavailableError: the queue (or the client's share of it) is full, or
-                the wait timed out.
-            RequestCancelledError: cancelled while it waited.
-        """
-        ...
-
-    def release(self, in_flight: Admitted | None = None) -> None: ...
-
-    def adopt(self, backend: AdmittedBackend, max_queue: int, timeout: float) -> None:
-        """A reload changed the backend: admit for ``backend`` from now on."""
-        ...
-
-
-def admission_for(backend: AdmittedBackend, max_queue: int, timeout: float, shared: Shared | None,
-                  carried: Admission | None = None) -> Admission:
-    """The admission of ``backend``: counted in ``shared`` (None: this worker's own).
-    ``carried`` is the one in force before a reload changed the backend: the requests
-    it admitted still count against the limit, so it carries over when it counts in
-    the same place (else it empties as they complete)."""
-    if carried is not None and carried.shared is shared:
-        carried.adopt(backend, max_queue, timeout)
-        return carried
-    local = LocalAdmission(backend, max_queue, timeout)
-    return local if shared is None else SharedAdmission(backend, shared, local)
-
-
-@dataclass(eq=False)
-class _Waiter:
-    event: threading.Event = field(default_factory=threading.Event)
-    granted: bool = False
-
-
-class LocalAdmission:
-    """At most ``limit`` requests in flight; the rest wait in a bounded queue in
-    :class:`QueuePlace` order, each client in at most :func:`client_places` of its places.
-
-    A freed slot is handed straight to the next waiter, so a newcomer cannot overtake
-    the queue.
-    """
-
-    shared = None
-
-    def __init__(self, backend: AdmittedBackend, max_queue: int, timeout: float) -> None:
-        self.backend = backend
-        self.max_queue = max_queue
-        self.timeout = timeout
-        self.in_flight = 0
-        self._queue: TurnQueue[_Waiter] = TurnQueue()
-        self._lock = threading.Lock()
-
-    @property
-    def queued(self) -> int:
-        return self._queue.size
-
-    def acquire(self, place: QueuePlace, in_flight: Admitted | None = None) -> float:
-        """See :meth:`Admission.acquire`."""
-        name = self.backend.name
-        with self._lock:
-            if self.in_flight < self.backend.limit and not self._queue.size:
-                self.in_flight += 1
-                return 0.0
-            if self._queue.size >= self.max_queue:
-                raise queue_full(name, mine=False)
-            if self._queue.count(place.client) >= client_places(self.max_queue):
-                raise queue_full(name, mine=True)
-            waiter = _Waiter()
-            self._queue.push(place, waiter)
-        start = time.monotonic()
-        if in_flight is not None:
-            in_flight.wake = waiter.event.set
-        try:
-            waiter.event.wait(self.timeout)
-        except BaseException:
-            self._leave(place, waiter)
-            raise
-        finally:
-            if in_flight is not None:
-                in_flight.wake = None
-        stopped = in_flight.stopped if in_flight is not None else None
-        if stopped is not None:
-            self._leave(place, waiter)
-            raise stopped
-        if waiter.granted:
-            return time.monotonic() - start
-        self._leave(place, waiter)
-        raise queue_timeout(name, self.timeout)
-
-    def _leave(self, place: QueuePlace, waiter: _Waiter) -> None:
-        """A waiter gives up: out of the queue, or, if a slot reached it meanwhile,
-        the slot passes on."""
-        with self._lock:
-            if not waiter.granted:
-                self._queue.remove(place.client, waiter)
-                return
-        self.release()
-
-    def adopt(self, backend: AdmittedBackend, max_queue: int, timeout: float) -> None:
-        self.backend, self.max_queue, self.timeout = backend, max_queue, timeout
-
-    def release(self, in_flight: Admitted | None = None) -> None:
-        with self._lock:
-            if self._queue.size:
-                waiter = self._queue.pop()
-                waiter.granted = True  # the slot passes to it; in_flight stays
-                waiter.event.set()
-            else:
-                self.in_flight -= 1
-
 
 
 # The shared admission's Lua.
