@@ -120,3 +120,27 @@ def test_a_stopping_llama_server_gets_its_grace_and_is_no_failure(clock, tmp_pat
     settle(fleet, clock, 60)
     assert popen.code == -9 and state(fleet, "one") == "stopped" and unit.failures == 0
 
+
+
+def test_a_bug_in_one_model_is_logged_once_a_minute_and_the_others_keep_serving(clock, tmp_path, monkeypatch, caplog):
+    fleet = make_fleet(tmp_path)
+    to = Unit.to
+
+    def buggy(unit: Unit, new: State) -> None:
+        if unit.name == "one":
+            raise IllegalTransition(f"fleet: one cannot go from {unit.state.value} to {new.value}")
+        to(unit, new)
+
+    monkeypatch.setattr(Unit, "to", buggy)
+    fleet.enqueue("one")
+    _, waiter = fleet.enqueue("two")
+    with caplog.at_level("ERROR", logger="llamagate.fleet"):
+        settle(fleet, clock, steps=20)  # two seconds of ticks: the bug recurs on every one
+    assert state(fleet, "two") == "ready" and waiter.event.is_set() and waiter.error is None
+    assert state(fleet, "one") == "stopped"  # it keeps its state
+    logged = [r for r in caplog.records if "a step failed" in r.getMessage()]
+    assert len(logged) == 1 and "one cannot go from stopped" in str(logged[0].exc_info[1])
+    clock.now += 61
+    with caplog.at_level("ERROR", logger="llamagate.fleet"):
+        settle(fleet, clock, steps=1)
+    assert len([r for r in caplog.records if "a step failed" in r.getMessage()]) == 2

@@ -21,6 +21,7 @@ from .states import RESIDENT, STOP_GRACE, State, Unit, Waiter
 log = logging.getLogger("llamagate.fleet")
 
 LINGER = 0.5  # an idle model used this recently is not swapped out for a newcomer at once
+BUG_LOG_EVERY = 60.0  # seconds between two logs of the same failing part of a step
 
 
 def _models_by_backend(config: Config) -> dict[str, list[str]]:
@@ -43,6 +44,7 @@ class Fleet:
         self.lock = threading.Condition()
         self.swaps = 0
         self.stopping = False
+        self._bugs_logged: dict[str, float] = {}  # a failing part of a step -> when it was last logged
 
     # --- what connections ask (any thread) -----------------------------------------------------
 
@@ -195,12 +197,25 @@ class Fleet:
         with self.lock:
             now = time.monotonic()
             for unit in self._every():
-                unit.watch(now, self.fleet.log_bytes, self.fleet.max_restarts)
+                self._contained(unit.name, unit.watch, now, self.fleet.log_bytes, self.fleet.max_restarts)
             for unit in self._every():
-                self._advance(unit, now)
+                self._contained(unit.name, self._advance, unit, now)
             self.retired = [u for u in self.retired if u.state is not State.STOPPED]
-            self._schedule(now)
+            self._contained("the schedule", self._schedule, now)
             self.lock.notify_all()
+
+    def _contained(self, what: str, action: Any, *args: Any) -> None:
+        """Run one part of a step; a bug in it (an :class:`~.states.IllegalTransition`, say)
+        is logged with its traceback, at most once a minute for the same error, and the
+        step goes on: the other models keep serving and the one concerned keeps its state.
+        Stopping every llama-server of the host for one model's bug would be the larger outage."""
+        try:
+            action(*args)
+        except Exception as exc:  # noqa: BLE001 - contained on purpose, see above
+            key, now = f"{what}: {type(exc).__name__}: {exc}", time.monotonic()
+            if self._bugs_logged.get(key, now - BUG_LOG_EVERY) <= now - BUG_LOG_EVERY:
+                self._bugs_logged[key] = now
+                log.exception("fleet: a step failed for %s (a supervisor bug; the fleet goes on)", what)
 
     def _every(self) -> list[Unit]:
         return [*self.units.values(), *self.retired]
@@ -240,7 +255,7 @@ class Fleet:
                         key=lambda u: u.oldest_wait)  # type: ignore[arg-type, return-value]
         for unit in wanted:
             if self._fits(unit, set()):
-                self._start(unit, now)
+                self._contained(unit.name, self._start, unit, now)  # a bug in one start: the next still starts
                 continue
             unit.waits_for_room = True
             leaving = {u.name for u in self._every()
@@ -255,7 +270,7 @@ class Fleet:
         for unit in self.units.values():
             if unit.launch.start == "eager" and unit.state is State.STOPPED and unit.failures == 0 \
                     and unit.loads == 0 and not held & set(unit.launch.ports) and self._fits(unit, set()):
-                self._start(unit, now)
+                self._contained(unit.name, self._start, unit, now)
 
     def _start(self, unit: Unit, now: float) -> None:
         if unit.waits_for_room:
