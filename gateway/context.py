@@ -47,6 +47,9 @@ class ReplicaView:
         in_flight: Requests this worker has open on it.
         slots: llama-server's slot count (from ``/props``), once known.
         breaker: ``closed``, ``open`` or ``half_open``.
+
+    ``fetch(path)`` and ``request(method, path, ...)`` call the replica off the request
+    path's pool, with the gateway's credentials for it.
     """
 
     __slots__ = ("_replica", "url")
@@ -62,14 +65,21 @@ class ReplicaView:
     breaker = property(lambda self: self._replica.breaker.state)
 
     def fetch(self, path: str, timeout: float = 2.0) -> Any:
-        """``GET path`` on the replica with the gateway's credentials for it (its
-        ``/metrics``, ``/slots``...), off the request path's pool.
+        """``GET path`` on the replica (its ``/metrics``, ``/slots``...), ``timeout`` seconds
+        to read; see :meth:`request`."""
+        return self.request("GET", path, timeout=(self._replica.connect_timeout, timeout))
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """``method path`` on the replica with the gateway's credentials for it, off the
+        request path's pool; ``kwargs`` as requests takes them, ``timeout`` by default the
+        backend's ``connect_timeout`` to connect and 30 s to read.
 
         Returns:
             The ``requests.Response``. Raises ``requests.RequestException`` as requests does.
         """
         replica = self._replica
-        return replica.session.get(replica.url + path, timeout=(replica.connect_timeout, timeout))
+        kwargs.setdefault("timeout", (replica.connect_timeout, 30))
+        return replica.session.request(method, replica.url + path, **kwargs)
 
     def __repr__(self) -> str:
         return f"ReplicaView({self.url!r})"
@@ -143,11 +153,15 @@ class Principal:
 
 @dataclass(eq=False)
 class RequestContext:
-    """Everything the gateway knows about one request, shared by its plugins.
+    """Everything the gateway tells a request's plugins about it.
 
     Plugins may read every field. They may set ``principal``, ``model`` (before
-    routing), ``cache``, ``routing`` and ``slot_hint`` (from ``route``), add to ``response_headers``, and
-    keep their own state under ``state[<plugin name>]``; the core fills in the rest.
+    routing), ``cache``, ``routing`` and ``slot_hint`` (from ``route``); add to
+    ``response_headers``, and to ``counters`` (:meth:`incr`), ``timings`` and ``gauges``;
+    and keep their own state under ``state[<plugin name>]``. The core fills in the rest:
+    plugins read those, and do not set them. What the core keeps of a request for itself
+    (the replica object, the backend's answer, the HTTP request) is not here but on its
+    exchange (:class:`gateway.web.exchange.Exchange`).
 
     Attributes:
         request_id: The client's valid ``x-request-id``, or one made for it.
@@ -168,7 +182,10 @@ class RequestContext:
         principal: Who is calling (a :class:`Principal`); set by an auth plugin,
             None until then.
         backend: Name of the backend serving the request, once routed.
-        replica: Base URL of the backend replica, once routed.
+        replica: Base URL of the backend replica, once routed (after a failover, the
+            replica that took over).
+        replica_view: The replica routed to (a :class:`ReplicaView`), once routed: the one
+            :meth:`call_backend` calls.
         routing: How the replica was chosen, as the ``route`` plugin that chose it says
             (the router: ``affinity``, ``spill``, ``load``, ``turn``); None when no
             plugin chose (the gateway's round robin).
@@ -234,20 +251,19 @@ class RequestContext:
     gauges: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
     client_gone: bool = False
-    _replica: Any = field(default=None, repr=False)
+    replica_view: ReplicaView | None = field(default=None, repr=False)
 
     def call_backend(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Call the replica that is to serve this request (``ctx.replica``, known from the
-        ``upstream_request`` hook on) through its pooled connection and credentials, e.g.
+        """Call the replica routed to (``ctx.replica_view``, known from the ``upstream_request``
+        hook on) with the gateway's credentials for it (:meth:`ReplicaView.request`), e.g.
         ``ctx.call_backend("POST", "/tokenize", json={"content": text})``.
 
         Returns:
             The ``requests.Response``. Raises ``requests.RequestException`` as requests does.
         """
-        if self._replica is None:
+        if self.replica_view is None:
             raise RuntimeError("no replica chosen yet: call_backend works from upstream_request on")
-        kwargs.setdefault("timeout", (self._replica.connect_timeout, 30))
-        return self._replica.session.request(method, self._replica.url + path, **kwargs)
+        return self.replica_view.request(method, path, **kwargs)
 
     def incr(self, name: str, count: int = 1) -> None:
         """Count an event for the metrics plugin (Graphite-safe name, dots as separators)."""

@@ -153,14 +153,16 @@ class GatewaySpec:
                 there, by the backend's ``kv_sharing``: ``client:<id>``,
                 ``group:<name>``, ``global``, ``anonymous``). Each
                 :class:`gateway.plugin.ReplicaView` has ``url``, ``ready``, ``available``,
-                ``in_flight``, ``slots``, ``breaker`` and ``fetch(path)``. A hook may
+                ``in_flight``, ``slots``, ``breaker``, ``fetch(path)`` and
+                ``request(method, path, ...)``. A hook may
                 also set ``ctx.slot_hint``: the llama-server slot it would like the
                 request to run in on the replica it returns (the core takes it, and
                 decides itself whether the slot's cache may be reused).
 
         Returns:
-            One of the replica views, or None to leave the choice to the next plugin
-            or the gateway.
+            One of the replica views of ``backends``, or None to leave the choice to the
+            next plugin or the gateway. Anything else (say a view kept from before a reload
+            that replaced its backend) fails the request with a 500 ``plugin_error``.
 
         Example::
 

@@ -190,3 +190,47 @@ def test_hook_complete():
         harness.backend.script({"status": 500, "json": {"error": {"code": 500, "message": "boom"}}})
         harness.chat("hi")
     assert meter.seen == [("ok", 200, 10), ("error", 500, None)]
+
+
+def test_hook_route_may_only_pick_a_replica_of_the_gateway_in_force(canned_url, dead_url):
+    """A view kept from before a reload names a replica the new backend does not have:
+    the request fails as the plugin's error, and nothing is sent to the old replica."""
+    import falcon.testing
+
+    from gateway.config import parse_config
+    from gateway.pipeline import Pipeline
+    from gateway.web.app import build_app
+    from gateway.web.state import Gateway
+
+    from .conftest import config_doc
+
+    class Sticky:
+        view = None
+
+        @hookimpl
+        def route(self, ctx, backends):
+            if self.view is None:
+                self.view = backends[ctx.backend].replicas[0]
+            return self.view
+
+    pipelines = {"default": Pipeline("default", [("sticky", Sticky())])}
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}
+    before = Gateway(parse_config(config_doc(canned_url)), pipelines)
+    assert falcon.testing.TestClient(build_app(before)).simulate_post("/v1/chat/completions", json=chat).status_code == 200
+    reloaded = Gateway(parse_config(config_doc(dead_url)), pipelines)  # the backend "chat" moved
+    answer = falcon.testing.TestClient(build_app(reloaded)).simulate_post("/v1/chat/completions", json=chat)
+    assert answer.status_code == 500 and answer.json["error"]["code"] == "plugin_error"
+    assert "not a replica of this gateway" in answer.json["error"]["message"]
+
+
+@pytest.mark.parametrize("choice", ["http://127.0.0.1:1", {"url": "x"}, ["unhashable"]], ids=repr)
+def test_hook_route_returning_something_else_is_the_plugins_error(choice):
+    class Odd:
+        @hookimpl
+        def route(self, ctx, backends):
+            return choice
+
+    with Harness([Odd()]) as harness:
+        result = harness.chat("hi")
+        assert result.status == 500 and result.json["error"]["code"] == "plugin_error"
+        assert result.outcome == "error" and harness.backend.requests == []

@@ -141,3 +141,33 @@ def test_every_member_of_the_plugin_protocol_is_documented():
     section = GUIDE.split("## The plugin protocol", 1)[1].split("\n## ", 1)[0]
     for name in PLUGIN_ATTRIBUTES:
         assert re.search(rf"^- `{name}[`(]", section, re.M), f"the plugin protocol section does not document {name}"
+
+
+def test_the_context_plugins_get_holds_only_public_types_and_call_backend_works():
+    """What the core keeps of a request for itself (the replica object, its pools and
+    breaker) is not on the context; ``ctx.call_backend`` still reaches the chosen replica."""
+    import gateway.plugin
+    from gateway.plugin import hookimpl
+    from gateway.testing import Harness
+
+    public = tuple(value for value in vars(gateway.plugin).values()
+                   if isinstance(value, type) and not getattr(value, "_is_protocol", False))
+
+    class Peek:
+        @hookimpl
+        def upstream_request(self, ctx, payload):
+            self.routed = ctx.replica_view
+            self.tokens = ctx.call_backend("POST", "/tokenize", json={"content": "one two three"}).json()
+
+        @hookimpl
+        def complete(self, ctx, outcome):
+            self.core = {name: type(value).__qualname__ for name, value in vars(ctx).items()
+                         if type(value).__module__.startswith("gateway") and not isinstance(value, public)}
+
+    peek = Peek()
+    with Harness([peek]) as harness:
+        assert harness.chat("hi").status == 200
+        assert ("POST", "/tokenize", {"content": "one two three"}) in harness.backend.requests
+    assert len(peek.tokens["tokens"]) == 3
+    assert isinstance(peek.routed, gateway.plugin.ReplicaView) and peek.routed.url == harness.backend.url
+    assert peek.core == {}

@@ -364,6 +364,8 @@ class Upstreams:
                          else Backend(cfg, shared, old[name].admission if name in old else None)
                          for name, cfg in configs.items()}
         self.views = {name: backend.view for name, backend in self.backends.items()}  # for route hooks
+        # a route hook's choice back to its replica: by the view's identity, so only this gateway's own
+        self._replica_by_view = {replica.view: replica for replica in self.replicas()}
         self.health_interval = health_interval
         self._stop = threading.Event()
         self._checker: threading.Thread | None = None
@@ -371,6 +373,10 @@ class Upstreams:
     def replicas(self) -> Iterable[Replica]:
         for backend in self.backends.values():
             yield from backend.replicas
+
+    def replica_of(self, view: object) -> Replica | None:
+        """The replica of one of these backends that ``view`` (a route hook's choice) shows, else None."""
+        return self._replica_by_view.get(view) if isinstance(view, ReplicaView) else None
 
     def check_all(self) -> None:
         for replica in self.replicas():

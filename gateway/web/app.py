@@ -1,6 +1,6 @@
 """The Falcon app: its routes, the request id and security headers, and how errors
-are rendered (always OpenAI-shaped, always through :func:`gateway.web.exchange.respond`
-once a request began, so its ``complete`` hooks run). The request flow itself is
+are rendered (always OpenAI-shaped, always through the request's exchange once it
+began, :meth:`gateway.web.exchange.Exchange.fail`, so its ``complete`` hooks run). The request flow itself is
 :mod:`gateway.web.exchange`; the resources are :mod:`gateway.web.resources`.
 """
 
@@ -16,7 +16,6 @@ import falcon
 from . import exchange
 from .. import lifecycle
 from ..config import LLAMA_SERVER_ROUTES
-from ..context import RequestContext
 from ..errors import (
     GatewayError,
     InternalError,
@@ -25,7 +24,7 @@ from ..errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from .exchange import JSON_TYPE, respond
+from .exchange import JSON_TYPE, Exchange
 from .resources import (
     ControlResource,
     HealthResource,
@@ -64,26 +63,25 @@ class RequestIdMiddleware:
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool) -> None:
         resp.set_header("X-Request-Id", req.context.request_id)
         resp.set_headers(SECURITY_HEADERS)
-        ctx: RequestContext | None = req.context.get("ctx")
-        if ctx is not None:
+        exchange: Exchange | None = req.context.get("exchange")
+        if exchange is not None:
+            ctx = exchange.ctx
             ctx.status = resp.status_code
             for name, value in ctx.response_headers.items():
                 resp.set_header(name, value)
 
 
 def _render_error(req: falcon.Request, resp: falcon.Response, error: GatewayError) -> None:
+    exchange: Exchange | None = req.context.get("exchange")
+    if exchange is not None:  # the request began: it ends through its exchange, complete hooks and all
+        exchange.fail(error)
+        return
+    # refused before the request began (a bad x-request-id, draining)
     resp.status = error.status
     for name, value in error.headers.items():
         resp.set_header(name, value)
     resp.content_type = JSON_TYPE
-    data = error.to_json()
-    ctx: RequestContext | None = req.context.get("ctx")
-    if ctx is None:  # refused before the request began (a bad x-request-id, draining)
-        resp.data = data
-        return
-    ctx.error = error
-    resp.content_length = len(data)
-    respond(req.context.gateway, ctx, req.context.pipeline, resp, [data])
+    resp.data = error.to_json()
 
 
 def build_app(gateway: Gateway) -> falcon.App:

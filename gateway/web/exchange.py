@@ -1,29 +1,37 @@
 """One request's life, from its headers to its ``complete`` hooks.
 
+Each request is an :class:`Exchange`: what the core keeps of it for itself (the gateway
+it began on, Falcon's request and response, its pipeline, the replica chosen, the
+backend's answer while it is held, the route's timeouts) beside the
+:class:`RequestContext` its plugins see, with one method a step. The ``serve_*``
+functions tell the stories, top to bottom, step by step.
+
 A model request (:func:`serve_model`), in order:
 
-1. **begin**: the request's context; its pipeline's ``request_start`` hooks, on
+1. **begin** (:class:`Exchange`): the request's context; from here on
+   :meth:`Exchange.respond` must end it. Its pipeline's ``request_start`` hooks run on
    headers alone (authentication): a refusal here reads no body;
 2. **read**: the body, bounded in size, time and nesting (:mod:`gateway.web.body`);
-3. **resolve**: the model alias to its public id; ``request`` hooks (may answer:
-   a cache hit);
+3. **resolve**: the model alias to its public id; ``request`` hooks (:meth:`Exchange.ask`;
+   may answer: a cache hit);
 4. **route**: ``route`` hooks pick a replica, else the gateway's round robin;
 5. **send**: ``upstream_request`` hooks edit the payload; chat and completions are
    asked as streams (:func:`gateway.answers.stream_request`); admission, then the
    backend, retried until a replica answers (:mod:`gateway.backends.send`);
 6. **relay** a stream event by event (:class:`gateway.web.streaming.Relay`), or
    **assemble** a plain answer and run the ``response`` hooks;
-7. **complete**: when the body iterable closes, the lease goes back and every
-   plugin's ``complete`` runs, whatever happened (:func:`respond`).
+7. **complete**: when the body iterable closes, the backend's answer goes back and every
+   plugin's ``complete`` runs, whatever happened (:meth:`Exchange.respond`).
 
-Steps 1 to 5's hooks are :func:`prepare_model_request`, shared with :func:`serve_relay`.
+Steps 1 to 5 are :func:`prepare_model_request`, shared with :func:`serve_relay`.
 
 llama-server's other model endpoints (:func:`serve_relay`: Anthropic's messages,
 OpenAI's Responses, the native API) take the same steps, their answers relayed in
 their own shapes. Prefix routes (:func:`serve_prefix`) and answers made without a backend
 (:func:`serve_locally`: models, admin, plugin routes, preflights) take the same
 steps, fewer of them. Errors raised anywhere are rendered by the app's error
-handlers through :func:`respond` too, so ``complete`` never misses a request.
+handlers through :meth:`Exchange.fail`, which responds too, so ``complete`` never
+misses a request.
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ import falcon
 from ..answers import Assembler, choices_asked, decode_json, normalize_answer, stream_request, usage_of
 from ..answers.responses import ResponsesStream, complete_response, echoed
 from .body import read_body, read_json_body
-from ..config import ModelConfig, PrefixRoute, Timeouts
+from ..config import ModelConfig, PrefixRoute
 from ..context import RequestContext, Response
 from ..errors import (
+    GatewayError,
     InternalError,
     InvalidRequestError,
     NotFoundError,
@@ -50,7 +59,6 @@ from ..errors import (
 )
 from ..backends.httpclient import HTTPFailure
 from .paths import check_relay_target, raw_target
-from ..pipeline import Pipeline
 from .state import Gateway
 from .streaming import Relay, ResponseBody, collect, read_error, relay_as_is, replay, watch_departure
 from ..backends.send import Outgoing, open_lease
@@ -66,39 +74,25 @@ def serve_model(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     prepared = prepare_model_request(gateway, req, resp, route)
     if prepared is None:
         return
-    ctx, pipeline, replica, payload = prepared
+    exchange, payload = prepared
+    ctx = exchange.ctx
     if route != "/v1/embeddings":
         stream_request(payload)
-    timeouts = gateway.config.timeouts_for(route)
-    # A plain answer is written only when whole: until then only a watch on the
-    # client's socket can tell that it hung up, and stop the generation.
-    on_event = events_for(ctx, pipeline) if ctx.stream else None  # plugin code: before a lease exists
-    stop_watching = watch_departure(req.env, lambda: gateway.client_gone(ctx)) if not ctx.stream else None
+    on_event = exchange.event_hook() if ctx.stream else None  # plugin code: before a lease exists
+    if not ctx.stream:
+        # A plain answer is written only when whole: until then only a watch on the
+        # client's socket can tell that it hung up, and stop the generation.
+        exchange.watch_departure()
     try:
-        lease = send(gateway, ctx, replica, route, payload,
-                     {"Content-Type": JSON_TYPE, "X-Request-Id": ctx.request_id})
-        relaying = False  # from respond() on, the body's close() gives the lease back
-        try:
-            if ctx.stream:
-                relay = Relay(ctx, lease, ctx.model, on_event, timeouts, normalize=bool(payload.get("logprobs")))
-                resp.content_type = "text/event-stream"
-                resp.set_headers(STREAM_HEADERS)
-                respond(gateway, ctx, pipeline, resp, relay, lambda: gateway.finish(lease))
-                relaying = True
-                return
-            answer = whole_answer(ctx, lease, timeouts)
-        finally:
-            if not relaying:
-                gateway.finish(lease)
+        lease = exchange.send(route, payload, {"Content-Type": JSON_TYPE})
+        if ctx.stream:
+            exchange.relay(Relay(ctx, lease, ctx.model, on_event, exchange.timeouts,
+                                 normalize=bool(payload.get("logprobs"))))
+            return
+        answer = exchange.assemble()
     finally:
-        if stop_watching is not None:
-            stop_watching()
-    ctx.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
-    pipeline.response(ctx, answer)
-    data = json.dumps(answer).encode()
-    resp.content_type = JSON_TYPE
-    resp.content_length = len(data)
-    respond(gateway, ctx, pipeline, resp, [data])
+        exchange.settle()
+    exchange.response(answer)
 
 
 def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str) -> None:
@@ -111,34 +105,21 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
     prepared = prepare_model_request(gateway, req, resp, route)
     if prepared is None:
         return
-    ctx, pipeline, replica, payload = prepared
-    timeouts = gateway.config.timeouts_for(route)
-    stop_watching = watch_departure(req.env, lambda: gateway.client_gone(ctx)) if not ctx.stream else None
+    exchange, payload = prepared
+    ctx = exchange.ctx
+    if not ctx.stream:
+        exchange.watch_departure()
     try:
-        lease = send(gateway, ctx, replica, route, payload,
-                     {"Content-Type": JSON_TYPE, "X-Request-Id": ctx.request_id})
-        relaying = False
-        try:
-            upstream = lease.response
-            if upstream.content_type.startswith("text/event-stream"):
-                resp.content_type = upstream.content_type
-                resp.set_headers(STREAM_HEADERS)
-                reshape = ResponsesStream(ctx.model, payload) if route == RESPONSES_ROUTE else None
-                respond(gateway, ctx, pipeline, resp, relay_as_is(ctx, lease, ctx.model, timeouts, reshape),
-                        lambda: gateway.finish(lease))
-                relaying = True
-                return
-            try:
-                data = upstream.read()
-            except HTTPFailure as exc:
-                raise read_error(ctx, exc, timeouts) from exc
-            content_type = upstream.content_type or JSON_TYPE
-        finally:
-            if not relaying:
-                gateway.finish(lease)
+        lease = exchange.send(route, payload, {"Content-Type": JSON_TYPE})
+        upstream = lease.response
+        if upstream.content_type.startswith("text/event-stream"):
+            reshape = ResponsesStream(ctx.model, payload) if route == RESPONSES_ROUTE else None
+            exchange.relay(relay_as_is(ctx, lease, ctx.model, exchange.timeouts, reshape), upstream.content_type)
+            return
+        data = exchange.read_answer()
+        content_type = upstream.content_type or JSON_TYPE
     finally:
-        if stop_watching is not None:
-            stop_watching()
+        exchange.settle()
     answer = decode_json(data) if content_type.startswith(JSON_TYPE) else None
     if isinstance(answer, (dict, list)):  # a list: llama-server's answers to a prompt list, one per choice
         choices, prompts = choices_asked(ctx.body)
@@ -153,43 +134,30 @@ def serve_relay(gateway: Gateway, req: falcon.Request, resp: falcon.Response, ro
                 one["model"] = ctx.model
             if named:
                 data = json.dumps(answer).encode()
-    resp.content_type = content_type
-    resp.content_length = len(data)
-    respond(gateway, ctx, pipeline, resp, [data])
+    exchange.respond_whole(data, content_type)
 
 
 def serve_prefix(gateway: Gateway, req: falcon.Request, resp: falcon.Response, prefix: str,
                  target: PrefixRoute) -> None:
     """Any method under a prefix route (``/sdapi/*``): relayed to its HTTP backend,
     bodies untouched, with the pipeline in front."""
-    route = prefix + "/*"
-    ctx, pipeline = begin(gateway, req, route, target.pipeline)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request_start(ctx)):
+    exchange = Exchange(gateway, req, resp, prefix + "/*", target.pipeline)
+    if exchange.request_start():
         return
     # The raw target, checked: never req.path (decoded) nor anything outside the prefix.
     path = check_relay_target(raw_target(req.env, req.path, req.query_string), prefix)
-    body = read_body(req, ctx, gateway.config)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
+    body = exchange.read_raw()
+    if exchange.ask():
         return
-    ctx.backend = target.backend
-    replica = choose_replica(gateway, ctx, pipeline)
+    exchange.route(target.backend)
     headers = {name: req.get_header(name) for name in ("Content-Type", "Accept") if req.get_header(name)}
-    headers["X-Request-Id"] = ctx.request_id
     # the backend's own statuses are the answer: this route relays them as they are
-    lease = send(gateway, ctx, replica, path, body, headers, method=req.method, relay_errors=True)
-    timeouts = gateway.config.timeouts_for(route)
-    lease.set_read_timeout(timeouts.idle)  # not a stream of events: the headers were its first byte
-
-    def relay() -> Any:
-        try:
-            yield from lease.response.chunks()
-        except HTTPFailure as exc:
-            ctx.error = read_error(ctx, exc, timeouts)  # the body is cut: nothing else to say
-
+    lease = exchange.send(path, body, headers, method=req.method, relay_errors=True)
+    lease.set_read_timeout(exchange.timeouts.idle)  # not a stream of events: the headers were its first byte
     resp.status = lease.response.status
     if lease.response.content_type:
         resp.content_type = lease.response.content_type
-    respond(gateway, ctx, pipeline, resp, relay(), lambda: gateway.finish(lease))
+    exchange.respond(exchange.body_as_is())
 
 
 def serve_locally(gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str, pipeline_name: str,
@@ -197,210 +165,319 @@ def serve_locally(gateway: Gateway, req: falcon.Request, resp: falcon.Response, 
     """Answer without a backend: the pipeline's hooks may answer (a CORS preflight, a
     plugin route); else ``otherwise(ctx)`` does (it may raise). With ``read_body`` a
     JSON body sent along is decoded into ``ctx.body`` first."""
-    ctx, pipeline = begin(gateway, req, route, pipeline_name)
-    answer = pipeline.request_start(ctx)
-    if answer is None:
-        if read_body and req.method in ("POST", "PUT", "PATCH") and req.content_length:
-            ctx.body = read_json_body(req, ctx, gateway.config)
-        answer = pipeline.request(ctx, gateway.upstreams.views)
-    deliver(gateway, ctx, pipeline, resp, answer if answer is not None else otherwise(ctx))
+    exchange = Exchange(gateway, req, resp, route, pipeline_name)
+    if exchange.request_start():
+        return
+    if read_body and req.method in ("POST", "PUT", "PATCH") and req.content_length:
+        exchange.read()
+    if exchange.ask():
+        return
+    exchange.deliver(otherwise(exchange.ctx))
+
+
+def prepare_model_request(gateway: Gateway, req: falcon.Request, resp: falcon.Response,
+                          route: str) -> tuple[Exchange, dict[str, Any]] | None:
+    """A model request up to what goes to the backend: begin, ``request_start``, read,
+    resolve, ``request``, route, ``upstream_request``. None when a hook answered it."""
+    exchange = Exchange(gateway, req, resp, route, gateway.config.routes[route])
+    if exchange.request_start():
+        return None
+    exchange.read()
+    exchange.resolve()
+    if exchange.ask():
+        return None
+    model = exchange.served_model()
+    exchange.route(model.backend)
+    ctx = exchange.ctx
+    return exchange, exchange.upstream_request(dict(ctx.body, model=model.upstream_model or ctx.model))
 
 
 # --- the steps ---------------------------------------------------------------------------
 
-def prepare_model_request(gateway: Gateway, req: falcon.Request, resp: falcon.Response,
-                          route: str) -> tuple[RequestContext, Pipeline, Replica, dict[str, Any]] | None:
-    """A model request up to what goes to the backend: begin, ``request_start``, read,
-    resolve, ``request``, route, ``upstream_request``. None when a hook answered it."""
-    config = gateway.config
-    ctx, pipeline = begin(gateway, req, route, config.routes[route])
-    if answered(gateway, ctx, pipeline, resp, pipeline.request_start(ctx)):
-        return None
-    ctx.body = read_json_body(req, ctx, config)
-    resolve_model(gateway, ctx)
-    if answered(gateway, ctx, pipeline, resp, pipeline.request(ctx, gateway.upstreams.views)):
-        return None
-    model = served_model(gateway, ctx)
-    replica = choose_replica(gateway, ctx, pipeline)
-    payload = dict(ctx.body, model=model.upstream_model or ctx.model)
-    pipeline.upstream_request(ctx, payload)
-    return ctx, pipeline, replica, payload
+class Exchange:
+    """One request, as the core keeps it: one method a step of its life (the module doc).
 
+    Creating it begins the request: its :class:`RequestContext`, counted in
+    ``gateway.active``, found by the app's error handlers (``req.context.exchange``);
+    from then on :meth:`respond` must end it.
 
-def begin(gateway: Gateway, req: falcon.Request, route: str, pipeline_name: str) -> tuple[RequestContext, Pipeline]:
-    """The request's context and pipeline; from here on :func:`respond` must end it."""
-    pipeline = gateway.pipelines[pipeline_name]
-    ctx = RequestContext(request_id=req.context.request_id, method=req.method, route=route,
-                         pipeline=pipeline.name, headers=req.headers, query=req.params,
-                         remote_addr=req.remote_addr or "")
-    if gateway.pending_counters:
-        ctx.counters.update(gateway.pending_counters)
-        gateway.pending_counters.clear()
-    gateway.active += 1
-    req.context.ctx, req.context.pipeline, req.context.gateway = ctx, pipeline, gateway
-    return ctx, pipeline
+    Attributes:
+        gateway: The gateway the request began on (a reload does not change it).
+        req: Falcon's request.
+        resp: Falcon's response.
+        pipeline: The route's :class:`Pipeline`.
+        ctx: What its plugins see (:class:`RequestContext`).
+        timeouts: The route's :class:`Timeouts`.
+        replica: The replica to try first, once routed.
+        lease: The backend's answer (:class:`Lease`) from :meth:`send` until it is given
+            back: by :meth:`settle`, or, once a body relays it, when that body closes.
+    """
 
+    __slots__ = ("gateway", "req", "resp", "pipeline", "ctx", "timeouts", "replica", "lease", "relaying",
+                 "stop_watching")
 
-def answered(gateway: Gateway, ctx: RequestContext, pipeline: Pipeline, resp: falcon.Response,
-             answer: Response | None) -> bool:
-    """Send a hook's answer, if it made one."""
-    if answer is None:
-        return False
-    deliver(gateway, ctx, pipeline, resp, answer)
-    return True
+    def __init__(self, gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str,
+                 pipeline_name: str) -> None:
+        self.gateway = gateway
+        self.req = req
+        self.resp = resp
+        self.pipeline = pipeline = gateway.pipelines[pipeline_name]
+        self.ctx = ctx = RequestContext(request_id=req.context.request_id, method=req.method, route=route,
+                                        pipeline=pipeline.name, headers=req.headers, query=req.params,
+                                        remote_addr=req.remote_addr or "")
+        self.timeouts = gateway.config.timeouts_for(route)
+        self.replica: Replica | None = None
+        self.lease: Lease | None = None
+        self.relaying = False  # the body holds the lease: its close() gives it back
+        self.stop_watching: Callable[[], None] | None = None
+        if gateway.pending_counters:
+            ctx.counters.update(gateway.pending_counters)
+            gateway.pending_counters.clear()
+        gateway.active += 1
+        req.context.exchange = self
 
+    def request_start(self) -> bool:
+        """The ``request_start`` hooks, on headers alone; True when one answered (sent)."""
+        return self._answered(self.pipeline.request_start(self.ctx))
 
-def resolve_model(gateway: Gateway, ctx: RequestContext) -> None:
-    """``ctx.model`` and the request's stream flags, from its body."""
-    body = ctx.body
-    assert body is not None
-    requested = body.get("model")
-    if not isinstance(requested, str) or not requested:
-        raise InvalidRequestError("You must provide a model parameter.", param="model")
-    ctx.requested_model = requested
-    ctx.model = gateway.config.resolve_model(requested)
-    ctx.stream = body.get("stream") is True
-    options = body.get("stream_options")
-    ctx.client_wants_usage = ctx.stream and isinstance(options, dict) and options.get("include_usage") is True
+    def read(self) -> None:
+        """The body, a JSON object, into ``ctx.body`` (:func:`gateway.web.body.read_json_body`)."""
+        self.ctx.body = read_json_body(self.req, self.ctx, self.gateway.config)
 
+    def read_raw(self) -> bytes:
+        """The body as it came (:func:`gateway.web.body.read_body`)."""
+        return read_body(self.req, self.ctx, self.gateway.config)
 
-def served_model(gateway: Gateway, ctx: RequestContext) -> ModelConfig:
-    """The model the request names, which must exist; sets ``ctx.backend``."""
-    if ctx.model is None:
-        raise NotFoundError(f"The model `{ctx.requested_model}` does not exist or you do not have access to it.",
-                            code="model_not_found", param="model")
-    model = gateway.config.models[ctx.model]
-    ctx.backend = model.backend
-    return model
+    def resolve(self) -> None:
+        """``ctx.model`` and the request's stream flags, from its body."""
+        ctx = self.ctx
+        body = ctx.body
+        assert body is not None
+        requested = body.get("model")
+        if not isinstance(requested, str) or not requested:
+            raise InvalidRequestError("You must provide a model parameter.", param="model")
+        ctx.requested_model = requested
+        ctx.model = self.gateway.config.resolve_model(requested)
+        ctx.stream = body.get("stream") is True
+        options = body.get("stream_options")
+        ctx.client_wants_usage = ctx.stream and isinstance(options, dict) and options.get("include_usage") is True
 
+    def ask(self) -> bool:
+        """The ``request`` hooks; True when one answered (sent)."""
+        return self._answered(self.pipeline.request(self.ctx, self.gateway.upstreams.views))
 
-def choose_replica(gateway: Gateway, ctx: RequestContext, pipeline: Pipeline) -> Replica:
-    """The replica to try first: the ``route`` hooks' choice, else the gateway's next in
-    turn. Sets ``ctx.backend`` (a hook may pick another backend) and ``ctx.replica``."""
-    upstreams = gateway.upstreams
-    view = pipeline.route(ctx, upstreams.views)
-    if view is None:
-        assert ctx.backend is not None
-        chosen = upstreams.backends[ctx.backend].candidates()[0]
-    else:
-        chosen = getattr(view, "_replica", None)
-        if not isinstance(chosen, Replica) or chosen.backend not in upstreams.backends:
-            raise InternalError(f"A route hook returned {view!r}, not a replica of this gateway "
-                                f"(request id {ctx.request_id}).", code="plugin_error")
-        ctx.backend = chosen.backend
-    ctx._replica = chosen
-    ctx.replica = chosen.url
-    return chosen
+    def served_model(self) -> ModelConfig:
+        """The model the request names (after the ``request`` hooks), which must exist."""
+        ctx = self.ctx
+        if ctx.model is None:
+            raise NotFoundError(f"The model `{ctx.requested_model}` does not exist or you do not have access to it.",
+                                code="model_not_found", param="model")
+        return self.gateway.config.models[ctx.model]
 
+    def route(self, backend: str) -> None:
+        """The replica to try first on ``backend``: the ``route`` hooks' choice (a hook may
+        pick another backend's), else the gateway's next in turn. Sets ``ctx.backend``,
+        ``ctx.replica`` and what ``ctx.call_backend`` calls."""
+        ctx, upstreams = self.ctx, self.gateway.upstreams
+        ctx.backend = backend
+        view = self.pipeline.route(ctx, upstreams.views)
+        if view is None:
+            chosen = upstreams.backends[backend].candidates()[0]
+        else:
+            found = upstreams.replica_of(view)
+            if found is None:
+                raise InternalError(f"A route hook returned {view!r}, not a replica of this gateway "
+                                    f"(request id {ctx.request_id}).", code="plugin_error")
+            chosen = found
+            ctx.backend = chosen.backend
+        self.replica = chosen
+        ctx.replica = chosen.url
+        ctx.replica_view = chosen.view
 
-def send(gateway: Gateway, ctx: RequestContext, replica: Replica, path: str, body: bytes | dict[str, Any],
-         headers: dict[str, str], method: str = "POST", relay_errors: bool = False) -> Lease:
-    """Admit the request and send it to ``ctx.backend`` (``replica`` first) until a
-    replica answers; a JSON payload is encoded by the core, with the slot it takes
-    (:mod:`gateway.backends.slots`); a backend error status becomes the client's error (unless
-    ``relay_errors``). From the moment it is sent it can be cancelled;
-    :meth:`Gateway.finish` ends that."""
-    assert ctx.backend is not None
-    entry = gateway.track(ctx)
-    sent_at = time.monotonic()
-    try:
-        lease = open_lease(ctx, gateway.upstreams.backends[ctx.backend], replica,
-                           Outgoing(path, body, headers, gateway.config.timeouts_for(ctx.route), method), entry,
-                           gateway.upstreams.retry_after())
-    except BaseException:
-        gateway.untrack(entry)
-        raise
-    ctx.upstream_ms = (time.monotonic() - sent_at) * 1000.0
-    try:
-        if ctx.cancelled:  # cancelled as the answer began
-            raise RequestCancelledError()
-        if lease.response.status >= 400 and not relay_errors:
-            raise from_backend(lease.response, Phase.WAITING, backend=ctx.backend,
-                               retry_after=gateway.upstreams.retry_after())
-    except BaseException:
-        gateway.finish(lease)
-        raise
-    return lease
+    def upstream_request(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The ``upstream_request`` hooks, which edit ``payload``; returns it."""
+        self.pipeline.upstream_request(self.ctx, payload)
+        return payload
 
+    def event_hook(self) -> Callable[[dict[str, Any]], bool] | None:
+        """The ``response_event`` hooks as the relay's callback, when a plugin wants this
+        request's events decoded; None relays the bytes as they come."""
+        ctx, pipeline = self.ctx, self.pipeline
+        if not pipeline.wants_events(ctx):
+            return None
+        return lambda event: pipeline.response_event(ctx, event)
 
-def events_for(ctx: RequestContext, pipeline: Pipeline) -> Callable[[dict[str, Any]], bool] | None:
-    """The ``response_event`` hooks as the relay's callback, when a plugin wants this
-    request's events decoded; None relays the bytes as they come."""
-    if not pipeline.wants_events(ctx):
-        return None
-    return lambda event: pipeline.response_event(ctx, event)
+    def watch_departure(self) -> None:
+        """Stop the work if the client hangs up before its plain answer is ready, until
+        :meth:`settle` (:func:`gateway.web.streaming.watch_departure`)."""
+        gateway, ctx = self.gateway, self.ctx
+        self.stop_watching = watch_departure(self.req.env, lambda: gateway.client_gone(ctx))
 
-
-def whole_answer(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> dict[str, Any]:
-    """The backend's answer as one OpenAI object: assembled from its stream, or decoded
-    when the backend answered in one piece (embeddings, or a backend that does not stream)."""
-    assert ctx.model is not None
-    upstream = lease.response
-    if upstream.content_type.startswith("text/event-stream"):
-        choices, prompts = choices_asked(ctx.body)
-        assembler = Assembler(choices // prompts)
-        collect(ctx, lease, timeouts, assembler.add)
-        answer = assembler.answer()
-        if answer is None:
-            raise UpstreamError("The backend's streamed answer could not be assembled; it is incomplete.")
-    else:
+    def send(self, path: str, body: bytes | dict[str, Any], headers: dict[str, str], method: str = "POST",
+             relay_errors: bool = False) -> Lease:
+        """Admit the request and send it to ``ctx.backend`` (the routed replica first)
+        until a replica answers; a JSON payload is encoded by the core, with the slot it
+        takes (:mod:`gateway.backends.slots`); ``headers`` get the request id. A backend
+        error status becomes the client's error (unless ``relay_errors``). From the moment
+        it is sent it can be cancelled; the exchange holds the answer (:attr:`lease`)."""
+        ctx, gateway = self.ctx, self.gateway
+        assert ctx.backend is not None and self.replica is not None
+        headers["X-Request-Id"] = ctx.request_id
+        entry = gateway.track(ctx)
+        sent_at = time.monotonic()
         try:
-            answer = json.loads(upstream.read())
-        except ValueError:
-            answer = None
+            lease = open_lease(ctx, gateway.upstreams.backends[ctx.backend], self.replica,
+                               Outgoing(path, body, headers, self.timeouts, method), entry,
+                               gateway.upstreams.retry_after())
+        except BaseException:
+            gateway.untrack(entry)
+            raise
+        self.lease = lease
+        ctx.upstream_ms = (time.monotonic() - sent_at) * 1000.0
+        try:
+            if ctx.cancelled:  # cancelled as the answer began
+                raise RequestCancelledError()
+            if lease.response.status >= 400 and not relay_errors:
+                raise from_backend(lease.response, Phase.WAITING, backend=ctx.backend,
+                                   retry_after=gateway.upstreams.retry_after())
+        except BaseException:
+            self.release()
+            raise
+        return lease
+
+    def relay(self, chunks: Iterable[bytes], content_type: str = "text/event-stream") -> None:
+        """Respond with a stream relayed from the backend's answer, which the body holds
+        from here: its close() gives it back."""
+        self.resp.content_type = content_type
+        self.resp.set_headers(STREAM_HEADERS)
+        self.respond(chunks)
+
+    def assemble(self) -> dict[str, Any]:
+        """The backend's answer as one OpenAI object: assembled from its stream, or decoded
+        when the backend answered in one piece (embeddings, or a backend that does not stream)."""
+        ctx, lease = self.ctx, self.lease
+        assert ctx.model is not None and lease is not None
+        upstream = lease.response
+        if upstream.content_type.startswith("text/event-stream"):
+            choices, prompts = choices_asked(ctx.body)
+            assembler = Assembler(choices // prompts)
+            collect(ctx, lease, self.timeouts, assembler.add)
+            answer = assembler.answer()
+            if answer is None:
+                raise UpstreamError("The backend's streamed answer could not be assembled; it is incomplete.")
+        else:
+            try:
+                answer = json.loads(self.read_answer())
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict):
+                raise UpstreamError("The backend's answer was not a JSON object.")
+        normalize_answer(answer, ctx.model)
+        return answer
+
+    def read_answer(self) -> bytes:
+        """The backend's answer, whole, as it came."""
+        assert self.lease is not None
+        try:
+            return self.lease.response.read()
         except HTTPFailure as exc:
-            raise read_error(ctx, exc, timeouts) from exc
-        if not isinstance(answer, dict):
-            raise UpstreamError("The backend's answer was not a JSON object.")
-    normalize_answer(answer, ctx.model)
-    return answer
+            raise read_error(self.ctx, exc, self.timeouts) from exc
 
+    def body_as_is(self) -> Iterable[bytes]:
+        """The backend's answer's body, chunk by chunk as it comes; a failure cuts it
+        (nothing else can be said once the status went out) and is kept in ``ctx.error``."""
+        assert self.lease is not None
+        try:
+            yield from self.lease.response.chunks()
+        except HTTPFailure as exc:
+            self.ctx.error = read_error(self.ctx, exc, self.timeouts)
 
-def deliver(gateway: Gateway, ctx: RequestContext, pipeline: Pipeline, resp: falcon.Response,
-            answer: Response) -> None:
-    """Send an answer a hook (or the gateway itself) made."""
-    resp.status = answer.status
-    for name, value in answer.headers.items():
-        resp.set_header(name, value)
-    if answer.content is not None:
-        data = answer.content
-        resp.content_type = answer.content_type
-    elif answer.body is None and answer.events is None:
-        data = b""
-    elif ctx.stream and answer.events is not None:
-        data = replay(answer.events)
-        resp.content_type = "text/event-stream"
-        resp.set_headers(STREAM_HEADERS)
-    else:
-        data = json.dumps(answer.body).encode()
-        resp.content_type = JSON_TYPE
-    resp.content_length = len(data)
-    respond(gateway, ctx, pipeline, resp, [data])
+    def settle(self) -> None:
+        """The handler is done with the backend: stop watching the client and give the
+        answer back, unless a body relays it (its close() does then)."""
+        if self.stop_watching is not None:
+            self.stop_watching()
+            self.stop_watching = None
+        if not self.relaying:
+            self.release()
 
+    def release(self) -> None:
+        """Give the backend's answer back: its connection, admission slot, fleet lease."""
+        lease = self.lease
+        if lease is not None:
+            self.lease = None
+            self.gateway.finish(lease)
 
-def respond(gateway: Gateway, ctx: RequestContext, pipeline: Pipeline, resp: falcon.Response,
-            chunks: Iterable[bytes], cleanup: Callable[[], None] | None = None) -> None:
-    """Send ``chunks`` as the body; when it closes (sent, or the client gone), clean up
-    and run the ``complete`` hooks, exactly once."""
+    def response(self, answer: dict[str, Any]) -> None:
+        """A whole answer's usage, its ``response`` hooks, and the answer as JSON."""
+        ctx = self.ctx
+        ctx.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        self.pipeline.response(ctx, answer)
+        self.respond_whole(json.dumps(answer).encode(), JSON_TYPE)
 
-    def on_close(sent_all: bool) -> None:
+    def deliver(self, answer: Response) -> None:
+        """Send an answer a hook (or the gateway itself) made."""
+        resp = self.resp
+        resp.status = answer.status
+        for name, value in answer.headers.items():
+            resp.set_header(name, value)
+        if answer.content is not None:
+            self.respond_whole(answer.content, answer.content_type)
+        elif answer.body is None and answer.events is None:
+            self.respond_whole(b"")
+        elif self.ctx.stream and answer.events is not None:
+            resp.set_headers(STREAM_HEADERS)
+            self.respond_whole(replay(answer.events), "text/event-stream")
+        else:
+            self.respond_whole(json.dumps(answer.body).encode(), JSON_TYPE)
+
+    def fail(self, error: GatewayError) -> None:
+        """End the request with ``error``, in OpenAI's shape (the app's error handlers)."""
+        self.ctx.error = error
+        resp = self.resp
+        resp.status = error.status
+        for name, value in error.headers.items():
+            resp.set_header(name, value)
+        self.respond_whole(error.to_json(), JSON_TYPE)
+
+    def respond_whole(self, data: bytes, content_type: str | None = None) -> None:
+        """Respond with one chunk, its length known."""
+        if content_type is not None:
+            self.resp.content_type = content_type
+        self.resp.content_length = len(data)
+        self.respond([data])
+
+    def respond(self, chunks: Iterable[bytes]) -> None:
+        """Send ``chunks`` as the body; a lease still held is the body's from here. When
+        the body closes (sent, or the client gone), :meth:`complete` runs, exactly once."""
+        self.relaying = self.lease is not None
+        self.resp.stream = ResponseBody(self.ctx, chunks, self.complete)
+
+    def complete(self, sent_all: bool) -> None:
+        """The body closed: give back what the request held, then the ``complete`` hooks
+        with its outcome, and the status page's record."""
+        gateway = self.gateway
         gateway.active -= 1
         try:
-            if cleanup is not None:
-                cleanup()
+            self.release()
         finally:
-            pipeline.complete(ctx, outcome_of(ctx, sent_all), gateway.upstreams.views)
-            gateway.stats.record(ctx)
+            self.pipeline.complete(self.ctx, self.outcome(sent_all), gateway.upstreams.views)
+            gateway.stats.record(self.ctx)
 
-    resp.stream = ResponseBody(ctx, chunks, on_close)
+    def outcome(self, sent_all: bool) -> str:
+        """The ``outcome`` the ``complete`` hooks get."""
+        ctx = self.ctx
+        if ctx.cancelled:
+            return "cancelled"
+        if ctx.client_gone:
+            return "client_gone"
+        if ctx.error is not None:
+            return "error"
+        return "ok" if sent_all else "client_gone"
 
-
-def outcome_of(ctx: RequestContext, sent_all: bool) -> str:
-    """The ``outcome`` the ``complete`` hooks get."""
-    if ctx.cancelled:
-        return "cancelled"
-    if ctx.client_gone:
-        return "client_gone"
-    if ctx.error is not None:
-        return "error"
-    return "ok" if sent_all else "client_gone"
+    def _answered(self, answer: Response | None) -> bool:
+        """Send a hook's answer, if it made one."""
+        if answer is None:
+            return False
+        self.deliver(answer)
+        return True
