@@ -463,6 +463,9 @@ class Exchange:
         finally:
             self.pipeline.complete(self.ctx, self.outcome(sent_all), gateway.upstreams.views)
             gateway.stats.record(self.ctx)
+            # Falcon's request and response refer back to the exchange (req.context, the
+            # body): without these links all of it is freed now, not by the cycle collector.
+            del self.req, self.resp
 
     def outcome(self, sent_all: bool) -> str:
         """The ``outcome`` the ``complete`` hooks get."""
