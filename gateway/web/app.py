@@ -1,7 +1,7 @@
 """The Falcon app: its routes, the request id and security headers, and how errors
 are rendered (always OpenAI-shaped, always through the request's exchange once it
-began, :meth:`gateway.web.exchange.Exchange.fail`, so its ``complete`` hooks run). The request flow itself is
-:mod:`gateway.web.exchange`; the resources are :mod:`gateway.web.resources`.
+began, :meth:`gateway.web.exchange.Exchange.fail`, so its ``complete`` hooks run). The
+request flow itself is :mod:`gateway.web.flow`; the resources are :mod:`gateway.web.resources`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import falcon
 
-from . import exchange
+from . import flow
 from .. import lifecycle
 from ..config import LLAMA_SERVER_ROUTES
 from ..errors import (
@@ -93,9 +93,9 @@ def build_app(gateway: Gateway) -> falcon.App:
     app.add_route("/openapi.json", OpenAPIResource(gateway))
     for route in config.routes:
         if route in MODEL_ROUTES:
-            app.add_route(route, ModelResource(gateway, route, exchange.serve_model))
+            app.add_route(route, ModelResource(gateway, route, flow.serve_model))
         elif route in LLAMA_SERVER_ROUTES:
-            app.add_route(route, ModelResource(gateway, route, exchange.serve_relay))
+            app.add_route(route, ModelResource(gateway, route, flow.serve_relay))
     for route, pipeline_name in config.plugin_routes.items():
         app.add_route(route, PluginRouteResource(gateway, route, pipeline_name))
     for prefix, target in config.prefix_routes.items():

@@ -1,4 +1,4 @@
-"""Falcon resources: thin, each hands its request to :mod:`gateway.web.exchange`."""
+"""Falcon resources: thin, each hands its request to :mod:`gateway.web.flow`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 import falcon
 
-from . import exchange, openapi
+from . import flow, openapi
+from .exchange import JSON_TYPE
 from ..config import PrefixRoute
 from ..context import RequestContext, Response
 from ..errors import GatewayError, NotFoundError, PermissionDeniedError
@@ -20,14 +21,14 @@ from .state import Gateway
 def preflight(gateway: Gateway, req: falcon.Request, resp: falcon.Response, route: str, pipeline_name: str,
               allow: str) -> None:
     """``OPTIONS``: the pipeline may answer (a CORS preflight); else 204 with ``Allow``."""
-    exchange.serve_locally(gateway, req, resp, route, pipeline_name,
+    flow.serve_locally(gateway, req, resp, route, pipeline_name,
                            lambda ctx: Response(status=204, headers={"Allow": allow}))
 
 
 class ModelResource:
     """``POST`` to a route a model's backend serves: OpenAI's chat, completions and
-    embeddings (``exchange.serve_model``), llama-server's other endpoints
-    (``exchange.serve_relay``)."""
+    embeddings (``flow.serve_model``), llama-server's other endpoints
+    (``flow.serve_relay``)."""
 
     def __init__(self, gateway: Gateway, route: str,
                  serve: Callable[[Gateway, falcon.Request, falcon.Response, str], None]) -> None:
@@ -51,7 +52,7 @@ class PrefixResource:
         self.target = target
 
     def on_request(self, req: falcon.Request, resp: falcon.Response, rest: str) -> None:
-        exchange.serve_prefix(self.gateway, req, resp, self.prefix, self.target)
+        flow.serve_prefix(self.gateway, req, resp, self.prefix, self.target)
 
     on_get = on_post = on_put = on_patch = on_delete = on_options = on_request
 
@@ -72,7 +73,7 @@ class ModelsResource:
                 "owned_by": self.gateway.config.models[model_id].owned_by}
 
     def _send(self, req: falcon.Request, resp: falcon.Response, body: Callable[[RequestContext], dict[str, Any]]) -> None:
-        exchange.serve_locally(self.gateway, req, resp, self.route, self.gateway.config.routes[self.route],
+        flow.serve_locally(self.gateway, req, resp, self.route, self.gateway.config.routes[self.route],
                                lambda ctx: Response(body=body(ctx)))
 
     @staticmethod
@@ -130,7 +131,7 @@ class ControlResource:
                 raise PermissionDeniedError("This endpoint needs an admin key.", code="admin_required")
             return Response(body=act(ctx))
 
-        exchange.serve_locally(self.gateway, req, resp, route, self.pipeline_name, authorized)
+        flow.serve_locally(self.gateway, req, resp, route, self.pipeline_name, authorized)
 
     def on_get_status(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._run(req, resp, "/admin/status", True, lambda ctx: dict(self.gateway.status(), fleet=self._fleet()))
@@ -202,7 +203,7 @@ class PluginRouteResource:
             raise NotFoundError(f"Invalid URL ({req.method} {req.path}): no plugin of pipeline "
                                 f"{self.pipeline_name} answers it.", code="unknown_url")
 
-        exchange.serve_locally(self.gateway, req, resp, self.route, self.pipeline_name, unanswered, read_body=True)
+        flow.serve_locally(self.gateway, req, resp, self.route, self.pipeline_name, unanswered, read_body=True)
 
     on_get = on_post = on_put = on_patch = on_delete = on_options = on_request
 
@@ -234,7 +235,7 @@ class OpenAPIResource:
         self.data = json.dumps(openapi.document(gateway.config)).encode()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.content_type = exchange.JSON_TYPE
+        resp.content_type = JSON_TYPE
         resp.data = self.data
 
 
