@@ -52,8 +52,8 @@ class Exchange:
 
     Attributes:
         gateway: The gateway the request began on (a reload does not change it).
-        req: Falcon's request.
-        resp: Falcon's response.
+        req: Falcon's request, until :meth:`complete`.
+        resp: Falcon's response, until :meth:`complete`.
         pipeline: The route's :class:`Pipeline`.
         ctx: What its plugins see (:class:`RequestContext`).
         timeouts: The route's :class:`Timeouts`.
