@@ -21,6 +21,7 @@ gateway, so any module may import it::
     ├── StoreUnavailable                   stores.py: a plugin's store (Redis) is unreachable
     ├── SharedUnavailable                  shared.py: the workers' shared Redis is unreachable
     ├── IllegalTransition (also RuntimeError)  fleet/states.py: a supervisor bug
+    ├── SlotActionFailed                   backends/kvstates.py: a slot's save or restore failed (the turn runs cold)
     └── signals that never leave their module:
         httpclient._StaleConnection (a keep-alive connection the backend had closed),
         send._LaunchedDown (a launched backend's llama-servers all refused)

@@ -23,6 +23,7 @@ from .answers import (
     total_tokens,
     usage_of,
 )
+from .backends.kvstates import conversation_key
 from .config import LLAMA_SERVER_ROUTES
 from .context import BackendView, Principal, ReplicaView, RequestContext, Response
 from .errors import (
@@ -68,6 +69,7 @@ __all__ = [
     "RequestContext",
     "Response",
     "LLAMA_SERVER_ROUTES",
+    "conversation_key",
     # errors
     "AuthenticationError",
     "GatewayError",

@@ -83,6 +83,38 @@ def number(minimum: float | None = None, above: float | None = None) -> Callable
     return parse
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size(text: str) -> int:
+    """Bytes: an integer, or a number with a unit (``600MiB``, ``2GB``, ``0``)."""
+    value = text.strip()
+    number_part = value.rstrip("bBkKmMgGtTiI ")
+    unit = value[len(number_part):].strip().lower()
+    try:
+        amount = float(number_part)
+    except ValueError:
+        raise ValueError("is not a size (bytes, or a number with B, KB, MB, GB, KiB, MiB, GiB)") from None
+    if unit not in _SIZE_UNITS or not math.isfinite(amount) or amount < 0:
+        raise ValueError("is not a size (bytes, or a number with B, KB, MB, GB, KiB, MiB, GiB)")
+    return int(amount * _SIZE_UNITS[unit])
+
+
+size.kind = "size (bytes, or 600MiB, 2GB)"
+
+
+def fraction(text: str) -> float:
+    """A number more than 0 and at most 1."""
+    value = number(above=0)(text)
+    if value > 1:
+        raise ValueError("must be at most 1")
+    return value
+
+
+fraction.kind = "number > 0, <= 1"
+
+
 def choice(options: tuple[str, ...]) -> Callable[[str], str]:
     """One of ``options``, in any case; the value is the option (lower case)."""
 
@@ -235,6 +267,15 @@ class Settings:
         "private folder (0700) of the host's llama-server slot table, which keeps tenants' cached prompts apart "
         "and is shared by every worker and gateway of the host (not set: llamagate-slots-<uid> in the "
         "temporary folder)", read_by="workers")
+    kv_states_budget: int = setting(
+        "LLAMAGATE_KV_STATES_BUDGET", 4 * 2**30, size,
+        "disk the host's saved KV states may take (the `states` folder beside the slot table), least recently "
+        "used removed first; 0: conversations that lose their slot or their model are not saved",
+        read_by="workers, the fleet supervisor")
+    kv_states_tenant_share: float = setting(
+        "LLAMAGATE_KV_STATES_TENANT_SHARE", 0.25, fraction,
+        "the part of the saved states' budget one tenant (kv_sharing scope) may take: its own least recently used "
+        "states go first", read_by="workers, the fleet supervisor")
     metrics_dir: str = setting(
         "PROMETHEUS_MULTIPROC_DIR", "", text("path"),
         "where the workers keep the prometheus plugin's numbers, summed at each scrape (not set: gunicorn.conf.py "

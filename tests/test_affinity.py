@@ -20,7 +20,8 @@ from gateway.config import BackendConfig
 from gateway.context import Principal, RequestContext
 from gateway.testing import Harness
 from gateway.backends.upstream import Backend
-from plugins.router.affinity import SlotTable, affinity_key, pick, rank
+from gateway.plugin import conversation_key
+from plugins.router.affinity import SlotTable, pick, rank
 
 from .test_plugins import plugin as labelled
 
@@ -35,7 +36,7 @@ URLS = [f"http://10.0.0.{i}:8080" for i in range(1, 6)]
 
 
 def keys(count: int) -> list[bytes]:
-    return [affinity_key({"messages": [SYSTEM, {"role": "user", "content": f"question {i}"}]}, CHAT, "m", "", 64)
+    return [conversation_key({"messages": [SYSTEM, {"role": "user", "content": f"question {i}"}]}, CHAT, "m", "", 64)
             for i in range(count)]
 
 
@@ -50,37 +51,37 @@ def test_every_turn_of_a_conversation_has_its_first_turns_key():
     turns = [first, first + [{"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
              first + [{"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
                       {"role": "assistant", "content": "6"}, {"role": "user", "content": "Thanks"}]]
-    assert len({affinity_key({"messages": m}, CHAT, "m", "alice", 64) for m in turns}) == 1
+    assert len({conversation_key({"messages": m}, CHAT, "m", "alice", 64) for m in turns}) == 1
     other = [SYSTEM, {"role": "user", "content": "What is 5+5?"}]
-    assert affinity_key({"messages": other}, CHAT, "m", "alice", 64) != affinity_key({"messages": first}, CHAT, "m", "alice", 64)
+    assert conversation_key({"messages": other}, CHAT, "m", "alice", 64) != conversation_key({"messages": first}, CHAT, "m", "alice", 64)
 
 
 def test_the_key_is_per_client_and_model_unless_global():
     body = {"messages": [SYSTEM, {"role": "user", "content": "hi"}]}
-    assert affinity_key(body, CHAT, "m", "alice", 64) != affinity_key(body, CHAT, "m", "bob", 64)
-    assert affinity_key(body, CHAT, "m", "", 64) == affinity_key(dict(body), CHAT, "m", "", 64)
-    assert affinity_key(body, CHAT, "m", "", 64) != affinity_key(body, CHAT, "other", "", 64)
+    assert conversation_key(body, CHAT, "m", "alice", 64) != conversation_key(body, CHAT, "m", "bob", 64)
+    assert conversation_key(body, CHAT, "m", "", 64) == conversation_key(dict(body), CHAT, "m", "", 64)
+    assert conversation_key(body, CHAT, "m", "", 64) != conversation_key(body, CHAT, "other", "", 64)
     # a client id cannot be forged into another's by shifting characters into the model
-    assert affinity_key(body, CHAT, "bm", "a", 64) != affinity_key(body, CHAT, "m", "ab", 64)
+    assert conversation_key(body, CHAT, "bm", "a", 64) != conversation_key(body, CHAT, "m", "ab", 64)
 
 
 def test_content_parts_and_text_key_alike_only_when_equal():
     text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]}]}
-    assert affinity_key(text, CHAT, "m", "", 64) != affinity_key(image, CHAT, "m", "", 64)
+    assert conversation_key(text, CHAT, "m", "", 64) != conversation_key(image, CHAT, "m", "", 64)
 
 
 def test_completions_key_by_the_head_of_the_prompt_and_other_routes_have_none():
     head = "Once upon a time " * 10
-    one = affinity_key({"prompt": head + "there was a fox"}, "/v1/completions", "m", "", len(head))
-    two = affinity_key({"prompt": head + "there was a bear"}, "/v1/completions", "m", "", len(head))
+    one = conversation_key({"prompt": head + "there was a fox"}, "/v1/completions", "m", "", len(head))
+    two = conversation_key({"prompt": head + "there was a bear"}, "/v1/completions", "m", "", len(head))
     assert one == two
-    assert affinity_key({"prompt": [1, 2, 3, 4]}, "/v1/completions", "m", "", 3) == \
-        affinity_key({"prompt": [1, 2, 3, 9]}, "/v1/completions", "m", "", 3)
-    assert affinity_key({"input": "x"}, "/v1/embeddings", "m", "", 64) is None
+    assert conversation_key({"prompt": [1, 2, 3, 4]}, "/v1/completions", "m", "", 3) == \
+        conversation_key({"prompt": [1, 2, 3, 9]}, "/v1/completions", "m", "", 3)
+    assert conversation_key({"input": "x"}, "/v1/embeddings", "m", "", 64) is None
     for bad in ({"messages": []}, {"messages": "hi"}, {"messages": ["hi"]}, {"prompt": 3}, None):
-        assert affinity_key(bad, CHAT, "m", "", 64) is None
-        assert affinity_key(bad, "/v1/completions", "m", "", 64) is None
+        assert conversation_key(bad, CHAT, "m", "", 64) is None
+        assert conversation_key(bad, "/v1/completions", "m", "", 64) is None
 
 
 # --- rendezvous ranking -------------------------------------------------------------------
@@ -106,8 +107,8 @@ def test_a_replica_joining_or_leaving_moves_only_its_share():
 
 
 def test_the_ranking_is_the_same_in_every_process():
-    script = ("import json, sys; from plugins.router.affinity import affinity_key, rank\n"
-              "k = affinity_key({'messages': [{'role': 'user', 'content': 'hi'}]}, '/v1/chat/completions', 'm', 'a', 9)\n"
+    script = ("import json, sys; from gateway.plugin import conversation_key; from plugins.router.affinity import rank\n"
+              "k = conversation_key({'messages': [{'role': 'user', 'content': 'hi'}]}, '/v1/chat/completions', 'm', 'a', 9)\n"
               f"print(json.dumps([k.hex(), rank(k, {URLS!r}), rank(k, [str(s) for s in range(8)])]))")
     outputs = set()
     for seed in ("1", "2"):  # Python's own hash() differs between these two
@@ -304,7 +305,7 @@ def test_a_new_conversation_whose_replica_has_no_free_slot_takes_the_next_and_st
     views = {"chat": two_replicas(slots=1).view}
     homes = {}
     for n in range(50):  # two conversations that prefer the same replica
-        key = affinity_key(conversation(0, f"c{n}"), CHAT, "m", "client:alice", 2048)
+        key = conversation_key(conversation(0, f"c{n}"), CHAT, "m", "client:alice", 2048)
         homes.setdefault(rank(key, ["http://a", "http://b"])[0], []).append(f"c{n}")
     first, second = homes[0][:2]
     ctx = request(conversation(0, first))
@@ -323,11 +324,11 @@ def test_responses_completion_and_infill_are_keyed_like_chat_and_completions():
     later = {"instructions": opening["instructions"],
              "input": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
                        {"role": "user", "content": "And 3+3?"}]}
-    key = affinity_key(opening, "/v1/responses", "m", "client:alice", 64)
-    assert key is not None and key == affinity_key(later, "/v1/responses", "m", "client:alice", 64)
-    assert key != affinity_key(opening, "/v1/responses", "m", "client:bob", 64)
+    key = conversation_key(opening, "/v1/responses", "m", "client:alice", 64)
+    assert key is not None and key == conversation_key(later, "/v1/responses", "m", "client:alice", 64)
+    assert key != conversation_key(opening, "/v1/responses", "m", "client:bob", 64)
     head = "def fibonacci(n):\n" * 10
-    assert affinity_key({"prompt": head + "a"}, "/completion", "m", "", len(head)) == \
-        affinity_key({"prompt": head + "b"}, "/completion", "m", "", len(head))
-    assert affinity_key({"input_prefix": head, "input_suffix": "x"}, "/infill", "m", "", 64) is not None
-    assert affinity_key({"messages": [{"role": "user", "content": "hi"}]}, "/v1/messages", "m", "", 64) is None
+    assert conversation_key({"prompt": head + "a"}, "/completion", "m", "", len(head)) == \
+        conversation_key({"prompt": head + "b"}, "/completion", "m", "", len(head))
+    assert conversation_key({"input_prefix": head, "input_suffix": "x"}, "/infill", "m", "", 64) is not None
+    assert conversation_key({"messages": [{"role": "user", "content": "hi"}]}, "/v1/messages", "m", "", 64) is None

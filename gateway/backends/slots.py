@@ -66,9 +66,9 @@ OWNER_TTL = 3600.0  # seconds an idle slot's owner is trusted for reuse
 BUSY_TTL = 3600.0  # seconds after which a slot still counted busy was left so by a dead process
 UNKNOWN = bytes(16)  # no owner: the next take is fresh
 
-_MAGIC = b"LGSLOTS1"
+_MAGIC = b"LGSLOTS2"
 _HEADER = struct.Struct("<8s16s")  # magic, boot id
-_RECORD = struct.Struct("<16sId")  # owner, busy, last touched (time.time())
+_RECORD = struct.Struct("<16s16sId")  # owner, conversation state held, busy, last touched (time.time())
 _SIZE = _HEADER.size + MAX_SLOTS * _RECORD.size
 
 
@@ -104,6 +104,11 @@ class SlotHold:
         slot: The slot the request is pinned to; None when it holds every slot (a
             route llama-server places itself, or a replica whose slot count is unknown).
         reuse: Whether the request may reuse what the slot holds (``cache_prompt``).
+        state: The conversation state the request leaves in the slot
+            (:func:`gateway.backends.kvstates.state_id`; :data:`UNKNOWN`: none known).
+        held_owner, held_state: What the slot held when it was taken idle (the scope and
+            the conversation state of its last clean answer), to save before this request
+            replaces it; :data:`UNKNOWN` when the slot was busy or held nothing known.
     """
 
     table: SlotTable
@@ -111,6 +116,10 @@ class SlotHold:
     slot: int | None
     count: int
     reuse: bool
+    state: bytes = UNKNOWN
+    held_owner: bytes = UNKNOWN
+    held_state: bytes = UNKNOWN
+    restored: int = 0  # tokens restored into the slot from a saved state for this request
     released: bool = False
 
     def fields(self) -> dict[str, Any]:
@@ -167,11 +176,13 @@ class SlotTable:
 
     # --- taking and releasing -------------------------------------------------------------
 
-    def take(self, url: str, count: int | None, scope: str, preferred: int | None) -> SlotHold:
+    def take(self, url: str, count: int | None, scope: str, preferred: int | None,
+             state: bytes = UNKNOWN) -> SlotHold:
         """Pin one attempt on the replica ``url`` to a slot: ``preferred`` when it is
-        one of the ``count`` slots, else an idle slot the scope owns, else an idle slot
-        nobody owns, else the idle one untouched longest, else the least busy. A replica
-        whose slot count is unknown gets no slot: it is held whole (:meth:`take_all`)."""
+        one of the ``count`` slots, else an idle slot holding the conversation ``state``,
+        else an idle slot the scope owns, else an idle slot nobody owns, else the idle
+        one untouched longest, else the least busy. A replica whose slot count is unknown
+        gets no slot: it is held whole (:meth:`take_all`)."""
         if not count:
             return self.take_all(url, None)
         count = min(count, MAX_SLOTS)
@@ -183,14 +194,53 @@ class SlotTable:
             now = time.time()
             if preferred is not None and 0 <= preferred < count:
                 slot = preferred
-                was, busy, _ = _read(records, slot, now)
+                was, held, busy, _ = _read(records, slot, now)
             else:
                 slots = _read_all(records, count, now)
-                slot = _choose(slots, owner)
-                was, busy, _ = slots[slot]
+                slot = _choose(slots, owner, state)
+                was, held, busy, _ = slots[slot]
             reuse = busy == 0 and was == owner
-            _write(records, slot, owner if busy == 0 else UNKNOWN, busy + 1, now)
-        return SlotHold(self, url, slot, count, reuse=reuse)
+            if busy:
+                _write(records, slot, UNKNOWN, UNKNOWN, busy + 1, now)
+                return SlotHold(self, url, slot, count, reuse=False, state=state)
+            _write(records, slot, owner, state, 1, now)
+        return SlotHold(self, url, slot, count, reuse=reuse, state=state, held_owner=was, held_state=held)
+
+    def take_holding(self, url: str, count: int | None, state: bytes) -> SlotHold | None:
+        """The idle slot of the replica ``url`` that holds the conversation ``state``,
+        held (its record unchanged) while the gateway saves it for another replica; None
+        when no idle slot holds it."""
+        if not count or state == UNKNOWN:
+            return None
+        count = min(count, MAX_SLOTS)
+        with self._locked(url) as records:
+            if records is None:
+                return None
+            now = time.time()
+            for slot, (owner, held, busy, _) in enumerate(_read_all(records, count, now)):
+                if not busy and held == state and owner != UNKNOWN:
+                    _write(records, slot, owner, held, 1, now)
+                    return SlotHold(self, url, slot, count, reuse=False, state=state, held_owner=owner,
+                                    held_state=held)
+        return None
+
+    def held(self, url: str, count: int) -> list[tuple[int, bytes, bytes]]:
+        """The idle slots of the replica ``url`` that hold a known conversation:
+        (slot, owner, state) each, for the fleet to save before it stops the replica."""
+        count = min(count, MAX_SLOTS)
+        with self._locked(url) as records:
+            if records is None:
+                return []
+            return [(slot, owner, state) for slot, (owner, state, busy, _) in
+                    enumerate(_read_all(records, count, time.time()))
+                    if not busy and owner != UNKNOWN and state != UNKNOWN]
+
+    def forget(self, url: str) -> None:
+        """Every slot of the replica ``url`` holds nothing known: its llama-server was
+        (re)started, with empty slots."""
+        with self._locked(url) as records:
+            if records is not None:
+                _write_all(records, [(UNKNOWN, UNKNOWN, 0)] * MAX_SLOTS, time.time())
 
     def take_all(self, url: str, count: int | None) -> SlotHold:
         """Hold every slot of the replica (``count``, or all the file has room for when
@@ -200,7 +250,8 @@ class SlotTable:
         with self._locked(url) as records:
             if records is not None:
                 now = time.time()
-                _write_all(records, [(UNKNOWN, busy + 1) for _, busy, _ in _read_all(records, count, now)], now)
+                _write_all(records, [(UNKNOWN, UNKNOWN, busy + 1) for _, _, busy, _ in _read_all(records, count, now)],
+                           now)
         return SlotHold(self, url, None, count, reuse=False)
 
     def release(self, hold: SlotHold, clean: bool) -> None:
@@ -209,11 +260,14 @@ class SlotTable:
                 return
             now = time.time()
             if hold.slot is None:
-                _write_all(records, [(UNKNOWN, max(0, busy - 1)) for _, busy, _ in _read_all(records, hold.count, now)],
-                           now)
+                _write_all(records, [(UNKNOWN, UNKNOWN, max(0, busy - 1))
+                                     for _, _, busy, _ in _read_all(records, hold.count, now)], now)
             else:
-                owner, busy, _ = _read(records, hold.slot, now)
-                _write(records, hold.slot, owner if clean else UNKNOWN, max(0, busy - 1), now)
+                owner, state, busy, _ = _read(records, hold.slot, now)
+                if clean:
+                    _write(records, hold.slot, owner, state, max(0, busy - 1), now)
+                else:
+                    _write(records, hold.slot, UNKNOWN, UNKNOWN, max(0, busy - 1), now)
 
     def _next(self, count: int) -> int:
         """Slots in turn, for a table that cannot record."""
@@ -291,48 +345,53 @@ class _Locked:
             self.table._lock.release()
 
 
-def _read(records: mmap.mmap, slot: int, now: float) -> tuple[bytes, int, float]:
-    """A slot's (owner, busy, touched), with the stale parts forgotten: a busy count
-    older than BUSY_TTL (its holder died), an owner idle longer than OWNER_TTL."""
+def _read(records: mmap.mmap, slot: int, now: float) -> tuple[bytes, bytes, int, float]:
+    """A slot's (owner, state, busy, touched), with the stale parts forgotten: a busy
+    count older than BUSY_TTL (its holder died), an owner idle longer than OWNER_TTL."""
     return _fresh(_RECORD.unpack_from(records, _HEADER.size + slot * _RECORD.size), now)
 
 
-def _read_all(records: mmap.mmap, count: int, now: float) -> list[tuple[bytes, int, float]]:
+def _read_all(records: mmap.mmap, count: int, now: float) -> list[tuple[bytes, bytes, int, float]]:
     """The first ``count`` slots as :func:`_read` sees each, in one pass (a take that
     chooses, and a whole-replica hold, read every slot: 64 calls of ``_read`` cost ~70 µs)."""
     start = _HEADER.size
     return [_fresh(record, now) for record in _RECORD.iter_unpack(records[start:start + count * _RECORD.size])]
 
 
-def _fresh(record: tuple[bytes, int, float], now: float) -> tuple[bytes, int, float]:
-    owner, busy, touched = record
+def _fresh(record: tuple[bytes, bytes, int, float], now: float) -> tuple[bytes, bytes, int, float]:
+    owner, state, busy, touched = record
     age = now - touched
     if busy and not 0 <= age <= BUSY_TTL:
-        return UNKNOWN, 0, touched
+        return UNKNOWN, UNKNOWN, 0, touched
     if not busy and not 0 <= age <= OWNER_TTL:
-        return UNKNOWN, 0, touched
+        return UNKNOWN, UNKNOWN, 0, touched
     return record
 
 
-def _write(records: mmap.mmap, slot: int, owner: bytes, busy: int, now: float) -> None:
-    _RECORD.pack_into(records, _HEADER.size + slot * _RECORD.size, owner, busy, now)
+def _write(records: mmap.mmap, slot: int, owner: bytes, state: bytes, busy: int, now: float) -> None:
+    _RECORD.pack_into(records, _HEADER.size + slot * _RECORD.size, owner, state, busy, now)
 
 
-def _write_all(records: mmap.mmap, slots: list[tuple[bytes, int]], now: float) -> None:
+def _write_all(records: mmap.mmap, slots: list[tuple[bytes, bytes, int]], now: float) -> None:
     """Slots 0.. rewritten in one slice assignment."""
     start = _HEADER.size
-    records[start:start + len(slots) * _RECORD.size] = b"".join(_RECORD.pack(owner, busy, now) for owner, busy in slots)
+    records[start:start + len(slots) * _RECORD.size] = b"".join(
+        _RECORD.pack(owner, state, busy, now) for owner, state, busy in slots)
 
 
-def _choose(slots: list[tuple[bytes, int, float]], owner: bytes) -> int:
-    idle = [i for i, (_, busy, _) in enumerate(slots) if not busy]
+def _choose(slots: list[tuple[bytes, bytes, int, float]], owner: bytes, state: bytes = UNKNOWN) -> int:
+    idle = [i for i, (_, _, busy, _) in enumerate(slots) if not busy]
     if not idle:
-        return min(range(len(slots)), key=lambda i: slots[i][1])
+        return min(range(len(slots)), key=lambda i: slots[i][2])
+    if state != UNKNOWN:
+        holding = [i for i in idle if slots[i][0] == owner and slots[i][1] == state]
+        if holding:
+            return holding[0]  # the slot that holds the conversation
     own = [i for i in idle if slots[i][0] == owner]
     if own:
-        return max(own, key=lambda i: slots[i][2])  # the one it used last: most likely its conversation
+        return max(own, key=lambda i: slots[i][3])  # the one it used last: most likely its conversation
     free = [i for i in idle if slots[i][0] == UNKNOWN]
-    return (free or [min(idle, key=lambda i: slots[i][2])])[0]
+    return (free or [min(idle, key=lambda i: slots[i][3])])[0]
 
 
 def _boot_id() -> bytes:

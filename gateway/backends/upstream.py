@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 import requests
 
 from .. import settings
-from . import slots
+from . import kvstates, slots
 from ..config import BackendConfig
 from ..context import BackendView, ReplicaView, RequestContext
 from .httpclient import Pool, Response
@@ -343,7 +343,10 @@ class Lease:
         self._closed = True
         if self.slot_hold is not None:
             # read to its end with success: the slot holds this prompt; else nobody knows
-            self.slot_hold.release(clean=self.response.ended and 200 <= self.response.status < 300)
+            clean = self.response.ended and 200 <= self.response.status < 300
+            if clean and self.slot_hold.restored:
+                kvstates.check_restored_turn(self.in_flight.ctx, self.slot_hold.restored)
+            self.slot_hold.release(clean=clean)
         self.response.close()
         self.busy.end()
         self.backend.admission.release(self.in_flight)

@@ -102,13 +102,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
          arg("--api-key", default=None, help="a key callers must send (default: LLAMA_API_KEY, else none)"),
          arg("--cache-ram", type=int, default=0,
              help="MiB of prompt cache in host memory, shared by every client across slots (default 0: off)"),
+         arg("--slot-save-path", default=None,
+             help="folder of the slots' saved KV states (POST /slots/<id>?action=save|restore; default: off)"),
          arg("extra", nargs=argparse.REMAINDER, help="after --: more llama-server arguments (binary only)"))
 def cmd_backend(args: argparse.Namespace) -> int:
     llamaserver.run(llamaserver.BackendOptions(model=args.model, host=args.host, port=args.port,
                                        embeddings=args.embeddings, parallel=args.parallel,
                                        ctx=args.ctx, binary=args.binary, threads=args.threads,
                                        api_key=args.api_key or settings.current().llama_api_key or None,
-                                       cache_ram=args.cache_ram,
+                                       cache_ram=args.cache_ram, slot_save_path=args.slot_save_path,
                                        extra_args=tuple(a for a in args.extra if a != "--")))
     return 0
 

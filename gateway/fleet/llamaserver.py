@@ -32,6 +32,8 @@ class BackendOptions:
         cache_ram: MiB of llama-server's prompt cache in host memory, which restores a
             prompt cached in one slot into another whoever asks (0: off, so that one
             tenant cannot reuse another's prompt; see :mod:`gateway.backends.slots`).
+        slot_save_path: The folder ``POST /slots/<id>?action=save|restore`` files live in
+            (the gateway's saved KV states, :mod:`gateway.backends.kvstates`); None: off.
 
     Every llama-server also runs with ``cache_prompt`` off by default: a request reuses
     its slot's cache only when it says ``cache_prompt: true``, which the gateway does
@@ -48,6 +50,7 @@ class BackendOptions:
     threads: int | None = None
     api_key: str | None = None
     cache_ram: int = 0
+    slot_save_path: str | None = None
     extra_args: tuple[str, ...] = ()
 
 
@@ -58,6 +61,8 @@ def binary_args(opts: BackendOptions, binary: str) -> list[str]:
             "--cache-ram", str(opts.cache_ram), "--no-cache-prompt"]
     if opts.embeddings:
         args += ["--embeddings", "--pooling", "mean"]
+    if opts.slot_save_path:
+        args += ["--slot-save-path", opts.slot_save_path]
     if opts.threads:
         args += ["--threads", str(opts.threads), "--threads-batch", str(opts.threads)]
     # No --api-key: a command line is readable by every local user (ps); see binary_env.
@@ -87,6 +92,8 @@ def run(opts: BackendOptions) -> None:
     """Serve until SIGINT or SIGTERM. Never returns normally."""
     if not os.path.isfile(opts.model):
         raise SystemExit(f"llamagate backend: no model file at {opts.model} (run `make model`)")
+    if opts.slot_save_path:
+        os.umask(0o077)  # the saved slots are tenants' prompts: the owner's alone
     binary = find_binary(opts)
     if binary:
         os.execve(binary, binary_args(opts, binary), binary_env(opts))
@@ -108,6 +115,9 @@ def run(opts: BackendOptions) -> None:
     params.endpoint_metrics = True
     params.cache_ram_mib = opts.cache_ram
     params.cache_prompt = False
+    if opts.slot_save_path:
+        # llama-server's --slot-save-path adds the separator; the parameter set directly does not
+        params.slot_save_path = os.path.join(opts.slot_save_path, "")
     if opts.threads:
         params.cpuparams.n_threads = params.cpuparams_batch.n_threads = opts.threads
     if opts.api_key:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+from ..backends import kvstates
 from ..config import BackendConfig
 from .orphans import die_with_parent
 
@@ -28,6 +29,9 @@ def launch(backend: BackendConfig, port: int, log_path: str) -> subprocess.Popen
         args += ["--threads", str(launch.threads)]
     if launch.embeddings:
         args.append("--embeddings")
+    elif kvstates.states().enabled:
+        # the host's one folder: a conversation saved from one replica restores into another
+        args += ["--slot-save-path", kvstates.states().directory]
     if launch.extra_args:
         args += ["--", *launch.extra_args]
     env = dict(os.environ)

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backends import kvstates, slots
 from ..config import BackendConfig
 from ..errors import LlamagateError
 from . import processes
@@ -174,9 +175,24 @@ class Unit:
         log.info("fleet: %s ready in %.2f s", self.name, self.last_load_seconds)
 
     def stop(self, now: float) -> None:
+        if self._state in (State.READY, State.DRAINING):
+            self.save_conversations()
         self.to(State.STOPPING)
         self.load = None
         self.terminate(now)
+
+    def save_conversations(self) -> None:
+        """Save the conversations its llama-servers' idle slots hold, so that they come
+        back warm when the model is loaded again (docs/kv-states.md). Its requests have
+        all ended (a drain waits for them), so every slot is idle."""
+        for replica in self.replicas:
+            if replica.popen is None or replica.healthy_since is None:
+                continue
+            saved, size = kvstates.save_replica(f"http://127.0.0.1:{replica.port}", self.launch.parallel,
+                                                self.backend.api_key)
+            if saved:
+                log.info("fleet: %s (port %d) saved %d conversation(s), %d bytes, before stopping", self.name,
+                         replica.port, saved, size)
 
     def stopped(self) -> None:
         self.to(State.STOPPED)
@@ -228,6 +244,7 @@ class Unit:
             replica.relaunch_at = now
             self.replica_failed(replica, now, f"port {replica.port} is in use by another process", max_restarts)
             return
+        slots.table().forget(f"http://127.0.0.1:{replica.port}")  # a new llama-server: its slots hold nothing
         replica.popen = processes.launch(self.backend, replica.port, replica.log_path)
 
     def reap(self, now: float, max_restarts: int) -> None:

@@ -2,7 +2,10 @@
 
 Fields: time, request_id, client, pipeline, route, model, backend, replica, routing, status,
 latency_ms, ttfb_ms, prompt_tokens, cached_tokens, completion_tokens, cache, bytes_in,
-bytes_out, outcome, error_type. With ``log_bodies: true`` also ``request`` (the body) and
+bytes_out, outcome, error_type, kv (the saved KV states' work for the request: ``saves``,
+``save_bytes``, ``save_ms``, ``restores``, ``restore_bytes``, ``restore_ms``,
+``restored_tokens``, ``moves``, ``restore_failures``... as counted in ``ctx.counters`` and
+``ctx.timings`` under ``kv.``; null when there was none). With ``log_bodies: true`` also ``request`` (the body) and
 ``completion`` (the answer's text). API keys are never written.
 
 The plugin runs before auth, so it logs what unauthenticated clients send: every
@@ -25,6 +28,13 @@ from gateway.plugin import FIELD_CHARS, choice_text, clip, clip_json, hookimpl, 
 def answer_text(ctx) -> str | None:
     """The text of a non-streamed answer, or the text a stream assembled, if any."""
     return ctx.state.get("accesslog.text")
+
+
+def kv_fields(ctx) -> dict[str, Any] | None:
+    """The request's saved-KV-state counts and milliseconds (``kv.*``), or None."""
+    fields: dict[str, Any] = {name[3:]: count for name, count in ctx.counters.items() if name.startswith("kv.")}
+    fields.update((f"{name[3:]}_ms", round(ms, 2)) for name, ms in ctx.timings.items() if name.startswith("kv."))
+    return fields or None
 
 
 def cached_tokens(usage: dict[str, Any]) -> int | None:
@@ -89,6 +99,7 @@ class Plugin:
             "bytes_out": ctx.bytes_out,
             "outcome": outcome,
             "error_type": error.code or error.type if error else None,
+            "kv": kv_fields(ctx),
         }
         for name, value in record.items():
             if isinstance(value, str):

@@ -23,9 +23,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gateway.plugin import hookimpl
+from gateway.plugin import conversation_key, hookimpl
 
-from .affinity import SlotTable, affinity_key, within_bounds
+from .affinity import SlotTable, within_bounds
 
 # The routes whose prompts llama-server caches in the slot the gateway names (on
 # /v1/messages it places the request itself, so keying it would gain nothing).
@@ -81,7 +81,7 @@ class Plugin:
     def _key(self, ctx, scope: str) -> bytes | None:
         if ctx.route not in PROMPT_ROUTES:
             return None
-        return affinity_key(ctx.body, ctx.route, ctx.model or "", scope, self.prefix_chars)
+        return conversation_key(ctx.body, ctx.route, ctx.model or "", scope, self.prefix_chars)
 
     def _with_a_slot(self, key: bytes, fitting: list) -> int:
         """Of the replicas within their bound, in the key's order: the first where the

@@ -5,13 +5,11 @@ Everything here is a pure function of the request and the replica set, except th
 Python's ``hash()``: that one is salted per process, and every worker and every host
 must map a conversation to the same replica and slot.
 
-* :func:`affinity_key`: the hash a conversation keeps across its turns. For chat,
-  the messages up to and including the first ``user`` message (the system prompt and
-  the opening question: every later turn starts with them), and likewise Responses'
-  ``instructions`` and ``input`` items; for completions (and llama-server's
-  ``/completion`` and ``/infill``), the prompt's first ``prefix_chars`` characters (or
-  tokens). Scoped like the KV cache itself: by client unless the backend's
-  ``kv_sharing`` puts clients together.
+* the key a conversation keeps across its turns is the gateway's
+  (``gateway.plugin.conversation_key``, which the core's saved KV states use too): for
+  chat, the messages up to and including the first ``user`` message; for completions,
+  the prompt's first ``prefix_chars`` characters. Scoped like the KV cache itself: by
+  client unless the backend's ``kv_sharing`` puts clients together.
 * :func:`rank`: weighted rendezvous (highest random weight) hashing of the key over
   the replicas: each replica's score depends on the key and its own URL only, so a
   replica joining or leaving moves only the keys it wins or held.
@@ -22,73 +20,11 @@ must map a conversation to the same replica and slot.
 
 from __future__ import annotations
 
-import json
 import math
 from hashlib import blake2b
 from typing import Any, Sequence
 
 _TWO_64 = float(2**64)
-
-
-def affinity_key(body: dict[str, Any] | None, route: str, model: str, scope: str, prefix_chars: int) -> bytes | None:
-    """The conversation's key, or None when the request has no prompt to key by
-    (embeddings, a malformed body: the router then balances by load).
-
-    Args:
-        body: The request body.
-        route: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``,
-            ``/completion`` or ``/infill``; other routes have no key.
-        model: The public model id (one backend may serve several).
-        scope: Whose caches the request may share (``BackendView.kv_scope``).
-        prefix_chars: For completions, how much of the prompt's head is the key.
-    """
-    if not isinstance(body, dict):
-        return None
-    digest = blake2b(digest_size=16)
-    digest.update(f"{len(scope)}:{scope}\0{len(model)}:{model}\0{route}\0".encode())
-    if route in ("/v1/chat/completions", "/v1/responses"):
-        messages = body.get("messages") if route == "/v1/chat/completions" else body.get("input")
-        if route == "/v1/responses":
-            if isinstance(messages, str):
-                messages = [{"role": "user", "content": messages}]
-            if isinstance(body.get("instructions"), str) and isinstance(messages, list):
-                messages = [{"role": "system", "content": body["instructions"]}, *messages]
-        if not isinstance(messages, list) or not messages:
-            return None
-        for message in messages:
-            if not isinstance(message, dict):
-                return None
-            role = message.get("role")
-            digest.update(f"\0{role}\0".encode())
-            _update(digest, message.get("content"))
-            if role == "user":  # the opening question: every later turn repeats it
-                break
-    elif route in ("/v1/completions", "/completion", "/infill"):
-        prompt = body.get("input_prefix") if route == "/infill" else body.get("prompt")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch: its first prompt
-        if isinstance(prompt, str) and prompt:
-            digest.update(prompt[:prefix_chars].encode("utf-8", "surrogatepass"))
-        elif isinstance(prompt, list) and prompt:
-            digest.update(json.dumps(prompt[:prefix_chars]).encode())  # token ids
-        else:
-            return None
-    else:
-        return None
-    return digest.digest()
-
-
-def _update(digest: Any, content: Any) -> None:
-    """Feed a message's content: a string, or a list of parts (text, images...)."""
-    if isinstance(content, str):
-        digest.update(content.encode("utf-8", "surrogatepass"))
-    elif isinstance(content, list):
-        for part in content:
-            text = part.get("text") if isinstance(part, dict) else None
-            data = text if isinstance(text, str) else json.dumps(part, sort_keys=True, default=str)
-            digest.update(b"\0" + data.encode("utf-8", "surrogatepass"))
-    elif content is not None:
-        digest.update(json.dumps(content, sort_keys=True, default=str).encode())
 
 
 def _unit(key: bytes, name: str) -> float:

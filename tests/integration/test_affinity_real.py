@@ -14,7 +14,8 @@ from typing import Any, Callable
 import pytest
 import requests
 
-from plugins.router.affinity import affinity_key, rank
+from gateway.plugin import conversation_key
+from plugins.router.affinity import rank
 
 from .conftest import ROUTES, Backends, RunningGateway
 
@@ -77,7 +78,7 @@ def opening(n: int) -> list[dict[str, str]]:
 
 def home(messages: list[dict[str, str]], pair: list[str], client: str = "alice") -> str:
     """The replica the router must prefer for a client's conversation."""
-    key = affinity_key({"messages": messages}, "/v1/chat/completions", "smollm2", f"client:{client}", 2048)
+    key = conversation_key({"messages": messages}, "/v1/chat/completions", "smollm2", f"client:{client}", 2048)
     return pair[rank(key, pair)[0]]
 
 
