@@ -101,7 +101,8 @@ def test_the_budget_removes_a_tenants_oldest_beyond_its_share_then_anyones_oldes
     removed = enforce_budget(str(tmp_path), Budget(total=1000, tenant_share=0.25), SA)
     assert removed == [file_name(SA, bytes([0]) * 16), file_name(SA, bytes([1]) * 16)]  # hers, down to 250
     removed = enforce_budget(str(tmp_path), Budget(total=150, tenant_share=1.0), SA)
-    assert removed == [file_name(SB, b"\x09" * 16), file_name(SA, bytes([2]) * 16)]  # anyone's oldest
+    # her share is 150 now: her oldest goes; then the folder's oldest, Bob's
+    assert removed == [file_name(SA, bytes([2]) * 16), file_name(SB, b"\x09" * 16)]
     assert sorted(os.listdir(tmp_path)) == [file_name(SA, bytes([3]) * 16)]
 
 
