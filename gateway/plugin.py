@@ -12,6 +12,7 @@ besides its hooks), are defined in :mod:`gateway.hookspecs`.
 from .answers import (
     BUDGET_FIELDS,
     Assembler,
+    cached_tokens,
     choice_text,
     choices_asked,
     completion_bound,
@@ -70,6 +71,7 @@ __all__ = [
     "Response",
     "LLAMA_SERVER_ROUTES",
     "conversation_key",
+    "cached_tokens",
     # errors
     "AuthenticationError",
     "GatewayError",

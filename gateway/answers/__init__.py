@@ -25,7 +25,7 @@ from .budgets import (
     token_bound,
 )
 from .shapes import choice_text, decode_json, legacy_logprobs, normalize_answer, normalize_event
-from .usage import EventCount, Tally, UsageSum, total_tokens, usage_of
+from .usage import EventCount, Tally, UsageSum, cached_tokens, total_tokens, usage_of
 
 __all__ = [
     "BUDGET_FIELDS",
@@ -49,4 +49,5 @@ __all__ = [
     "token_bound",
     "total_tokens",
     "usage_of",
+    "cached_tokens",
 ]

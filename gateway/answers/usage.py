@@ -220,3 +220,17 @@ class EventCount:
 
     def usage(self) -> dict[str, int] | None:
         return self.counts.usage(completion_floor=self.events)
+
+
+def cached_tokens(usage: Any) -> int | None:
+    """Prompt tokens llama-server took from the slot's KV cache (its ``timings.cache_n``,
+    which its usage repeats as ``prompt_tokens_details.cached_tokens``, or Responses'
+    ``input_tokens_details.cached_tokens``); None when the usage does not say."""
+    if not isinstance(usage, dict):
+        return None
+    for details in ("prompt_tokens_details", "input_tokens_details"):
+        part = usage.get(details)
+        cached = part.get("cached_tokens") if isinstance(part, dict) else None
+        if isinstance(cached, int) and not isinstance(cached, bool):
+            return cached
+    return None

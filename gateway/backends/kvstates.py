@@ -39,6 +39,7 @@ from hashlib import blake2b
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..answers.usage import cached_tokens
 from ..errors import LlamagateError
 
 log = logging.getLogger("llamagate")
@@ -215,17 +216,6 @@ def slot_action(url: str, slot: int, action: str, filename: str, api_key: str | 
     if not isinstance(answer, dict):
         raise SlotActionFailed(f"{action}: an answer that is not an object")
     return answer
-
-
-def cached_tokens(usage: Any) -> int | None:
-    """Prompt tokens an answer took from the slot's cache (chat, completions, Responses)."""
-    if not isinstance(usage, dict):
-        return None
-    for details in ("prompt_tokens_details", "input_tokens_details"):
-        cached = usage.get(details, {}).get("cached_tokens") if isinstance(usage.get(details), dict) else None
-        if isinstance(cached, int) and not isinstance(cached, bool):
-            return cached
-    return None
 
 
 def check_restored_turn(ctx: Any, restored: int) -> None:

@@ -22,7 +22,7 @@ import threading
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from gateway.plugin import FIELD_CHARS, choice_text, clip, clip_json, hookimpl, redact_url
+from gateway.plugin import FIELD_CHARS, cached_tokens, choice_text, clip, clip_json, hookimpl, redact_url
 
 
 def answer_text(ctx) -> str | None:
@@ -35,14 +35,6 @@ def kv_fields(ctx) -> dict[str, Any] | None:
     fields: dict[str, Any] = {name[3:]: count for name, count in ctx.counters.items() if name.startswith("kv.")}
     fields.update((f"{name[3:]}_ms", round(ms, 2)) for name, ms in ctx.timings.items() if name.startswith("kv."))
     return fields or None
-
-
-def cached_tokens(usage: dict[str, Any]) -> int | None:
-    """Prompt tokens llama-server took from its KV cache (its ``timings.cache_n``, which
-    its usage chunk repeats as ``prompt_tokens_details.cached_tokens``)."""
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return cached if isinstance(cached, int) and not isinstance(cached, bool) else None
 
 
 class Plugin:

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway.plugin import PermissionDeniedError, Response, current_settings, hookimpl
+from gateway.plugin import PermissionDeniedError, Response, cached_tokens, current_settings, hookimpl
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30)
@@ -43,8 +43,11 @@ TTFB = Histogram("llamagate_time_to_first_byte_seconds", "Arrival to first body 
                  "by model.", ["model"], buckets=LATENCY_BUCKETS)
 QUEUE_WAIT = Histogram("llamagate_queue_wait_seconds", "Time waited for a backend slot, by backend.", ["backend"],
                        buckets=QUEUE_BUCKETS)
-TOKENS = Counter("llamagate_tokens", "Tokens by model and kind (prompt, completion), streams left early included.",
-                 ["model", "kind"])
+TOKENS = Counter("llamagate_tokens", "Tokens by model and kind (prompt, completion, and cached: the prompt tokens "
+                 "llama-server took from the slot's KV cache), streams left early included.", ["model", "kind"])
+KV_STATE = Histogram("llamagate_kv_state_seconds", "Saved KV states: the time of a request's slot saves and "
+                     "restores, by action (save, restore); their counts and bytes are events kv.*.", ["action"],
+                     buckets=QUEUE_BUCKETS)
 CACHE = Counter("llamagate_cache_lookups", "Cache lookups by result (hit, miss).", ["result"])
 REFUSED = Counter("llamagate_ratelimit_refusals", "Requests refused by a rate limit (429).")
 UPSTREAM_ERRORS = Counter("llamagate_upstream_errors", "5xx answers of requests that reached a backend.",
@@ -131,6 +134,9 @@ class Plugin:
             count = usage.get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
                 TOKENS.labels(model, kind).inc(count)
+        cached = cached_tokens(usage)
+        if cached:
+            TOKENS.labels(model, "cached").inc(cached)
         if ctx.cache in ("HIT", "MISS"):
             CACHE.labels(ctx.cache.lower()).inc()
         error = ctx.error
@@ -143,6 +149,8 @@ class Plugin:
         for name, ms in ctx.timings.items():
             if name.startswith("queue."):
                 QUEUE_WAIT.labels(name[6:]).observe(ms / 1000.0)
+            elif name in ("kv.save", "kv.restore"):
+                KV_STATE.labels(name[3:]).observe(ms / 1000.0)
         for name, backend in backends.items():  # this worker's share of the live gauges
             IN_FLIGHT.labels(name).set(backend.in_flight)
             QUEUED.labels(name).set(backend.queued)

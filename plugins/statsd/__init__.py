@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import statsd
 
-from gateway.plugin import hookimpl
+from gateway.plugin import cached_tokens, hookimpl
 
 log = logging.getLogger("llamagate")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -127,9 +127,8 @@ class Plugin:
                 batch.incr(f"tokens.prompt.{model}", usage["prompt_tokens"])
             if usage.get("completion_tokens"):
                 batch.incr(f"tokens.completion.{model}", usage["completion_tokens"])
-            details = usage.get("prompt_tokens_details")
-            cached = details.get("cached_tokens") if isinstance(details, dict) else None
-            if isinstance(cached, int) and cached > 0:
+            cached = cached_tokens(usage)
+            if cached:
                 batch.incr(f"tokens.cached.{model}", cached)
             for name, count in ctx.counters.items():
                 batch.incr(metric(name), count)
