@@ -301,6 +301,7 @@ def enforce_budget(directory: str, budget: Budget, owner: bytes | None = None) -
 class Outcome:
     """What :func:`prepare` did, for the request's counters and the slot's hold."""
 
+    saves: int = 0
     saved_bytes: int = 0
     save_ms: float = 0.0
     restored_bytes: int = 0
@@ -361,6 +362,7 @@ class States:
             outcome.save_failed = True
             log.warning("kv states: slot %d of %s saved outside the host's states folder", slot, url)
             return False
+        outcome.saves += 1
         outcome.evicted += len(enforce_budget(self.directory, self.budget, owner))
         return True
 

@@ -19,7 +19,9 @@
 5. **attempt**: one replica. On routes whose prompts llama-server caches, it takes a slot
    of the replica and says in the payload which (``id_slot``) and whether it may reuse the
    slot's cache (``cache_prompt``): only a slot its own tenant used last
-   (:mod:`gateway.backends.slots`). The replica counts it in flight (:class:`gateway.backends.upstream.Busy`)
+   (:mod:`gateway.backends.slots`). Before it replaces what the slot holds, the gateway saves
+   that conversation and restores the request's own from its saved state (:func:`keep_warm`,
+   :mod:`gateway.backends.kvstates`). The replica counts it in flight (:class:`gateway.backends.upstream.Busy`)
    until it fails or the :class:`gateway.backends.upstream.Lease` of its answer closes.
 """
 
@@ -377,14 +379,14 @@ def keep_warm(ctx: RequestContext, backend: Backend, replica: Replica, hold: slo
     api_key = backend.config.api_key
     if replaced:
         states.save(replica.url, hold.slot, hold.held_owner, hold.held_state, api_key, outcome)
-    if hold.state != slots.UNKNOWN and hold.held_state != hold.state:
+    if hold.state != slots.UNKNOWN and hold.held_state != hold.state and not _no_reuse(ctx):
         owner = slots.scope_id(backend.kv_scope(ctx.principal))
         name = kvstates.file_name(owner, hold.state)
         if not states.has(name):
             _fetch_live(states, backend, replica, hold.state, outcome)
         if states.has(name) and states.restore(replica.url, hold.slot, owner, hold.state, api_key, outcome):
             hold.restored = outcome.restored_tokens
-            hold.reuse = not _no_reuse(ctx)
+            hold.reuse = True
     _count(ctx, outcome)
 
 
@@ -408,8 +410,8 @@ def _fetch_live(states: kvstates.States, backend: Backend, replica: Replica, sta
 
 
 def _count(ctx: RequestContext, outcome: kvstates.Outcome) -> None:
-    if outcome.saved_bytes:
-        ctx.incr("kv.saves")
+    if outcome.saves:
+        ctx.incr("kv.saves", outcome.saves)
         ctx.incr("kv.save_bytes", outcome.saved_bytes)
         ctx.timings["kv.save"] = outcome.save_ms
     if outcome.restored():

@@ -59,9 +59,9 @@ def fleet(start_gateway: Callable[..., Any], model_path: Path, logs: Path) -> An
 
 
 def opening(n: int) -> str:
-    """~250 tokens of a conversation's own."""
+    """~150 tokens of a conversation's own."""
     rng = random.Random(n)
-    return f"Notes {n}: " + " ".join(rng.choice(WORDS) for _ in range(220)) + ". What is the first word?"
+    return f"Notes {n}: " + " ".join(rng.choice(WORDS) for _ in range(130)) + ". What is the first word?"
 
 
 def conversation() -> list[dict[str, str]]:
@@ -113,7 +113,7 @@ def state_file(gw: Any, client: str, name: str, messages: list[dict[str, str]], 
 
 
 def test_more_conversations_than_slots_keep_their_follow_ups_warm(fleet):
-    talks = [conversation() for _ in range(6)]  # 4 slots
+    talks = [conversation() for _ in range(5)]  # 4 slots
     firsts = [turn(fleet, "chat", talk)[0] for talk in talks]
     restores = 0
     for talk, first in zip(talks, firsts):
@@ -121,7 +121,7 @@ def test_more_conversations_than_slots_keep_their_follow_ups_warm(fleet):
         prompt, cached, log = turn(fleet, "chat", talk)
         assert prompt > first and cached >= WARM * first, f"{cached} of {prompt} cached (first turn: {first})"
         restores += log["kv"].get("restores", 0)
-    assert restores >= 2  # 6 conversations on 4 slots: at least 2 lost their slot and came back
+    assert restores >= 1  # 5 conversations on 4 slots: at least one lost its slot and came back
 
 
 def test_another_tenant_sending_the_same_prefix_never_gets_a_restored_state(fleet, model_path):
@@ -165,20 +165,22 @@ def test_a_conversation_follows_to_the_other_replica(fleet):
     assert cached >= WARM * first and after["kv"].get("moves") == 1, (cached, prompt, after)
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "missing"])
-def test_a_damaged_state_falls_back_to_a_cold_turn_that_succeeds(fleet, model_path, damage):
-    talk = conversation()
-    turn(fleet, "chat", talk)
+def test_a_corrupt_or_missing_state_falls_back_to_a_cold_turn_that_succeeds(fleet, model_path):
+    talks = [conversation(), conversation()]
+    for talk in talks:
+        turn(fleet, "chat", talk)
     unload(fleet, "chat")
-    follow_up(talk)
-    saved = state_file(fleet, "alice", "chat", talk, CHAT, model_path)
-    assert saved.is_file()
-    if damage == "corrupt":
-        saved.write_bytes(b"\x00garbage" * 1000)
-    else:
-        saved.unlink()
-    prompt, cached, log = turn(fleet, "chat", talk)
+    saved = []
+    for talk in talks:
+        follow_up(talk)
+        saved.append(state_file(fleet, "alice", "chat", talk, CHAT, model_path))
+        assert saved[-1].is_file()
+    corrupt, missing = saved
+    corrupt.write_bytes(b"\x00garbage" * 1000)
+    missing.unlink()
+    prompt, cached, log = turn(fleet, "chat", talks[0])
+    assert cached <= COLD and "restores" not in log["kv"] and log["kv"].get("restore_failures") == 1, \
+        (cached, prompt, log)
+    assert not corrupt.exists()  # not tried again
+    prompt, cached, log = turn(fleet, "chat", talks[1])
     assert cached <= COLD and "restores" not in log["kv"], (cached, prompt, log)
-    if damage == "corrupt":
-        assert log["kv"].get("restore_failures") == 1, log
-        assert not saved.exists()  # not tried again
