@@ -18,10 +18,10 @@ CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
 ROUTES = {r: "default" for r in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")}
 
 
-def sample(text: str, name: str, **labels: str) -> float:
+def sample(text: str, metric: str, **labels: str) -> float:
     """A sample's value in an exposition (0 when absent)."""
     for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+        match = re.match(rf"^{re.escape(metric)}\{{(.*)\}} (\S+)$", line)
         if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
             return float(match.group(2))
     return 0.0
@@ -79,3 +79,27 @@ def test_replica_metrics_are_labelled_and_merged_family_by_family():
     # a family's lines stay together: both replicas' prompt tokens before the next family's header
     first = lines.index("# HELP llamacpp:slot_seconds Slot time.")
     assert all(lines.index(l) < first for l in lines if l.startswith("llamacpp:prompt_tokens_total"))
+
+
+def test_saved_kv_states_and_cached_tokens_are_counted():
+    from prometheus_client import REGISTRY, generate_latest
+
+    from gateway.context import RequestContext
+    from plugins.prometheus import Plugin
+
+    before = generate_latest(REGISTRY).decode()
+    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", model="kvmodel", status=200,
+                         usage={"prompt_tokens": 100, "completion_tokens": 2,
+                                "prompt_tokens_details": {"cached_tokens": 90}},
+                         counters={"kv.saves": 1, "kv.save_bytes": 5000, "kv.restores": 1},
+                         timings={"kv.save": 30.0, "kv.restore": 7.0})
+    Plugin({"path": "/metrics", "allow_from": [], "scrape_replicas": False, "replica_timeout": 1}).complete(
+        ctx, "ok", {})
+    after = generate_latest(REGISTRY).decode()
+    assert sample(after, "llamagate_tokens_total", model="kvmodel", kind="cached") == 90
+    for action in ("save", "restore"):
+        assert sample(after, "llamagate_kv_state_seconds_count", action=action) - \
+            sample(before, "llamagate_kv_state_seconds_count", action=action) == 1
+    saved_bytes = {"name": "kv.save_bytes"}
+    assert sample(after, "llamagate_events_total", **saved_bytes) - \
+        sample(before, "llamagate_events_total", **saved_bytes) == 5000
