@@ -191,3 +191,20 @@ def test_an_unreachable_llama_server_fails_the_action_not_the_caller(tmp_path):
 
 def test_the_slot_table_file_format_changed_so_old_files_start_over(tmp_path):
     assert slots._MAGIC == b"LGSLOTS2" and slots._RECORD.size == 16 + 16 + 4 + 8
+
+
+def test_a_conversation_evicted_on_a_backend_without_saved_states_is_counted_not_saved(monkeypatch):
+    """An external backend (``urls:``): its llama-servers do not save into the host's folder,
+    so the gateway saves nothing, and says so."""
+    from gateway.testing import Harness
+
+    with Harness([]) as harness:
+        harness.gateway.upstreams.backends["test"].replicas[0].slots = 1
+        first = harness.chat("the first conversation")
+        second = harness.chat("another conversation")
+        again = harness.chat("another conversation")
+    assert first.status == second.status == again.status == 200
+    assert "kv.not_saved" not in first.ctx.counters
+    assert second.ctx.counters.get("kv.not_saved") == 1  # the first conversation lost the one slot
+    assert "kv.not_saved" not in again.ctx.counters  # its own slot: nothing lost
+    assert all(not name.startswith("kv.save") for name in second.ctx.counters)

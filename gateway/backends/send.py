@@ -357,6 +357,9 @@ def _saves(backend: Backend) -> bool:
     return backend.config.launch is not None and kvstates.states().enabled
 
 
+_unsaved_logged: set[str] = set()  # backends whose unsaved evictions were logged (once a process)
+
+
 def keep_warm(ctx: RequestContext, backend: Backend, replica: Replica, hold: slots.SlotHold) -> None:
     """Before the attempt replaces what its slot holds: save the conversation the slot
     held (another one, its turn answered in full), then restore the request's own
@@ -373,6 +376,12 @@ def keep_warm(ctx: RequestContext, backend: Backend, replica: Replica, hold: slo
     if not _saves(backend):
         if replaced:
             ctx.incr("kv.not_saved")
+            if backend.name not in _unsaved_logged:
+                _unsaved_logged.add(backend.name)
+                ctx.log(logging.INFO, "kv states: conversations of backend %s that lose their slot are not saved "
+                        "(%s); they come back cold (counted kv.not_saved)", backend.name,
+                        "saved states are off" if backend.config.launch is not None else
+                        "its llama-servers are not the fleet's, whose save path is the host's states folder")
         return
     states = kvstates.states()
     outcome = kvstates.Outcome()
