@@ -32,13 +32,13 @@ import http.client
 import json
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import slots
 from ..answers.usage import cached_tokens
 from ..errors import LlamagateError
 
@@ -161,22 +161,6 @@ def file_name(owner: bytes, state: bytes) -> str:
 def states_directory(slots_directory: str) -> str:
     """The host's saved states: beside the slot table, in its private folder."""
     return os.path.join(slots_directory, "states")
-
-
-def check_directory(directory: str) -> None:
-    """Make the folder (0700) and refuse one other users could read or change.
-
-    Raises:
-        OSError: with the reason.
-    """
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode):
-        raise OSError(0, "not a folder")
-    if info.st_uid != os.geteuid():
-        raise OSError(0, "owned by another user")
-    if info.st_mode & 0o077:
-        raise OSError(0, f"mode {stat.S_IMODE(info.st_mode):o}: other users could read tenants' states (must be 0700)")
 
 
 # --- llama-server's slot actions ---------------------------------------------------------------------
@@ -330,7 +314,7 @@ class States:
         self.broken: str | None = None
         if budget.total > 0:
             try:
-                check_directory(directory)
+                slots.check_private_directory(directory)
             except OSError as exc:
                 self.broken = f"{directory}: {exc.strerror or exc}"
                 log.error("kv states: folder unusable (%s); conversations evicted from their slots go cold", self.broken)
@@ -409,16 +393,14 @@ def save_replica(url: str, count: int, api_key: str | None) -> tuple[int, int]:
     """Before the fleet stops the llama-server at ``url``: save every idle slot holding a
     known conversation (:meth:`gateway.backends.slots.SlotTable.held`), then forget what
     its slots hold. Returns (states saved, their bytes)."""
-    from .slots import table
-
     saved, size = 0, 0
     kept = states()
     if kept.enabled:
-        for slot, owner, state in table().held(url, count):
+        for slot, owner, state in slots.table().held(url, count):
             outcome = Outcome()
             if kept.save(url, slot, owner, state, api_key, outcome):
                 saved, size = saved + 1, size + outcome.saved_bytes
-    table().forget(url)
+    slots.table().forget(url)
     return saved, size
 
 
@@ -430,10 +412,9 @@ def states() -> States:
     global _states
     if _states is None:
         from .. import settings
-        from .slots import default_directory
 
         current = settings.current()
-        _states = States(states_directory(current.slots_dir or default_directory()),
+        _states = States(states_directory(current.slots_dir or slots.default_directory()),
                          Budget(current.kv_states_budget, current.kv_states_tenant_share))
     return _states
 

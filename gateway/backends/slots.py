@@ -96,6 +96,23 @@ def scope_id(scope: str) -> bytes:
     return blake2b(scope.encode("utf-8", "surrogatepass"), digest_size=16, person=b"llamagate-kv").digest()
 
 
+def check_private_directory(directory: str) -> None:
+    """Make the folder (0700) if missing, and refuse one other users could read or change
+    (the slot table, and the tenants' saved KV states in it).
+
+    Raises:
+        OSError: with the reason.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(0, "not a folder")
+    if info.st_uid != os.geteuid():
+        raise OSError(0, "owned by another user")
+    if info.st_mode & 0o077:
+        raise OSError(0, f"mode {stat.S_IMODE(info.st_mode):o}: other users could read or change it (must be 0700)")
+
+
 @dataclass(eq=False)
 class SlotHold:
     """One attempt's hold on a replica's slots.
@@ -154,19 +171,10 @@ class SlotTable:
         self._boot = _boot_id()
         self.broken: str | None = None  # why the folder cannot be used, once found
         try:
-            self._check_directory()
+            check_private_directory(directory)
         except OSError as exc:
             self._broke(f"{directory}: {exc.strerror or exc}")
 
-    def _check_directory(self) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        info = os.lstat(self.directory)
-        if not stat.S_ISDIR(info.st_mode):
-            raise OSError(0, "not a folder")
-        if info.st_uid != os.geteuid():
-            raise OSError(0, "owned by another user")
-        if info.st_mode & 0o077:
-            raise OSError(0, f"mode {stat.S_IMODE(info.st_mode):o}: other users could change it (must be 0700)")
 
     def _broke(self, reason: str) -> None:
         if self.broken is None:
