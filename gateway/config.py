@@ -159,6 +159,7 @@ class BackendConfig:
     admission: str = "local"  # or "redis": slots and queue shared through SharedConfig's Redis
     kv_sharing: str = "none"  # whose cached prompts a client may reuse: none (its own), groups, global
     kv_groups: tuple[tuple[str, str], ...] = ()  # (client id, group) with kv_sharing "groups"
+    kv_states: bool = False  # its conversations are saved and restored (docs/kv-states.md); launched: by default
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,10 @@ def parse_config(raw: Any, *, file: str = "<config>", environ: Mapping[str, str]
         if launch is not None and launch.cache_ram and sharing != "global":
             problems.append((f"backends.{name}.launch.cache_ram", "llama-server's prompt cache in host memory "
                              "restores one client's cached prompt for another: it needs kv_sharing: global"))
-        backends[name] = BackendConfig(name=name, kv_sharing=sharing, kv_groups=groups, **{**spec, "launch": launch,
+        kv_states = spec.pop("kv_states")
+        backends[name] = BackendConfig(name=name, kv_sharing=sharing, kv_groups=groups,
+                                       kv_states=launch is not None if kv_states is None else kv_states,
+                                       **{**spec, "launch": launch,
                                                      "urls": tuple(u.rstrip("/") for u in spec["urls"]),
                                                      "admission": spec.get("admission") or
                                                      (shared.admission if shared else "local")})

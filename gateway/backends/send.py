@@ -352,9 +352,9 @@ def _state(ctx: RequestContext, backend: Backend, scope: str) -> bytes:
 
 
 def _saves(backend: Backend) -> bool:
-    """Whether the backend's conversations are saved: the fleet launched its llama-servers
-    with the host's states folder as their save path, and the states are on."""
-    return backend.config.launch is not None and kvstates.states().enabled
+    """Whether the backend's conversations are saved: its llama-servers save into the
+    host's states folder (the fleet's do; ``kv_states``), and the states are on."""
+    return backend.config.kv_states and kvstates.states().enabled
 
 
 _unsaved_logged: set[str] = set()  # backends whose unsaved evictions were logged (once a process)
@@ -380,8 +380,8 @@ def keep_warm(ctx: RequestContext, backend: Backend, replica: Replica, hold: slo
                 _unsaved_logged.add(backend.name)
                 ctx.log(logging.INFO, "kv states: conversations of backend %s that lose their slot are not saved "
                         "(%s); they come back cold (counted kv.not_saved)", backend.name,
-                        "saved states are off" if backend.config.launch is not None else
-                        "its llama-servers are not the fleet's, whose save path is the host's states folder")
+                        "saved states are off" if backend.config.kv_states else
+                        "kv_states: its llama-servers do not save into the host's states folder")
         return
     states = kvstates.states()
     outcome = kvstates.Outcome()

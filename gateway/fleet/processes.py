@@ -29,7 +29,7 @@ def launch(backend: BackendConfig, port: int, log_path: str) -> subprocess.Popen
         args += ["--threads", str(launch.threads)]
     if launch.embeddings:
         args.append("--embeddings")
-    elif kvstates.states().enabled:
+    elif backend.kv_states and kvstates.states().enabled:
         # the host's one folder: a conversation saved from one replica restores into another
         args += ["--slot-save-path", kvstates.states().directory]
     if launch.extra_args:

@@ -175,7 +175,7 @@ class Unit:
         log.info("fleet: %s ready in %.2f s", self.name, self.last_load_seconds)
 
     def stop(self, now: float) -> None:
-        if self._state in (State.READY, State.DRAINING):
+        if self._state in (State.READY, State.DRAINING) and self.backend.kv_states:
             self.save_conversations()
         self.to(State.STOPPING)
         self.load = None

@@ -5,7 +5,8 @@ prompt tokens it took from the slot's cache (``cached_tokens``), never time.
 
 The fleet: ``chat`` (two replicas of 2 slots each) and ``other`` (one replica, 1 slot,
 ``idle_ttl``), at most one resident at a time (``max_resident: 1``: a request for one
-swaps the other out). Each conversation opens with a long text of its own under a short
+swaps the other out); and ``external``, a llama-server of 1 slot the gateway does not
+launch, declared ``kv_states: true`` (started with the host's states folder as its save path). Each conversation opens with a long text of its own under a short
 system prompt, so a cold follow-up reuses almost nothing and a warm one nearly all.
 """
 
@@ -37,15 +38,19 @@ _serial = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
-def fleet(start_gateway: Callable[..., Any], model_path: Path, logs: Path) -> Any:
+def fleet(start_gateway: Callable[..., Any], backends: Any, model_path: Path, logs: Path) -> Any:
     keys_file = logs / "kv-states-keys.yaml"
     admin, alice, bob = (keys.add_key(keys_file, "ops", "admin"), keys.add_key(keys_file, "alice"),
                          keys.add_key(keys_file, "bob"))
     ports = free_ports(3)
     access_log = logs / "kv-states-access.log"
+    states = kvstates.states_directory(str(logs / "slots"))
+    slots.check_private_directory(states)
+    external = backends.start("--parallel", "1", "--ctx", "1024", "--threads", "1", "--slot-save-path", states)
     doc = pipelines_doc(
-        {"chat": launched_backend(model_path, **CHAT), "other": launched_backend(model_path, **OTHER)},
-        {"chat": "chat", "other": "other"},
+        {"chat": launched_backend(model_path, **CHAT), "other": launched_backend(model_path, **OTHER),
+         "external": {"urls": [external], "kv_states": True}},
+        {"chat": "chat", "other": "other", "external": "external"},
         pipeline=[{"accesslog": {"path": str(access_log)}},
                   {"auth": {"keys_file": str(keys_file), "env_keys": {}}},
                   "pick_replica", {"router": {"strategy": "prefix_affinity"}}],
@@ -54,7 +59,7 @@ def fleet(start_gateway: Callable[..., Any], model_path: Path, logs: Path) -> An
                "max_resident": 1})
     gw = start_gateway(doc, workers=2)
     gw.admin, gw.alice, gw.bob, gw.access_log = admin, alice, bob, access_log
-    gw.states = Path(kvstates.states_directory(str(logs / "slots")))
+    gw.states = Path(states)
     return gw
 
 
@@ -153,6 +158,15 @@ def test_a_conversation_survives_an_idle_ttl_stop(fleet):
     wait_for(lambda: model(fleet, "other")["state"] == "stopped", 60, "other to stop after its idle_ttl")
     follow_up(talk)
     prompt, cached, log = turn(fleet, "other", talk)
+    assert cached >= WARM * first and log["kv"].get("restores") == 1, (cached, prompt, log)
+
+
+def test_an_external_backend_declared_to_save_into_the_hosts_folder_keeps_conversations_warm(fleet):
+    talk, other = conversation(), conversation()
+    first, _, _ = turn(fleet, "external", talk)
+    turn(fleet, "external", other)  # its one slot goes to another conversation: talk is saved
+    follow_up(talk)
+    prompt, cached, log = turn(fleet, "external", talk)
     assert cached >= WARM * first and log["kv"].get("restores") == 1, (cached, prompt, log)
 
 
