@@ -59,6 +59,7 @@ from gateway.testing import free_port, free_ports  # noqa: E402
 from run import stop_all  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+WORKLOADS = ("evictions", "never evicted", "swap")
 SETUPS = {"saved states": ("prefix_affinity", True), "prefix_affinity": ("prefix_affinity", False),
           "least_in_flight": ("least_in_flight", False)}
 SYSTEM = RULES * 12  # ~600 tokens
@@ -103,7 +104,7 @@ def start_gateway(strategy: str, saved: bool, logs: Path, tag: str) -> tuple[lis
         "fleet": {"ports": {"first": ports[0], "last": ports[-1]}, "log_dir": str(logs / f"{tag}-fleet"),
                   "max_resident": 1, "group_wait": 0},
         "backends": {"chat": {"launch": launch},
-                     "other": {"launch": {**launch, "replicas": 1, "parallel": 1, "ctx": 512, "start": "on_demand"}}},
+                     "other": {"launch": {**launch, "replicas": 1, "parallel": 1, "ctx": 1024, "start": "on_demand"}}},
         "models": {"chat": {"backend": "chat"}, "other": {"backend": "other"}},
         "pipelines": {"default": [{"accesslog": {"path": str(access)}},
                                   {"auth": {"env_keys": {"KV_BENCH_KEYS": "user", "LLAMAGATE_API_KEY": "admin"},
@@ -214,6 +215,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--quick", action="store_true", help="6 conversations x 3 turns")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "kv-results.md")
     options = parser.parse_args()
@@ -225,7 +227,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     results: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="llamagate-kv-") as directory:
-        for workload in ("evictions", "never evicted", "swap"):
+        for workload in options.workloads:
             for setup in options.setups:
                 if workload == "never evicted" and setup != "saved states":
                     continue  # the reference: nothing to save or restore
