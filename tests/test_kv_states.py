@@ -153,6 +153,8 @@ def test_the_states_folder_is_private(tmp_path):
     assert States(str(tmp_path / "new"), Budget(100, 1.0)).enabled
     assert (os.stat(tmp_path / "new").st_mode & 0o777) == 0o700
     assert not States(str(tmp_path / "off"), Budget(0, 1.0)).enabled
+    States(str(tmp_path / "slots" / "states"), Budget(100, 1.0))  # a slot folder not made yet: made private too
+    assert (os.stat(tmp_path / "slots").st_mode & 0o777) == 0o700
 
 
 def test_save_then_restore_counts_bytes_and_tokens(fake):

@@ -314,6 +314,9 @@ class States:
         self.broken: str | None = None
         if budget.total > 0:
             try:
+                # the parent first: made here, it would get the default mode, and the
+                # slot table (and these states) would be open to other users
+                slots.check_private_directory(os.path.dirname(directory))
                 slots.check_private_directory(directory)
             except OSError as exc:
                 self.broken = f"{directory}: {exc.strerror or exc}"

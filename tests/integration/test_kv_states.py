@@ -44,6 +44,7 @@ def fleet(start_gateway: Callable[..., Any], backends: Any, model_path: Path, lo
                          keys.add_key(keys_file, "bob"))
     ports = free_ports(3)
     access_log = logs / "kv-states-access.log"
+    slots.check_private_directory(str(logs / "slots"))  # the session's slot table: 0700, as a gateway makes it
     states = kvstates.states_directory(str(logs / "slots"))
     slots.check_private_directory(states)
     external = backends.start("--parallel", "1", "--ctx", "1024", "--threads", "1", "--slot-save-path", states)
