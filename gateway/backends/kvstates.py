@@ -17,7 +17,7 @@ the server's ``--slot-save-path``). The gateway owns those files:
   restore, another scope's state;
 * **when**: the attempt layer (:mod:`gateway.backends.send`) saves what a slot holds
   before giving it to another conversation, and restores the request's own state into
-  the slot it took when the slot does not hold it (``send.keep_warm``); the fleet saves the
+  the slot it took when the slot does not hold it (``warm.keep_warm``); the fleet saves the
   live conversations' slots before it stops a model (:func:`save_replica`);
 * **how much**: a disk budget per host, least recently used states removed first, and a
   per-tenant share of it (:func:`enforce_budget`, after each save).
@@ -283,7 +283,7 @@ def enforce_budget(directory: str, budget: Budget, owner: bytes | None = None) -
 
 @dataclass
 class Outcome:
-    """What one attempt's saves and restores did (``send.keep_warm``), for its counters."""
+    """What one attempt's saves and restores did (``warm.keep_warm``), for its counters."""
 
     saves: int = 0
     saved_bytes: int = 0
