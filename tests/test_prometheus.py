@@ -4,13 +4,16 @@ tests/integration/test_prometheus_real.py)."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
+from prometheus_client import CollectorRegistry, Gauge
 
 from gateway.config import parse_config
 from gateway.pipeline import build_pipelines
-from plugins.prometheus import merge, relabel
+import plugins.prometheus as prometheus_plugin
+from plugins.prometheus import merge, relabel, set_gauge
 
 from .conftest import config_doc
 
@@ -79,3 +82,18 @@ def test_replica_metrics_are_labelled_and_merged_family_by_family():
     # a family's lines stay together: both replicas' prompt tokens before the next family's header
     first = lines.index("# HELP llamacpp:slot_seconds Slot time.")
     assert all(lines.index(l) < first for l in lines if l.startswith("llamacpp:prompt_tokens_total"))
+
+
+def test_a_live_gauge_is_written_when_its_value_changes_and_anew_after_a_fork():
+    gauge = Gauge("test_live", "A live gauge.", ["backend"], registry=CollectorRegistry())
+
+    def value() -> float:
+        return next(s.value for s in gauge.collect()[0].samples if s.labels == {"backend": "chat"})
+
+    for level in (2, 2, 0, 0, 1, 0):  # a repeated value is not written again, a change always is
+        set_gauge(gauge, level, "chat")
+        assert value() == level
+    child = os.fork()
+    if child == 0:  # a new worker has a metrics file of its own, with nothing written yet
+        os._exit(0 if not prometheus_plugin._written else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
