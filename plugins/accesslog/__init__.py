@@ -110,7 +110,7 @@ class Plugin:
             "error_type": error.code or error.type if error else None,
         }
         for name, value in record.items():
-            if isinstance(value, str):
+            if isinstance(value, str) and len(value) > FIELD_CHARS:  # (most fields are short: no call)
                 record[name] = clip(value, FIELD_CHARS)
         if self.log_bodies:
             record["request"] = clip_json(ctx.body, self.max_body_chars)
