@@ -185,6 +185,20 @@ def test_busy_slots_are_avoided_and_more_conversations_than_slots_evict_the_olde
     assert table.choose(three, "", 400.0, 300) == rank(three, ["0", "1"])[0]  # both stale: its own first choice
 
 
+def test_a_key_holding_several_slots_gets_its_first_idle_one():
+    table, (key, other) = SlotTable(6), keys(2)
+    for slot in (1, 3, 4):
+        table.take(slot, key, "", 0.0)  # three requests of one conversation at once
+    table.take(0, other, "", 0.0)
+    table.release(4, 1.0)
+    assert table.choose(key, "", 2.0, 300) == 4
+    table.release(3, 2.0)
+    assert table.choose(key, "", 3.0, 300) == 3
+    table.take(3, key, "", 3.0)
+    table.take(4, key, "", 3.0)
+    assert table.choose(key, "", 4.0, 300) not in (0, 1, 3, 4)  # all its slots busy: a free one
+
+
 def test_a_client_with_more_conversations_than_slots_evicts_its_own_first():
     table = SlotTable(3)
     mine, theirs = keys(4)[:3], keys(4)[3]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from gateway.config import parse_config
 from gateway.context import RequestContext
 from gateway.pipeline import build_pipelines, discover
 from gateway.storage.stores import MemoryStore, RedisStore, StoreUnavailable, gcra
+from plugins.accesslog import UTCClock
 from plugins.ratelimit import duration
 from plugins.statsd import safe
 
@@ -425,6 +428,14 @@ def test_accesslog_bodies_only_when_asked(make_client, tmp_path):
     assert "request" not in quiet_record and "Hi" not in quiet.read_text()
     assert loud_record["request"]["messages"][0]["content"] == "Hi"
     assert loud_record["completion"] == "Hello from the canned backend"
+
+
+def test_accesslog_times_are_written_as_datetime_writes_them(monkeypatch):
+    clock = UTCClock()
+    for ns in (1_764_676_800_123_456_789, 1_764_676_800_999_999_999, 1_764_676_801_000_000_000, 1_798_761_599_007_000_000):
+        monkeypatch.setattr(time, "time_ns", lambda: ns)
+        expected = datetime.fromtimestamp(ns // 1000 / 1e6, timezone.utc).isoformat(timespec="milliseconds")
+        assert clock.now() == expected
 
 
 def test_accesslog_without_bodies_keeps_streams_raw():

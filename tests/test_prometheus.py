@@ -4,13 +4,16 @@ tests/integration/test_prometheus_real.py)."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
+from prometheus_client import CollectorRegistry, Gauge
 
 from gateway.config import parse_config
 from gateway.pipeline import build_pipelines
-from plugins.prometheus import merge, relabel
+import plugins.prometheus as prometheus_plugin
+from plugins.prometheus import merge, relabel, set_gauge
 
 from .conftest import config_doc
 
@@ -103,3 +106,18 @@ def test_saved_kv_states_and_cached_tokens_are_counted():
     saved_bytes = {"name": "kv.save_bytes"}
     assert sample(after, "llamagate_events_total", **saved_bytes) - \
         sample(before, "llamagate_events_total", **saved_bytes) == 5000
+
+
+def test_a_live_gauge_is_written_when_its_value_changes_and_anew_after_a_fork():
+    gauge = Gauge("test_live", "A live gauge.", ["backend"], registry=CollectorRegistry())
+
+    def value() -> float:
+        return next(s.value for s in gauge.collect()[0].samples if s.labels == {"backend": "chat"})
+
+    for level in (2, 2, 0, 0, 1, 0):  # a repeated value is not written again, a change always is
+        set_gauge(gauge, level, "chat")
+        assert value() == level
+    child = os.fork()
+    if child == 0:  # a new worker has a metrics file of its own, with nothing written yet
+        os._exit(0 if not prometheus_plugin._written else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0

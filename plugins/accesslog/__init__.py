@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from datetime import datetime, timezone
+import time
 from typing import Any, TextIO
 
 from gateway.plugin import FIELD_CHARS, cached_tokens, choice_text, clip, clip_json, hookimpl, redact_url
@@ -37,6 +37,21 @@ def kv_fields(ctx) -> dict[str, Any] | None:
     return fields or None
 
 
+class UTCClock:
+    """The time as ``datetime.now(timezone.utc).isoformat(timespec="milliseconds")``
+    writes it (``2026-12-02T12:00:00.123+00:00``), the date and time formatted once a
+    second rather than a datetime made and formatted per line."""
+
+    def __init__(self) -> None:
+        self.second, self.prefix = -1, ""
+
+    def now(self) -> str:
+        second, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+        if second != self.second:
+            self.second, self.prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.prefix}.{nanoseconds // 1_000_000:03d}+00:00"
+
+
 class Plugin:
     def __init__(self, config: dict[str, Any]) -> None:
         path = config["path"]
@@ -44,6 +59,10 @@ class Plugin:
         self.log_bodies = config["log_bodies"]
         self.max_body_chars = config["max_body_chars"]
         self.lock = threading.Lock()
+        self.clock = UTCClock()
+        # Made once: json.dumps with options builds an encoder per call.
+        self.encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+        self.replicas: dict[str, str] = {}  # a replica's URL -> as logged (its userinfo redacted)
 
     def wants_events(self, ctx) -> bool:
         # Without log_bodies nothing of a stream is logged: its events stay undecoded.
@@ -71,14 +90,14 @@ class Plugin:
         usage = ctx.usage or {}
         error = ctx.error
         record = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "time": self.clock.now(),
             "request_id": ctx.request_id,
             "client": ctx.principal.client_id if ctx.principal else None,
             "pipeline": ctx.pipeline,
             "route": ctx.route,
             "model": ctx.model or ctx.requested_model,
             "backend": ctx.backend,
-            "replica": redact_url(ctx.replica) if ctx.replica else None,
+            "replica": self._replica(ctx.replica) if ctx.replica else None,
             "routing": ctx.routing,
             "status": ctx.status,
             "latency_ms": round(ctx.latency_ms, 2),
@@ -94,15 +113,22 @@ class Plugin:
             "kv": kv_fields(ctx),
         }
         for name, value in record.items():
-            if isinstance(value, str):
+            if isinstance(value, str) and len(value) > FIELD_CHARS:  # (most fields are short: no call)
                 record[name] = clip(value, FIELD_CHARS)
         if self.log_bodies:
             record["request"] = clip_json(ctx.body, self.max_body_chars)
             record["completion"] = self._completion(ctx)
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        line = self.encode(record) + "\n"
         with self.lock:
             self.stream.write(line)
             self.stream.flush()
+
+    def _replica(self, url: str) -> str:
+        """The replica's URL as logged, redacted once per URL (replicas are the config's)."""
+        logged = self.replicas.get(url)
+        if logged is None:
+            logged = self.replicas[url] = redact_url(url)
+        return logged
 
     def _completion(self, ctx) -> str | None:
         text = answer_text(ctx)

@@ -21,6 +21,7 @@ on a request's path but one dictionary lookup per label set and a few additions.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import threading
 from typing import Any, Iterable, Mapping
@@ -61,6 +62,32 @@ QUEUED = Gauge("llamagate_backend_queued", "Requests waiting for a backend slot,
 BREAKER_OPEN = Gauge("llamagate_replica_breaker_open", "1 while a replica's circuit breaker is open or "
                      "half open (the highest of the workers' views).", ["backend", "replica"],
                      multiprocess_mode="livemax")
+
+# This process's children of the metrics above, by label values: ``labels()`` takes a lock
+# and builds its key on every call (~1.5 µs; a request touches a dozen label sets).
+_children: dict[tuple[Any, ...], Any] = {}
+# The value this process last wrote to each live gauge's child: a write is a locked mmap
+# write, and most gauges (queued, breakers, an idle backend's in flight) rarely change.
+# A forked child starts with its own file (prometheus_client's), so with nothing written.
+_written: dict[Any, float] = {}
+os.register_at_fork(after_in_child=_written.clear)
+
+
+def child(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, looked up once per label set."""
+    found = _children.get((metric, *values))
+    if found is None:
+        found = _children[(metric, *values)] = metric.labels(*values)
+    return found
+
+
+def set_gauge(metric: Any, value: float, *values: str) -> None:
+    """``metric.labels(*values).set(value)``, skipped when that is already its value."""
+    gauge = child(metric, *values)
+    if _written.get(gauge) != value:
+        gauge.set(value)
+        _written[gauge] = value
+
 
 _FAMILY = re.compile(r"^# (?:HELP|TYPE) (\S+)")
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?(\s.*)$")
@@ -125,37 +152,37 @@ class Plugin:
         if ctx.route == self.path:
             return  # scrapes are not traffic
         model = ctx.model or "none"
-        REQUESTS.labels(ctx.route, model, str(ctx.status)).inc()
-        LATENCY.labels(ctx.route).observe(ctx.latency_ms / 1000.0)
+        child(REQUESTS, ctx.route, model, str(ctx.status)).inc()
+        child(LATENCY, ctx.route).observe(ctx.latency_ms / 1000.0)
         if ctx.ttfb_ms is not None and ctx.model and outcome == "ok":
-            TTFB.labels(model).observe(ctx.ttfb_ms / 1000.0)
+            child(TTFB, model).observe(ctx.ttfb_ms / 1000.0)
         usage = ctx.usage or {}
         for kind in ("prompt", "completion"):
             count = usage.get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
-                TOKENS.labels(model, kind).inc(count)
+                child(TOKENS, model, kind).inc(count)
         cached = cached_tokens(usage)
         if cached:
-            TOKENS.labels(model, "cached").inc(cached)
+            child(TOKENS, model, "cached").inc(cached)
         if ctx.cache in ("HIT", "MISS"):
-            CACHE.labels(ctx.cache.lower()).inc()
+            child(CACHE, ctx.cache.lower()).inc()
         error = ctx.error
         if error is not None and error.status == 429:
             REFUSED.inc()
         if error is not None and error.status >= 500 and ctx.backend is not None and ctx.sent:
-            UPSTREAM_ERRORS.labels(ctx.backend).inc()
+            child(UPSTREAM_ERRORS, ctx.backend).inc()
         for name, count in ctx.counters.items():
-            EVENTS.labels(name).inc(count)
+            child(EVENTS, name).inc(count)
         for name, ms in ctx.timings.items():
             if name.startswith("queue."):
-                QUEUE_WAIT.labels(name[6:]).observe(ms / 1000.0)
+                child(QUEUE_WAIT, name[6:]).observe(ms / 1000.0)
             elif name in ("kv.save", "kv.restore"):
-                KV_STATE.labels(name[3:]).observe(ms / 1000.0)
+                child(KV_STATE, name[3:]).observe(ms / 1000.0)
         for name, backend in backends.items():  # this worker's share of the live gauges
-            IN_FLIGHT.labels(name).set(backend.in_flight)
-            QUEUED.labels(name).set(backend.queued)
+            set_gauge(IN_FLIGHT, backend.in_flight, name)
+            set_gauge(QUEUED, backend.queued, name)
             for replica in backend.replicas:
-                BREAKER_OPEN.labels(name, replica.url).set(0 if replica.breaker == "closed" else 1)
+                set_gauge(BREAKER_OPEN, 0 if replica.breaker == "closed" else 1, name, replica.url)
 
     # --- the scrape ----------------------------------------------------------------------
 

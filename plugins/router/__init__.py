@@ -88,6 +88,8 @@ class Plugin:
         conversation holds a slot, else the first with a slot no live conversation holds,
         else the first (more live conversations than slots there). With no conflict
         known, that is the first: what every worker chooses."""
+        if len(fitting) == 1:  # the first, whatever the tables say
+            return 0
         now = time.monotonic()
         tables = [self.tables.get(replica.url) for replica in fitting]
         for i, table in enumerate(tables):

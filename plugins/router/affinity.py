@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from hashlib import blake2b
-from typing import Any, Sequence
+from typing import Sequence
 
 _TWO_64 = float(2**64)
 
@@ -37,6 +37,8 @@ def rank(key: bytes, names: Sequence[str], weights: Sequence[float] | None = Non
     """Indices of ``names`` in the key's order of preference (weighted rendezvous
     hashing: ``weight / -ln(u)``, so a name wins a share of keys proportional to its
     weight, and adding or removing a name moves only the keys that name wins or held)."""
+    if len(names) < 2:  # one replica (or slot): no hashing needed to rank it first
+        return list(range(len(names)))
     if weights is None:
         weights = [1.0] * len(names)
     scores = [weight / -math.log(_unit(key, name)) for name, weight in zip(names, weights)]
@@ -120,15 +122,20 @@ class SlotTable:
         return not self.busy[slot] and (self.owners[slot] is None or now - self.used[slot] > ttl)
 
     def choose(self, key: bytes, scope: str, now: float, ttl: float) -> int | None:
-        idle = [slot for slot in range(len(self)) if not self.busy[slot]]
-        if not idle:
+        busy = self.busy
+        if all(busy):
             return None
-        for slot in idle:
-            if self.owners[slot] == key:
-                return slot
+        slot = 0
+        try:  # the key's first idle slot; list.index searches in C (a table has up to 256 slots)
+            while busy[slot := self.owners.index(key, slot)]:
+                slot += 1
+            return slot
+        except ValueError:  # the key holds no idle slot
+            pass
         for slot in rank(key, [str(slot) for slot in range(len(self))]):
             if self._free(slot, now, ttl):
                 return slot
+        idle = [slot for slot in range(len(self)) if not busy[slot]]
         own = [slot for slot in idle if self.scopes[slot] == scope]
         return min(own or idle, key=lambda slot: self.used[slot])
 

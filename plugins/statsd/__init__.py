@@ -12,6 +12,7 @@ UDP sends do not wait) are dropped and counted in the next batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -26,16 +27,25 @@ log = logging.getLogger("llamagate")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
+# Names are made once per distinct input (a request makes about ten; the inputs are the
+# config's routes, models and backends, and the names plugins count under), bounded, as a
+# client's unknown model name is an input too.
+NAMES_KEPT = 4096
+
+
+@functools.lru_cache(maxsize=NAMES_KEPT)
 def safe(part: str | None) -> str:
     """One Graphite path segment: ``/v1/chat/completions`` -> ``v1_chat_completions``."""
     return _UNSAFE.sub("_", part or "none").strip("_") or "none"
 
 
+@functools.lru_cache(maxsize=NAMES_KEPT)
 def metric(name: str) -> str:
     """A dotted name from a plugin or the core, each part made safe."""
     return ".".join(safe(part) for part in name.split("."))
 
 
+@functools.lru_cache(maxsize=NAMES_KEPT)
 def route_name(route: str) -> str:
     return safe(route.removeprefix("/v1/"))
 
