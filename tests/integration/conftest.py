@@ -27,7 +27,7 @@ from gateway.backends.upstream import wait_until_ready
 from ..openai_spec import openai_validator
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = Path(os.environ.get("LLAMAGATE_TEST_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+MODEL = Path(os.environ.get("LLAMAGATE_TEST_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")).resolve()
 ROUTES = OPENAI_ROUTES
 HERE = Path(__file__).resolve().parent
 
