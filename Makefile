@@ -101,11 +101,13 @@ image:
 	$(ENGINE) build $(IMAGE_BUILD_FLAGS) --tag $(IMAGE) --file Containerfile . || { \
 	  echo "make image: if $(BASE_IMAGE) could not be pulled, \`make base-image\` makes it from Debian's packages" >&2; exit 1; }
 
-# Debian's mirrors and the slim image's exclusions (no manual pages, docs or translations).
+# Debian's mirrors and the slim image's exclusions (no manual pages, docs or translations);
+# /usr merged by mmdebstrap's hook rather than the usrmerge package (which brings perl along).
 DEBIAN_MIRRORS := http://deb.debian.org/debian 'deb http://deb.debian.org/debian bookworm-updates main' \
 	'deb http://deb.debian.org/debian-security bookworm-security main'
 SLIM := $(foreach path,/usr/share/man/* /usr/share/doc/* /usr/share/info/* /usr/share/locale/* /usr/share/lintian/*,\
-	--dpkgopt='path-exclude=$(path)') --dpkgopt='path-include=/usr/share/doc/*/copyright'
+	--dpkgopt='path-exclude=$(path)') --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+	--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
 
 # The Containerfile's base image made here, from Debian's packages (as root), for machines that
 # reach no image registry; the engine keeps it, so it is made once.
