@@ -93,12 +93,14 @@ CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 # The host's network (no bridge to set up); the usual open-file and process limits, not the
 # engine's raised defaults, which some sandboxes refuse; podman keeps HEALTHCHECK only in
 # Docker's image format.
-IMAGE_BUILD_FLAGS ?= --network=host --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
+IMAGE_BUILD_FLAGS = --network=host --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
 	$(if $(filter podman,$(ENGINE)),--format docker) $(if $(wildcard $(CA_BUNDLE)),--secret id=ca$(comma)src=$(CA_BUNDLE))
+# More flags of yours, e.g. IMAGE_FLAGS=--no-cache (Debian's security updates).
+IMAGE_FLAGS ?=
 
 image:
 	@test -n "$(ENGINE)" || { echo "make image needs podman or docker" >&2; exit 1; }
-	$(ENGINE) build $(IMAGE_BUILD_FLAGS) --tag $(IMAGE) --file Containerfile . || { \
+	$(ENGINE) build $(IMAGE_BUILD_FLAGS) $(IMAGE_FLAGS) --tag $(IMAGE) --file Containerfile . || { \
 	  echo "make image: if $(BASE_IMAGE) could not be pulled, \`make base-image\` makes it from Debian's packages" >&2; exit 1; }
 
 # Debian's mirrors and the slim image's exclusions (no manual pages, docs or translations);
