@@ -74,6 +74,20 @@ def deployment_pipelines(path: Path) -> Path:
     return path
 
 
+# Each container carries the pid of the test run that started it: a run that died before its
+# teardown leaves containers the next run removes (never those of a run still going).
+RUN_LABEL = "llamagate.test-run"
+
+
+def remove_orphans() -> None:
+    listed = podman("ps", "--all", "--filter", f"label={RUN_LABEL}", "--format",
+                    f'{{{{.ID}}}} {{{{index .Labels "{RUN_LABEL}"}}}}').stdout.split("\n")
+    for line in filter(None, listed):
+        container, pid = line.split()
+        if not Path(f"/proc/{pid}").exists():
+            podman("rm", "--force", "--time", "0", container)
+
+
 class Container:
     """One container of the image on the host's network, its gateway on a free port.
 
@@ -85,7 +99,8 @@ class Container:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         pipelines = deployment_pipelines(logs / f"{name}-pipelines.yaml")
-        args = ["run", "--detach", "--name", name, "--network", "host", "--read-only", *LIMITS,
+        args = ["run", "--detach", "--name", name, "--label", f"{RUN_LABEL}={os.getpid()}",
+                "--network", "host", "--read-only", *LIMITS,
                 "--volume", f"{pipelines}:/etc/llamagate/pipelines.yaml:ro",
                 "--volume", f"{MODEL.parent}:/models:ro",
                 "--env", f"GATEWAY_BIND=127.0.0.1:{self.port}",
@@ -126,6 +141,7 @@ class Container:
 @pytest.fixture(scope="module")
 def containers(image: str, logs: Path) -> Iterator[Callable[[str, dict[str, str], dict[str, str]], Container]]:
     """Start containers with ``start(name, env, secrets)``; all removed after the module."""
+    remove_orphans()
     made: list[Container] = []
 
     def start(name: str, env: dict[str, str], secrets: dict[str, str]) -> Container:

@@ -168,8 +168,10 @@ def test_a_chat_completion_and_a_stream_through_the_fleets_llama_server(pair, ke
                                                      messages=[{"role": "user", "content": f"Name {container.name}."}]))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    models = requests.get(pair[0].url + "/admin/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
-    assert models.status_code == 200 and "ready" in models.text  # launched by the container's fleet
+    for container in pair:  # each container's fleet launched its llama-server
+        fleet = requests.get(container.url + "/admin/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                             timeout=10).json()["models"]
+        assert fleet["chat"]["state"] == "ready" and fleet["chat"]["pids"], fleet
 
 
 def test_a_restricted_key_is_refused(pair, keys):
