@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pg8000.native
 import pytest
 import requests
 import yaml
@@ -114,9 +115,7 @@ class Stream(threading.Thread):
 
 def ledger(postgres, request_ids: list[str]) -> dict[str, list[tuple[Any, ...]]]:
     """The ledger's rows of these requests, by request id (none before the table is made)."""
-    from gateway import pg
-
-    conn = pg.connect(database_url(postgres))
+    conn = pg8000.native.Connection(user="postgres", host="127.0.0.1", port=postgres.port, database=DATABASE)
     try:
         if not conn.run("SELECT to_regclass('llamagate_requests') IS NOT NULL")[0][0]:
             return {}
