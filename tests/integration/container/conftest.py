@@ -27,6 +27,8 @@ from gateway.testing import free_port, free_ports
 
 from ..conftest import MODEL, ROOT
 
+MODELS = (ROOT / MODEL).resolve().parent  # a bind mount needs the absolute path (a bare name is a volume)
+
 HERE = Path(__file__).resolve().parent
 DEPLOY = ROOT / "deploy"
 IMAGE = "localhost/llamagate:test"
@@ -102,7 +104,7 @@ class Container:
         args = ["run", "--detach", "--name", name, "--label", f"{RUN_LABEL}={os.getpid()}",
                 "--network", "host", "--read-only", *LIMITS,
                 "--volume", f"{pipelines}:/etc/llamagate/pipelines.yaml:ro",
-                "--volume", f"{MODEL.parent}:/models:ro",
+                "--volume", f"{MODELS}:/models:ro",
                 "--env", f"GATEWAY_BIND=127.0.0.1:{self.port}",
                 *[f"--env={key}={value}" for key, value in env.items()], *[f"--env={key}" for key in secrets], image]
         started = podman(*args, env=secrets)
