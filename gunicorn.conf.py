@@ -80,14 +80,6 @@ def child_exit(server, worker) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
-def on_exit(server) -> None:
-    import os
-    import shutil
-
-    if os.path.basename(_settings.metrics_dir).startswith("llamagate-metrics-"):  # made above; an operator's own stays
-        shutil.rmtree(_settings.metrics_dir, ignore_errors=True)
-
-
 def on_starting(server) -> None:
     # A bad config stops the start, with the reason.
     if not _check_config(server):
@@ -99,10 +91,16 @@ def on_starting(server) -> None:
 
 
 def on_exit(server) -> None:
-    # After the last worker: the supervisor stops every llama-server it launched.
+    # After the last worker: the supervisor stops every llama-server it launched, and
+    # the metrics folder made above goes (an operator's own stays).
+    import os
+    import shutil
+
     from gateway.fleet import master
 
     master.stop()
+    if os.path.basename(_settings.metrics_dir).startswith("llamagate-metrics-"):
+        shutil.rmtree(_settings.metrics_dir, ignore_errors=True)
 
 
 def on_reload(server) -> None:

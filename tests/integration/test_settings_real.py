@@ -43,3 +43,21 @@ def test_the_workers_setting_reaches_the_workers(start_gateway):
         assert "Traceback" not in output and "Booting worker" in output
     finally:
         server.shutdown()
+
+
+def test_a_stopped_gateway_removes_the_metrics_folder_it_made(start_gateway, tmp_path):
+    # Without PROMETHEUS_MULTIPROC_DIR (the tests' environment has none), gunicorn.conf.py
+    # makes a folder per run of the gateway; its on_exit must remove it, as well as stop
+    # the fleet (a second on_exit in the file used to replace the first).
+    server, chat_url = serve_in_thread(canned_llama_app)
+    try:
+        doc = {"backends": {"chat": {"urls": [chat_url]}}, "models": {"smollm2": {"backend": "chat"}},
+               "pipelines": {"open": []}, "routes": {"/v1/chat/completions": "open"}}
+        gw = start_gateway(doc, TMPDIR=str(tmp_path))
+        made = list(tmp_path.glob("llamagate-metrics-*"))
+        assert len(made) == 1 and made[0].is_dir()
+        gw.proc.stop()
+        assert gw.proc.popen.returncode == 0, gw.proc.output()
+        assert not made[0].exists(), gw.proc.output()
+    finally:
+        server.shutdown()
