@@ -108,8 +108,9 @@ def _stream_error(ctx: RequestContext, error: GatewayError) -> bytes:
     return sse(error.to_dict())
 
 
-def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
-    """The upstream's SSE events (without their blank line), in the batches they arrive.
+def frames(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
+    """The upstream's SSE events (without their blank line), in the batches they arrive;
+    the first one's arrival is ``ctx.marks["upstream.first_event"]``.
 
     llama-server sends a stream's headers at once, so the route's ``first_byte``
     timeout (already on the connection) lasts until the first event, which comes
@@ -140,6 +141,7 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
             continue
         if not started:
             started = True
+            ctx.marks["upstream.first_event"] = time.monotonic()
             lease.set_read_timeout(timeouts.idle)
         *events, buffer = buffer.split(b"\n\n")
         yield [raw for raw in events if raw]
@@ -195,7 +197,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
     tally = Tally(*choices_asked(ctx.body))
     deadline = ctx.started + timeouts.total
     try:
-        batches = frames(lease, timeouts)
+        batches = frames(ctx, lease, timeouts)
         for events in batches:
             for raw in events:
                 if raw.startswith(b"data: [DONE]"):
@@ -298,7 +300,7 @@ class Relay:
 
     def _relay(self) -> Iterator[bytes]:
         try:
-            batches = frames(self.lease, self.timeouts)
+            batches = frames(self.ctx, self.lease, self.timeouts)
             for events in batches:
                 out = b"".join(self._event(raw) for raw in events)
                 if out:
@@ -412,7 +414,7 @@ def relay_as_is(ctx: RequestContext, lease: Lease, public_model: str, timeouts: 
     field = model_field(public_model)
     deadline = ctx.started + timeouts.total
     try:
-        for events in frames(lease, timeouts):
+        for events in frames(ctx, lease, timeouts):
             for raw in events:
                 count.see(raw)
             if reshape is None:
