@@ -27,8 +27,10 @@ request nothing. The provider is made in each worker process on its first reques
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import threading
 import time
 from typing import Any, Iterator, Mapping
 
@@ -200,42 +202,83 @@ def input_messages(body: Any) -> Any:
     return None
 
 
+class Quieter(logging.Filter):
+    """Lets each of the SDK's messages through once a minute: with the collector down it
+    would say "Queue full" for every span dropped, and its retries for every batch."""
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[Any, float] = {}
+        self.suppressed: dict[Any, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, key = time.monotonic(), (record.name, record.msg)
+        if now - self.last.get(key, -self.INTERVAL) < self.INTERVAL:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return False
+        self.last[key] = now
+        suppressed = self.suppressed.pop(key, 0)
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} more like it in the last minute)"
+        return True
+
+
+QUIETER = Quieter()
+for _name in ("opentelemetry.sdk._shared_internal", "opentelemetry.exporter"):
+    logging.getLogger(_name).addFilter(QUIETER)
+
+
+def exporting_provider(config: Mapping[str, Any]) -> tuple[TracerProvider, OTLPSpanExporter]:
+    """The SDK as ``config`` says: the sampler, and the batch exporter to the collector."""
+    provider = TracerProvider(sampler=sampler(config["sample_ratio"], config["follow_client_sampling"]),
+                              resource=Resource.create({"service.name": config["service_name"]}),
+                              shutdown_on_exit=False)  # the shutdown hook does it, within the timeout
+    exporter = OTLPSpanExporter(endpoint=config["endpoint"], headers=dict(config["headers"]), timeout=config["timeout"])
+    provider.add_span_processor(BatchSpanProcessor(
+        exporter, max_queue_size=config["max_queue"], max_export_batch_size=min(512, config["max_queue"]),
+        schedule_delay_millis=config["schedule_delay"] * 1000.0, export_timeout_millis=config["timeout"] * 1000.0))
+    return provider, exporter
+
+
 class Plugin:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.capture = config["capture_content"]
         self.max_content_chars = config["max_content_chars"]
         self._provider: TracerProvider | None = None
+        self._exporter: OTLPSpanExporter | None = None
         self._tracer: Any = None
         self._pid: int | None = None
 
     # --- the SDK, one per worker process -------------------------------------------------
 
     def tracer(self) -> Any:
-        """This process's tracer: made on first use after a fork (gunicorn's workers),
-        never in the master nor in ``llamagate check``."""
+        """This process's tracer: its provider made on first use after a fork (gunicorn's
+        workers), never in the master nor in ``llamagate check``."""
         if self._pid != os.getpid():
-            config = self.config
-            provider = TracerProvider(
-                sampler=sampler(config["sample_ratio"], config["follow_client_sampling"]),
-                resource=Resource.create({"service.name": config["service_name"]}))
-            exporter = OTLPSpanExporter(endpoint=config["endpoint"], headers=dict(config["headers"]),
-                                        timeout=config["timeout"])
-            provider.add_span_processor(BatchSpanProcessor(
-                exporter, max_queue_size=config["max_queue"],
-                max_export_batch_size=min(512, config["max_queue"]),
-                schedule_delay_millis=config["schedule_delay"] * 1000.0,
-                export_timeout_millis=config["timeout"] * 1000.0))
-            self._provider, self._pid = provider, os.getpid()
-            self._tracer = provider.get_tracer("llamagate", schema_url=SCHEMA_URL)
+            self.use(*exporting_provider(self.config))
         return self._tracer
+
+    def use(self, provider: TracerProvider, exporter: Any = None) -> None:
+        """Trace into ``provider`` in this process (tests hand one with an in-memory exporter)."""
+        self._provider, self._exporter, self._pid = provider, exporter, os.getpid()
+        self._tracer = provider.get_tracer("llamagate", schema_url=SCHEMA_URL)
 
     @hookimpl
     def shutdown(self):
-        provider = self._provider
-        if provider is not None and self._pid == os.getpid():
-            self._provider = None
-            provider.shutdown()  # flushes what is queued, within the exporter's timeout
+        provider, exporter = self._provider, self._exporter
+        if provider is None or self._pid != os.getpid():
+            return
+        self._provider = None
+        # The SDK's shutdown exports what is queued, and may wait 30 s on a collector that is
+        # down: given the exporter's timeout, then the exporter is shut, which ends its retries.
+        flushing = threading.Thread(target=provider.shutdown, name="llamagate-otel-shutdown", daemon=True)
+        flushing.start()
+        flushing.join(self.config["timeout"])
+        if flushing.is_alive() and exporter is not None:
+            exporter.shutdown()
 
     # --- the request's span --------------------------------------------------------------
 
