@@ -5,6 +5,7 @@ tests/integration/test_otel_real.py."""
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import pytest
@@ -33,8 +34,7 @@ def traced(**options) -> tuple[otel.Plugin, InMemorySpanExporter]:
     doc = config_doc("http://127.0.0.1:1", pipelines={"default": [{"otel": {"sample_ratio": 1.0, **options}}]})
     plugin = build_pipelines(parse_config(doc))["default"].plugins[0][1]
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=otel.sampler(plugin.config["sample_ratio"],
-                                                   plugin.config["follow_client_sampling"]))
+    provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     plugin.use(provider)
     return plugin, exporter
@@ -125,6 +125,19 @@ def test_the_clients_sampled_flag_decides_only_when_followed():
         harness.chat()
     roots = [span for span in exporter.get_finished_spans() if span.kind == SpanKind.SERVER]
     assert len(roots) == 1 and format(roots[0].context.trace_id, "032x") == TRACE_ID
+
+
+def test_a_clients_trace_is_kept_as_the_sdks_trace_id_ratio_would_keep_it():
+    from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+
+    sampling, sdk = otel.Sampling(0.3, follow_client=False), TraceIdRatioBased(0.3)
+    for _ in range(500):
+        trace_id = secrets.token_hex(16)
+        kept = sdk.should_sample(None, int(trace_id, 16), "x").decision == Decision.RECORD_AND_SAMPLE
+        assert sampling.traced(f"00-{trace_id}-{CLIENT_SPAN}-00") == kept
+    following = otel.Sampling(0.0, follow_client=True)
+    assert following.traced(f"00-{TRACE_ID}-{CLIENT_SPAN}-01") and not following.traced(f"00-{TRACE_ID}-{CLIENT_SPAN}-00")
+    assert not following.traced(f"ff-{TRACE_ID}-{CLIENT_SPAN}-01")  # not a traceparent: a trace of its own
 
 
 def test_the_ratio_keeps_about_its_share():

@@ -11,9 +11,9 @@ admission wait and the stream; the upstream's headers and first event are its ev
 
 A client's W3C ``traceparent`` makes the request's span its child (one trace); whether
 the request is traced is ``sample_ratio`` on the trace id, and the client's sampled
-flag only with ``follow_client_sampling``. A request not traced costs the sampler's
-decision and, when the client sent a ``traceparent``, passing it on as it came; no span
-is built, no attribute read.
+flag only with ``follow_client_sampling`` (:class:`Sampling`). A request not traced costs
+that decision and, when the client sent a ``traceparent``, passing it on as it came; no
+span is built, no attribute read.
 
 Spans are exported by the OpenTelemetry SDK: a ``BatchSpanProcessor`` (its thread is a
 greenlet under gunicorn's gevent worker: the export's waits yield to the requests) and
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -40,7 +41,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -72,7 +73,7 @@ REQUEST_PARAMETERS = (
     ("gen_ai.request.choice.count", ("n",)),
 )
 
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+_TRACEPARENT = re.compile(r"^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
@@ -108,13 +109,26 @@ class Trace:
         return int(moment * 1e9) + self.offset_ns
 
 
-def sampler(ratio: float, follow_client: bool) -> Sampler:
-    """``ratio`` of the trace ids; a client's sampled flag decides only with ``follow_client``.
-    The request's own child spans follow the request's span either way."""
-    by_ratio = TraceIdRatioBased(ratio)
-    if follow_client:
-        return ParentBased(by_ratio)
-    return ParentBased(by_ratio, remote_parent_sampled=by_ratio, remote_parent_not_sampled=by_ratio)
+class Sampling:
+    """Whether a request is traced, decided before any span is built (the SDK's
+    ``start_span`` costs tens of µs, too much for the requests not traced): ``ratio`` of the
+    trace ids, as the SDK's ``TraceIdRatioBased`` decides on a client's trace id (its lower
+    64 bits), or the client's sampled flag with ``follow_client``. A request without a valid
+    ``traceparent`` begins a trace of its own: a random draw, as its trace id would be."""
+
+    __slots__ = ("ratio", "bound", "follow_client")
+
+    def __init__(self, ratio: float, follow_client: bool) -> None:
+        self.ratio = ratio
+        self.bound = round(ratio * 2**64)
+        self.follow_client = follow_client
+
+    def traced(self, traceparent: str | None) -> bool:
+        if traceparent is not None and _TRACEPARENT.match(traceparent):
+            if self.follow_client:
+                return int(traceparent[53:55], 16) & 1 == 1
+            return int(traceparent[19:35], 16) < self.bound
+        return random.random() < self.ratio
 
 
 def request_attributes(ctx: Any, operation: str) -> dict[str, Any]:
@@ -231,8 +245,8 @@ for _name in ("opentelemetry.sdk._shared_internal", "opentelemetry.exporter"):
 
 
 def exporting_provider(config: Mapping[str, Any]) -> tuple[TracerProvider, OTLPSpanExporter]:
-    """The SDK as ``config`` says: the sampler, and the batch exporter to the collector."""
-    provider = TracerProvider(sampler=sampler(config["sample_ratio"], config["follow_client_sampling"]),
+    """The SDK as ``config`` says: the batch exporter to the collector."""
+    provider = TracerProvider(sampler=ALWAYS_ON,  # the plugin decided (Sampling) before it asks for a span
                               resource=Resource.create({"service.name": config["service_name"]}),
                               shutdown_on_exit=False)  # the shutdown hook does it, within the timeout
     exporter = OTLPSpanExporter(endpoint=config["endpoint"], headers=dict(config["headers"]), timeout=config["timeout"])
@@ -247,6 +261,7 @@ class Plugin:
         self.config = config
         self.capture = config["capture_content"]
         self.max_content_chars = config["max_content_chars"]
+        self.sampling = Sampling(config["sample_ratio"], config["follow_client_sampling"])
         self._provider: TracerProvider | None = None
         self._exporter: OTLPSpanExporter | None = None
         self._tracer: Any = None
@@ -284,15 +299,17 @@ class Plugin:
 
     def begin(self, ctx: Any) -> Trace | None:
         """Start the request's span, parented by the client's ``traceparent``; None when
-        the route is not traced or the sampler drops the request."""
-        if ctx.route not in OPERATIONS:
+        the route is not traced or :class:`Sampling` leaves the request out."""
+        operation = OPERATIONS.get(ctx.route)
+        if operation is None:
             return None
-        parent = _PROPAGATOR.extract(ctx.headers, getter=_Headers) if "TRACEPARENT" in ctx.headers else None
+        traceparent = ctx.headers.get("TRACEPARENT")
+        if not self.sampling.traced(traceparent):
+            return None
+        parent = _PROPAGATOR.extract(ctx.headers, getter=_Headers) if traceparent is not None else None
         offset_ns = time.time_ns() - time.monotonic_ns()
-        span = self.tracer().start_span(OPERATIONS[ctx.route], context=parent, kind=SpanKind.SERVER,
+        span = self.tracer().start_span(operation, context=parent, kind=SpanKind.SERVER,
                                         start_time=int(ctx.started * 1e9) + offset_ns)
-        if not span.is_recording():
-            return None
         traced = ctx.state[NAME] = Trace(span, offset_ns)
         return traced
 
