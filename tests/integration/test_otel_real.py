@@ -107,7 +107,11 @@ class RecordingRelay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
@@ -224,12 +228,13 @@ def test_with_the_collector_down_requests_are_unaffected_and_memory_is_bounded(t
                 assert resp.status_code == 200, resp.text
         return took
 
+    timed(traced, 1), timed(collector_down, 1)  # each worker's first request: its connections, imports
     up, down = timed(traced, 12), timed(collector_down, 12)
     # each export to the silent collector waits 2 s: had it held the worker, requests would too
     assert max(down) < 1.0, down
     assert statistics.median(down) < statistics.median(up) * 1.5 + 0.05, (up, down)
 
-    # a thousand traced requests (refused on their body: fast) against a queue of 64 spans (a
+    # 700 traced requests (refused on their body: fast) against a queue of 64 spans (a
     # queue without that bound grows about 17 MiB a thousand requests here)
     def burst(count: int) -> None:
         with requests.Session() as session:
@@ -238,11 +243,11 @@ def test_with_the_collector_down_requests_are_unaffected_and_memory_is_bounded(t
                                     headers={"Authorization": f"Bearer {collector_down.key}"}, timeout=10)
                 assert resp.status_code == 400
 
-    burst(200)
+    burst(100)
     before = worker_rss(collector_down)
-    burst(800)
+    burst(600)
     grown = worker_rss(collector_down) - before
-    assert grown < 3 * 2**20, f"the worker grew {grown / 2**20:.1f} MiB over 800 requests whose spans could not be sent"
+    assert grown < 3 * 2**20, f"the worker grew {grown / 2**20:.1f} MiB over 600 requests whose spans could not be sent"
     log = collector_down.proc.output()
     assert "Queue full" in log  # the bound was met: spans were dropped, not kept
     assert log.count("Queue full") <= 2  # said once a minute, not once a span
