@@ -203,6 +203,19 @@ def test_the_fleets_lease_and_model_load_come_from_the_contexts_marks():
     assert "stream" not in named  # no first event: no stream
 
 
+def test_what_a_client_chose_is_cut_short_and_an_unknown_model_is_not_a_span_name():
+    plugin, exporter = traced()
+    with Harness([plugin]) as harness:
+        assert harness.request("POST", "/v1/chat/completions", json={
+            "model": "m" * 5000, "messages": [{"role": "user", "content": "x"}]}).status == 404
+        assert harness.chat(stop=["s" * 5000] * 50).status == 200
+    unknown, stopped = [span for span in exporter.get_finished_spans() if span.kind == SpanKind.SERVER]
+    assert unknown.name == "chat" and len(unknown.attributes["gen_ai.request.model"]) < 300
+    assert len(unknown.status.description) < 300
+    stops = stopped.attributes["gen_ai.request.stop_sequences"]
+    assert len(stops) == otel.MAX_STOP_SEQUENCES and all(len(stop) < 300 for stop in stops)
+
+
 def test_request_parameters_are_read_from_the_body_only_when_they_are_numbers():
     ctx = RequestContext(request_id="r", method="POST", route="/v1/completions", requested_model="raw",
                          body={"max_completion_tokens": 9, "temperature": "hot", "top_p": True, "stop": ["\n"],

@@ -131,9 +131,18 @@ class Sampling:
         return random.random() < self.ratio
 
 
+MAX_CLIENT_TEXT = 256  # a string the client chose (a model name, a stop sequence), cut to this in a span
+MAX_STOP_SEQUENCES = 8
+
+
+def clip(text: str, limit: int = MAX_CLIENT_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit] + f"…[+{len(text) - limit} chars]"
+
+
 def request_attributes(ctx: Any, operation: str) -> dict[str, Any]:
-    """The GenAI attributes of a request, from its body."""
-    model = ctx.model or ctx.requested_model
+    """The GenAI attributes of a request, from its body (what a client chose is cut short:
+    finished spans wait in a queue bounded in spans, not bytes)."""
+    model = ctx.model or (clip(ctx.requested_model) if ctx.requested_model else None)
     attributes: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.provider.name": PROVIDER,
                                   "llamagate.request_id": ctx.request_id, "llamagate.route": ctx.route}
     if model:
@@ -147,9 +156,9 @@ def request_attributes(ctx: Any, operation: str) -> dict[str, Any]:
                 break
     stop = body.get("stop")
     if isinstance(stop, str):
-        attributes["gen_ai.request.stop_sequences"] = [stop]
-    elif isinstance(stop, list) and all(isinstance(item, str) for item in stop):
-        attributes["gen_ai.request.stop_sequences"] = stop
+        stop = [stop]
+    if isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+        attributes["gen_ai.request.stop_sequences"] = [clip(item) for item in stop[:MAX_STOP_SEQUENCES]]
     if ctx.stream:
         attributes["llamagate.request.stream"] = True  # not in the conventions 1.40
     return attributes
@@ -200,8 +209,7 @@ def response_attributes(ctx: Any, traced: Trace, outcome: str) -> dict[str, Any]
 
 
 def clipped_json(value: Any, limit: int) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[:limit] + f"…[+{len(text) - limit} chars]"
+    return clip(json.dumps(value, ensure_ascii=False), limit)
 
 
 def input_messages(body: Any) -> Any:
@@ -409,8 +417,8 @@ class Plugin:
                 if traced.finish_reasons:
                     message["finish_reason"] = traced.finish_reasons[0]
                 attributes["gen_ai.output.messages"] = clipped_json([message], self.max_content_chars)
-        model = attributes.get("gen_ai.request.model")
-        span.update_name(f"{operation} {model}" if model else operation)
+        # a model the gateway serves: a name the client made up would make one span name per request
+        span.update_name(f"{operation} {ctx.model}" if ctx.model else operation)
         span.set_attributes(attributes)
         tracer = self._tracer
         parent = trace.set_span_in_context(span, Context())
@@ -422,7 +430,7 @@ class Plugin:
         if traced.upstream is not None:
             self.upstream_spans(ctx, traced, end)
         if ctx.error is not None or outcome != "ok":
-            span.set_status(Status(StatusCode.ERROR, ctx.error.message if ctx.error is not None else outcome))
+            span.set_status(Status(StatusCode.ERROR, clip(ctx.error.message) if ctx.error is not None else outcome))
         span.end(end_time=end)
 
     def upstream_spans(self, ctx: Any, traced: Trace, end: int) -> None:
@@ -455,5 +463,5 @@ class Plugin:
         if ctx.replica:
             upstream.set_attribute("server.address", ctx.replica)
         if ctx.error is not None and ctx.sent:
-            upstream.set_status(Status(StatusCode.ERROR, ctx.error.message))
+            upstream.set_status(Status(StatusCode.ERROR, clip(ctx.error.message)))
         upstream.end(end_time=end)
