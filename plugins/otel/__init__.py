@@ -404,7 +404,7 @@ class Plugin:
         if traced is None:
             return
         end = traced.at(time.monotonic())
-        span, marks = traced.span, ctx.marks
+        span = traced.span
         operation = OPERATIONS[ctx.route]
         attributes = request_attributes(ctx, operation)
         attributes.update(response_attributes(ctx, traced, outcome))

@@ -5,7 +5,6 @@ package. Then the collector down: a receiver that accepts and never answers."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import statistics
@@ -23,7 +22,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from gateway.storage import keys
-from gateway.testing import free_port
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Name one colour."}], "max_tokens": 4}
 
