@@ -6,6 +6,7 @@ tests/integration/test_otel_real.py."""
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 
 import pytest
@@ -224,3 +225,19 @@ def test_request_parameters_are_read_from_the_body_only_when_they_are_numbers():
     assert attributes["gen_ai.request.model"] == "raw" and attributes["gen_ai.request.max_tokens"] == 9
     assert "gen_ai.request.temperature" not in attributes and "gen_ai.request.top_p" not in attributes
     assert attributes["gen_ai.request.stop_sequences"] == ["\n"] and attributes["gen_ai.request.seed"] == 3
+
+
+def test_a_worker_exit_waits_for_a_silent_collector_no_longer_than_the_timeout():
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        plugin, _ = traced(endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}/v1/traces", timeout=0.5,
+                           schedule_delay=60)
+        plugin.use(*otel.exporting_provider(plugin.config))
+        tracer = plugin.tracer()
+        for _ in range(2000):  # four batches: the SDK alone would wait for each in turn
+            tracer.start_span("x").end()
+        start = time.monotonic()
+        plugin.shutdown()
+        assert time.monotonic() - start < 1.0
+    finally:
+        silent.close()
