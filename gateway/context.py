@@ -198,6 +198,10 @@ class RequestContext:
         status: HTTP status sent to the client, once known.
         error: The error that ended the request, if one did.
         usage: The ``usage`` object of the answer, when the backend sent one.
+        finish_reasons: Why the answer's choices ended (``stop``, ``length``,
+            ``tool_calls``...), as the backend said, in the order it said it: read from a
+            chat or completion stream's events as they pass (undecoded ones too), relayed or
+            assembled into one answer.
         cache: Cache outcome for logs and headers (``HIT``/``MISS``), set by a plugin.
         response_headers: Headers to add to the client's response.
         upstream_headers: Headers to add to the request to the backend (a trace's
@@ -247,6 +251,7 @@ class RequestContext:
     status: int | None = None
     error: GatewayError | None = None
     usage: dict[str, Any] | None = None
+    finish_reasons: list[str] = field(default_factory=list)
     cache: str | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
     upstream_headers: dict[str, str] = field(default_factory=dict)

@@ -17,7 +17,7 @@ from gateway.config import Timeouts
 from gateway.context import RequestContext
 from gateway.errors import GatewayTimeoutError, UpstreamError
 from gateway.backends.httpclient import ConnectionBroken, HTTPFailure, ReadTimedOut
-from gateway.web.streaming import Relay, client_departed, frames
+from gateway.web.streaming import Relay, client_departed, collect, frames
 
 TIMEOUTS = Timeouts(first_byte=5, idle=7, total=60)
 CTX = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
@@ -100,6 +100,18 @@ def test_a_stream_that_ends_without_done_is_incomplete():
     events, ctx = relay([chunk("a", 1)])
     assert b"incomplete" in events[-1] and b"[DONE]" not in b"".join(events)
     assert ctx.usage["completion_tokens"] == 1
+
+
+def test_the_finish_reasons_are_read_from_undecoded_events_and_assembled_ones():
+    last = (b'data: {"choices":[{"index":%d,"finish_reason":"%s","delta":{}}],"model":"m.gguf"}\n\n')
+    quoted = b'data: {"choices":[{"index":0,"finish_reason":null,"delta":{"content":"\\"finish_reason\\":\\"x\\""}}]}\n\n'
+    reads = [chunk("a", 1), quoted, last % (0, b"length"), last % (1, b"stop"), b"data: [DONE]\n\n"]
+    events, ctx = relay(reads)
+    assert ctx.finish_reasons == ["length", "stop"]  # not the one in a choice's text
+    assert b'"finish_reason":"length"' in events[2]  # relayed as it came
+    collected = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", body={"messages": []})
+    collect(collected, ScriptedLease(reads), TIMEOUTS, lambda event: None)  # type: ignore[arg-type]
+    assert collected.finish_reasons == ["length", "stop"]
 
 
 def test_client_departed_tells_a_hang_up_from_a_pipelined_request():

@@ -36,6 +36,8 @@ DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
 _TIMINGS_FIELD = re.compile(rb',"timings":\{[^{}]*\}|"timings":\{[^{}]*\},?')
 _MODEL_KEY = b'"model":"'
+_FINISH_KEY = b'"finish_reason":"'  # llama-server writes "finish_reason":null until a choice's last event
+_FINISH_REASON = re.compile(rb'"finish_reason":"([^"\\]{1,64})"')
 _TIMINGS_KEY = b',"timings":{'
 _COMPACT = (",", ":")
 
@@ -207,6 +209,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
                 if error is not None:
                     raise error
                 tally.see(raw)
+                note_finish(ctx, raw)
                 event = decode_json(raw[5:]) if raw.startswith(b"data:") else None
                 if isinstance(event, dict):
                     add(event)
@@ -219,6 +222,13 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
     except GatewayError:
         ctx.usage = tally.usage()
         raise
+
+
+def note_finish(ctx: RequestContext, raw: bytes) -> None:
+    """The finish reasons a raw event carries, into ``ctx.finish_reasons``: one byte search
+    an event, a regular expression on a choice's last."""
+    if _FINISH_KEY in raw:
+        ctx.finish_reasons.extend(reason.decode() for reason in _FINISH_REASON.findall(raw))
 
 
 def client_departed(sock: Any) -> bool:
@@ -334,6 +344,7 @@ class Relay:
         if raw == b"data: null":  # llama-server's, between the prompts of a list: not a chunk OpenAI clients read
             return b""
         self.tally.see(raw)
+        note_finish(self.ctx, raw)
         if self.on_event is None and not self.normalize and b'"usage"' not in raw:
             return rewrite_event(raw, self.model_field) + b"\n\n"
         event = decode_json(raw[5:]) if raw.startswith(b"data:") else None

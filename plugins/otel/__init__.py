@@ -93,14 +93,13 @@ class _Headers:
 class Trace:
     """A traced request's state: its span, its clock, the steps its hooks took."""
 
-    __slots__ = ("span", "offset_ns", "steps", "upstream", "finish_reasons", "response_id", "output")
+    __slots__ = ("span", "offset_ns", "steps", "upstream", "response_id", "output")
 
     def __init__(self, span: Any, offset_ns: int) -> None:
         self.span = span
         self.offset_ns = offset_ns  # time.monotonic() to the wall clock, in ns
         self.steps: list[tuple[str, float, float, BaseException | None]] = []
         self.upstream: Any = None
-        self.finish_reasons: list[str] = []
         self.response_id: str | None = None
         self.output: list[str] = []
 
@@ -173,8 +172,8 @@ def response_attributes(ctx: Any, traced: Trace, outcome: str) -> dict[str, Any]
         attributes["gen_ai.response.model"] = ctx.model
     if traced.response_id:
         attributes["gen_ai.response.id"] = traced.response_id
-    if traced.finish_reasons:
-        attributes["gen_ai.response.finish_reasons"] = traced.finish_reasons
+    if ctx.finish_reasons:
+        attributes["gen_ai.response.finish_reasons"] = ctx.finish_reasons
     usage = ctx.usage if isinstance(ctx.usage, dict) else {}
     for name, fields in (("gen_ai.usage.input_tokens", ("prompt_tokens", "input_tokens")),
                          ("gen_ai.usage.output_tokens", ("completion_tokens", "output_tokens"))):
@@ -366,22 +365,20 @@ class Plugin:
     # --- what the answer says ------------------------------------------------------------
 
     def wants_events(self, ctx) -> bool:
-        return NAME in ctx.state  # only a traced request's stream is decoded (finish reasons)
+        # the answer's text, of a traced request, when the operator asked for it; the finish
+        # reasons the core reads from undecoded events too (ctx.finish_reasons)
+        return self.capture and NAME in ctx.state
 
     @hookimpl
     def response_event(self, ctx, event):
         traced = ctx.state.get(NAME)
-        if traced is None:
+        if traced is None or not self.capture:
             return None
         if traced.response_id is None and isinstance(event.get("id"), str):
             traced.response_id = event["id"]
-        for choice in event.get("choices") or []:
-            if not isinstance(choice, dict):
-                continue
-            if isinstance(choice.get("finish_reason"), str):
-                traced.finish_reasons.append(choice["finish_reason"])
-            if self.capture and sum(map(len, traced.output)) <= self.max_content_chars:
-                traced.output.append(choice_text(choice))
+        if sum(map(len, traced.output)) <= self.max_content_chars:
+            traced.output.extend(choice_text(choice) for choice in event.get("choices") or []
+                                 if isinstance(choice, dict))
         return None
 
     @hookimpl
@@ -391,12 +388,8 @@ class Plugin:
             return
         if isinstance(body.get("id"), str):
             traced.response_id = body["id"]
-        for choice in body.get("choices") or []:
-            if isinstance(choice, dict):
-                if isinstance(choice.get("finish_reason"), str):
-                    traced.finish_reasons.append(choice["finish_reason"])
-                if self.capture:
-                    traced.output.append(choice_text(choice))
+        if self.capture:
+            traced.output.extend(choice_text(choice) for choice in body.get("choices") or [] if isinstance(choice, dict))
 
     @hookimpl
     def complete(self, ctx, outcome):
@@ -414,8 +407,8 @@ class Plugin:
                 attributes["gen_ai.input.messages"] = clipped_json(prompt, self.max_content_chars)
             if traced.output:
                 message = {"role": "assistant", "parts": [{"type": "text", "content": "".join(traced.output)}]}
-                if traced.finish_reasons:
-                    message["finish_reason"] = traced.finish_reasons[0]
+                if ctx.finish_reasons:
+                    message["finish_reason"] = ctx.finish_reasons[0]
                 attributes["gen_ai.output.messages"] = clipped_json([message], self.max_content_chars)
         # a model the gateway serves: a name the client made up would make one span name per request
         span.update_name(f"{operation} {ctx.model}" if ctx.model else operation)
