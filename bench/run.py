@@ -18,12 +18,19 @@ it prints one markdown table with the targets beside the figures and writes it t
 bench/results.md. It asserts nothing.
 
     make bench                     # or: python bench/run.py [--quick] [--config FILE]
+
+``--also-with FILE`` (repeatable) adds a gateway column: the ``--config`` pipelines with
+FILE's one plugin entry put first in each (bench/configs/otel-100.yaml: the tracer at 100%;
+``make bench-otel`` runs both tracer files). The bench then also runs an OTLP/HTTP sink in
+its own process's thread, answering every export (``OTEL_SINK_URL``), and says how many
+spans it received.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import http.server
 import json
 import os
 import platform
@@ -32,6 +39,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -199,6 +207,48 @@ def plugin_names(config: Path) -> str:
     return ", ".join(next(iter(e)) if isinstance(e, dict) else str(e) for e in doc["pipelines"][pipeline])
 
 
+def with_plugin(full: Path, plugin_file: Path, directory: Path) -> Path:
+    """The bench's full config with ``plugin_file``'s one plugin entry first in each pipeline."""
+    doc = yaml.safe_load(full.read_text())
+    entry = yaml.safe_load(plugin_file.read_text())
+    if not (isinstance(entry, dict) and len(entry) == 1):
+        raise SystemExit(f"bench: {plugin_file} must hold one plugin entry ({{name: config}})")
+    for plugins in doc["pipelines"].values():
+        plugins.insert(0, entry)
+    path = directory / f"pipelines-{plugin_file.stem}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class Sink(http.server.ThreadingHTTPServer):
+    """An OTLP/HTTP receiver that answers every export and counts what it got (the spans
+    of each export decoded with OpenTelemetry's proto package)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.exports = self.spans = 0
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+                request = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+                sink.exports += 1
+                sink.spans += sum(len(scope.spans) for spans in request.resource_spans for scope in spans.scope_spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
+
+
 # --- the table ----------------------------------------------------------------------
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -287,12 +337,17 @@ def main() -> None:
     parser.add_argument("--many-on", choices=("all", "gateways", "full"), default="all",
                         help=f"servers that take the {MANY} streams row (default: all three)")
     parser.add_argument("--output", default=str(BENCH / "results.md"), help="where to write the table")
+    parser.add_argument("--also-with", action="append", default=[], metavar="FILE",
+                        help="one more gateway: --config's pipelines with FILE's plugin entry first "
+                             "(bench/configs/otel-100.yaml); repeatable")
     args = parser.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))  # children inherit it
     workdir = Path(tempfile.mkdtemp(prefix="llamagate-bench-"))
     full_config, empty_config, notes = bench_configs(Path(args.config).resolve(), workdir)
+    extra_configs = [(Path(f).stem, with_plugin(full_config, Path(f), workdir)) for f in args.also_with]
+    sink = Sink() if extra_configs else None
     statsd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never read
     statsd.bind(("127.0.0.1", 0))
     upstream_port = free_port()
@@ -303,7 +358,8 @@ def main() -> None:
                        GATEWAY_WORKERS="1", GATEWAY_WORKER_CONNECTIONS=str(CONNECTIONS), LLAMAGATE_LOG_LEVEL="WARNING",
                        OPENAI_API_KEYS=f"{KEY}:bench", LLAMAGATE_KEYS_FILE=str(workdir / "keys.yaml"),
                        LLAMAGATE_ACCESS_LOG=str(workdir / "access.log"), STATSD_HOST="127.0.0.1",
-                       STATSD_PORT=str(statsd.getsockname()[1]), RATELIMIT_STORE="memory")
+                       STATSD_PORT=str(statsd.getsockname()[1]), RATELIMIT_STORE="memory",
+                       OTEL_SINK_URL=sink.url if sink else "")
     headers = {"Authorization": f"Bearer {KEY}"}
     upstream = subprocess.Popen([sys.executable, str(BENCH / "upstream.py"), str(upstream_port)], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=open(workdir / "upstream.log", "wb"))
@@ -319,7 +375,8 @@ def main() -> None:
             dict(env, FLOOR_UPSTREAM=upstream_url, FLOOR_CONNECTIONS=str(CONNECTIONS)), port, workdir,
             cwd=BENCH))  # not the checkout: gunicorn would read its gunicorn.conf.py (hooks, a fleet supervisor)
         for name, label, config in (("empty", "gateway, empty pipeline", empty_config),
-                                    ("full", f"gateway, {Path(args.config).name}", full_config)):
+                                    ("full", f"gateway, {Path(args.config).name}", full_config),
+                                    *((stem, f"gateway, + {stem}", path) for stem, path in extra_configs)):
             port = free_port()
             servers.append(Server(name, label, gunicorn + ["-c", str(ROOT / "gunicorn.conf.py")],
                                   dict(gateway_env, GATEWAY_BIND=f"127.0.0.1:{port}", GATEWAY_CONFIG=str(config)),
@@ -352,6 +409,9 @@ def main() -> None:
     finally:
         stop_all([s.popen for s in servers] + [upstream])
         statsd.close()
+        if sink is not None:
+            sink.shutdown()
+            notes.append(f"the OTLP sink received {sink.spans} spans in {sink.exports} exports")
 
     title = (f"Llamagate overhead against the floor ({'quick' if args.quick else 'full'} run, "
              f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z})")

@@ -198,11 +198,25 @@ class RequestContext:
         status: HTTP status sent to the client, once known.
         error: The error that ended the request, if one did.
         usage: The ``usage`` object of the answer, when the backend sent one.
+        finish_reasons: Why the answer's choices ended (``stop``, ``length``,
+            ``tool_calls``...), as the backend said, in the order it said it: read from a
+            chat or completion stream's events as they pass (undecoded ones too), relayed or
+            assembled into one answer.
         cache: Cache outcome for logs and headers (``HIT``/``MISS``), set by a plugin.
         response_headers: Headers to add to the client's response.
+        upstream_headers: Headers to add to the request to the backend (a trace's
+            ``traceparent``), set by the ``upstream_request`` hooks at the latest; the
+            core's own (``Content-Type``, ``X-Request-Id``) win over a plugin's.
         started: ``time.monotonic()`` when the request arrived.
         first_byte_at: ``time.monotonic()`` when the first body byte went out.
         upstream_ms: Milliseconds the backend took to start answering (headers).
+        marks: Moments of the request's life (``time.monotonic()``) as the core passes
+            them, for plugins that draw it on a timeline (traces); a step the request did
+            not take has no mark. ``fleet.asked``/``fleet.granted``: a launched backend's
+            lease from the fleet (the timing ``fleet.load.<backend>`` says how much of it
+            was a model load); ``admission.asked``/``admission.granted``: the wait for a
+            backend slot; ``upstream.headers``: the backend's answer's headers read (after
+            retries); ``upstream.first_event``: its stream's first event.
         sent: Set when the request left the admission queue for a backend: from then
             on the backend may be working on it.
         bytes_in: Request body size.
@@ -237,11 +251,14 @@ class RequestContext:
     status: int | None = None
     error: GatewayError | None = None
     usage: dict[str, Any] | None = None
+    finish_reasons: list[str] = field(default_factory=list)
     cache: str | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
+    upstream_headers: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
     upstream_ms: float | None = None
+    marks: dict[str, float] = field(default_factory=dict)
     sent: bool = False
     bytes_in: int = 0
     bytes_out: int = 0

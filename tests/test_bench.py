@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import falcon.testing
+import yaml
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
@@ -105,3 +106,29 @@ def test_the_kv_benchmark_reads_the_access_logs_kv_fields_and_tabulates_them(tmp
     assert found["state_mb"] == 2.0 and found["disk_mb"] == 1.0 and found["restore_ms"] == 5.0
     lines = module.table({("evictions", "saved states"): found})
     assert len(lines) == 3 and all(line.count("|") == 10 for line in lines)
+
+
+def test_the_tracer_bench_puts_its_plugin_first_and_its_sink_counts_what_the_sdk_exports(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    full, _, _ = module.bench_configs(BENCH.parent / "pipelines.yaml", tmp_path)
+    traced = module.with_plugin(full, BENCH / "configs" / "otel-1.yaml", tmp_path)
+    doc = yaml.safe_load(traced.read_text())
+    assert all(plugins[0] == {"otel": {"endpoint": "${OTEL_SINK_URL}", "sample_ratio": 0.01, "schedule_delay": 2}}
+               for plugins in doc["pipelines"].values())
+    assert doc["pipelines"]["default"][1:] == yaml.safe_load(full.read_text())["pipelines"]["default"]
+
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    sink = module.Sink()
+    try:
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=sink.url, timeout=5)))
+        for name in ("a", "b"):
+            provider.get_tracer("bench").start_span(name).end()
+        assert (sink.exports, sink.spans) == (2, 2)
+    finally:
+        sink.shutdown()

@@ -17,9 +17,10 @@ from gateway.config import Timeouts
 from gateway.context import RequestContext
 from gateway.errors import GatewayTimeoutError, UpstreamError
 from gateway.backends.httpclient import ConnectionBroken, HTTPFailure, ReadTimedOut
-from gateway.web.streaming import Relay, client_departed, frames
+from gateway.web.streaming import Relay, client_departed, collect, frames
 
 TIMEOUTS = Timeouts(first_byte=5, idle=7, total=60)
+CTX = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
 
 
 class ScriptedLease:
@@ -52,16 +53,18 @@ def test_events_come_whole_whatever_the_reads_cut():
     lease = ScriptedLease([b'data: {"a"', b':1}\n', b'\ndata: {"b":2}\n\ndata: {"c"', b":3}\n\n\n\n",
                            b"data: [DONE]\n\n", b"data: half an event"])
     # in the batches they complete in: a's blank line and b come in one read
-    assert list(frames(lease, TIMEOUTS)) == [[b'data: {"a":1}', b'data: {"b":2}'], [b'data: {"c":3}'],
+    ctx = RequestContext(request_id="r", method="POST", route="/v1/chat/completions")
+    assert list(frames(ctx, lease, TIMEOUTS)) == [[b'data: {"a":1}', b'data: {"b":2}'], [b'data: {"c":3}'],
                                              [b"data: [DONE]"]]
     assert lease.read_timeouts == [TIMEOUTS.idle]  # idle from the first event on, set once
+    assert ctx.marks["upstream.first_event"] >= ctx.started
 
 
 def test_nothing_before_the_first_event_is_a_first_byte_timeout_and_later_an_idle_failure():
     with pytest.raises(GatewayTimeoutError) as err:
-        list(frames(ScriptedLease([b"data: {", ReadTimedOut()]), TIMEOUTS))  # half an event is no event
+        list(frames(CTX, ScriptedLease([b"data: {", ReadTimedOut()]), TIMEOUTS))  # half an event is no event
     assert "did not start answering within 5 s" in err.value.message
-    batches = frames(ScriptedLease([b'data: {"a":1}\n\n', ReadTimedOut()]), TIMEOUTS)
+    batches = frames(CTX, ScriptedLease([b'data: {"a":1}\n\n', ReadTimedOut()]), TIMEOUTS)
     assert next(batches) == [b'data: {"a":1}']
     with pytest.raises(ReadTimedOut):  # the relay words it as idle (errors.from_read_failure)
         next(batches)
@@ -70,7 +73,7 @@ def test_nothing_before_the_first_event_is_a_first_byte_timeout_and_later_an_idl
 def test_an_event_that_never_ends_is_cut(monkeypatch):
     monkeypatch.setattr("gateway.web.streaming.MAX_EVENT_BYTES", 100)
     with pytest.raises(UpstreamError):
-        list(frames(ScriptedLease([b"data: " + b"x" * 60, b"x" * 60]), TIMEOUTS))
+        list(frames(CTX, ScriptedLease([b"data: " + b"x" * 60, b"x" * 60]), TIMEOUTS))
 
 
 def relay(reads: list[bytes | HTTPFailure], **body: Any) -> tuple[list[bytes], RequestContext]:
@@ -97,6 +100,18 @@ def test_a_stream_that_ends_without_done_is_incomplete():
     events, ctx = relay([chunk("a", 1)])
     assert b"incomplete" in events[-1] and b"[DONE]" not in b"".join(events)
     assert ctx.usage["completion_tokens"] == 1
+
+
+def test_the_finish_reasons_are_read_from_undecoded_events_and_assembled_ones():
+    last = (b'data: {"choices":[{"index":%d,"finish_reason":"%s","delta":{}}],"model":"m.gguf"}\n\n')
+    quoted = b'data: {"choices":[{"index":0,"finish_reason":null,"delta":{"content":"\\"finish_reason\\":\\"x\\""}}]}\n\n'
+    reads = [chunk("a", 1), quoted, last % (0, b"length"), last % (1, b"stop"), b"data: [DONE]\n\n"]
+    events, ctx = relay(reads)
+    assert ctx.finish_reasons == ["length", "stop"]  # not the one in a choice's text
+    assert b'"finish_reason":"length"' in events[2]  # relayed as it came
+    collected = RequestContext(request_id="r", method="POST", route="/v1/chat/completions", body={"messages": []})
+    collect(collected, ScriptedLease(reads), TIMEOUTS, lambda event: None)  # type: ignore[arg-type]
+    assert collected.finish_reasons == ["length", "stop"]
 
 
 def test_client_departed_tells_a_hang_up_from_a_pipelined_request():

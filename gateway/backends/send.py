@@ -90,7 +90,8 @@ def open_lease(ctx: RequestContext, backend: Backend, first: Replica | None, out
     the request, then send it until a replica answers; see the module doc.
     ``retry_after``: the ``Retry-After`` of a backend that cannot take requests now.
 
-    Sets ``ctx.replica`` and ``ctx.sent``; counts each retry as ``upstream.retries``, the
+    Sets ``ctx.replica``, ``ctx.sent`` and the ``ctx.marks`` of the fleet's lease and of
+    admission; counts each retry as ``upstream.retries``, the
     queue depth on arrival as the gauge ``queue.<backend>`` and the wait as the timer of
     the same name.
 
@@ -120,11 +121,13 @@ def fleet_lease(ctx: RequestContext, backend: Backend, timeouts: Timeouts, in_fl
         in_flight.wake = wake
 
     backend.fleet_waiting += 1
+    ctx.marks["fleet.asked"] = start
     try:
         hold = fleet.acquire(backend.name, budget, set_wake, lambda: in_flight.stopped, check)
     finally:
         backend.fleet_waiting -= 1
-    waited = time.monotonic() - start
+    ctx.marks["fleet.granted"] = granted = time.monotonic()
+    waited = granted - start
     if hold.report.get("load_seconds") is not None:
         ctx.timings[f"fleet.load.{backend.name}"] = hold.report["load_seconds"] * 1000.0
         if hold.report.get("swap"):
@@ -160,7 +163,9 @@ class _Send:
                 # for a slot too, and serves them all before it swaps the model out.
                 self.hold, self.timeouts = fleet_lease(ctx, backend, self.timeouts, self.in_flight)
             ctx.gauges[f"queue.{backend.name}"] = backend.admission.queued
+            ctx.marks["admission.asked"] = time.monotonic()
             waited = backend.admission.acquire(QueuePlace.of(ctx.principal), self.in_flight)
+            ctx.marks["admission.granted"] = time.monotonic()
         except BaseException:
             self._release_hold()
             raise

@@ -166,11 +166,14 @@ class Exchange:
              relay_errors: bool = False) -> Lease:
         """Admit the request and send it to ``ctx.backend`` (the routed replica first)
         until a replica answers; a JSON payload is encoded by the core, with the slot it
-        takes (:mod:`gateway.backends.slots`); ``headers`` get the request id. A backend
+        takes (:mod:`gateway.backends.slots`); ``headers`` get the request id and the plugins'
+        ``ctx.upstream_headers``. A backend
         error status becomes the client's error (unless ``relay_errors``). From the moment
         it is sent it can be cancelled; the exchange holds the answer (:attr:`lease`)."""
         ctx, gateway = self.ctx, self.gateway
         assert ctx.backend is not None and self.replica is not None
+        if ctx.upstream_headers:  # a plugin's (a trace's traceparent): the core's own win
+            headers = {**ctx.upstream_headers, **headers}
         headers["X-Request-Id"] = ctx.request_id
         entry = gateway.track(ctx)
         sent_at = time.monotonic()
@@ -182,7 +185,8 @@ class Exchange:
             gateway.untrack(entry)
             raise
         self.lease = lease
-        ctx.upstream_ms = (time.monotonic() - sent_at) * 1000.0
+        ctx.marks["upstream.headers"] = answered = time.monotonic()
+        ctx.upstream_ms = (answered - sent_at) * 1000.0
         try:
             if ctx.cancelled:  # cancelled as the answer began
                 raise RequestCancelledError()

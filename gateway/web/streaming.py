@@ -36,6 +36,8 @@ DONE = b"data: [DONE]\n\n"
 _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
 _TIMINGS_FIELD = re.compile(rb',"timings":\{[^{}]*\}|"timings":\{[^{}]*\},?')
 _MODEL_KEY = b'"model":"'
+_FINISH_KEY = b'"finish_reason":"'  # llama-server writes "finish_reason":null until a choice's last event
+_FINISH_REASON = re.compile(rb'"finish_reason":"([^"\\]{1,64})"')
 _TIMINGS_KEY = b',"timings":{'
 _COMPACT = (",", ":")
 
@@ -108,8 +110,9 @@ def _stream_error(ctx: RequestContext, error: GatewayError) -> bytes:
     return sse(error.to_dict())
 
 
-def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
-    """The upstream's SSE events (without their blank line), in the batches they arrive.
+def frames(ctx: RequestContext, lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
+    """The upstream's SSE events (without their blank line), in the batches they arrive;
+    the first one's arrival is ``ctx.marks["upstream.first_event"]``.
 
     llama-server sends a stream's headers at once, so the route's ``first_byte``
     timeout (already on the connection) lasts until the first event, which comes
@@ -140,6 +143,7 @@ def frames(lease: Lease, timeouts: Timeouts) -> Iterator[list[bytes]]:
             continue
         if not started:
             started = True
+            ctx.marks["upstream.first_event"] = time.monotonic()
             lease.set_read_timeout(timeouts.idle)
         *events, buffer = buffer.split(b"\n\n")
         yield [raw for raw in events if raw]
@@ -195,7 +199,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
     tally = Tally(*choices_asked(ctx.body))
     deadline = ctx.started + timeouts.total
     try:
-        batches = frames(lease, timeouts)
+        batches = frames(ctx, lease, timeouts)
         for events in batches:
             for raw in events:
                 if raw.startswith(b"data: [DONE]"):
@@ -205,6 +209,7 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
                 if error is not None:
                     raise error
                 tally.see(raw)
+                note_finish(ctx, raw)
                 event = decode_json(raw[5:]) if raw.startswith(b"data:") else None
                 if isinstance(event, dict):
                     add(event)
@@ -217,6 +222,13 @@ def collect(ctx: RequestContext, lease: Lease, timeouts: Timeouts,
     except GatewayError:
         ctx.usage = tally.usage()
         raise
+
+
+def note_finish(ctx: RequestContext, raw: bytes) -> None:
+    """The finish reasons a raw event carries, into ``ctx.finish_reasons``: one byte search
+    an event, a regular expression on a choice's last."""
+    if _FINISH_KEY in raw:
+        ctx.finish_reasons.extend(reason.decode() for reason in _FINISH_REASON.findall(raw))
 
 
 def client_departed(sock: Any) -> bool:
@@ -298,7 +310,7 @@ class Relay:
 
     def _relay(self) -> Iterator[bytes]:
         try:
-            batches = frames(self.lease, self.timeouts)
+            batches = frames(self.ctx, self.lease, self.timeouts)
             for events in batches:
                 out = b"".join(self._event(raw) for raw in events)
                 if out:
@@ -332,6 +344,7 @@ class Relay:
         if raw == b"data: null":  # llama-server's, between the prompts of a list: not a chunk OpenAI clients read
             return b""
         self.tally.see(raw)
+        note_finish(self.ctx, raw)
         if self.on_event is None and not self.normalize and b'"usage"' not in raw:
             return rewrite_event(raw, self.model_field) + b"\n\n"
         event = decode_json(raw[5:]) if raw.startswith(b"data:") else None
@@ -412,7 +425,7 @@ def relay_as_is(ctx: RequestContext, lease: Lease, public_model: str, timeouts: 
     field = model_field(public_model)
     deadline = ctx.started + timeouts.total
     try:
-        for events in frames(lease, timeouts):
+        for events in frames(ctx, lease, timeouts):
             for raw in events:
                 count.see(raw)
             if reshape is None:
