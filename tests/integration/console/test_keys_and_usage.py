@@ -269,3 +269,92 @@ def test_usage_per_key_and_model_and_the_csv_have_the_ledgers_rows(stack, postgr
     assert len(rows) == len(ledger)
     # a formula in a client id is text for a spreadsheet; markup is left as it is (it is not HTML)
     assert {row["client"] for row in rows} >= {"ulla", XSS, "'" + FORMULA}
+
+
+# The pages, in headless Chromium (conftest.py's ConsolePage), on the data the tests above made.
+
+def script_errors(page) -> list[str]:
+    return [e for e in page.script_errors() if "/favicon.ico" not in e]  # the console has no icon
+
+
+def rows_with(page, css: str, text: str) -> list:
+    return [row for row in page.all(f"{css} tbody tr") if text in row.text]
+
+
+def test_the_keys_page_adds_a_key_that_works_at_once_and_revokes_it(stack, console_page):
+    page = console_page(stack.url)
+    page.sign_in(stack.admin, "keys")
+    page.wait_text("#keys-table", "console-user")
+    assert "read-only (env)" in rows_with(page, "#keys-table", "console-user")[0].text
+    page.find("#new-client").send_keys("webby")
+    page.find("#new-models").send_keys("smollm2")
+    page.find("#new-tpd").send_keys("100000")
+    page.find("#new-priority").send_keys("5")
+    page.find("#key-form button[type=submit]").click()
+    secret = page.wait(lambda: page.text("#new-secret"), message="the new key's secret")
+    assert secret.startswith("sk-lg-")
+    row = page.wait(lambda: rows_with(page, "#keys-table", "webby"), message="the new key's row")[0]
+    key_id = row.get_attribute("data-key")
+    assert "100k tokens/day" in row.text and "smollm2" in row.text and secret not in page.text("#keys-table")
+    assert poll(lambda: works_on_both_workers(stack, secret), timeout=5)  # at once, on both workers
+    page.shot("keys")
+
+    revoke = row.find_element("css selector", "button.revoke")
+    revoke.click()
+    assert page.wait(lambda: revoke.text.startswith("Really"))  # a second click confirms
+    revoke.click()
+    page.wait(lambda: not rows_with(page, "#keys-table", "webby"), message="the revoked key to leave the list")
+    time.sleep(1.0)
+    assert [chat(stack.url, secret).status_code for _ in range(8)] == [401] * 8
+    assert keys_listed(stack, everything=True)[key_id]["state"] == "revoked"
+    assert not script_errors(page)
+
+
+def test_a_client_id_carrying_markup_is_shown_as_text_on_both_pages(stack, console_page):
+    page = console_page(stack.url)
+    for name, table in (("keys", "#keys-table"), ("usage", "#usage-keys-table")):
+        page.open(name)
+        page.wait_text(table, XSS)  # the markup is the cell's visible text
+        cell = [c for c in page.all(f"{table} td") if c.text == XSS][0]
+        assert "&lt;script&gt;" in cell.get_attribute("innerHTML")
+        assert page.all(f"#page-{name} img") == [] and page.all(f"#page-{name} script") == []
+        assert page.driver.execute_script("return window.pwned === undefined")
+    assert not script_errors(page)
+
+
+def test_the_usage_page_charts_and_tables_the_ledger_and_downloads_its_csv(stack, console_page, logs):
+    page = console_page(stack.url)
+    downloads = logs / "console-downloads"
+    downloads.mkdir(exist_ok=True)
+    page.driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    page.open("usage")
+    page.wait_text("#usage-keys-table", "ulla")
+    page.wait_text("#usage-models-table", "smollm2-embeddings")
+    by_key = api(stack, "GET", "/usage?days=30&by=key").json()["data"]
+    ulla = [r for r in by_key if r["client"] == "ulla"][0]
+    shown = rows_with(page, "#usage-keys-table", ulla["key_id"])[0].text.split()
+    assert shown[-4:] == [str(ulla[name]) for name in ("requests", "prompt_tokens", "completion_tokens",
+                                                       "total_tokens")]
+    for chart in ("#usage-keys-chart", "#usage-models-chart"):
+        assert page.all(f"{chart} svg polyline"), chart  # a line per series
+    # the legends name the three biggest keys and models of the range, the rest summed as "others"
+    for chart, by, name in (("#usage-keys-chart", "key", lambda r: f"{r['client']} ({r['key_id']})"),
+                            ("#usage-models-chart", "model", lambda r: r["model"] or "(no model)")):
+        totals: dict[str, int] = defaultdict(int)
+        for r in api(stack, "GET", f"/usage?days=30&by={by}").json()["data"]:
+            totals[name(r)] += r["total_tokens"]
+        legend = page.text(f"{chart} .legend")
+        top = sorted(totals, key=totals.get, reverse=True)[:3]
+        assert all(f"{n} (tokens)" in legend for n in top), (legend, totals)
+        assert ("others (tokens)" in legend) == (len(totals) > 3)
+    page.shot("usage")
+
+    page.find("#usage-csv").click()
+    target = downloads / "llamagate-usage-30d.csv"
+    assert poll(lambda: target.exists() and target.stat().st_size > 0, timeout=10)
+    expected = api(stack, "GET", "/usage.csv?days=30").text
+    # the admin's own console calls (no model) go on meanwhile: the rest is the same file
+    without_admin = lambda text: [r for r in csv_rows(text) if r["client"] != "console-ops"]  # noqa: E731
+    assert without_admin(target.read_text()) == without_admin(expected)
+    assert any(r["client"] == "'" + FORMULA for r in csv_rows(target.read_text()))
+    assert not script_errors(page)

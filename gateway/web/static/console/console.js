@@ -22,7 +22,7 @@
  *       as listeners; href only relative), children are Nodes or text (never parsed as HTML).
  *   ctx.chart(container, series, options): a time-series chart (SVG) into container;
  *       series: [{name, points: [[epochMs, value|null], ...]}], options: {title, kind:
- *       "line"|"bar", unit, height}.
+ *       "line"|"bar", unit, height, axis: "time" (default: hh:mm) | "day" (UTC YYYY-MM-DD)}.
  *   ctx.table(headers, rows) -> <table>: rows of cells (text or Nodes).
  *   ctx.download(path, filename): GET path with the key, saved as a file (a CSV).
  *   ctx.every(ms, fn): calls fn now and every ms while this page is open; returns nothing.
@@ -125,14 +125,15 @@ const Console = (() => {
     const vmax = Math.max(1e-9, ...values) * 1.1;
     const x = (t) => left + (t1 === t0 ? 0 : (t - t0) / (t1 - t0)) * (width - left - right);
     const y = (v) => top + (1 - v / vmax) * (height - top - bottom);
+    const moment = (t) => (opts.axis === "day" ? new Date(t).toISOString().slice(0, 10)
+      : new Date(t).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"}));
     const svg = build(SVG, "svg", {viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": opts.title}, [
       build(SVG, "line", {class: "axis", x1: left, y1: y(0), x2: width - right, y2: y(0)}, []),
       build(SVG, "line", {class: "axis", x1: left, y1: top, x2: left, y2: y(0)}, []),
       build(SVG, "text", {x: left - 4, y: top + 8, "text-anchor": "end"}, [number(vmax / 1.1)]),
       build(SVG, "text", {x: left - 4, y: y(0), "text-anchor": "end"}, ["0"]),
-      build(SVG, "text", {x: left, y: height - 4}, [new Date(t0).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"})]),
-      build(SVG, "text", {x: width - right, y: height - 4, "text-anchor": "end"},
-        [new Date(t1).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"})]),
+      build(SVG, "text", {x: left, y: height - 4}, [moment(t0)]),
+      build(SVG, "text", {x: width - right, y: height - 4, "text-anchor": "end"}, [moment(t1)]),
     ]);
     const step = series.length && series[0].points.length > 1 ? (width - left - right) / series[0].points.length : 8;
     series.forEach((s, i) => {
