@@ -95,6 +95,15 @@ def test_rotate_shows_a_new_secret_once_and_the_old_one_is_refused(stack):
     assert poll(lambda: all(chat(stack.url, old["secret"]).status_code == 401 for _ in range(6)), timeout=5)
 
 
+def test_a_key_is_named_by_its_id_only_never_by_a_client_of_that_name(stack):
+    target = api(stack, "POST", "/keys", {"client": "tara"}).json()["key"]
+    # a client whose name is the key's id: the CLI's `revoke WHO` would take it for the client
+    decoy = api(stack, "POST", "/keys", {"client": target["key_id"]}).json()["key"]
+    assert api(stack, "POST", "/keys/revoke", {"key_id": target["key_id"]}).status_code == 200
+    listed = keys_listed(stack)
+    assert target["key_id"] not in listed and decoy["key_id"] in listed
+
+
 def test_limits_set_in_the_console_apply_on_both_workers(stack):
     made = api(stack, "POST", "/keys", {"client": "lena"}).json()
     key_id, secret = made["key"]["key_id"], made["secret"]
