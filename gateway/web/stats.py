@@ -42,7 +42,8 @@ class Stats:
         error = ctx.error.code or ctx.error.type if ctx.error is not None else None
         self.completions.append(Completion(time.monotonic(), ctx.route, ctx.status or 0, ctx.latency_ms,
                                            ctx.cache, error, ctx.request_id))
-        self.traffic.record(ctx, error)
+        if not ctx.route.startswith("/admin/"):  # the console does not chart its own polling
+            self.traffic.record(ctx, error)
 
     def snapshot(self, window: float = 60.0, recent_errors: int = 10) -> dict[str, Any]:
         """Requests/s, latency percentiles, cache hit rate over the last ``window`` seconds,
