@@ -13,6 +13,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.pipeline import build_pipelines
 from gateway.storage import keys
+from gateway.testing import free_port
 from gateway.web import console
 from gateway.web.stats import Traffic
 
@@ -134,3 +135,22 @@ def test_the_console_folder_is_read_whole():
     names = set(console.ASSETS)
     assert {"index.html", "console.css", "console.js"} <= names
     assert {f"pages/{p}.js" for p in ("overview", "models", "live", "keys", "usage")} <= names
+
+
+def test_with_the_shared_redis_unreachable_the_console_shows_this_worker_and_says_so(make_client, tmp_path: Path):
+    keys_file = tmp_path / "keys.yaml"
+    admin = keys.add_key(keys_file, "ops", "admin")
+    pipeline = [{"auth": {"keys_file": str(keys_file), "env_keys": {}}}]
+    doc = config_doc("http://x:1", pipelines={"default": pipeline})
+    plugins = build_pipelines(parse_config(doc))["default"].plugins
+    client = make_client(plugins, admin_pipeline="default", pipelines={"default": pipeline},
+                         shared={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    chat = {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}
+    client.simulate_post("/v1/chat/completions", json=chat, headers=bearer(admin))
+    for path in ("/admin/api/overview", "/admin/api/live", "/admin/api/errors"):
+        answer = client.simulate_get(path, headers=bearer(admin)).json
+        assert answer["scope"] == "worker" and answer["shared"] == "unreachable", path
+    overview = client.simulate_get("/admin/api/overview", headers=bearer(admin)).json
+    assert overview["hour"]["errors"] == 1
+    [error] = client.simulate_get("/admin/api/errors", headers=bearer(admin)).json["data"]
+    assert error["error"] == "model_not_found"
