@@ -114,7 +114,8 @@ def test_overview_live_and_errors_for_one_worker(console_client):
 def test_traffic_hands_over_what_it_counted_once_and_takes_back_what_was_not_written():
     class Ctx:
         usage = {"prompt_tokens": 5, "completion_tokens": 7}
-        ttfb_ms, timings, backend, route, model, status = 12.4, {"queue.chat": 3.0}, "chat", "/v1/chat/completions", "m", 500
+        started, first_byte_at = 100.0, 100.0124
+        timings, backend, route, model, status = {"queue.chat": 3.0}, "chat", "/v1/chat/completions", "m", 500
         request_id, principal = "r1", None
 
     traffic = Traffic()
@@ -126,9 +127,15 @@ def test_traffic_hands_over_what_it_counted_once_and_takes_back_what_was_not_wri
                       "first_byte_ms": 24, "first_byte_count": 2, "queue_ms": 6, "queue_count": 2}
     assert [e["request_id"] for e in errors] == ["r1"]
     assert traffic.take() == ({}, [])  # handed over once
-    traffic.restore(minutes, errors)  # Redis did not take it: the next beat does
-    assert traffic.take() == (minutes, errors)
-    assert sum(c["requests"] for c in traffic.minutes.values()) == 2  # the local view keeps all
+    traffic.record(Ctx(), None)
+    later, _ = traffic.take()
+    assert [c["requests"] for c in later.values()] == [1]  # only what came since
+    traffic.restore(later, [])
+    traffic.restore(minutes, errors)  # Redis took neither: the next beat hands both over
+    again, again_errors = traffic.take()
+    assert sum(c["requests"] for c in again.values()) == 3 and again_errors == errors
+    assert sum(c["prompt_tokens"] for c in again.values()) == 15
+    assert sum(row[0] for row in traffic.minutes.values()) == 3  # the local view keeps all
 
 
 def test_the_console_folder_is_read_whole():

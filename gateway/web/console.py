@@ -115,7 +115,7 @@ class ConsoleApiResource:
                 return shared.traffic(first, last), "ok"
             except SharedUnavailable:
                 pass
-        return {m: dict(c) for m, c in self.gateway.traffic.minutes.items()}, "off" if shared is None else "unreachable"
+        return self.gateway.traffic.counts(), "off" if shared is None else "unreachable"
 
     def overview(self) -> dict[str, Any]:
         last = int(time.time() // 60)
