@@ -76,7 +76,8 @@ def test_the_admin_key_is_never_taken_from_the_query_string(console_client):
     for query in (f"key={admin}", f"api_key={admin}", f"access_token={admin}", f"authorization=Bearer+{admin}"):
         resp = console_client.simulate_get("/admin/api/overview", query_string=query)
         assert resp.status_code == 401, query
-    assert console_client.simulate_get("/admin/api/overview", headers=bearer(admin)).status_code == 200
+    answer = console_client.simulate_get("/admin/api/overview", headers=bearer(admin))
+    assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
 
 
 def test_console_answers_carry_no_cors_headers(console_client):
