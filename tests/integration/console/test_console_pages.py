@@ -149,6 +149,10 @@ def test_live_lists_every_workers_requests_and_cancels_a_stream(gw, page):
     if len(holders) == 1:  # both on one worker: the other one lists them too (from its snapshot in Redis)
         poll(lambda: (d := api(gw, "/admin/api/live"))["answered_by"] not in holders
              and set(ids) <= {r["request_id"] for r in d["data"]}, message="the other worker to list them")
+    # each worker admits one at a time (two slots, two workers): a second one there waits
+    waiting = 1 if len(holders) == 1 else 0
+    poll(lambda: sum(r["waiting"] for r in api(gw, "/admin/api/live")["data"] if r["request_id"] in ids) == waiting,
+         message=f"{waiting} of them waiting")
     page.open("live")
     for request_id in ids:
         page.wait(lambda: page.all(f'tr[data-request-id="{request_id}"]'), message=f"{request_id} listed")

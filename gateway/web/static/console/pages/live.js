@@ -30,10 +30,11 @@ Console.register({
     ctx.every(2000, async () => {
       const [live, latest] = await Promise.all([ctx.api("GET", "/admin/api/live"), ctx.api("GET", "/admin/api/errors")]);
       scope.textContent = `${live.in_flight} in flight on ${where(live)} (${live.workers} worker(s)).`;
-      const table = ctx.table(["", "request id", "client", "model", "route", "stream", "age s", "bytes sent", "worker"],
-        live.data.map((r) => [
+      const table = ctx.table(["", "request id", "client", "model", "route", "state", "stream", "age s", "bytes sent",
+        "worker"], live.data.map((r) => [
           el("button", {type: "button", class: "cancel", onclick: (event) => cancel(r.request_id, event.target)}, "Cancel"),
-          r.request_id, r.client ?? "-", r.model ?? "-", r.route, r.stream ? "yes" : "no",
+          r.request_id, r.client ?? "-", r.model ?? "-", r.route,
+          el("span", {class: r.waiting ? "loading" : "ok"}, r.waiting ? "waiting" : "running"), r.stream ? "yes" : "no",
           r.age_s.toFixed(1), ctx.number(r.bytes_out), r.worker]));
       table.querySelectorAll("tbody tr").forEach((tr, i) => tr.setAttribute("data-request-id", live.data[i].request_id));
       requests.replaceChildren(live.data.length ? table : el("p", {class: "note"}, "No request in flight."));
