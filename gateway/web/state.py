@@ -1,5 +1,5 @@
 """What a worker holds: the configuration in force, its pipelines and backends, the
-requests in flight, and the figures of the status page (:class:`Gateway`); and what
+requests in flight, and the figures of the console (:class:`Gateway`); and what
 of it outlives a reload (:class:`Carried`). No request flow lives here (that is
 :mod:`gateway.web.flow`); only the operations on this state.
 """
