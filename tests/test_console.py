@@ -13,6 +13,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.pipeline import build_pipelines
 from gateway.storage import keys
+from gateway.testing import free_port
 from gateway.web import console
 from gateway.web.stats import Traffic
 
@@ -75,7 +76,8 @@ def test_the_admin_key_is_never_taken_from_the_query_string(console_client):
     for query in (f"key={admin}", f"api_key={admin}", f"access_token={admin}", f"authorization=Bearer+{admin}"):
         resp = console_client.simulate_get("/admin/api/overview", query_string=query)
         assert resp.status_code == 401, query
-    assert console_client.simulate_get("/admin/api/overview", headers=bearer(admin)).status_code == 200
+    answer = console_client.simulate_get("/admin/api/overview", headers=bearer(admin))
+    assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
 
 
 def test_console_answers_carry_no_cors_headers(console_client):
@@ -113,7 +115,8 @@ def test_overview_live_and_errors_for_one_worker(console_client):
 def test_traffic_hands_over_what_it_counted_once_and_takes_back_what_was_not_written():
     class Ctx:
         usage = {"prompt_tokens": 5, "completion_tokens": 7}
-        ttfb_ms, timings, backend, route, model, status = 12.4, {"queue.chat": 3.0}, "chat", "/v1/chat/completions", "m", 500
+        started, first_byte_at = 100.0, 100.0124
+        timings, backend, route, model, status = {"queue.chat": 3.0}, "chat", "/v1/chat/completions", "m", 500
         request_id, principal = "r1", None
 
     traffic = Traffic()
@@ -125,12 +128,37 @@ def test_traffic_hands_over_what_it_counted_once_and_takes_back_what_was_not_wri
                       "first_byte_ms": 24, "first_byte_count": 2, "queue_ms": 6, "queue_count": 2}
     assert [e["request_id"] for e in errors] == ["r1"]
     assert traffic.take() == ({}, [])  # handed over once
-    traffic.restore(minutes, errors)  # Redis did not take it: the next beat does
-    assert traffic.take() == (minutes, errors)
-    assert sum(c["requests"] for c in traffic.minutes.values()) == 2  # the local view keeps all
+    traffic.record(Ctx(), None)
+    later, _ = traffic.take()
+    assert [c["requests"] for c in later.values()] == [1]  # only what came since
+    traffic.restore(later, [])
+    traffic.restore(minutes, errors)  # Redis took neither: the next beat hands both over
+    again, again_errors = traffic.take()
+    assert sum(c["requests"] for c in again.values()) == 3 and again_errors == errors
+    assert sum(c["prompt_tokens"] for c in again.values()) == 15
+    assert sum(row[0] for row in traffic.minutes.values()) == 3  # the local view keeps all
 
 
 def test_the_console_folder_is_read_whole():
     names = set(console.ASSETS)
     assert {"index.html", "console.css", "console.js"} <= names
     assert {f"pages/{p}.js" for p in ("overview", "models", "live", "keys", "usage")} <= names
+
+
+def test_with_the_shared_redis_unreachable_the_console_shows_this_worker_and_says_so(make_client, tmp_path: Path):
+    keys_file = tmp_path / "keys.yaml"
+    admin = keys.add_key(keys_file, "ops", "admin")
+    pipeline = [{"auth": {"keys_file": str(keys_file), "env_keys": {}}}]
+    doc = config_doc("http://x:1", pipelines={"default": pipeline})
+    plugins = build_pipelines(parse_config(doc))["default"].plugins
+    client = make_client(plugins, admin_pipeline="default", pipelines={"default": pipeline},
+                         shared={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    chat = {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}
+    client.simulate_post("/v1/chat/completions", json=chat, headers=bearer(admin))
+    for path in ("/admin/api/overview", "/admin/api/live", "/admin/api/errors"):
+        answer = client.simulate_get(path, headers=bearer(admin)).json
+        assert answer["scope"] == "worker" and answer["shared"] == "unreachable", path
+    overview = client.simulate_get("/admin/api/overview", headers=bearer(admin)).json
+    assert overview["hour"]["errors"] == 1
+    [error] = client.simulate_get("/admin/api/errors", headers=bearer(admin)).json["data"]
+    assert error["error"] == "model_not_found"

@@ -75,7 +75,7 @@ class ConsoleApiResource:
     * ``GET /admin/api/overview``: the last hour per minute (requests, errors, tokens,
       first byte and queue wait), per backend its slots busy and queued;
     * ``GET /admin/api/live``: the requests in flight, each worker's oldest
-      (:data:`gateway.web.state.LIVE_LISTED`);
+      (:data:`gateway.web.state.LIVE_LISTED`), from the workers' snapshots;
     * ``GET /admin/api/errors``: the latest errors with their request ids;
     * ``POST /admin/api/requests/{request_id}/cancel``: cancel a request wherever it runs.
     """
@@ -115,7 +115,7 @@ class ConsoleApiResource:
                 return shared.traffic(first, last), "ok"
             except SharedUnavailable:
                 pass
-        return {m: dict(c) for m, c in self.gateway.traffic.minutes.items()}, "off" if shared is None else "unreachable"
+        return self.gateway.traffic.counts(), "off" if shared is None else "unreachable"
 
     def overview(self) -> dict[str, Any]:
         last = int(time.time() // 60)
@@ -137,7 +137,7 @@ class ConsoleApiResource:
                 for field in ("requests", "errors", "prompt_tokens", "completion_tokens")}
         status = self.gateway.status()
         totals = status["totals"]
-        backends = {name: {"limit": detail["limit"], "ready": detail["ready"],
+        backends = {name: {"limit": detail["limit"], "admission": detail["admission"], "ready": detail["ready"],
                            "slots": sum(r["slots"] or 0 for r in detail["replicas"]),
                            "busy": totals["backends"][name]["in_flight"], "queued": totals["backends"][name]["queued"]}
                     for name, detail in status["backends"].items()}
@@ -150,7 +150,8 @@ class ConsoleApiResource:
         requests = [dict(r, worker=w["worker"], host=w["host"]) for w in workers for r in w.get("live", [])]
         requests.sort(key=lambda r: -r["age_s"])
         return {"object": "list", "scope": self._scope(shared), "shared": shared, "workers": len(workers),
-                "in_flight": sum(w["in_flight"] for w in workers), "data": requests}
+                "answered_by": self.gateway.worker, "in_flight": sum(w["in_flight"] for w in workers),
+                "data": requests}
 
     def errors(self) -> dict[str, Any]:
         shared, state = self.gateway.shared, "off"

@@ -34,6 +34,7 @@ def serve_admin(gateway: Gateway, pipeline_name: str, req: falcon.Request, resp:
                                         "admin_pipeline has no auth plugin.")
         if admin_only and ctx.principal.role != "admin":
             raise PermissionDeniedError("This endpoint needs an admin key.", code="admin_required")
+        ctx.response_headers["Cache-Control"] = "no-store"  # operator data stays out of caches
         return Response(body=act(ctx))
 
     flow.serve_locally(gateway, req, resp, route, pipeline_name, authorized)

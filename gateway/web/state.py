@@ -1,5 +1,5 @@
 """What a worker holds: the configuration in force, its pipelines and backends, the
-requests in flight, and the figures of the status page (:class:`Gateway`); and what
+requests in flight, and the figures of the console (:class:`Gateway`); and what
 of it outlives a reload (:class:`Carried`). No request flow lives here (that is
 :mod:`gateway.web.flow`); only the operations on this state.
 """
@@ -180,11 +180,13 @@ class Gateway:
         """This worker's requests in flight, the ``most`` oldest: who, what, how long, how
         much sent so far (no prompt, no answer)."""
         now = time.monotonic()
-        oldest = sorted((e.ctx for e in list(self.in_flight)), key=lambda ctx: ctx.started)[:most]
+        oldest = sorted(list(self.in_flight), key=lambda entry: entry.ctx.started)[:most]
         return [{"request_id": ctx.request_id, "client": ctx.principal.client_id if ctx.principal else None,
                  "model": ctx.model, "route": ctx.route, "backend": ctx.backend, "stream": ctx.stream,
+                 "waiting": entry.wake is not None,  # queued for a slot, or for its model to load
                  "age_s": round(now - ctx.started, 1), "bytes_out": ctx.bytes_out,
-                 "completion_tokens": (ctx.usage or {}).get("completion_tokens")} for ctx in oldest]
+                 "completion_tokens": (ctx.usage or {}).get("completion_tokens")}
+                for entry in oldest for ctx in (entry.ctx,)]
 
     @property
     def worker(self) -> str:

@@ -6,7 +6,7 @@ host (:mod:`gateway.storage.shared`)."""
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,8 @@ class Stats:
         error = ctx.error.code or ctx.error.type if ctx.error is not None else None
         self.completions.append(Completion(time.monotonic(), ctx.route, ctx.status or 0, ctx.latency_ms,
                                            ctx.cache, error, ctx.request_id))
-        self.traffic.record(ctx, error)
+        if not ctx.route.startswith("/admin/"):  # the console does not chart its own polling
+            self.traffic.record(ctx, error)
 
     def snapshot(self, window: float = 60.0, recent_errors: int = 10) -> dict[str, Any]:
         """Requests/s, latency percentiles, cache hit rate over the last ``window`` seconds,
@@ -78,37 +79,43 @@ class Traffic:
     """This worker's completions per minute (:data:`TRAFFIC_FIELDS`: requests, errors,
     tokens, the time to the first byte out, which for a stream is its first token, and
     the admission queue's wait) for the last hour, and its latest errors. Recording adds
-    to a few counters; what was recorded since the last :meth:`take` is what the shared
-    heartbeat adds to Redis (one pipeline a beat, off the request path). One per process
-    (:class:`gateway.web.state.Carried`): a reload loses no count.
+    to one row of integers; what was recorded since the last :meth:`take` is what the
+    shared heartbeat adds to Redis (one round trip a beat, off the request path). One per
+    process (:class:`gateway.web.state.Carried`): a reload loses no count.
 
     Attributes:
-        minutes: Epoch minute to this worker's totals, the last hour (the console's view
-            without shared Redis).
+        minutes: Epoch minute to this worker's totals in :data:`TRAFFIC_FIELDS` order, the
+            last hour (the console's view without shared Redis).
         errors: This worker's latest errors, newest last.
     """
 
     def __init__(self) -> None:
-        self.minutes: dict[int, Counter[str]] = {}
+        self.minutes: dict[int, list[int]] = {}
         self.errors: deque[dict[str, Any]] = deque(maxlen=ERRORS_KEPT)
-        self._unsent: dict[int, Counter[str]] = {}
+        self._sent: dict[int, list[int]] = {}  # what take() handed over of each minute
         self._unsent_errors: list[dict[str, Any]] = []
 
     def record(self, ctx: RequestContext, error: str | None) -> None:
         now = time.time()
         minute = int(now // 60)
-        counts = Counter(requests=1, errors=int(error is not None), prompt_tokens=_count(ctx.usage, "prompt_tokens"),
-                         completion_tokens=_count(ctx.usage, "completion_tokens"))
-        if ctx.ttfb_ms is not None:
-            counts.update(first_byte_ms=round(ctx.ttfb_ms), first_byte_count=1)
-        queue = ctx.timings.get(f"queue.{ctx.backend}") if ctx.backend else None
-        if queue is not None:
-            counts.update(queue_ms=round(queue), queue_count=1)
-        if minute not in self.minutes:
+        row = self.minutes.get(minute)
+        if row is None:
             self._forget(self.minutes, minute)
-        self.minutes.setdefault(minute, Counter()).update(counts)
-        self._unsent.setdefault(minute, Counter()).update(counts)
+            row = self.minutes[minute] = [0] * len(TRAFFIC_FIELDS)
+        usage = ctx.usage
+        row[0] += 1
+        if usage is not None:
+            row[2] += _count(usage, "prompt_tokens")
+            row[3] += _count(usage, "completion_tokens")
+        if ctx.first_byte_at is not None:
+            row[4] += round((ctx.first_byte_at - ctx.started) * 1000.0)
+            row[5] += 1
+        queue = ctx.timings.get("queue." + ctx.backend) if ctx.backend else None
+        if queue is not None:
+            row[6] += round(queue)
+            row[7] += 1
         if error is not None:
+            row[1] += 1
             principal = ctx.principal
             entry = {"at": round(now, 3), "request_id": ctx.request_id, "status": ctx.status or 0, "error": error,
                      "route": ctx.route, "model": ctx.model, "client": principal.client_id if principal else None}
@@ -116,21 +123,35 @@ class Traffic:
             self._unsent_errors = (self._unsent_errors + [entry])[-ERRORS_KEPT:]
 
     @staticmethod
-    def _forget(table: dict[int, Counter[str]], minute: int) -> None:
+    def _forget(table: dict[int, list[int]], minute: int) -> None:
         for old in [m for m in table if m <= minute - HOUR_MINUTES]:
             del table[old]
+
+    def counts(self) -> dict[int, dict[str, int]]:
+        """This worker's totals of the last hour, by epoch minute and field."""
+        return {minute: dict(zip(TRAFFIC_FIELDS, row)) for minute, row in self.minutes.items()}
 
     def take(self) -> tuple[dict[int, dict[str, int]], list[dict[str, Any]]]:
         """What was recorded since the last take (per-minute increments, errors), handed
         over: the caller writes it, or gives it back (:meth:`restore`)."""
-        minutes, errors = self._unsent, self._unsent_errors
-        self._unsent, self._unsent_errors = {}, []
-        return {m: dict(c) for m, c in minutes.items()}, errors
+        minutes: dict[int, dict[str, int]] = {}
+        current = int(time.time() // 60)
+        self._forget(self.minutes, current)
+        self._forget(self._sent, current)
+        for minute, row in list(self.minutes.items()):
+            sent = self._sent.get(minute)
+            added = row if sent is None else [now - before for now, before in zip(row, sent)]
+            if any(added):
+                minutes[minute] = dict(zip(TRAFFIC_FIELDS, added))
+                self._sent[minute] = list(row)
+        errors, self._unsent_errors = self._unsent_errors, []
+        return minutes, errors
 
     def restore(self, minutes: dict[int, dict[str, int]], errors: list[dict[str, Any]]) -> None:
-        """A :meth:`take` that could not be written: kept for the next (at most the last
-        hour's minutes and :data:`ERRORS_KEPT` errors)."""
-        for minute, counts in minutes.items():
-            self._unsent.setdefault(minute, Counter()).update(counts)
-        self._forget(self._unsent, int(time.time() // 60))
+        """A :meth:`take` that could not be written: handed over again by the next (at
+        most the last hour's minutes and :data:`ERRORS_KEPT` errors)."""
+        for minute, added in minutes.items():
+            sent = self._sent.get(minute)
+            if sent is not None:
+                self._sent[minute] = [before - added[field] for before, field in zip(sent, TRAFFIC_FIELDS)]
         self._unsent_errors = (errors + self._unsent_errors)[-ERRORS_KEPT:]

@@ -103,11 +103,14 @@ class ConsolePage:
 
     def shot(self, name: str) -> Path:
         """A PNG of the whole page (``name``.png), also under LLAMAGATE_CONSOLE_SHOTS when set."""
-        height = self.driver.execute_script("return Math.max(document.body.scrollHeight, 700)")
-        self.driver.set_window_size(1280, min(int(height) + 40, 2400))
+        height = self.driver.execute_script("return Math.max(document.documentElement.scrollHeight, 700)")
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": 1280, "height": min(int(height), 2400), "deviceScaleFactor": 1, "mobile": False})
         path = self.shots / f"{name}.png"
-        self.driver.save_screenshot(str(path))
-        self.driver.set_window_size(1280, 900)
+        try:
+            self.driver.save_screenshot(str(path))
+        finally:
+            self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
         wanted = os.environ.get("LLAMAGATE_CONSOLE_SHOTS")
         if wanted:
             target = Path(wanted) if Path(wanted).is_absolute() else ROOT / wanted

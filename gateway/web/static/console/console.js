@@ -25,6 +25,10 @@
  *       "line"|"bar", unit, height, axis: "time" (default: hh:mm) | "day" (UTC YYYY-MM-DD)}.
  *   ctx.table(headers, rows) -> <table>: rows of cells (text or Nodes).
  *   ctx.download(path, filename): GET path with the key, saved as a file (a CSV).
+ *   ctx.events(path, body, onEvent, signal?) -> Promise: POSTs body (a streaming request)
+ *       and calls onEvent(parsed data) for each server-sent event until [DONE] or the end;
+ *       an AbortSignal stops it.
+ *   ctx.number(n) -> string: a count or a measure, short ("12.3", "45k", "-" for null).
  *   ctx.every(ms, fn): calls fn now and every ms while this page is open; returns nothing.
  *   ctx.error(err|null): shows (or clears) an error above the page.
  */
@@ -70,11 +74,11 @@ const Console = (() => {
     constructor(message, status, code) { super(message); this.status = status; this.code = code; }
   }
 
-  async function request(method, path, body, raw) {
+  async function request(method, path, body, raw, signal) {
     const headers = {Authorization: "Bearer " + key()};
     if (body !== undefined) headers["Content-Type"] = "application/json";
     const resp = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-                                    credentials: "omit", cache: "no-store"});
+                                    credentials: "omit", cache: "no-store", signal});
     if (resp.ok && raw) return resp;
     let data = null;
     try { data = await resp.json(); } catch (err) { data = null; }
@@ -98,6 +102,26 @@ const Console = (() => {
     link.click();
     link.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10000);
+  }
+
+  async function events(path, body, onEvent, signal) {
+    const resp = await request("POST", path, body, true, signal);
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, {stream: true});
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const frame = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const data = frame.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+        if (data === "[DONE]") return;
+        if (data) onEvent(JSON.parse(data));
+      }
+    }
   }
 
   function table(headers, rows) {
@@ -135,19 +159,23 @@ const Console = (() => {
       build(SVG, "text", {x: left, y: height - 4}, [moment(t0)]),
       build(SVG, "text", {x: width - right, y: height - 4, "text-anchor": "end"}, [moment(t1)]),
     ]);
-    const step = series.length && series[0].points.length > 1 ? (width - left - right) / series[0].points.length : 8;
+    const slots = series.length && series[0].points.length ? series[0].points.length : 60;
+    const step = (width - left - right) / slots;
     series.forEach((s, i) => {
       const cls = "s" + (i % 4);
-      if (opts.kind === "bar" && i === 0) {
-        s.points.forEach(([t, v]) => {
+      const shown = s.points.filter((p) => p[1] !== null && p[1] !== undefined);
+      if (opts.kind === "bar") {  // side by side within a time step
+        const w = Math.max(1, (step * 0.8) / series.length);
+        shown.forEach(([t, v]) => {
           if (!v) return;
-          svg.appendChild(build(SVG, "rect", {class: cls, x: x(t) - step * 0.4, y: y(v), width: Math.max(1, step * 0.8),
-                                              height: y(0) - y(v)}, [build(SVG, "title", {}, [s.name + ": " + number(v)])]));
+          svg.appendChild(build(SVG, "rect", {class: cls, x: x(t) - step * 0.4 + i * w, y: y(v), width: w, height: y(0) - y(v)},
+            [build(SVG, "title", {}, [s.name + ": " + number(v)])]));
         });
       } else {
-        const line = s.points.filter((p) => p[1] !== null && p[1] !== undefined)
-          .map(([t, v]) => x(t).toFixed(1) + "," + y(v).toFixed(1)).join(" ");
-        if (line) svg.appendChild(build(SVG, "polyline", {class: cls, points: line}, []));
+        const line = shown.map(([t, v]) => x(t).toFixed(1) + "," + y(v).toFixed(1)).join(" ");
+        if (shown.length > 1) svg.appendChild(build(SVG, "polyline", {class: cls, points: line}, []));
+        shown.forEach(([t, v]) => svg.appendChild(build(SVG, "circle", {class: cls, cx: x(t), cy: y(v), r: 2.5},
+          [build(SVG, "title", {}, [s.name + ": " + number(v)])])));
       }
     });
     const legend = el("div", {class: "legend"}, series.map((s, i) => el("span", {},
@@ -167,7 +195,7 @@ const Console = (() => {
         if (!live()) throw new Error("page closed");
         return data;
       }),
-      el, chart, table, download, number,
+      el, chart, table, download, events, number,
       error: (err) => { if (live()) showError(err); },
       every(ms, fn) {
         const run = async () => {
