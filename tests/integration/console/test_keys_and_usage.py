@@ -117,7 +117,8 @@ def test_limits_set_in_the_console_apply_on_both_workers(stack):
     # the quota's counters are in the shared Redis: the day's one request was made; both workers refuse more
     assert poll(lambda: all(chat(stack.url, secret).status_code == 429 for _ in range(6)), timeout=5)
     cleared = api(stack, "POST", "/keys/limits", {"key_id": key_id, "limits": None, "models": None})
-    assert cleared.status_code == 200 and cleared.json()["key"]["limits"] == {} and cleared.json()["key"]["models"] == []
+    assert cleared.status_code == 200
+    assert cleared.json()["key"]["limits"] == {} and cleared.json()["key"]["models"] == []
     assert poll(lambda: works_on_both_workers(stack, secret), timeout=5)
 
 
