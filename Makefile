@@ -65,11 +65,13 @@ postgresql:
 	  else echo "make test needs PostgreSQL's initdb (Debian: apt-get install postgresql)" >&2; exit 1; fi; }
 
 # The status page test drives Debian's headless Chromium.
+# Debian's chromium and its chromedriver (the same version): the console tests drive it with selenium.
 chromium:
-	@command -v chromium >/dev/null || { \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "make test needs chromium on PATH (Debian: apt-get install chromium)" >&2; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "make test needs chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)" >&2; \
+	  exit 1; fi; }
 
 # The container tests (tests/integration/container) build and run the image with Debian's podman
 # and runc; mmdebstrap makes the base image from Debian's packages where no registry can be

@@ -20,6 +20,7 @@ gateway, so any module may import it::
     ├── SettingsError (also ValueError)    settings.py: bad LLAMAGATE_* environment values
     ├── StoreUnavailable                   stores.py: a plugin's store (Redis) is unreachable
     ├── SharedUnavailable                  shared.py: the workers' shared Redis is unreachable
+    ├── NoSuchKey (also ValueError)        storage/keydb.py: no live key to rotate or update
     ├── IllegalTransition (also RuntimeError)  fleet/states.py: a supervisor bug
     ├── SlotActionFailed                   backends/kvstates.py: a slot's save or restore failed (the turn runs cold)
     └── signals that never leave their module:

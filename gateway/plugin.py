@@ -42,9 +42,15 @@ from .errors import (
     UpstreamError,
 )
 from .hookspecs import Plugin, hookimpl
-from .storage.keydb import KeyMirror
+from .storage.keydb import KeyMirror, NoSuchKey
+from .storage.keydb import add_key as add_db_key
+from .storage.keydb import list_keys as list_db_keys
+from .storage.keydb import prepare as prepare_keys_db
+from .storage.keydb import revoke as revoke_db_key
+from .storage.keydb import rotate as rotate_db_key
+from .storage.keydb import update_key as update_db_key
 from .storage.keys import MAX_KEY_CHARS, key_hash, load_keys_file, parse_env_keys
-from .storage.ledger import day_range, new_row_id, top_clients
+from .storage.ledger import day_range, new_row_id, top_clients, usage_csv
 from .storage.ledger import insert as insert_ledger_rows
 from .storage.ledger import prepare as prepare_ledger
 from .storage.ledger import usage as usage_report
@@ -112,6 +118,13 @@ __all__ = [
     "key_hash",
     "load_keys_file",
     "parse_env_keys",
+    "prepare_keys_db",
+    "NoSuchKey",
+    "add_db_key",
+    "list_db_keys",
+    "revoke_db_key",
+    "rotate_db_key",
+    "update_db_key",
     # PostgreSQL and the usage ledger
     "PG_ERRORS",
     "PgConnection",
@@ -124,6 +137,7 @@ __all__ = [
     "prepare_ledger",
     "top_clients",
     "usage_report",
+    "usage_csv",
     # logs and schemas
     "FIELD_CHARS",
     "clip",

@@ -332,3 +332,38 @@ def test_a_key_may_carry_a_queue_priority():
     for bad in (-1, 101, "high", True, 1.5):
         with pytest.raises(ValueError, match="priority must be an integer from 0 to 100"):
             keys.principal_of({"sha256": digest, "client": "alice", "priority": bad}, "k")
+
+
+def test_the_console_keys_api_without_a_keys_database_lists_file_and_env_keys_read_only(monkeypatch, make_client,
+                                                                                        tmp_path):
+    monkeypatch.setenv("TEST_KEYS", "sk-alice:alice")
+    monkeypatch.setenv("ADMIN_KEYS", "sk-root:root")
+    path = write_keys(tmp_path / "keys.yaml", [{"sha256": keys.key_hash("sk-file"), "client": "<b>filed</b>",
+                                                "limits": {"tokens_per_day": 5}, "priority": 2}])
+    path.chmod(0o600)
+    auth = plugin("auth", env_keys={"TEST_KEYS": "user", "ADMIN_KEYS": "admin"}, keys_file=str(path))
+    routes = {"/v1/chat/completions": "default", **{f"/admin/api/keys{suffix}": {"pipeline": "default"}
+                                                    for suffix in ("", "/revoke", "/rotate", "/limits")}}
+    client = make_client([auth], routes=routes)
+    root = {"Authorization": "Bearer sk-root"}
+    listed = client.simulate_get("/admin/api/keys", headers=root)
+    assert listed.status_code == 200 and listed.headers["Cache-Control"] == "no-store"
+    assert listed.json["keys_db"] is False
+    by_client = {row["client"]: row for row in listed.json["data"]}
+    assert set(by_client) == {"alice", "root", "<b>filed</b>"}
+    filed = by_client["<b>filed</b>"]
+    assert (filed["source"], filed["origin"], filed["read_only"], filed["limits"], filed["priority"]) == \
+        ("file", str(path), True, {"tokens_per_day": 5}, 2)
+    assert by_client["alice"]["source"] == "env" and by_client["alice"]["origin"] == "TEST_KEYS"
+    assert "sk-" not in listed.text and keys.key_hash("sk-file") not in listed.text
+    # nothing to write to: adding is refused, and so is changing a file or env key
+    added = client.simulate_post("/admin/api/keys", json={"client": "carol"}, headers=root)
+    assert added.status_code == 400 and added.json["error"]["code"] == "read_only"
+    revoked = client.simulate_post("/admin/api/keys/revoke", json={"key_id": filed["key_id"]}, headers=root)
+    assert revoked.status_code == 400 and revoked.json["error"]["code"] == "read_only"
+    assert client.simulate_put("/admin/api/keys", json={}, headers=root).status_code == 405
+    assert client.simulate_get("/admin/api/keys/revoke", headers=root).status_code == 405
+    for path_, method in (("/admin/api/keys", "GET"), ("/admin/api/keys", "POST"), ("/admin/api/keys/limits", "POST")):
+        answer = client.simulate_request(method, path_, json={"client": "x"},
+                                         headers={"Authorization": "Bearer sk-alice"})
+        assert answer.status_code == 403 and answer.json["error"]["code"] == "admin_required"

@@ -12,6 +12,7 @@ import plugins.ledger as ledger_plugin
 import plugins.quota as quota_plugin
 from gateway import Principal, RequestContext
 from gateway.storage import keydb, ledger, pg
+from gateway.storage import keys as keys_storage
 from gateway.testing import free_port
 
 
@@ -134,3 +135,21 @@ def test_plugins_refuse_a_bad_database_url_when_the_config_is_checked():
         ledger_plugin.Plugin({"database": "mysql://x", "buffer_rows": 10, "batch_rows": 5, "flush_interval": 1,
                               "timeout": 1, "shutdown_flush_seconds": 1, "record_unauthenticated": False,
                               "usage_route": None, "admin_usage_route": None})
+
+
+def test_a_usage_csv_cell_a_spreadsheet_would_run_as_a_formula_gets_a_quote():
+    rows = [{"day": "2026-01-02", "client": client, "key_id": "0123456789ab", "model": None, "requests": 1,
+             "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+            for client in ("=SUM(A1)", "+1", "-1", "@x", "\tx", "a=b", "<b>")]
+    lines = ledger.usage_csv(rows).splitlines()
+    assert lines[0] == "day,client,key_id,model,requests,prompt_tokens,completion_tokens,total_tokens"
+    assert [line.split(",")[1] for line in lines[1:]] == ["'=SUM(A1)", "'+1", "'-1", "'@x", "'\tx", "a=b", "<b>"]
+    assert lines[1] == "2026-01-02,'=SUM(A1),0123456789ab,,1,2,3,5"
+
+
+@pytest.mark.parametrize("client, problem", [("", "non-empty"), ("  ", "non-empty"), ("x" * 65, "at most 64"),
+                                             ("a\nb", "control"), ("a\u202eb", "control"), (None, "non-empty")])
+def test_a_new_keys_client_id_is_checked(client, problem):
+    with pytest.raises(ValueError, match=problem):
+        keys_storage.check_client_id(client)
+    assert keys_storage.check_client_id(" <script>x</script> ") == "<script>x</script>"  # shown escaped, not refused

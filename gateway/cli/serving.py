@@ -181,6 +181,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("\nLlamagate is up. Try:\n", flush=True)
         print(f"  curl -s http://{bind}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -H {authorization} -d '{body}'\n  {key_note}\n", flush=True)
+        print(f"The operator console: http://{bind}/admin/ (sign in with the operator key).", flush=True)
         print("`llamagate models` shows the llama-servers the gateway runs. Ctrl-C stops it all.", flush=True)
         gateway.wait()
         print("llamagate up: the gateway exited", file=sys.stderr)

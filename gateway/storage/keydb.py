@@ -28,7 +28,8 @@ from typing import Any
 
 from . import pg
 from ..context import MAX_PRIORITY, Principal
-from .keys import MIN_REVOKE_PREFIX, ROLES, check_limits, key_hash, new_key
+from ..errors import LlamagateError
+from .keys import MIN_REVOKE_PREFIX, ROLES, check_client_id, check_limits, key_hash, new_key
 
 log = logging.getLogger("llamagate")
 
@@ -58,6 +59,10 @@ MIGRATIONS = (
 )
 COMPONENT = "keys"
 KEY_ID_CHARS = 12  # a key's public id: the first hex digits of its hash
+
+
+class NoSuchKey(LlamagateError, ValueError):
+    """No live key matches (rotate, update_key)."""
 
 
 def key_id(digest: str) -> str:
@@ -116,11 +121,12 @@ def add_key(conn: Any, client: str, role: str = "user", models: list[str] | None
         ValueError: a bad field (nothing is written).
     """
     check_key(client, role, models, limits, priority)
+    client = check_client_id(client)
     key = new_key()
     rows = conn.run(f"INSERT INTO llamagate_keys (sha256, client, role, models, limits, priority, expires) "
                     f"VALUES (:sha, :client, :role, CAST(:models AS text[]), CAST(:limits AS jsonb), :priority, "
                     f"CAST(:expires AS timestamptz)) RETURNING {_COLUMNS}",
-                    sha=key_hash(key), client=client.strip(), role=role, models=list(models or []),
+                    sha=key_hash(key), client=client, role=role, models=list(models or []),
                     limits=json.dumps(limits or {}), priority=priority,
                     expires=expires.isoformat() if expires is not None else None)
     return key, _row(rows[0])
@@ -135,17 +141,22 @@ def list_keys(conn: Any, client: str | None = None, include_revoked: bool = Fals
     return [_row(r) for r in rows]
 
 
-def _matching(conn: Any, who: str) -> list[list[Any]]:
-    """The live keys of client ``who``, else the live key whose id starts with ``who``."""
+def _matching(conn: Any, who: str, key_id_only: bool = False) -> list[list[Any]]:
+    """The live keys of client ``who``, else the live key whose id starts with ``who``
+    (with ``key_id_only``, only the latter: a client named like a key id is not taken
+    for it)."""
     who = who.strip()
     if not who:
         raise ValueError("name a client or a key id")
-    rows = conn.run(f"SELECT {_COLUMNS} FROM llamagate_keys WHERE revoked IS NULL AND client = :who FOR UPDATE",
-                    who=who)
-    if rows:
-        return rows
+    if not key_id_only:
+        rows = conn.run(f"SELECT {_COLUMNS} FROM llamagate_keys WHERE revoked IS NULL AND client = :who FOR UPDATE",
+                        who=who)
+        if rows:
+            return rows
     prefix = who.lower()
     if len(prefix) < MIN_REVOKE_PREFIX or not re.fullmatch(r"[0-9a-f]+", prefix):
+        if key_id_only:
+            raise ValueError(f"a key id is at least {MIN_REVOKE_PREFIX} hex digits")
         return []
     rows = conn.run(f"SELECT {_COLUMNS} FROM llamagate_keys WHERE revoked IS NULL AND sha256 LIKE :p FOR UPDATE",
                     p=prefix + "%")
@@ -154,16 +165,16 @@ def _matching(conn: Any, who: str) -> list[list[Any]]:
     return rows
 
 
-def revoke(conn: Any, who: str) -> int:
+def revoke(conn: Any, who: str, key_id_only: bool = False) -> int:
     """Revoke the live keys of client ``who``, or the one whose key id starts with
-    ``who`` (at least 8 hex digits); returns how many.
+    ``who`` (at least 8 hex digits; with ``key_id_only`` only that); returns how many.
 
     Raises:
         ValueError: ``who`` is empty or an ambiguous key id (nothing is revoked).
     """
     conn.run("BEGIN")
     try:
-        rows = _matching(conn, who)
+        rows = _matching(conn, who, key_id_only)
         for row in rows:
             conn.run("UPDATE llamagate_keys SET revoked = now() WHERE sha256 = :sha", sha=row[0])
         conn.run("COMMIT")
@@ -173,20 +184,23 @@ def revoke(conn: Any, who: str) -> int:
     return len(rows)
 
 
-def rotate(conn: Any, who: str, grace: float = 0.0) -> tuple[str, KeyRow]:
+def rotate(conn: Any, who: str, grace: float = 0.0, key_id_only: bool = False) -> tuple[str, KeyRow]:
     """A new key with the same client, role, models, limits, priority and expiry as the
-    one live key of ``who`` (a client or a key id); the old one is revoked, or expires
-    after ``grace`` seconds (time to deploy the new one). Returns the new key and row.
+    one live key of ``who`` (a client or a key id; with ``key_id_only`` a key id); the
+    old one is revoked, or expires after ``grace`` seconds (time to deploy the new one).
+    Returns the new key and row.
 
     Raises:
-        ValueError: no key, or several (name one by its key id).
+        NoSuchKey: no live key matches.
+        ValueError: several do (name one by its key id).
     """
     conn.run("BEGIN")
     try:
-        rows = _matching(conn, who)
-        if len(rows) != 1:
-            raise ValueError(f"{who!r} has {len(rows)} live keys; name one by its key id" if rows
-                             else f"no live key of a client or with a key id {who!r}")
+        rows = _matching(conn, who, key_id_only)
+        if len(rows) > 1:
+            raise ValueError(f"{who!r} has {len(rows)} live keys; name one by its key id")
+        if not rows:
+            raise NoSuchKey(f"no live key of a client or with a key id {who!r}")
         old = _row(rows[0])
         key = new_key()
         new = conn.run(f"INSERT INTO llamagate_keys (sha256, client, role, models, limits, priority, expires) "
@@ -204,6 +218,38 @@ def rotate(conn: Any, who: str, grace: float = 0.0) -> tuple[str, KeyRow]:
         pg.rollback_quietly(conn)
         raise
     return key, _row(new[0])
+
+
+_UNSET: Any = object()
+
+
+def update_key(conn: Any, key_id: str, models: list[str] | None = _UNSET, limits: dict[str, int] | None = _UNSET,
+               priority: int | None = _UNSET) -> KeyRow:
+    """Replace the models, limits and/or priority (those given; None clears one) of the
+    live key whose id starts with ``key_id``; returns its row.
+
+    Raises:
+        NoSuchKey: no live key has that id.
+        ValueError: an ambiguous or malformed id, or a bad value (nothing is written).
+    """
+    conn.run("BEGIN")
+    try:
+        rows = _matching(conn, key_id, key_id_only=True)
+        if not rows:
+            raise NoSuchKey(f"no live key with an id starting with {key_id}")
+        old = _row(rows[0])
+        models = list(old.models) if models is _UNSET else list(models or [])
+        limits = old.limits if limits is _UNSET else dict(limits or {})
+        priority = old.priority if priority is _UNSET else priority
+        check_key(old.client, old.role, models, limits, priority)
+        new = conn.run(f"UPDATE llamagate_keys SET models = CAST(:models AS text[]), limits = CAST(:limits AS jsonb), "
+                       f"priority = :priority WHERE sha256 = :sha RETURNING {_COLUMNS}",
+                       models=models, limits=json.dumps(limits), priority=priority, sha=rows[0][0])
+        conn.run("COMMIT")
+    except BaseException:
+        pg.rollback_quietly(conn)
+        raise
+    return _row(new[0])
 
 
 def version(conn: Any) -> int:

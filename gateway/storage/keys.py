@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +46,7 @@ LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "to
 ROLES = ("user", "admin")
 MAX_KEY_CHARS = 512  # longer presented keys are refused before hashing
 MIN_REVOKE_PREFIX = 8  # hex digits of a sha256 prefix that `revoke` accepts
+MAX_CLIENT_CHARS = 64  # a new key's client id; it shows in logs, metrics, the ledger and the console
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -59,6 +61,24 @@ def new_key() -> str:
 def derived_client_id(key: str) -> str:
     """A stable id for a key that came without a client name (never the key itself)."""
     return "key-" + key_hash(key)[:12]
+
+
+def check_client_id(client: Any) -> str:
+    """A new key's client id, stripped: 1 to MAX_CLIENT_CHARS characters, none a control
+    character (a newline would forge log lines). Other characters are allowed, and
+    escaped wherever they are shown.
+
+    Raises:
+        ValueError: saying what is wrong.
+    """
+    if not isinstance(client, str) or not client.strip():
+        raise ValueError("client must be a non-empty string")
+    client = client.strip()
+    if len(client) > MAX_CLIENT_CHARS:
+        raise ValueError(f"client must be at most {MAX_CLIENT_CHARS} characters")
+    if any(unicodedata.category(c).startswith("C") for c in client):
+        raise ValueError("client must not hold control or invisible format characters")
+    return client
 
 
 def parse_env_keys(text: str, role: str) -> dict[str, Principal]:
@@ -219,7 +239,7 @@ def add_key(path: str | os.PathLike[str], client: str, role: str = "user", model
         ValueError: a bad client, role, model list or limit (nothing is written).
     """
     key = new_key()
-    entry: dict[str, Any] = {"sha256": key_hash(key), "client": client, "role": role}
+    entry: dict[str, Any] = {"sha256": key_hash(key), "client": check_client_id(client), "role": role}
     if models:
         entry["models"] = models
     if limits:

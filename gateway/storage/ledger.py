@@ -10,6 +10,8 @@ requests).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import uuid
@@ -111,26 +113,50 @@ def _bounds(first: date, last: date) -> dict[str, str]:
     return {"start": start.isoformat(), "end": (start + timedelta(days=(last - first).days + 1)).isoformat()}
 
 
-def usage(conn: Any, first: date, last: date, client: str | None = None, by_model: bool = True) -> list[dict[str, Any]]:
-    """Requests and tokens per UTC day, client (and model), within ``first``..``last``
-    (both included), for one client or all; the oldest day first."""
-    model = "model" if by_model else "NULL::text"
+def usage(conn: Any, first: date, last: date, client: str | None = None, by_model: bool = True,
+          by_key: bool = False, by_client: bool = True) -> list[dict[str, Any]]:
+    """Requests and tokens per UTC day and client (and model, and key id: ``by_model``,
+    ``by_key``; without ``by_client`` across clients) within ``first``..``last`` (both
+    included), for one client or all; the oldest day first."""
+    groups = [name for name, wanted in (("client", by_client), ("key_id", by_key), ("model", by_model)) if wanted]
+    selected = "".join(f", {name}" for name in groups)
     rows = conn.run(
-        f"SELECT to_char(date_trunc('day', at AT TIME ZONE 'UTC'), 'YYYY-MM-DD') AS day, client, {model} AS m, "
+        f"SELECT to_char(date_trunc('day', at AT TIME ZONE 'UTC'), 'YYYY-MM-DD') AS day{selected}, "
         f"count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), "
         f"coalesce(sum(total_tokens), 0) FROM llamagate_requests "
         f"WHERE at >= CAST(:start AS timestamptz) AND at < CAST(:end AS timestamptz) "
         f"AND client IS NOT NULL AND (CAST(:client AS text) IS NULL OR client = :client) "
-        f"GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", client=client, **_bounds(first, last))
+        f"GROUP BY {', '.join(str(i) for i in range(1, len(groups) + 2))} "
+        f"ORDER BY {', '.join(str(i) for i in range(1, len(groups) + 2))}", client=client, **_bounds(first, last))
     result = []
-    for day, who, model_id, requests, prompt, completion, total in rows:
-        entry = {"day": day, "client": who}
-        if by_model:
-            entry["model"] = model_id
+    for values in rows:
+        entry = dict(zip(["day", *groups], values))
+        requests, prompt, completion, total = values[len(groups) + 1:]
         entry.update(requests=requests, prompt_tokens=int(prompt), completion_tokens=int(completion),
                      total_tokens=int(total))
         result.append(entry)
     return result
+
+
+USAGE_CSV_COLUMNS = ("day", "client", "key_id", "model", "requests", "prompt_tokens", "completion_tokens",
+                     "total_tokens")
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell a spreadsheet shows as text: one starting with ``= + - @`` (or a tab
+    or carriage return) would be read as a formula, so it gets a leading quote."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def usage_csv(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Rows of :func:`usage` (by client, key id and model) as CSV, a header line first."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(USAGE_CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([csv_cell(row.get(name)) for name in USAGE_CSV_COLUMNS])
+    return out.getvalue()
 
 
 def top_clients(conn: Any, day: date, limit: int = 10) -> list[dict[str, Any]]:

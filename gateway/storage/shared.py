@@ -9,9 +9,11 @@ a shared admission): each worker runs two background greenlets,
   caller's identity, so the same ownership rules hold) and answered on the asker's
   reply list; a wake tells a queued request that Redis granted it a slot;
 * a heartbeat that, every ``status_interval`` seconds, stores this worker's status
-  snapshot (living three intervals: a dead worker drops out of the status) and
-  refreshes the leases of the slots it holds and the places of its queued requests
-  (a worker killed -9 gives them back within ``lease`` seconds).
+  snapshot (living three intervals: a dead worker drops out of the status; it lists
+  the worker's requests in flight for the console), adds what the worker counted since
+  the last beat to the gateway's per-minute traffic and its list of latest errors (in
+  the same round trip), and refreshes the leases of the slots it holds and the places
+  of its queued requests (a worker killed -9 gives them back within ``lease`` seconds).
 
 Redis unreachable: cancels and the status keep to this worker, shared admission falls
 back to the worker's own (:class:`gateway.backends.admission.SharedAdmission`); it is logged once per outage and
@@ -42,15 +44,28 @@ log = logging.getLogger("llamagate")
 
 RETRY_AFTER = 1.0  # seconds before a Redis found unreachable is tried again
 REPLY_WAIT = 2.0  # seconds a cancel waits for the other workers' answers
+TRAFFIC_TTL = 2 * 3600  # seconds a minute's traffic totals are kept
+ERRORS_KEPT = 50  # the latest errors kept, of every worker
 
 
 class SharedUnavailable(LlamagateError):
     """Redis could not be reached; the caller falls back to this worker alone."""
 
 
+class Counted(Protocol):
+    """What counts a worker's traffic (:class:`gateway.web.stats.Traffic`): handed over
+    each beat, given back when Redis could not take it."""
+
+    def take(self) -> tuple[dict[int, dict[str, int]], list[dict[str, Any]]]: ...
+
+    def restore(self, minutes: dict[int, dict[str, int]], errors: list[dict[str, Any]]) -> None: ...
+
+
 class Served(Protocol):
     """What the link asks of the configuration in force (:class:`gateway.web.state.Gateway`):
-    the cancels other workers broadcast, and this worker's status snapshot."""
+    the cancels other workers broadcast, this worker's status snapshot and its traffic."""
+
+    traffic: Counted
 
     def cancel(self, request_id: str, caller: Principal | None) -> int: ...
 
@@ -195,15 +210,51 @@ class Shared:
         snapshots = self.call(self.client.mget, [self.prefix + "worker:" + i.decode() for i in ids])
         return sorted((json.loads(s) for s in snapshots if s is not None), key=lambda s: s["worker"])
 
-    def _publish_status(self, snapshot: dict[str, Any]) -> None:
+    def traffic(self, first: int, last: int) -> dict[int, dict[str, int]]:
+        """The gateway's traffic totals (every worker's) of the epoch minutes ``first`` to
+        ``last``, the minutes with any.
+
+        Raises:
+            SharedUnavailable: Redis could not be reached.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for minute in range(first, last + 1):
+            pipe.hgetall(f"{self.prefix}minute:{minute}")
+        found = self.call(pipe.execute)
+        return {minute: {k.decode(): int(v) for k, v in counts.items()}
+                for minute, counts in zip(range(first, last + 1), found) if counts}
+
+    def recent_errors(self) -> list[dict[str, Any]]:
+        """The gateway's latest errors (every worker's), newest first.
+
+        Raises:
+            SharedUnavailable: Redis could not be reached.
+        """
+        return [json.loads(e) for e in self.call(self.client.lrange, self.prefix + "errors", 0, ERRORS_KEPT - 1)]
+
+    def _publish_status(self, snapshot: dict[str, Any], traffic: Counted) -> None:
         ttl_ms = int(self.config.status_interval * 3000)
         now_ms = int(time.time() * 1000)
         index = self.prefix + "workers"
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=True)  # the traffic is added once or not at all
         pipe.set(self.prefix + "worker:" + self.worker, json.dumps(snapshot), px=ttl_ms)
         pipe.zadd(index, {self.worker: now_ms + ttl_ms})
         pipe.zremrangebyscore(index, "-inf", now_ms - 60_000)  # host clocks differ: the snapshot's TTL decides
-        self.call(pipe.execute)
+        minutes, errors = traffic.take()
+        for minute, counts in minutes.items():
+            key = f"{self.prefix}minute:{minute}"
+            for field, count in counts.items():
+                if count:
+                    pipe.hincrby(key, field, count)
+            pipe.expire(key, TRAFFIC_TTL)
+        if errors:
+            pipe.lpush(self.prefix + "errors", *(json.dumps(dict(e, worker=self.worker)) for e in errors))
+            pipe.ltrim(self.prefix + "errors", 0, ERRORS_KEPT - 1)
+        try:
+            self.call(pipe.execute)
+        except SharedUnavailable:
+            traffic.restore(minutes, errors)
+            raise
 
     # --- the background greenlets ---------------------------------------------------------------
 
@@ -252,7 +303,7 @@ class Shared:
                 for holder in list(self.refreshing):
                     holder.refresh()
                 if served is not None:
-                    self._publish_status(served.snapshot(self.worker))
+                    self._publish_status(served.snapshot(self.worker), served.traffic)
             except SharedUnavailable:
                 pass
             except Exception:

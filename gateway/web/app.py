@@ -33,8 +33,8 @@ from .resources import (
     OpenAPIResource,
     PluginRouteResource,
     PrefixResource,
-    StatusPageResource,
 )
+from .console import ConsoleApiResource, ConsoleAssetResource, ConsolePageResource
 from .state import Gateway
 
 log = logging.getLogger("llamagate")
@@ -69,6 +69,9 @@ class RequestIdMiddleware:
             ctx.status = resp.status_code
             for name, value in ctx.response_headers.items():
                 resp.set_header(name, value)
+        if req.path.startswith("/admin/"):  # the console's and operator's answers: never for other origins
+            for name in [n for n in resp.headers if n.lower().startswith("access-control-")]:
+                resp.delete_header(name)
 
 
 def _render_error(req: falcon.Request, resp: falcon.Response, error: GatewayError) -> None:
@@ -103,7 +106,13 @@ def build_app(gateway: Gateway) -> falcon.App:
     if config.admin_pipeline is not None:
         control = ControlResource(gateway, config.admin_pipeline)
         app.add_route("/admin/status", control, suffix="status")
-        app.add_route("/admin", StatusPageResource())  # also /admin/: trailing slashes are stripped
+        app.add_route("/admin", ConsolePageResource())  # also /admin/: trailing slashes are stripped
+        app.add_route("/admin/assets/{name:path}", ConsoleAssetResource())
+        console = ConsoleApiResource(gateway, config.admin_pipeline)
+        app.add_route("/admin/api/overview", console, suffix="overview")
+        app.add_route("/admin/api/live", console, suffix="live")
+        app.add_route("/admin/api/errors", console, suffix="errors")
+        app.add_route("/admin/api/requests/{request_id}/cancel", console, suffix="cancel")
         app.add_route("/admin/backends/{name}/cancel", control, suffix="backend_cancel")
         app.add_route("/v1/requests/{request_id}/cancel", control, suffix="request_cancel")
         app.add_route("/admin/models", control, suffix="models")

@@ -308,7 +308,7 @@ class Exchange:
 
     def complete(self, sent_all: bool) -> None:
         """The body closed: give back what the request held, then the ``complete`` hooks
-        with its outcome, and the status page's record."""
+        with its outcome, and the console's record."""
         gateway = self.gateway
         gateway.active -= 1
         try:

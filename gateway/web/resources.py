@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import falcon
@@ -23,6 +22,22 @@ def preflight(gateway: Gateway, req: falcon.Request, resp: falcon.Response, rout
     """``OPTIONS``: the pipeline may answer (a CORS preflight); else 204 with ``Allow``."""
     flow.serve_locally(gateway, req, resp, route, pipeline_name,
                            lambda ctx: Response(status=204, headers={"Allow": allow}))
+
+
+def serve_admin(gateway: Gateway, pipeline_name: str, req: falcon.Request, resp: falcon.Response, route: str,
+                admin_only: bool, act: Callable[[RequestContext], dict[str, Any]]) -> None:
+    """An operator endpoint through ``admin_pipeline`` (whose auth plugin sets the principal):
+    ``act(ctx)`` answers for an admin key (``admin_only``) or any key; others get 403."""
+    def authorized(ctx: RequestContext) -> Response:
+        if ctx.principal is None:
+            raise PermissionDeniedError("This endpoint needs an authenticated caller; "
+                                        "admin_pipeline has no auth plugin.")
+        if admin_only and ctx.principal.role != "admin":
+            raise PermissionDeniedError("This endpoint needs an admin key.", code="admin_required")
+        ctx.response_headers["Cache-Control"] = "no-store"  # operator data stays out of caches
+        return Response(body=act(ctx))
+
+    flow.serve_locally(gateway, req, resp, route, pipeline_name, authorized)
 
 
 class ModelResource:
@@ -123,15 +138,7 @@ class ControlResource:
 
     def _run(self, req: falcon.Request, resp: falcon.Response, route: str, admin_only: bool,
              act: Callable[[RequestContext], dict[str, Any]]) -> None:
-        def authorized(ctx: RequestContext) -> Response:
-            if ctx.principal is None:
-                raise PermissionDeniedError("This endpoint needs an authenticated caller; "
-                                            "admin_pipeline has no auth plugin.")
-            if admin_only and ctx.principal.role != "admin":
-                raise PermissionDeniedError("This endpoint needs an admin key.", code="admin_required")
-            return Response(body=act(ctx))
-
-        flow.serve_locally(self.gateway, req, resp, route, self.pipeline_name, authorized)
+        serve_admin(self.gateway, self.pipeline_name, req, resp, route, admin_only, act)
 
     def on_get_status(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._run(req, resp, "/admin/status", True, lambda ctx: dict(self.gateway.status(), fleet=self._fleet()))
@@ -237,17 +244,3 @@ class OpenAPIResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = JSON_TYPE
         resp.data = self.data
-
-
-class StatusPageResource:
-    """``GET /admin/``: the operator's live status page. The page holds no data: its script
-    fetches ``/admin/status`` with the admin key given in the URL's fragment
-    (``/admin/#key=...``, never sent to the server) or typed into the page."""
-
-    PAGE = (Path(__file__).resolve().parent / "static" / "status.html").read_bytes()
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.content_type = "text/html; charset=utf-8"
-        resp.set_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
-                                                   "style-src 'unsafe-inline'; connect-src 'self'")
-        resp.data = self.PAGE

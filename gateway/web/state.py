@@ -1,5 +1,5 @@
 """What a worker holds: the configuration in force, its pipelines and backends, the
-requests in flight, and the figures of the status page (:class:`Gateway`); and what
+requests in flight, and the figures of the console (:class:`Gateway`); and what
 of it outlives a reload (:class:`Carried`). No request flow lives here (that is
 :mod:`gateway.web.flow`); only the operations on this state.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from .. import lifecycle
@@ -16,10 +17,12 @@ from ..config import Config, SharedConfig
 from ..context import Principal, RequestContext
 from ..pipeline import Pipeline, build_pipelines
 from ..storage.shared import Shared, SharedUnavailable
-from .stats import Stats
+from .stats import Stats, Traffic
 from ..backends.upstream import Backend, InFlight, Lease, Upstreams
 
 log = logging.getLogger("llamagate")
+
+LIVE_LISTED = 200  # requests in flight a worker lists for the console (its snapshot stays small)
 
 
 def may_touch(caller: Principal | None, owner: Principal | None) -> bool:
@@ -41,12 +44,14 @@ class Carried:
             (so old and new never admit twice the limit).
         shared: The link to the shared Redis in force (one per process: its listener and
             heartbeat run once), or None.
+        traffic: The process's traffic per minute and latest errors, for the console.
     """
 
     def __init__(self) -> None:
         self.in_flight: set[InFlight] = set()
         self.backends: dict[str, Backend] = {}
         self.shared: Shared | None = None
+        self.traffic = Traffic()
 
     def link(self, config: SharedConfig | None) -> Shared | None:
         """The Redis link for ``config``: the one in force if it is for the same Redis."""
@@ -82,7 +87,8 @@ class Gateway:
             the gateway's own handle: a client's ``x-request-id`` may be reused or
             collide. The process's (:attr:`Carried.in_flight`).
         active: Requests begun on this gateway and not completed.
-        stats: Recent completions, for the status page.
+        stats: Recent completions, for the console.
+        traffic: The process's traffic per minute (:attr:`Carried.traffic`).
         shared: The link to the Redis every worker and host shares (``shared:``), or None.
         pending_counters: Counted on the next request's context, for events outside
             any request (a reload).
@@ -97,7 +103,8 @@ class Gateway:
         self.upstreams = Upstreams(config.backends, config.health_interval, self.carried.backends, self.shared)
         self.in_flight = self.carried.in_flight
         self.active = 0
-        self.stats = Stats()
+        self.traffic = self.carried.traffic
+        self.stats = Stats(self.traffic)
         self.pending_counters: dict[str, int] = {}
         self._shut_down = False
 
@@ -158,19 +165,39 @@ class Gateway:
             return cancelled
 
     def snapshot(self, worker: str) -> dict[str, Any]:
-        """This worker's row of the status: what ``/admin/status`` sums over workers."""
+        """This worker's row of the status: what ``/admin/status`` sums over workers, and
+        its requests in flight (``live``) for the console."""
         stats = self.stats.snapshot()
         return {"worker": worker, "host": socket.gethostname(), "pid": os.getpid(), "draining": self.draining,
                 "in_flight": len(self.in_flight), "requests": stats["requests"],
                 "requests_per_s": stats["requests_per_s"], "errors": stats["errors"],
                 "latency_ms": stats["latency_ms"],
                 "backends": {name: {"in_flight": b.admission.in_flight, "queued": b.admission.queued}
-                             for name, b in self.upstreams.backends.items()}}
+                             for name, b in self.upstreams.backends.items()},
+                "live": self.live()}
 
-    def status(self) -> dict[str, Any]:
-        """``/admin/status``: this worker in detail, and a row per live worker of every
-        host (from Redis, with ``shared:``; else only this one) with their totals."""
-        worker = self.shared.worker if self.shared is not None else f"{socket.gethostname()}/{os.getpid()}"
+    def live(self, most: int = LIVE_LISTED) -> list[dict[str, Any]]:
+        """This worker's requests in flight, the ``most`` oldest: who, what, how long, how
+        much sent so far (no prompt, no answer)."""
+        now = time.monotonic()
+        oldest = sorted(list(self.in_flight), key=lambda entry: entry.ctx.started)[:most]
+        return [{"request_id": ctx.request_id, "client": ctx.principal.client_id if ctx.principal else None,
+                 "model": ctx.model, "route": ctx.route, "backend": ctx.backend, "stream": ctx.stream,
+                 "waiting": entry.wake is not None,  # queued for a slot, or for its model to load
+                 "age_s": round(now - ctx.started, 1), "bytes_out": ctx.bytes_out,
+                 "completion_tokens": (ctx.usage or {}).get("completion_tokens")}
+                for entry in oldest for ctx in (entry.ctx,)]
+
+    @property
+    def worker(self) -> str:
+        """This worker's name in the status."""
+        return self.shared.worker if self.shared is not None else f"{socket.gethostname()}/{os.getpid()}"
+
+    def workers(self) -> tuple[list[dict[str, Any]], str]:
+        """Every live worker's snapshot (this one's now, the others' from Redis with
+        ``shared:``), and the shared Redis's state: ``off``, ``ok`` or ``unreachable``
+        (then this worker's alone)."""
+        worker = self.worker
         workers, shared = [self.snapshot(worker)], "off"
         if self.shared is not None:
             try:
@@ -178,6 +205,14 @@ class Gateway:
                 workers, shared = sorted(workers + others, key=lambda w: w["worker"]), "ok"
             except SharedUnavailable:
                 shared = "unreachable"
+        return workers, shared
+
+    def status(self) -> dict[str, Any]:
+        """``/admin/status``: this worker in detail, and a row per live worker of every
+        host (from Redis, with ``shared:``; else only this one) with their totals."""
+        worker = self.worker
+        snapshots, shared = self.workers()
+        workers = [{k: v for k, v in w.items() if k != "live"} for w in snapshots]
         totals: dict[str, Any] = {"workers": len(workers), "hosts": len({w["host"] for w in workers}),
                                   "draining": sum(w["draining"] for w in workers)}
         for field in ("in_flight", "requests", "requests_per_s", "errors"):

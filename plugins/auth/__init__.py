@@ -14,6 +14,9 @@ mirrored in memory and refreshed in the background when they change (a revoke ta
 effect within ``keys_db_poll_interval``); a database that is down leaves the last
 known keys serving. Before the first read from it (a worker just started and the
 database down) a key found nowhere else gets 503, not 401: it may well be valid.
+
+The plugin also answers the operator console's keys API (``console_keys_route``, see
+:mod:`plugins.auth.keys_api`): list, add, revoke, rotate and limits, for admin keys.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from gateway.plugin import (
     parse_env_keys,
 )
 
+from .keys_api import KeysApi
+
 FIRST_READ_WAIT = 5.0  # seconds the first request of a worker waits for the keys database
 
 
@@ -41,10 +46,10 @@ class Plugin:
     """Authenticates each request by API key."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        sources: list[tuple[str, dict[str, Principal]]] = []
+        sources: list[tuple[str, str, dict[str, Principal]]] = []
         for variable, role in config["env_keys"].items():
             try:
-                sources.append((variable, parse_env_keys(os.environ.get(variable, ""), role)))
+                sources.append(("env", variable, parse_env_keys(os.environ.get(variable, ""), role)))
             except ValueError as exc:
                 raise ValueError(f"env_keys: {variable}: {exc}") from None
         keys_file = config["keys_file"]
@@ -53,24 +58,28 @@ class Plugin:
         if keys_file:
             if not os.path.exists(keys_file) and not config["allow_missing_keys_file"]:
                 raise ValueError(f"keys_file {keys_file} does not exist (create it with `llamagate keys add`)")
-            sources.append((keys_file, load_keys_file(keys_file)))
+            sources.append(("file", keys_file, load_keys_file(keys_file)))
         # One key, one principal: a key given twice (an env variable and the keys file,
         # say) with different clients or roles would otherwise depend on the order.
         self.principals: dict[str, Principal] = {}
-        origin: dict[str, str] = {}
-        for source, principals in sources:
+        origin: dict[str, tuple[str, str]] = {}
+        for kind, source, principals in sources:
             for digest, principal in principals.items():
                 if self.principals.get(digest, principal) != principal:
-                    raise ValueError(f"the same key is in {origin[digest]} (client {self.principals[digest].client_id}) "
-                                     f"and in {source} (client {principal.client_id})")
+                    raise ValueError(f"the same key is in {origin[digest][1]} (client "
+                                     f"{self.principals[digest].client_id}) and in {source} (client "
+                                     f"{principal.client_id})")
                 self.principals[digest] = principal
-                origin[digest] = source
+                origin[digest] = (kind, source)
         self.keys_db: KeyMirror | None = None
         if config["keys_db"]:
             try:
                 self.keys_db = KeyMirror(config["keys_db"], config["keys_db_poll_interval"])
             except ValueError as exc:
                 raise ValueError(f"keys_db: {exc}") from None
+        self.keys_api = KeysApi(config["console_keys_route"], config["keys_db"],
+                                {digest: (self.principals[digest], *origin[digest]) for digest in self.principals}) \
+            if config["console_keys_route"] else None
 
     def lookup(self, ctx, digest: str) -> Principal | None:
         principal = self.principals.get(digest)
@@ -90,6 +99,8 @@ class Plugin:
     def shutdown(self):
         if self.keys_db is not None:
             self.keys_db.stop()
+        if self.keys_api is not None:
+            self.keys_api.close()
 
     @staticmethod
     def presented_key(headers: Any) -> str | None:
@@ -124,6 +135,10 @@ class Plugin:
 
     @hookimpl
     def request(self, ctx):
+        if self.keys_api is not None:
+            answer = self.keys_api.answer(ctx)
+            if answer is not None:
+                return answer
         principal = ctx.principal
         if principal is not None and principal.models and ctx.model is not None \
                 and ctx.model not in principal.models:

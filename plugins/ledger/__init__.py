@@ -17,7 +17,10 @@ The usage API answers the plugin routes ``usage_route`` (the caller's own usage,
 day and model) and ``admin_usage_route`` (admins: any client, ``?client=``, and
 ``?top=N``: the top clients of the last day): declare them under ``routes:`` with
 this pipeline. Both take ``?from=`` and ``?to=`` (UTC days, YYYY-MM-DD, both
-included; default the last 30 days). Rows appear there within about
+included; default the last 30 days). The operator console's usage page reads
+``console_usage_route`` (admins: ``?days=N&by=key|model``, tokens per day per key or
+per model) and its CSV twin ``<console_usage_route>.csv`` (per day, client, key and
+model). Rows appear there within about
 ``flush_interval``, also once a database that was down is back (a failed write is
 retried sooner, never later).
 """
@@ -28,12 +31,13 @@ import logging
 import threading
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from gateway.plugin import (
     PG_ERRORS,
     InvalidRequestError,
+    MethodNotAllowedError,
     PermissionDeniedError,
     PgConnection,
     Response,
@@ -45,11 +49,13 @@ from gateway.plugin import (
     parse_pg_url,
     prepare_ledger,
     top_clients,
+    usage_csv,
     usage_report,
 )
 
 log = logging.getLogger("llamagate")
 MAX_BACKOFF = 5.0  # seconds between two tries while the database is down
+MAX_CONSOLE_DAYS = 366
 
 
 def tokens(usage: Any, name: str) -> int | None:
@@ -186,6 +192,8 @@ class Plugin:
         self.record_unauthenticated = config["record_unauthenticated"]
         self.usage_route = config["usage_route"]
         self.admin_usage_route = config["admin_usage_route"]
+        console = config["console_usage_route"]
+        self.console_routes = {console: False, f"{console}.csv": True} if console else {}
         self.shutdown_flush_seconds = config["shutdown_flush_seconds"]
 
     @staticmethod
@@ -228,8 +236,35 @@ class Plugin:
         data = self.report(usage_report, first, last, client=self.one(ctx, "client") or None)
         return Response(body={"object": "list", "from": first.isoformat(), "to": last.isoformat(), "data": data})
 
+    def console(self, ctx: Any, csv: bool) -> Response:
+        """The console's usage: ``?days=N`` (1 to 366, default 30, to today) ``&by=key|model``
+        as JSON, or every day, client, key and model as CSV."""
+        if ctx.method != "GET":
+            raise MethodNotAllowedError("Use GET.", headers={"Allow": "GET"})
+        if ctx.principal is None or ctx.principal.role != "admin":
+            raise PermissionDeniedError("This endpoint needs an admin key.", code="admin_required")
+        days = self.one(ctx, "days") or "30"
+        if not days.isdigit() or not 1 <= int(days) <= MAX_CONSOLE_DAYS:
+            raise InvalidRequestError(f"days must be a number from 1 to {MAX_CONSOLE_DAYS}.", param="days")
+        last = datetime.now(timezone.utc).date()
+        first = last - timedelta(days=int(days) - 1)
+        span = {"from": first.isoformat(), "to": last.isoformat()}
+        if csv:
+            rows = self.report(usage_report, first, last, by_key=True)
+            return Response(content=usage_csv(rows).encode(), content_type="text/csv; charset=utf-8",
+                            headers={"Cache-Control": "no-store", "Content-Disposition":
+                                     f'attachment; filename="usage-{span["from"]}-{span["to"]}.csv"'})
+        by = self.one(ctx, "by") or "key"
+        if by not in ("key", "model"):
+            raise InvalidRequestError("by must be key or model.", param="by")
+        rows = self.report(usage_report, first, last, by_key=by == "key", by_model=by == "model",
+                           by_client=by == "key")
+        return Response(body={"object": "list", **span, "by": by, "data": rows}, headers={"Cache-Control": "no-store"})
+
     @hookimpl
     def request(self, ctx):
+        if ctx.route in self.console_routes:
+            return self.console(ctx, self.console_routes[ctx.route])
         if ctx.route == self.usage_route:
             return self.answer(ctx, admin=False)
         if ctx.route == self.admin_usage_route:

@@ -18,7 +18,6 @@ import pytest
 import requests
 
 from .conftest import ROOT, gateway_doc
-from .test_status_page import chromium, render  # noqa: F401 - the chromium fixture
 
 CHAT = [{"role": "user", "content": "Say hi."}]
 
@@ -337,19 +336,6 @@ def test_the_driver_does_not_block_the_gevent_hub(postgres, tmp_path):
 def test_the_usage_route_cannot_be_read_without_a_key(stack):
     assert requests.get(stack.url + "/v1/usage", timeout=10).status_code == 401
     assert requests.get(stack.url + "/admin/usage", timeout=10).status_code == 401
-
-
-def test_the_status_page_shows_the_top_clients_of_the_day(stack, postgres, chromium, tmp_path):
-    key = add_key(postgres, "topper")
-    assert poll(lambda: chat(stack.url, key).status_code == 200, timeout=5)
-    assert poll(lambda: ledger_rows(postgres, "topper"), timeout=10)
-    top = requests.get(stack.url + "/admin/usage?top=10", headers={"Authorization": f"Bearer {stack.admin}"},
-                       timeout=10).json()["data"]
-    dom = render(chromium, f"{stack.url}/admin/#key={stack.admin}", tmp_path, "--dump-dom")
-    table = dom.split('id="top-clients"', 1)[1].split("</table>", 1)[0]
-    assert "hidden" not in table.split(">", 1)[0]
-    assert table.count("<tr>") == 1 + len(top)  # the header and a row per client
-    assert f"<td>{top[0]['client']}</td>" in table  # the day's biggest user
 
 
 def test_a_reloading_and_a_stopping_worker_write_their_buffered_rows(start_gateway, chat_backend, embeddings_backend,
