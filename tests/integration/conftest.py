@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jsonschema
 import openai
@@ -49,19 +49,36 @@ class Proc:
         self.handle = open(log, "wb")
         self.popen = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                       start_new_session=True)
+        self.terminated = False
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 
+    def terminate(self) -> None:
+        """SIGTERM once, without waiting (stop several at once: their shutdowns overlap)."""
+        if self.popen.poll() is None and not self.terminated:
+            self.popen.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self) -> None:
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait()
         self.handle.close()
+
+
+def stop_all(procs: Iterable[Proc]) -> None:
+    """Every one of ``procs`` stopped, their shutdowns side by side (a session's dozens of
+    gateways, each draining and stopping its llama-servers, took a minute one after another)."""
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")
@@ -108,8 +125,7 @@ class Backends:
 def backends(model_path: Path, logs: Path) -> Iterator[Backends]:
     started = Backends(model_path, logs)
     yield started
-    for proc in started.procs.values():
-        proc.stop()
+    stop_all(started.procs.values())
 
 
 @pytest.fixture(scope="session")
@@ -136,9 +152,11 @@ class RunningGateway:
                              max_retries=0, **kwargs)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_gateway(logs: Path) -> Iterator[Callable[..., RunningGateway]]:
-    """Run the gateway under real gunicorn gevent workers with a given config document."""
+    """Run the gateway under real gunicorn gevent workers with a given config document;
+    stopped at the end of the module (left running, a session's gateways kept polling their
+    backends, Redis and keys databases to the end of the run)."""
     procs: list[Proc] = []
 
     def start(doc: dict[str, Any], workers: int = 1, wait_healthy: bool = True, **env_extra: str) -> RunningGateway:
@@ -168,8 +186,7 @@ def start_gateway(logs: Path) -> Iterator[Callable[..., RunningGateway]]:
         pytest.fail(f"the gateway on {url} did not become ready:\n{proc.output()}")
 
     yield start
-    for proc in procs:
-        proc.stop()
+    stop_all(procs)
 
 
 def gateway_doc(chat_url: str, embeddings_url: str, **overrides: Any) -> dict[str, Any]:
@@ -181,7 +198,7 @@ def gateway_doc(chat_url: str, embeddings_url: str, **overrides: Any) -> dict[st
                          pipeline=["boom"], **{"health_interval": 1, "plugin_dirs": [str(HERE / "dropin")], **overrides})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gateway(start_gateway: Callable[..., RunningGateway], chat_backend: str, embeddings_backend: str) -> RunningGateway:
     return start_gateway(gateway_doc(chat_backend, embeddings_backend))
 

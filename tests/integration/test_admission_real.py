@@ -185,14 +185,14 @@ def test_leases_come_back_after_redis_lost_its_keys(start_gateway, chat_backend,
 MAX_QUEUE = 64
 FLOOD_PLACES = 16  # a client's places in each worker's queue: a quarter of MAX_QUEUE
 FLOOD_STREAMS = 40  # more than both workers' 1 slot + 16 places
-FLOOD_TOKENS = 64
-LIGHT_REQUESTS = 6
-LIGHT_EVERY = 3  # seconds: well within the light key's turns (every other one on each worker)
+FLOOD_TOKENS = 32
+LIGHT_REQUESTS = 4
+LIGHT_EVERY = 2  # seconds: well within the light key's turns (every other one on each worker)
 
 
 def test_local_admission_serves_a_light_client_between_a_flooders_requests(start_gateway, chat_backend, logs):
     """One key keeps 40 streams going on a 2-slot backend (1 slot per worker), another
-    sends a short stream every 3 seconds. The light key's first tokens come within about a turn
+    sends a short stream every 2 seconds. The light key's first tokens come within about a turn
     (well before the flooder's own, which wait behind its queue); the flooder, holding its
     share of the queue's places, is refused with 503 queue_full while the light key queues."""
     gw = gateway_with_keys(start_gateway, chat_backend, logs, "turns", ("flood", "light"),

@@ -116,7 +116,7 @@ def test_200_concurrent_streams_all_complete_and_match_the_plain_answers(pair, s
     config = doc(pair, ["router"], queue_timeout=120, max_queue=800)
     config["timeouts"]["idle"] = 60  # a prompt's prefill stalls the other slots' tokens, seconds on a busy machine
     gw = start_gateway(config)
-    ask = {prompt: chat(prompt=prompt, max_tokens=12, temperature=0, seed=42) for prompt in PROMPTS}
+    ask = {prompt: chat(prompt=prompt, max_tokens=8, temperature=0, seed=42) for prompt in PROMPTS}
     plain = {}
     for prompt, body in ask.items():
         answer = requests.post(gw.url + "/v1/chat/completions", json=body, timeout=60)
@@ -239,7 +239,10 @@ class Traffic:
 
 
 def test_hup_reload_drops_nothing_and_a_bad_file_keeps_the_old_config(chat_backend, start_gateway):
-    gw = start_gateway(doc([chat_backend]))
+    # "Nothing dropped" holds for requests shorter than the graceful timeout: the fixture's 5 s
+    # is shorter than the long stream on a loaded machine (150 tokens beside three clients),
+    # which the replaced worker then cut (seen under load as the stream's thread raising).
+    gw = start_gateway(doc([chat_backend]), GATEWAY_GRACEFUL_TIMEOUT="60")
     with Traffic(gw, keep_alive=False) as traffic:  # new connections reach the new workers
         config = yaml.safe_load(gw.config.read_text())
         config["models"]["smollm2"]["aliases"] = ["reloaded-alias"]
@@ -257,7 +260,11 @@ def test_hup_reload_drops_nothing_and_a_bad_file_keeps_the_old_config(chat_backe
     deadline = time.monotonic() + 30  # until the new workers have booted on the bad file (a loaded machine is slow)
     while "serving the last good configuration" not in gw.proc.output() and time.monotonic() < deadline:
         time.sleep(0.2)
-    still = requests.post(gw.url + "/v1/chat/completions", json=chat(model="reloaded-alias", max_tokens=4), timeout=30)
+    try:
+        still = requests.post(gw.url + "/v1/chat/completions", json=chat(model="reloaded-alias", max_tokens=4),
+                              timeout=30)
+    except requests.ConnectionError as exc:  # seen once under load; the log says which worker dropped it
+        pytest.fail(f"{exc!r} right after the bad file's reload:\n{gw.proc.output()}")
     assert still.status_code == 200
     assert "backends.chat.max_connections: 0 is less than the minimum of 1" in gw.proc.output()
     assert "serving the last good configuration" in gw.proc.output()

@@ -74,7 +74,7 @@ def full_doc(chat_urls: list[str], embeddings_url: str, pipeline: list, health_i
                          health_interval=health_interval)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def full(start_gateway, chat_backend, embeddings_backend, api_keys, statsd_socket, logs):
     keys_file, made = api_keys
     access_log = logs / "access.log"
