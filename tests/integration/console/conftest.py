@@ -124,8 +124,12 @@ class ConsolePage:
 
 
 @pytest.fixture(scope="module")
-def console_page(browser: WebDriver, logs: Path) -> Callable[[str], ConsolePage]:
-    """``console_page(url)``: the console of the gateway at ``url`` in the session's browser."""
+def console_page(browser: WebDriver, logs: Path) -> Iterator[Callable[[str], ConsolePage]]:
+    """``console_page(url)``: the console of the gateway at ``url`` in the session's browser.
+    The module's gateways stop with it: the browser leaves their pages (which poll) and
+    forgets what they logged, or the next module would read their failed calls as its own."""
     shots = logs / "console-shots"
     shots.mkdir(exist_ok=True)
-    return lambda url: ConsolePage(browser, url, shots)
+    yield lambda url: ConsolePage(browser, url, shots)
+    browser.get("about:blank")
+    browser.get_log("browser")
