@@ -71,6 +71,19 @@ class Proc:
         self.handle.close()
 
 
+def until(check: Callable[[], Any], timeout: float = 30, message: str = "timed out", pause: float = 0.05) -> Any:
+    """``check()``'s first truthy value, asked every ``pause`` seconds; AssertionError(message)
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        time.sleep(pause)
+
+
 def stop_all(procs: Iterable[Proc]) -> None:
     """Every one of ``procs`` stopped, their shutdowns side by side (a session's dozens of
     gateways, each draining and stopping its llama-servers, took a minute one after another)."""

@@ -22,8 +22,8 @@ import requests
 from gateway.storage import keys
 from gateway.testing import free_port
 
-from .conftest import ROUTES
-from .test_shared_real import OwnRedis, processing, total_plain, until
+from .conftest import ROUTES, until
+from .test_shared_real import OwnRedis, processing, total_plain
 
 PREFIX = "t17:"
 SLOTS_KEY = PREFIX + "admission:chat:slots:0"

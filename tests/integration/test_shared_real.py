@@ -23,7 +23,7 @@ from gateway.storage import keys
 from gateway.cli import inspection
 from gateway.testing import free_port
 
-from .conftest import ROUTES, Proc
+from .conftest import ROUTES, Proc, until
 from .test_prometheus_real import total
 
 PREFIX = "t11:"
@@ -56,17 +56,6 @@ class OwnRedis:
     def stop(self) -> None:
         assert self.proc is not None
         self.proc.stop()
-
-
-def until(check, timeout: float, message: str, pause: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        time.sleep(pause)
 
 
 @pytest.fixture(scope="module")

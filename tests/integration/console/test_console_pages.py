@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,6 +18,8 @@ from selenium.webdriver.support.ui import Select
 
 from gateway.storage import keys
 from gateway.testing import free_ports, launched_backend, pipelines_doc
+
+from ..conftest import until
 
 EVIL_CLIENT = '<img src=x onerror="window.__pwned=1">mallory'
 EVIL_MODEL = "<script>window.__pwned=2</script>smol"
@@ -67,21 +68,11 @@ def api(gw, path: str) -> dict[str, Any]:
     return resp.json()
 
 
-def poll(what, timeout: float = 30, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {message}")
-
-
 @pytest.fixture(scope="module")
 def page(gw, console_page):
     console = console_page(gw.url)
     console.sign_in(gw.admin)
-    console.wait(lambda: console.find("#page-overview"), message="the overview after signing in")
+    console.wait(lambda: console.find("#page-overview"), message="timed out waiting for the overview after signing in")
     return console
 
 
@@ -105,8 +96,8 @@ def test_overview_charts_the_whole_gateways_traffic(gw, page):
     assert answers == [200] * sent
     assert chat(gw, gw.user, model="no-such-model").status_code == 404
     # every worker's counts reach Redis within a beat; both workers answer the same totals
-    hour = poll(lambda: (h := api(gw, "/admin/api/overview")["hour"])["requests"] >= sent + 1 and h,
-                message="the requests in the shared totals")
+    hour = until(lambda: (h := api(gw, "/admin/api/overview")["hour"])["requests"] >= sent + 1 and h,
+                message="timed out waiting for the requests in the shared totals")
     assert hour["requests"] == sent + 1 and hour["errors"] == 1 and hour["completion_tokens"] >= sent
     status = api(gw, "/admin/status")
     assert status["totals"]["workers"] == 2 and status["shared"] == "ok"
@@ -115,10 +106,10 @@ def test_overview_charts_the_whole_gateways_traffic(gw, page):
 
     page.open("overview")
     page.wait_text("#overview-scope", "2 worker(s)")
-    assert page.wait(lambda: page.text("#card-requests") == str(sent + 1), message="the requests card")
+    assert page.wait(lambda: page.text("#card-requests") == str(sent + 1), message="timed out waiting for the requests card")
     assert page.text("#card-errors") == "1"
     for chart in ("requests", "tokens", "first-byte", "queue"):
-        page.wait(lambda: page.all(f"#chart-{chart} svg"), message=f"the {chart} chart")
+        page.wait(lambda: page.all(f"#chart-{chart} svg"), message=f"timed out waiting for the {chart} chart")
     bars = [r.get_attribute("textContent").split(": ") for r in page.all("#chart-requests rect")]
     assert sum(int(n) for name, n in bars if name == "requests") == sent + 1  # (a minute's turn may split them)
     assert sum(int(n) for name, n in bars if name == "errors") == 1
@@ -143,19 +134,20 @@ def test_live_lists_every_workers_requests_and_cancels_a_stream(gw, page):
     threads = [threading.Thread(target=stream, args=(i,)) for i in ids]
     for thread in threads:
         thread.start()
-    live = poll(lambda: (d := api(gw, "/admin/api/live"))["in_flight"] >= 2 and d, message="two streams in flight")
+    live = until(lambda: (d := api(gw, "/admin/api/live"))["in_flight"] >= 2 and d,
+                 message="timed out waiting for two streams in flight")
     assert {r["request_id"] for r in live["data"]} >= set(ids)
     holders = {r["worker"] for r in live["data"] if r["request_id"] in ids}
     if len(holders) == 1:  # both on one worker: the other one lists them too (from its snapshot in Redis)
-        poll(lambda: (d := api(gw, "/admin/api/live"))["answered_by"] not in holders
-             and set(ids) <= {r["request_id"] for r in d["data"]}, message="the other worker to list them")
+        until(lambda: (d := api(gw, "/admin/api/live"))["answered_by"] not in holders
+             and set(ids) <= {r["request_id"] for r in d["data"]}, message="timed out waiting for the other worker to list them")
     # each worker admits one at a time (two slots, two workers): a second one there waits
     waiting = 1 if len(holders) == 1 else 0
-    poll(lambda: sum(r["waiting"] for r in api(gw, "/admin/api/live")["data"] if r["request_id"] in ids) == waiting,
-         message=f"{waiting} of them waiting")
+    until(lambda: sum(r["waiting"] for r in api(gw, "/admin/api/live")["data"] if r["request_id"] in ids) == waiting,
+         message=f"timed out waiting for {waiting} of them waiting")
     page.open("live")
     for request_id in ids:
-        page.wait(lambda: page.all(f'tr[data-request-id="{request_id}"]'), message=f"{request_id} listed")
+        page.wait(lambda: page.all(f'tr[data-request-id="{request_id}"]'), message=f"timed out waiting for {request_id} listed")
     row = page.find(f'tr[data-request-id="{ids[0]}"]')
     assert EVIL_CLIENT in row.text and EVIL_MODEL in row.text  # markup shown as text, never run
     assert page.driver.execute_script("return window.__pwned") is None
@@ -165,7 +157,7 @@ def test_live_lists_every_workers_requests_and_cancels_a_stream(gw, page):
     threads[0].join(timeout=20)
     assert not threads[0].is_alive()
     assert b"request_cancelled" in ended[ids[0]]
-    page.wait(lambda: not page.all(f'tr[data-request-id="{ids[0]}"]'), message="the cancelled request gone")
+    page.wait(lambda: not page.all(f'tr[data-request-id="{ids[0]}"]'), message="timed out waiting for the cancelled request gone")
     assert threads[1].is_alive()  # only that one
     requests.post(f"{gw.url}/admin/api/requests/{ids[1]}/cancel", headers=bearer(gw.admin), timeout=30)
     threads[1].join(timeout=20)
@@ -180,7 +172,7 @@ def test_models_page_unloads_and_loads_with_its_buttons_and_streams_a_chat(gw, p
     assert chat(gw, gw.user).status_code == 200  # loaded
     page.open("models")
     row = 'tr[data-backend="chat"]'
-    page.wait(lambda: "ready" in page.text(row), message="chat ready")
+    page.wait(lambda: "ready" in page.text(row), message="timed out waiting for chat ready")
     text = page.text(row)
     assert "smollm2" in text and EVIL_MODEL in text
     assert page.driver.execute_script("return window.__pwned") is None
@@ -189,19 +181,19 @@ def test_models_page_unloads_and_loads_with_its_buttons_and_streams_a_chat(gw, p
     # the playground streams an answer from the model
     Select(page.find("#play-model")).select_by_value("smollm2")
     page.find("#play-send").click()
-    page.wait(lambda: "done in" in page.text("#play-outcome"), timeout=60, message="the playground's answer")
+    page.wait(lambda: "done in" in page.text("#play-outcome"), timeout=60, message="timed out waiting for the playground's answer")
     assert page.text("#play-output").strip()
     assert "first token after" in page.text("#play-outcome")
     page.shot("models")
 
     page.find(f"{row} button.unload").click()
-    page.wait(lambda: page.text(f"{row} .state") == "stopped", timeout=60, message="chat stopped")
+    page.wait(lambda: page.text(f"{row} .state") == "stopped", timeout=60, message="timed out waiting for chat stopped")
     model = api(gw, "/admin/models")["models"]["chat"]
     assert model["state"] == "stopped" and model["pids"] == []
-    poll(lambda: not _alive(pid), timeout=10, message="the llama-server process gone")
+    until(lambda: not _alive(pid), timeout=10, message="timed out waiting for the llama-server process gone")
 
     page.find(f"{row} button.load").click()
-    page.wait(lambda: page.text(f"{row} .state") == "ready", timeout=90, message="chat ready again")
+    page.wait(lambda: page.text(f"{row} .state") == "ready", timeout=90, message="timed out waiting for chat ready again")
     assert api(gw, "/admin/models")["models"]["chat"]["pids"] != [pid]
 
 

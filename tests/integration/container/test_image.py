@@ -10,7 +10,6 @@ import secrets
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 import requests
 import yaml
 
+from ..conftest import until
 from .conftest import DEPLOY, Container, podman
 
 ADMIN_KEY = "sk-admin-" + secrets.token_urlsafe(24)
@@ -57,17 +57,6 @@ def keys(pair) -> dict[str, str]:
         until(lambda: chat(container, made["carol"], max_tokens=1).status_code == 200, 30,
               f"{container.name} never accepted the new key")
     return made
-
-
-def until(check, timeout: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        time.sleep(0.1)
 
 
 def chat(container: Container, key: str, request_id: str | None = None, **body: Any) -> requests.Response:
